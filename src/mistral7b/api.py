@@ -1,0 +1,202 @@
+"""The public Python API (DESIGN §3): `load()` and the LLM object."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mistral7b.config import ModelConfig
+from mistral7b.engine import Completion, Engine
+from mistral7b.errors import InputError, Mistral7BError
+from mistral7b.sampling import SamplingParams
+
+# On CPU, models up to this many parameters run in float32 by default (exact, and fast
+# enough); bigger ones in bfloat16 (a 7B model in float32 would need 29 GB).
+CPU_FLOAT32_MAX_PARAMS = 2_000_000_000
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "f32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "f16": torch.float16,
+}
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"unknown device {device!r}: use 'cpu' or 'cuda'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("device 'cuda' was asked for but PyTorch sees no CUDA GPU; "
+                         "use device='cpu'")
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(f"device {device!r} is not supported: use 'cpu' or 'cuda'")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device,
+                  config: ModelConfig) -> torch.dtype:
+    if dtype is None:
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32 if config.n_params <= CPU_FLOAT32_MAX_PARAMS else torch.bfloat16
+    if isinstance(dtype, torch.dtype):
+        if dtype in _DTYPES.values():
+            return dtype
+    elif isinstance(dtype, str) and dtype.lower() in _DTYPES:
+        return _DTYPES[dtype.lower()]
+    raise InputError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")
+
+
+def load(model: str | Path = "default", *, device: str | torch.device | None = None,
+         dtype: str | torch.dtype | None = None, quant: str | None = None) -> LLM:
+    """Load a model: a checkpoint folder (consolidated or HF), a .gguf file, or "default"."""
+    from mistral7b.default_model import default_model_path
+    from mistral7b.weights import open_checkpoint
+    from mistral7b.weights.loader import build_model
+
+    if quant is not None:
+        raise InputError(f"quant={quant!r}: weight quantization is not available in this "
+                         "version; load without quant")
+    t0 = time.perf_counter()
+    path = default_model_path() if str(model) == "default" else Path(model).expanduser()
+    reader = open_checkpoint(path)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev, reader.config)
+    net = build_model(reader, dtype=dt, device=dev)
+    tokenizer = _load_tokenizer(reader)
+    llm = LLM(net, reader.config, tokenizer, path)
+    llm.load_seconds = time.perf_counter() - t0
+    return llm
+
+
+def _load_tokenizer(reader: Any) -> Any:
+    """The checkpoint's own tokenizer; for a Mistral folder without one, the mistral-common
+    file of its vocabulary size; None when there is none (the model still takes token ids)."""
+    from mistral7b.errors import TokenizerError
+    from mistral7b.tokenizer import load_tokenizer
+
+    try:
+        return load_tokenizer(reader.path)
+    except TokenizerError:
+        if reader.format == "consolidated" and reader.config.vocab_size in (32000, 32768):
+            from mistral7b.tokenizer.mistral import MistralTokenizer
+
+            return MistralTokenizer.for_vocab(reader.config.vocab_size)
+        return None
+
+
+class LLM:
+    """A loaded model with its tokenizer. Thread-compatible, not thread-safe."""
+
+    def __init__(self, model: Any, config: ModelConfig, tokenizer: Any, path: Path) -> None:
+        self.model = model
+        self.config = config
+        self.tokenizer = tokenizer
+        self.path = path
+        self.engine = Engine(model, config)
+        self.load_seconds = 0.0
+
+    def __repr__(self) -> str:
+        return (f"LLM({str(self.path)!r}, {self.config.n_params / 1e9:.2f}B params, "
+                f"{self.engine.dtype}, {self.engine.device})")
+
+    def logits(self, ids: Sequence[int], chunk_size: int | None = None) -> torch.Tensor:
+        """Float32 logits [len(ids), vocab] computed through the cache in chunks of chunk_size
+        tokens (None = the window W); 1 = token by token, the decode path."""
+        return self.engine.logits(_as_ids(ids), chunk_size)
+
+    def generate(self, prompt_or_prompts: Any, *, max_context: int | None = None,
+                 **sampling: Any) -> Completion | list[Completion]:
+        """Complete one prompt (str or token ids) or a list of them (a ragged batch)."""
+        single, prompts = self._prompts(prompt_or_prompts)
+        params = _params(sampling)
+        out: dict[int, Completion] = {}
+        for event in self._events(prompts, params, max_context):
+            if event.completion is not None:
+                out[event.index] = event.completion
+        completions = [out[i] for i in range(len(prompts))]
+        return completions[0] if single else completions
+
+    def stream(self, prompt: Any, *, max_context: int | None = None,
+               **sampling: Any) -> Iterator[str]:
+        """Text deltas of one completion as they are generated (valid UTF-8 at every step)."""
+        single, prompts = self._prompts(prompt)
+        if not single:
+            raise InputError("stream() takes one prompt; use generate() for a batch")
+        for event in self._events(prompts, _params(sampling), max_context):
+            if event.text:
+                yield event.text
+
+    def chat(self, messages: list[dict[str, Any]], *, safe_prompt: bool = False,
+             max_context: int | None = None, **sampling: Any) -> Completion:
+        """Answer a conversation [{"role": ..., "content": ...}] with the model's chat format."""
+        ids = self.require_tokenizer().encode_chat(messages, add_generation_prompt=True,
+                                                   safe_prompt=safe_prompt)
+        return self.generate(ids, max_context=max_context, **sampling)
+
+    def stream_chat(self, messages: list[dict[str, Any]], *, safe_prompt: bool = False,
+                    max_context: int | None = None, **sampling: Any) -> Iterator[str]:
+        ids = self.require_tokenizer().encode_chat(messages, add_generation_prompt=True,
+                                                   safe_prompt=safe_prompt)
+        return self.stream(ids, max_context=max_context, **sampling)
+
+    @property
+    def stats(self):
+        """Timings of the last generation (prompt/generation tokens per second)."""
+        return self.engine.stats
+
+    # ---------------------------------------------------------------- helpers
+
+    def require_tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            raise Mistral7BError(f"{self.path}: this checkpoint has no tokenizer; pass token "
+                                 "ids instead of text, or add tokenizer files to the folder")
+        return self.tokenizer
+
+    def _prompts(self, value: Any) -> tuple[bool, list[list[int]]]:
+        if isinstance(value, str):
+            return True, [self.require_tokenizer().encode(value, bos=True)]
+        if isinstance(value, torch.Tensor):
+            value = value.tolist()
+        if isinstance(value, (list, tuple)) and value and all(isinstance(v, int) for v in value):
+            return True, [list(value)]
+        if isinstance(value, (list, tuple)) and value:
+            prompts = []
+            for v in value:
+                single, ids = self._prompts(v)
+                if not single:
+                    raise InputError("a batch of prompts cannot be nested")
+                prompts.extend(ids)
+            return False, prompts
+        raise InputError("a prompt must be a string, a list of token ids, or a non-empty list "
+                         "of those")
+
+    def _events(self, prompts: list[list[int]], params: SamplingParams,
+                max_context: int | None):
+        tok = self.tokenizer
+        if tok is None:
+            raise Mistral7BError(f"{self.path}: this checkpoint has no tokenizer to decode "
+                                 "generated text")
+        return self.engine.generate(
+            prompts, [params] * len(prompts), stop_ids=tok.stop_ids,
+            decoders=[tok.decoder() for _ in prompts], max_context=max_context)
+
+
+def _as_ids(ids: Any) -> list[int]:
+    if isinstance(ids, torch.Tensor):
+        ids = ids.tolist()
+    return [int(i) for i in ids]
+
+
+def _params(sampling: dict[str, Any]) -> SamplingParams:
+    try:
+        return SamplingParams(**sampling)
+    except TypeError as exc:
+        raise InputError(f"unknown sampling option: {exc}") from None

@@ -1,0 +1,115 @@
+"""The Mistral 7B decoder: RMSNorm, grouped-query attention with RoPE, SwiGLU. One file.
+
+Module and parameter names follow Mistral's consolidated checkpoints (`wq`, `attention_norm`,
+`feed_forward.w1`), so a state dict in that naming loads with a plain `load_state_dict`.
+Shapes: B = batch rows, T = tokens in this step, D = dim, H = n_heads, KV = n_kv_heads,
+Dh = head_dim, G = H // KV query heads per kv head, K = keys attended to.
+
+This file knows nothing of quantization or LoRA: both replace `nn.Linear` modules from outside.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mistral7b.cache import AttentionPlan, KVCache
+from mistral7b.config import ModelConfig
+from mistral7b.rope import apply_rope, rope_angles
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 whatever the activation dtype, as the reference does.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_heads, self.n_kv_heads = config.n_heads, config.n_kv_heads
+        self.head_dim = config.head_dim
+        self.wq = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=False)
+        self.wk = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache, plan: AttentionPlan) -> torch.Tensor:
+        B, T, _ = x.shape
+        KV, G, Dh = self.n_kv_heads, self.n_heads // self.n_kv_heads, self.head_dim
+        q = self.wq(x).view(B, T, self.n_heads, Dh)
+        k = self.wk(x).view(B, T, KV, Dh)
+        v = self.wv(x).view(B, T, KV, Dh)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # (B, KV, T, Dh): the cache layout. Rotated k goes into the cache.
+        keys, values = cache.update(self.layer_id, k.transpose(1, 2), v.transpose(1, 2), plan)
+        # Grouped-query attention without copying k/v: fold each kv head's G query heads into
+        # the query-length axis, (B, T, KV*G, Dh) -> (B, KV, G*T, Dh). Query heads
+        # kv*G .. kv*G+G-1 share kv head kv, as in the reference (repeat_interleave order).
+        q = q.view(B, T, KV, G, Dh).permute(0, 2, 3, 1, 4).reshape(B, KV, G * T, Dh)
+        mask = plan.mask.repeat(1, 1, G, 1) if G > 1 else plan.mask            # (B, 1, G*T, K)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (B, KV, G*T, Dh)
+        out = out.view(B, KV, G, T, Dh).permute(0, 3, 1, 2, 4).reshape(B, T, -1)
+        return self.wo(out)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(config.dim, config.hidden_dim, bias=False)  # gate
+        self.w2 = nn.Linear(config.hidden_dim, config.dim, bias=False)  # down
+        self.w3 = nn.Linear(config.dim, config.hidden_dim, bias=False)  # up
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention = Attention(config, layer_id)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.feed_forward = FeedForward(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache, plan: AttentionPlan) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, cache, plan)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tied_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                plan: AttentionPlan, logits_index: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens, positions: (B, T) -> float32 logits (B, T, vocab).
+
+        With `logits_index` (B, n) only those positions of each row get logits (B, n, vocab):
+        generation needs just the last one, and the output projection is not cheap.
+        """
+        x = self.tok_embeddings(tokens)                                      # (B, T, D)
+        cos, sin = rope_angles(positions, self.config.head_dim, self.config.rope_theta)
+        for layer in self.layers:
+            x = layer(x, cos, sin, cache, plan)
+        if logits_index is not None:
+            x = torch.gather(x, 1, logits_index[:, :, None].expand(-1, -1, x.shape[-1]))
+        return self.output(self.norm(x)).float()

@@ -1,0 +1,38 @@
+"""What every checkpoint reader gives the loader: a config and tensors in our naming and layout."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import torch
+
+from mistral7b.config import ModelConfig
+
+
+class CheckpointReader(ABC):
+    """One checkpoint on disk. Tensors come back on the CPU, memory-mapped where the format
+    allows, in our names (weights/names.py) and in the interleaved rotary layout."""
+
+    path: Path
+    config: ModelConfig
+    format: str  # "consolidated" | "hf" | "gguf"
+
+    @abstractmethod
+    def names(self) -> set[str]:
+        """Our names of the tensors present."""
+
+    @abstractmethod
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Logical (out, in) shape of a tensor without reading its data."""
+
+    @abstractmethod
+    def tensor(self, name: str) -> torch.Tensor:
+        """The tensor as floats (dequantized if stored quantized)."""
+
+    def source(self, name: str) -> str:
+        """The file a tensor lives in, for error messages."""
+        return str(self.path)
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release file handles and maps (tensors already handed out stay valid)."""

@@ -1,0 +1,74 @@
+"""HF transformers checkpoints: config.json + model.safetensors or sharded model-*-of-*.safetensors.
+
+HF stores wq/wk rows permuted for its half-split rotary; we undo that here (names.py).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from mistral7b.config import ModelConfig
+from mistral7b.errors import ModelFileError
+from mistral7b.weights.base import CheckpointReader
+from mistral7b.weights.names import expected_shapes, format_name, hf_to_interleaved, rotary_heads
+from mistral7b.weights.safetensors_files import SafetensorsFiles
+
+INDEX = "model.safetensors.index.json"
+
+
+def is_hf(folder: Path) -> bool:
+    return (folder / "config.json").is_file()
+
+
+class HFReader(CheckpointReader):
+    format = "hf"
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder
+        self.config = ModelConfig.from_hf_config(folder / "config.json")
+        self._files = SafetensorsFiles(_weight_files(folder))
+        present = set(self._files.keys())
+        if not self.config.tied_embeddings and "lm_head.weight" not in present:
+            self.config = self.config.with_(tied_embeddings=True)
+        # Our name -> HF name, for the tensors the model needs.
+        self._hf = {ours: format_name(ours, "hf") for ours in expected_shapes(self.config)}
+        self._hf = {ours: hf for ours, hf in self._hf.items() if hf in present}
+
+    def names(self) -> set[str]:
+        return set(self._hf)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._files.shape(self._hf[name])
+
+    def tensor(self, name: str) -> torch.Tensor:
+        t = self._files.get(self._hf[name])
+        heads = rotary_heads(name, self.config)
+        return hf_to_interleaved(t, heads) if heads else t
+
+    def source(self, name: str) -> str:
+        return str(self._files.file_of(self._hf[name]))
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    index = folder / INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            raise ModelFileError(index, f"not a valid safetensors index ({exc})") from None
+        files = sorted({folder / name for name in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise ModelFileError(index, f"lists shard(s) that are missing: {', '.join(missing)}")
+        return files
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    shards = sorted(folder.glob("model-*-of-*.safetensors"))
+    if shards:
+        return shards
+    raise ModelFileError(folder, "no model.safetensors, model-*-of-*.safetensors or "
+                                 f"{INDEX} beside config.json")

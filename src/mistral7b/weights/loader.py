@@ -1,0 +1,58 @@
+"""Build the Transformer on the meta device and fill it by assignment from a reader.
+
+No parameter is ever allocated twice: the meta model has no storage, and each tensor from the
+reader (memory-mapped when the format allows) is converted only when its dtype or device
+differs from the target, then assigned in place of the meta parameter.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mistral7b.errors import ModelFileError
+from mistral7b.model import Transformer
+from mistral7b.weights.base import CheckpointReader
+from mistral7b.weights.names import expected_shapes
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def build_model(reader: CheckpointReader, *, dtype: torch.dtype,
+                device: torch.device) -> Transformer:
+    config = reader.config
+    check_tensors(reader)
+    with torch.device("meta"):
+        model = Transformer(config)
+    state = {}
+    for name in expected_shapes(config):
+        tensor = reader.tensor(name)
+        if tensor.dtype not in _FLOAT_DTYPES:
+            raise ModelFileError(reader.source(name),
+                                 f"tensor {name!r} has dtype {tensor.dtype}, expected floats")
+        if tensor.dtype != dtype or tensor.device != device:
+            tensor = tensor.to(device=device, dtype=dtype)
+        state[name] = tensor
+    if config.tied_embeddings:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    if config.tied_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def check_tensors(reader: CheckpointReader) -> None:
+    """Every tensor the config needs is present with the right shape; say which one is not."""
+    config = reader.config
+    present = reader.names()
+    for name, want in expected_shapes(config).items():
+        if name not in present:
+            raise ModelFileError(reader.path, f"tensor {name!r} is missing from the checkpoint")
+        got = tuple(reader.shape(name))
+        if got != want:
+            raise ModelFileError(
+                reader.source(name),
+                f"tensor {name!r} has shape {list(got)} but the config (dim={config.dim}, "
+                f"n_heads={config.n_heads}, n_kv_heads={config.n_kv_heads}, head_dim="
+                f"{config.head_dim}, hidden_dim={config.hidden_dim}, vocab_size="
+                f"{config.vocab_size}) needs {list(want)}")

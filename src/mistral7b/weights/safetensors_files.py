@@ -1,0 +1,53 @@
+"""Memory-mapped access to one or more .safetensors files, with errors that name the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from mistral7b.errors import ModelFileError
+
+
+class SafetensorsFiles:
+    """Tensor name -> file over a set of safetensors files (a sharded checkpoint or one file)."""
+
+    def __init__(self, files: list[Path]) -> None:
+        self._handles = {}
+        self._where: dict[str, Path] = {}
+        for file in files:
+            handle = _open(file)
+            self._handles[file] = handle
+            for name in handle.keys():
+                self._where[name] = file
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def file_of(self, name: str) -> Path:
+        return self._where[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        handle = self._handles[self._where[name]]
+        return tuple(handle.get_slice(name).get_shape())
+
+    def get(self, name: str) -> torch.Tensor:
+        file = self._where[name]
+        try:
+            return self._handles[file].get_tensor(name)
+        except (SafetensorError, RuntimeError, OSError) as exc:
+            raise ModelFileError(file, f"cannot read tensor {name!r}: {exc}") from None
+
+
+def _open(file: Path):
+    if not file.is_file():
+        raise ModelFileError(file, "file not found")
+    size = file.stat().st_size
+    if size < 8:
+        raise ModelFileError(file, f"truncated safetensors file ({size} bytes; the header "
+                                   "alone needs at least 8)")
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ModelFileError(file, f"corrupt or truncated safetensors file ({exc})") from None

@@ -1,0 +1,183 @@
+"""Tiny random Mistral models built inside the tests, and writers for every checkpoint format.
+
+The writers convert HF's layout with their own index arithmetic (not the package's), so a
+wrong permutation in the package cannot be cancelled by the same mistake here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HF_TO_OURS = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+}
+LAYER_HF_TO_OURS = {
+    "input_layernorm": "attention_norm",
+    "self_attn.q_proj": "attention.wq",
+    "self_attn.k_proj": "attention.wk",
+    "self_attn.v_proj": "attention.wv",
+    "self_attn.o_proj": "attention.wo",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "feed_forward.w1",
+    "mlp.down_proj": "feed_forward.w2",
+    "mlp.up_proj": "feed_forward.w3",
+}
+LAYER_HF_TO_GGUF = {
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.down_proj": "ffn_down",
+    "mlp.up_proj": "ffn_up",
+}
+
+
+def hf_mistral(*, vocab: int = 96, dim: int = 64, n_layers: int = 2, n_heads: int = 4,
+               n_kv_heads: int = 2, head_dim: int = 16, hidden: int = 96,
+               window: int | None = 8, theta: float = 10000.0, tie: bool = False,
+               max_pos: int = 512, seed: int = 0):
+    """A float32 HF MistralForCausalLM with weights large enough that logits discriminate."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    cfg = MistralConfig(
+        vocab_size=vocab, hidden_size=dim, intermediate_size=hidden, num_hidden_layers=n_layers,
+        num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, head_dim=head_dim,
+        sliding_window=window, rope_theta=theta, max_position_embeddings=max_pos,
+        rms_norm_eps=1e-5, tie_word_embeddings=tie, attn_implementation="eager",
+        bos_token_id=1, eos_token_id=2,
+    )
+    torch.manual_seed(seed)
+    model = MistralForCausalLM(cfg).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif p.dim() == 2:
+                fan_in = p.shape[1]
+                p.copy_(torch.randn_like(p) * (1.5 / fan_in**0.5))
+    return model
+
+
+def hf_logits(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float()
+
+
+def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """HF half-split rows -> interleaved rows, by explicit index lists (DESIGN §2.6)."""
+    head_dim = w.shape[0] // n_heads
+    order = []
+    for h in range(n_heads):
+        base = h * head_dim
+        for r in range(head_dim // 2):
+            order.append(base + r)                   # original row 2r     = HF row r
+            order.append(base + head_dim // 2 + r)   # original row 2r + 1 = HF row Dh/2 + r
+    return w[order]
+
+
+def _state(model) -> dict[str, np.ndarray]:
+    return {k: v.detach().float().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def save_hf(model, folder: Path, max_shard_size: str | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(folder, safe_serialization=True, **kwargs)
+    return folder
+
+
+def consolidated_state(model) -> dict[str, np.ndarray]:
+    cfg = model.config
+    out = {}
+    for name, w in _state(model).items():
+        if name in HF_TO_OURS:
+            if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                continue
+            out[HF_TO_OURS[name]] = w
+            continue
+        parts = name.split(".")  # model.layers.{i}.<module...>.weight
+        i, module = parts[2], ".".join(parts[3:-1])
+        if module == "self_attn.q_proj":
+            w = _unpermute(w, cfg.num_attention_heads)
+        elif module == "self_attn.k_proj":
+            w = _unpermute(w, cfg.num_key_value_heads)
+        out[f"layers.{i}.{LAYER_HF_TO_OURS[module]}.weight"] = w
+    return out
+
+
+def params_json(model) -> dict:
+    cfg = model.config
+    params = {
+        "dim": cfg.hidden_size, "n_layers": cfg.num_hidden_layers, "head_dim": cfg.head_dim,
+        "hidden_dim": cfg.intermediate_size, "n_heads": cfg.num_attention_heads,
+        "n_kv_heads": cfg.num_key_value_heads, "norm_eps": cfg.rms_norm_eps,
+        "vocab_size": cfg.vocab_size, "rope_theta": _theta(cfg),
+    }
+    if cfg.sliding_window:
+        params["sliding_window"] = cfg.sliding_window
+    return params
+
+
+def _theta(cfg) -> float:
+    rp = getattr(cfg, "rope_parameters", None) or {}
+    return float(rp.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
+
+
+def save_consolidated(model, folder: Path, fmt: str = "safetensors") -> Path:
+    from safetensors.numpy import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "params.json").write_text(json.dumps(params_json(model)))
+    state = consolidated_state(model)
+    if fmt == "safetensors":
+        save_file(state, str(folder / "consolidated.safetensors"))
+    else:
+        torch.save({k: torch.from_numpy(v) for k, v in state.items()},
+                   folder / "consolidated.00.pth")
+    return folder
+
+
+def save_gguf(model, path: Path) -> Path:
+    import gguf
+
+    cfg = model.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_rope_freq_base(_theta(cfg))
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    if cfg.sliding_window:
+        w.add_sliding_window(cfg.sliding_window)
+    gguf_names = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
+                  "output.weight": "output.weight"}
+    for ours, arr in consolidated_state(model).items():
+        if ours in gguf_names:
+            name = gguf_names[ours]
+        else:
+            _, i, *rest = ours.split(".")
+            module = ".".join(rest[:-1])
+            hf_module = {v: k for k, v in LAYER_HF_TO_OURS.items()}[module]
+            name = f"blk.{i}.{LAYER_HF_TO_GGUF[hf_module]}.weight"
+        w.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
