@@ -10,6 +10,7 @@ or metadata than it could hold fails at once with a clear message instead of a l
 
 from __future__ import annotations
 
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,11 @@ class GGUFReader(CheckpointReader):
         try:
             reader = gguf.GGUFReader(str(path), mode="c")  # copy-on-write: writable, never written
         except (ValueError, IndexError, KeyError, OverflowError, struct.error) as exc:
+            unknown = re.search(r"(\d+)\)? is not a valid GGMLQuantizationType", str(exc))
+            if unknown:
+                raise ModelFileError(path, f"unknown quantization type {unknown.group(1)}; this "
+                                           "reader knows the types of gguf "
+                                           f"{_gguf_version()}") from None
             raise ModelFileError(path, f"corrupt GGUF metadata ({exc})") from None
         self._gguf = gguf
         self._reader = reader
@@ -103,6 +109,15 @@ class GGUFReader(CheckpointReader):
             raise ModelFileError(self.path, f"tensor {name!r}: quantization type "
                                             f"{raw.qtype.name} is not supported") from None
         return torch.from_numpy(np.ascontiguousarray(floats, dtype=np.float32)).reshape(raw.shape)
+
+
+def _gguf_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gguf")
+    except PackageNotFoundError:
+        return "(unknown version)"
 
 
 def _check_header(path: Path) -> int:

@@ -1,0 +1,36 @@
+"""The embedded default model against outputs of HF transformers and llama.cpp (../shared)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import mistral7b
+
+REF = Path(__file__).resolve().parents[2] / "shared" / "reference" / "smollm2"
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return json.loads((REF / "reference.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return mistral7b.load("default", device="cpu", dtype="float32")
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 7])
+def test_logits_match_the_float32_reference(llm, reference, chunk):
+    ids = reference["capitals"]["ids"]
+    hf = torch.from_numpy(np.load(REF / reference["capitals"]["hf_fp32_logits"]))
+    llama_cpp = np.load(REF / reference["capitals"]["llamacpp_logits"])
+    out = llm.logits(ids, chunk_size=chunk)
+    assert out.shape == hf.shape
+    assert (out - hf).abs().max().item() <= 1e-3
+    assert out.argmax(-1).tolist() == llama_cpp.argmax(-1).tolist()
+    assert out.argmax(-1).tolist() == reference["capitals"]["llamacpp_argmax"]
