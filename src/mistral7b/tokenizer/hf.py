@@ -1,0 +1,226 @@
+"""Tokenizers of the `tokenizers` library with their model's chat template (HF folders).
+
+`HFTokenizer` reads a folder as transformers would: `tokenizer.json` for the vocabulary and
+rules; `tokenizer_config.json` (or `chat_template.jinja`) for the chat template, the BOS/EOS
+tokens and whether a BOS is added; `special_tokens_map.json` and `generation_config.json` for
+what those leave out. `GGUFTokenizer` (gguf.py) is the same class fed from GGUF metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mistral7b.errors import TokenizerError
+from mistral7b.tokenizer.base import Tokenizer, normalize_messages, with_safe_prompt
+from mistral7b.tokenizer.chat_template import (
+    CHATML_TEMPLATE,
+    end_of_turn_markers,
+    render_chat_template,
+)
+
+
+class HFTokenizer(Tokenizer):
+    """A `tokenizers.Tokenizer` plus the special tokens and chat template of its model.
+
+    Plain `encode` treats special-token strings in the text as text (`<|im_start|>` typed by a
+    user is not the control id). `encode_chat` renders the chat template in a sandbox and
+    encodes the rendered text the way transformers' `apply_chat_template` does: special-token
+    strings in it become their ids (the template writes them), and so would such strings inside
+    message contents. No BOS is added to the rendered text (templates write their own).
+    Without a template, ChatML is used (`<|im_start|>role\\n...<|im_end|>\\n`).
+
+    `bos_id` is None when the model adds no BOS (SmolLM2: its BOS token exists but
+    add_bos_token is false). `stop_ids` are EOS, the generation config's eos ids, and the
+    end-of-turn marker (`<|im_end|>`, `<|eot_id|>`, ...) the template writes, if it is a token.
+    """
+
+    def __init__(
+        self,
+        backend: Any,
+        *,
+        eos_id: int,
+        bos_id: int | None = None,
+        add_bos: bool = False,
+        chat_template: str | None = None,
+        extra_stop_ids: Sequence[int] = (),
+        name: str = "tokenizer",
+    ) -> None:
+        from tokenizers import Tokenizer as Backend
+
+        self.name = name
+        self._backend = backend
+        # A twin that never turns special-token strings into special ids, for plain text.
+        self._plain = Backend.from_str(backend.to_str())
+        self._plain.encode_special_tokens = True
+        self._eos_id = int(eos_id)
+        self._bos_token_id = bos_id
+        self._add_bos = bool(add_bos) and bos_id is not None
+        self.has_own_chat_template = chat_template is not None
+        self.chat_template = chat_template if chat_template is not None else CHATML_TEMPLATE
+        stops = {self._eos_id, *(int(i) for i in extra_stop_ids)}
+        stops |= end_of_turn_markers(self.chat_template, backend.token_to_id)
+        self._stop_ids = frozenset(stops)
+
+    @classmethod
+    def from_folder(cls, folder: str | os.PathLike[str]) -> HFTokenizer:
+        """An HF model or tokenizer folder holding `tokenizer.json`."""
+        from tokenizers import Tokenizer as Backend
+
+        folder = Path(folder)
+        path = folder / "tokenizer.json"
+        if not path.is_file():
+            raise TokenizerError(f"{folder}: no tokenizer.json in this folder")
+        try:
+            backend = Backend.from_file(str(path))
+        except Exception as e:  # the Rust side raises plain Exception for a malformed file
+            raise TokenizerError(f"{path}: not a readable tokenizers file ({e})") from e
+        config = _read_json(folder / "tokenizer_config.json")
+        special_map = _read_json(folder / "special_tokens_map.json")
+        generation = _read_json(folder / "generation_config.json")
+
+        def token_id(key: str) -> int | None:
+            token = _token_content(config.get(key)) or _token_content(special_map.get(key))
+            return backend.token_to_id(token) if token else None
+
+        eos_ids = _id_list(generation.get("eos_token_id"))
+        eos_id = token_id("eos_token")
+        if eos_id is None:
+            if not eos_ids:
+                raise TokenizerError(
+                    f"{folder}: no EOS token: none named in tokenizer_config.json, "
+                    "special_tokens_map.json or generation_config.json"
+                )
+            eos_id = eos_ids[0]
+        bos_id = token_id("bos_token")
+        if bos_id is None and isinstance(generation.get("bos_token_id"), int):
+            bos_id = generation["bos_token_id"]
+        if "add_bos_token" in config:
+            add_bos = bool(config["add_bos_token"])
+        else:  # as transformers does: whatever tokenizer.json's post-processor adds
+            with_special = backend.encode("a", add_special_tokens=True).ids
+            add_bos = bos_id is not None and bool(with_special) and with_special[0] == bos_id
+        return cls(
+            backend,
+            eos_id=eos_id,
+            bos_id=bos_id,
+            add_bos=add_bos,
+            chat_template=_chat_template(folder, config),
+            extra_stop_ids=eos_ids,
+            name=str(folder),
+        )
+
+    @property
+    def backend(self) -> Any:
+        """The underlying `tokenizers.Tokenizer` (special-token strings parsed as specials)."""
+        return self._backend
+
+    @property
+    def bos_id(self) -> int | None:
+        return self._bos_token_id if self._add_bos else None
+
+    @property
+    def eos_id(self) -> int:
+        return self._eos_id
+
+    @property
+    def vocab_size(self) -> int:
+        return self._backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        return self._stop_ids
+
+    def id_to_piece(self, token_id: int) -> str:
+        piece = self._backend.id_to_token(int(token_id))
+        if piece is None:
+            raise TokenizerError(f"{self.name}: token id {token_id} is not in the vocabulary")
+        return piece
+
+    def encode(self, text: str, bos: bool = True) -> list[int]:
+        ids = self._plain.encode(text, add_special_tokens=False).ids
+        if bos and self._add_bos:
+            return [self._bos_token_id, *ids]
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._backend.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def encode_chat(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        safe_prompt: bool = False,
+    ) -> list[int]:
+        """Render the chat template, then encode the text with its special tokens.
+
+        `safe_prompt=True` puts SAFE_PROMPT first in the system message (adding one, which
+        then replaces a template's default system prompt).
+        """
+        text = self.render_chat(messages, add_generation_prompt, safe_prompt)
+        return self._backend.encode(text, add_special_tokens=False).ids
+
+    def render_chat(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        safe_prompt: bool = False,
+    ) -> str:
+        """The prompt text the chat template makes of `messages`."""
+        messages = normalize_messages(messages)
+        if safe_prompt:
+            messages = with_safe_prompt(messages)
+        return render_chat_template(
+            self.chat_template,
+            messages,
+            add_generation_prompt,
+            bos_token=self._token_text(self._bos_token_id),
+            eos_token=self._token_text(self._eos_id),
+        )
+
+    def _token_text(self, token_id: int | None) -> str:
+        if token_id is None:
+            return ""
+        return self._backend.id_to_token(token_id) or ""
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TokenizerError(f"{path}: not readable JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def _token_content(value: Any) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string or {"content": ...}."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
+
+
+def _id_list(value: Any) -> list[int]:
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, int)]
+    return []
+
+
+def _chat_template(folder: Path, config: dict[str, Any]) -> str | None:
+    """The folder's chat template: `chat_template.jinja`, else tokenizer_config.json's."""
+    jinja_file = folder / "chat_template.jinja"
+    if jinja_file.is_file():
+        return jinja_file.read_text(encoding="utf-8")
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) else None
