@@ -146,9 +146,12 @@ def save_consolidated(model, folder: Path, fmt: str = "safetensors") -> Path:
     return folder
 
 
-def save_gguf(model, path: Path) -> Path:
+def save_gguf(model, path: Path, raw: dict | None = None) -> Path:
+    """An F32 GGUF of `model`; `raw` maps GGUF tensor names to (block bytes, quant type) to
+    store instead of the float tensor."""
     import gguf
 
+    raw = raw or {}
     cfg = model.config
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_block_count(cfg.num_hidden_layers)
@@ -175,7 +178,11 @@ def save_gguf(model, path: Path) -> Path:
             module = ".".join(rest[:-1])
             hf_module = {v: k for k, v in LAYER_HF_TO_OURS.items()}[module]
             name = f"blk.{i}.{LAYER_HF_TO_GGUF[hf_module]}.weight"
-        w.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float32))
+        if name in raw:
+            blocks, qtype = raw[name]
+            w.add_tensor(name, blocks, raw_dtype=qtype)
+        else:
+            w.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -83,6 +83,10 @@ def _load_tokenizer(reader: Any) -> Any:
     from mistral7b.tokenizer import load_tokenizer
 
     try:
+        if reader.format == "gguf":  # reuse the open file: parsing GGUF metadata is not free
+            from mistral7b.tokenizer.gguf import GGUFTokenizer
+
+            return GGUFTokenizer.from_reader(reader.gguf, reader.path)
         return load_tokenizer(reader.path)
     except TokenizerError:
         if reader.format == "consolidated" and reader.config.vocab_size in (32000, 32768):

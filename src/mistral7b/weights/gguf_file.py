@@ -84,6 +84,11 @@ class GGUFReader(CheckpointReader):
             if name in by_name:
                 self._tensors[ours] = by_name[name]
 
+    @property
+    def gguf(self) -> Any:
+        """The open `gguf.GGUFReader` (the tokenizer reads its metadata from the same map)."""
+        return self._reader
+
     def names(self) -> set[str]:
         return set(self._tensors)
 
