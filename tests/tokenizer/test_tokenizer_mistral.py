@@ -8,6 +8,7 @@ import pytest
 from tokenizer_cases import (
     CONVERSATIONS,
     TEXTS,
+    mistral_common_messages,
     mistral_tokenizer,
     oracle_chat_ids,
     oracle_decode,
@@ -161,3 +162,20 @@ def test_for_vocab_rejects_unknown_sizes():
 def test_invalid_conversations_raise_tokenizer_error(messages, problem):
     with pytest.raises(TokenizerError, match=problem):
         mistral_tokenizer(32000).encode_chat(messages)
+
+
+def test_tekken_file_equals_mistral_common():
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer as MCTokenizer
+
+    path = shipped_file(32000).parent / "tekken_240718.json"
+    tok = load_tokenizer(path)
+    oracle = MCTokenizer.from_file(path)
+    raw = oracle.instruct_tokenizer.tokenizer
+    for text in TEXTS:
+        ids = tok.encode(text)
+        assert ids == raw.encode(text, bos=True, eos=False), text
+        assert tok.decode(ids) == oracle.decode(ids)
+    for messages in CONVERSATIONS:
+        request = ChatCompletionRequest(messages=mistral_common_messages(messages))
+        assert tok.encode_chat(messages) == oracle.encode_chat_completion(request).tokens

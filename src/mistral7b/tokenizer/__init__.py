@@ -48,7 +48,7 @@ def load_tokenizer(source: str | os.PathLike[str]) -> Tokenizer:
             return GGUFTokenizer.from_file(path)
         if path.name == "tokenizer.json":
             return HFTokenizer.from_folder(path.parent)
-        if path.name.startswith("tokenizer.model") or path.name.endswith("tekken.json"):
+        if path.name.startswith("tokenizer.model") or _is_tekken(path):
             return MistralTokenizer.from_file(path)
         raise TokenizerError(
             f"{path}: not a tokenizer file (expected a .gguf file, tokenizer.json, "
@@ -92,3 +92,7 @@ def _json_field(path: Path, key: str) -> object:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
     return data.get(key) if isinstance(data, dict) else None
+
+
+def _is_tekken(path: Path) -> bool:
+    return path.suffix == ".json" and "tekken" in path.name
