@@ -122,3 +122,18 @@ def test_decode_rows_in_any_order_match_alone(engine8):
     for r, i in rows_of.items():
         ref = hf_logits(model, prompts[i])
         assert (torch.stack(outs[r]) - ref).abs().max().item() <= 1e-4
+
+
+def test_uncached_forward_matches_hf_on_a_padded_batch(engine8):
+    """The training/scoring path: no cache, a padded batch, banded causal mask."""
+    from mistral7b.cache import uncached_plan
+
+    model, engine = engine8
+    prompts = [list(range(3, 30)), list(range(40, 50))]
+    plan, positions = uncached_plan([len(p) for p in prompts], engine.config.sliding_window)
+    tokens = torch.zeros(2, 27, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        tokens[b, : len(p)] = torch.tensor(p)
+    out = engine.model(tokens, positions, None, plan)
+    for b, p in enumerate(prompts):
+        assert (out[b, : len(p)] - hf_logits(model, p)).abs().max().item() <= 1e-4

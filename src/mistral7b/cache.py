@@ -160,6 +160,25 @@ class KVCache:
         return keys, values
 
 
+def uncached_plan(lengths: list[int], window: int | None,
+                  device: torch.device | str = "cpu") -> tuple[AttentionPlan, torch.Tensor]:
+    """A plan for a forward without a cache (training, scoring whole sequences): row b holds
+    lengths[b] tokens from position 0, padded to the longest; keys are the chunk itself.
+
+    Returns the plan and the positions (B, T); pass `cache=None` to the model with it.
+    """
+    T = max(lengths)
+    counts = torch.tensor(lengths, dtype=torch.long, device=device)
+    positions = torch.arange(T, device=device).expand(len(lengths), T)
+    valid = positions < counts[:, None]
+    k_pos = torch.where(valid, positions, -1)[:, None, :]                  # (B, 1, T)
+    mask = visible(positions[:, :, None], k_pos, window) | ~valid[:, :, None]
+    empty = torch.zeros(0, dtype=torch.long, device=device)
+    plan = AttentionPlan(slice(0, len(lengths)), False, T, mask[:, None], empty, empty, empty,
+                         empty)
+    return plan, positions
+
+
 def visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
     """The banded causal rule as a pure function of absolute positions (broadcasting).
 

@@ -44,7 +44,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache, plan: AttentionPlan) -> torch.Tensor:
+                cache: KVCache | None, plan: AttentionPlan) -> torch.Tensor:
         B, T, _ = x.shape
         KV, G, Dh = self.n_kv_heads, self.n_heads // self.n_kv_heads, self.head_dim
         q = self.wq(x).view(B, T, self.n_heads, Dh)
@@ -52,7 +52,8 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, KV, Dh)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # (B, KV, T, Dh): the cache layout. Rotated k goes into the cache.
-        keys, values = cache.update(self.layer_id, k.transpose(1, 2), v.transpose(1, 2), plan)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
+        keys, values = (k, v) if cache is None else cache.update(self.layer_id, k, v, plan)
         # Grouped-query attention without copying k/v: fold each kv head's G query heads into
         # the query-length axis, (B, T, KV*G, Dh) -> (B, KV, G*T, Dh). Query heads
         # kv*G .. kv*G+G-1 share kv head kv, as in the reference (repeat_interleave order).
@@ -83,7 +84,7 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(config)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache, plan: AttentionPlan) -> torch.Tensor:
+                cache: KVCache | None, plan: AttentionPlan) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), cos, sin, cache, plan)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -99,10 +100,12 @@ class Transformer(nn.Module):
         if config.tied_embeddings:
             self.output.weight = self.tok_embeddings.weight
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | None,
                 plan: AttentionPlan, logits_index: torch.Tensor | None = None) -> torch.Tensor:
         """tokens, positions: (B, T) -> float32 logits (B, T, vocab).
 
+        With a cache the step goes through it (KVCache.plan); without one (training,
+        scoring) the keys are this step's own tokens under cache.uncached_plan's mask.
         With `logits_index` (B, n) only those positions of each row get logits (B, n, vocab):
         generation needs just the last one, and the output projection is not cheap.
         """
