@@ -161,6 +161,13 @@ def test_default_model_plain_text_never_yields_control_ids():
     assert tok.decode(ids) == "<|im_start|>user\nhi<|im_end|>"
 
 
+def test_default_model_splits_every_digit():
+    # tokenizer.ggml.pre = "smollm": StarCoder's rule, each digit is a token of its own.
+    tok = smollm2_tokenizer()
+    pieces = [tok.decode([i]) for i in tok.encode("year 2024: 3.14159")]
+    assert pieces == ["year", " ", *"2024", ":", " ", "3", ".", *"14159"]
+
+
 def test_default_model_round_trips_texts():
     tok = smollm2_tokenizer()
     for text in TEXTS:
