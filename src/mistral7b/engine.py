@@ -85,8 +85,12 @@ class Event:
 
 
 @dataclass
-class _Sequence:
-    """Generation state of one sequence (one cache row)."""
+class SequenceState:
+    """Generation state of one sequence (one cache row): prompt, sampling, output, stops.
+
+    `index` is the cache row. The engine's generate() and the server's scheduler both drive
+    sequences through `accept`, so EOS, stop strings and max_tokens behave the same in both.
+    """
 
     index: int
     prompt: list[int]
@@ -225,7 +229,7 @@ class Engine:
                 raise InputError(f"prompt {i} has {len(prompt)} tokens but the context is "
                                  f"{context}: shorten the prompt or raise the context size")
             max_tokens = min(p.max_tokens, context - len(prompt))
-            seqs.append(_Sequence(i, list(prompt), p, stop_ids, dec, max_tokens,
+            seqs.append(SequenceState(i, list(prompt), p, stop_ids, dec, max_tokens,
                                   make_generator(p.seed)))
         longest = max(len(s.prompt) + s.max_tokens for s in seqs)
         cache = self.new_cache(len(seqs), longest)
@@ -234,7 +238,7 @@ class Engine:
         yield from self._run(cache, seqs, chunk, stats)
 
     @torch.inference_mode()
-    def _run(self, cache: KVCache, seqs: list[_Sequence], chunk: int,
+    def _run(self, cache: KVCache, seqs: list[SequenceState], chunk: int,
              stats: GenerationStats) -> Iterator[Event]:
         t0 = time.perf_counter()
         # Pre-fill: every row advances by up to `chunk` prompt tokens per step; a row whose
@@ -261,7 +265,7 @@ class Engine:
             active = [s for s in active if s.finish_reason is None]
         stats.decode_seconds = time.perf_counter() - t1
 
-    def _sample(self, seqs: list[_Sequence], logits: torch.Tensor,
+    def _sample(self, seqs: list[SequenceState], logits: torch.Tensor,
                 stats: GenerationStats) -> Iterator[Event]:
         histories = [TokenHistory(s.prompt, s.output) if s.params.has_penalties else None
                      for s in seqs]
