@@ -95,3 +95,14 @@ def test_cost_per_token_does_not_grow():
     assert len(ids) > 1000
     assert text == tok.decode(ids)
     assert longest <= 10
+
+
+def test_real_replacement_characters_are_not_held_forever():
+    # A stream of lone continuation bytes never completes a character: after `max_held`
+    # pushes the U+FFFD it decodes to is emitted instead of waiting to the end.
+    tok = mistral_tokenizer(32000)
+    byte_80 = 3 + 0x80  # <0x80>
+    decoder = tok.decoder()
+    deltas = [decoder.push(byte_80) for _ in range(30)]
+    assert sum(1 for d in deltas if d) >= 3
+    assert "".join(deltas) + decoder.flush() == tok.decode([byte_80] * 30)

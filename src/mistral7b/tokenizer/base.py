@@ -98,10 +98,10 @@ class IncrementalDecoder:
       is then cut off: decode(anchor + [▁Hello])[len("a"):] = " Hello", the text the
       piece has in the middle of a sequence.
 
-    Worked example, SentencePiece v1, ids of "Hi 🙂" = [▁Hi, ▁, <0xF0>, <0x9F>, <0x99>, <0x82>]:
-    push(▁Hi) -> "Hi"; push(▁) -> " "; push(<0xF0>), push(<0x9F>), push(<0x99>) -> ""
-    (held: ends with U+FFFD); push(<0x82>) -> "🙂". Each push decodes only the pending ids
-    (plus the anchor), so the cost per token is O(1) however long the stream is.
+    Worked example, Mistral v1, "Hi 🦙" = [▁Hi, ▁, <0xF0>, <0x9F>, <0xA6>, <0x99>]:
+    push(▁Hi) -> "Hi"; push(▁) -> " "; push(<0xF0>), push(<0x9F>), push(<0xA6>) -> ""
+    (held: the text ends with U+FFFD); push(<0x99>) -> "🦙". Each push decodes only the
+    pending ids (plus the anchor), so the cost per token is O(1) however long the stream is.
     """
 
     def __init__(
@@ -116,6 +116,7 @@ class IncrementalDecoder:
         self._max_held = max_held
         self._pending: list[int] = []  # ids whose text has not been emitted yet
         self._started = False  # True once non-empty text has been emitted
+        self._held = 0  # pushes in a row that returned "" to wait for a character's end
 
     def _pending_text(self) -> str:
         if not self._started:
@@ -131,13 +132,15 @@ class IncrementalDecoder:
         if self._started or text:
             self._started = True
             self._pending = []
+        self._held = 0
         return text
 
     def push(self, token_id: int) -> str:
         """Add one generated id; return the text it completes ("" while a character is open)."""
         self._pending.append(int(token_id))
         text = self._pending_text()
-        if text.endswith("\ufffd") and len(self._pending) < self._max_held:
+        if text.endswith("\ufffd") and self._held < self._max_held:
+            self._held += 1
             return ""
         return self._emit(text)
 
