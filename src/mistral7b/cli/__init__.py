@@ -1,0 +1,1 @@
+"""Command line: `mistral7b COMMAND ...` (see main.py)."""

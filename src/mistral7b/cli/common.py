@@ -1,0 +1,164 @@
+"""What several commands share: model flags, sampling flags, loading, the timing summary.
+
+Flag values are range-checked by `SamplingParams` itself (one source of truth), before the
+model loads, and its messages are re-worded with the flag's name: `--top-p 2` gives
+"error: --top-p must be in (0, 1] (1 disables it), got 2.0".
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import resource
+import sys
+from typing import Any
+
+from mistral7b.errors import InputError
+from mistral7b.sampling import SamplingParams
+
+EXIT_USAGE = 2          # a user's mistake (argparse uses 2 too)
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
+
+# SamplingParams field -> the flag that sets it (llama.cpp's names where it has one).
+SAMPLING_FLAGS = {
+    "max_tokens": "-n/--max-tokens",
+    "temperature": "--temperature",
+    "top_p": "--top-p",
+    "top_k": "--top-k",
+    "min_p": "--min-p",
+    "repetition_penalty": "--repeat-penalty",
+    "frequency_penalty": "--frequency-penalty",
+    "presence_penalty": "--presence-penalty",
+    "seed": "--seed",
+    "stop": "--stop",
+    "ignore_eos": "--ignore-eos",
+}
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SamplingParams)}
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("-m", "--model", default="default", metavar="PATH",
+                   help="a checkpoint folder (consolidated or HF), a .gguf file, or 'default' "
+                        "for the embedded SmolLM2-135M-Instruct (default: %(default)s)")
+    g.add_argument("--device", metavar="DEV",
+                   help="cpu or cuda (default: cuda when available, else cpu)")
+    g.add_argument("--dtype", metavar="TYPE",
+                   help="float32, bfloat16 or float16 (default: bfloat16/float16 on CUDA; on "
+                        "CPU float32 for small models, bfloat16 for 7B)")
+    g.add_argument("--quant", choices=("int8", "int4"),
+                   help="quantize the weights on load")
+    g.add_argument("-t", "--threads", type=int, metavar="N",
+                   help="CPU threads for PyTorch (default: PyTorch's choice)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser, *, max_tokens: int) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("-n", "--max-tokens", type=int, default=max_tokens, metavar="N",
+                   help="most tokens to generate (default: %(default)s)")
+    g.add_argument("--temperature", "--temp", type=float, metavar="T",
+                   help=f"sampling temperature (default: {_DEFAULTS['temperature']:g} = greedy, "
+                        "always the most likely token)")
+    g.add_argument("--top-p", type=float, metavar="P",
+                   help=f"nucleus sampling mass (default: {_DEFAULTS['top_p']:g} = off)")
+    g.add_argument("--top-k", type=int, metavar="K",
+                   help=f"keep the K most likely tokens (default: {_DEFAULTS['top_k']} = off)")
+    g.add_argument("--min-p", type=float, metavar="P",
+                   help="drop tokens less likely than P x the most likely one "
+                        f"(default: {_DEFAULTS['min_p']:g} = off)")
+    g.add_argument("--repeat-penalty", dest="repetition_penalty", type=float, metavar="X",
+                   help="penalty on tokens already in the prompt or output "
+                        f"(default: {_DEFAULTS['repetition_penalty']:g} = off)")
+    g.add_argument("--frequency-penalty", type=float, metavar="X",
+                   help="OpenAI frequency penalty, -2..2 "
+                        f"(default: {_DEFAULTS['frequency_penalty']:g})")
+    g.add_argument("--presence-penalty", type=float, metavar="X",
+                   help="OpenAI presence penalty, -2..2 "
+                        f"(default: {_DEFAULTS['presence_penalty']:g})")
+    g.add_argument("--seed", type=int,
+                   help="random seed, for reproducible sampling (default: random)")
+    g.add_argument("--stop", action="append", metavar="TEXT",
+                   help="stop when the output contains TEXT (repeatable; TEXT is not printed)")
+    g.add_argument("--ignore-eos", action="store_true",
+                   help="keep generating after the end-of-sequence token")
+    g.add_argument("-c", "--ctx", type=int, metavar="N",
+                   help="context size in tokens, prompt + output (default: the model's)")
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The sampling keyword arguments the flags ask for, checked; the model is not needed."""
+    kwargs: dict[str, Any] = {}
+    for name in SAMPLING_FLAGS:
+        value = getattr(args, name, None)
+        if value is not None and value is not False:
+            kwargs[name] = value
+    try:
+        SamplingParams(**kwargs)
+    except InputError as exc:
+        raise InputError(_flag_message(str(exc))) from None
+    if args.ctx is not None and args.ctx < 2:
+        raise InputError(f"-c/--ctx must be >= 2 tokens, got {args.ctx}")
+    return kwargs
+
+
+def _flag_message(message: str) -> str:
+    for name, flag in SAMPLING_FLAGS.items():
+        if message.startswith((f"{name} ", f"each {name} ")):
+            return message.replace(name, flag.split("/")[-1], 1)
+    return message
+
+
+def load_model(args: argparse.Namespace, *, quiet: bool = False) -> Any:
+    """Load the model the flags name; say what is loading on stderr unless quiet."""
+    import mistral7b
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise InputError(f"-t/--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if not quiet:
+        log(f"loading {args.model} ...")
+    llm = mistral7b.load(args.model, device=args.device, dtype=args.dtype, quant=args.quant)
+    llm.require_tokenizer()
+    return llm
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def peak_memory() -> dict[str, float]:
+    """Peak resident memory of this process (and of CUDA allocations), in MiB."""
+    out = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def timings(llm: Any) -> dict[str, float]:
+    """Figures of the last generation, for `--json` and the summary line."""
+    s = llm.stats
+    return {
+        "load_s": round(llm.load_seconds, 3),
+        "prompt_tokens": s.prompt_tokens,
+        "prompt_s": round(s.prefill_seconds, 3),
+        "prompt_tps": round(s.prompt_tps, 1),
+        "generated_tokens": s.generated_tokens,
+        "generation_s": round(s.decode_seconds, 3),
+        "generation_tps": round(s.decode_tps, 1),
+        **{k: round(v, 1) for k, v in peak_memory().items()},
+    }
+
+
+def summary_line(t: dict[str, float], *, load: bool = True) -> str:
+    """'load 1.23 s | prompt 41 tok, 278.1 tok/s | generated 64 tok, 52.3 tok/s | peak RSS 512 MiB'"""
+    parts = [f"load {t['load_s']:.2f} s"] if load else []
+    parts.append(f"prompt {t['prompt_tokens']} tok, {t['prompt_tps']:.1f} tok/s")
+    parts.append(f"generated {t['generated_tokens']} tok, {t['generation_tps']:.1f} tok/s")
+    parts.append(f"peak RSS {t['peak_rss_mib']:.0f} MiB")
+    if "peak_cuda_mib" in t:
+        parts.append(f"peak CUDA {t['peak_cuda_mib']:.0f} MiB")
+    return " | ".join(parts)

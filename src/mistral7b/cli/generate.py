@@ -1,0 +1,119 @@
+"""`mistral7b generate [PROMPT]`: complete one prompt, streaming the text to stdout.
+
+    mistral7b generate "The capital of France is" -n 32
+    mistral7b generate -f prompt.txt --temperature 0.7 --seed 1
+    echo "Write a haiku" | mistral7b generate --chat --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from mistral7b.cli import common
+from mistral7b.errors import InputError
+
+DEFAULT_MAX_TOKENS = 256
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "generate", help="complete a prompt (streams to stdout)",
+        description="Complete a prompt. The text streams to stdout; load progress and the "
+                    "timing summary go to stderr. Sampling is greedy unless --temperature > 0.")
+    p.add_argument("prompt", nargs="?",
+                   help="the prompt; omitted or '-': read stdin (one trailing newline dropped)")
+    p.add_argument("-f", "--file", metavar="FILE",
+                   help="read the prompt from FILE ('-' = stdin; one trailing newline dropped)")
+    p.add_argument("--chat", action="store_true",
+                   help="send the prompt as one user message in the model's chat format")
+    p.add_argument("--system", metavar="TEXT", help="system prompt (implies --chat)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (text, token_ids, finish_reason, prompt_tokens, "
+                        "completion_tokens, timings) at the end instead of streaming")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no load message or timing summary on stderr")
+    common.add_model_args(p)
+    common.add_sampling_args(p, max_tokens=DEFAULT_MAX_TOKENS)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    # Everything that can be checked without the model is checked before loading it.
+    text = read_prompt(args)
+    sampling = common.sampling_kwargs(args)
+    llm = common.load_model(args, quiet=args.quiet)
+    ids = encode_prompt(llm.tokenizer, text, chat=args.chat or args.system is not None,
+                        system=args.system)
+
+    if args.json:
+        completion = llm.generate(ids, max_context=args.ctx, **sampling)
+        timings = common.timings(llm)
+        print(json.dumps({
+            "text": completion.text,
+            "token_ids": completion.token_ids,
+            "finish_reason": completion.finish_reason,
+            "prompt_tokens": completion.prompt_tokens,
+            "completion_tokens": completion.completion_tokens,
+            "timings": timings,
+        }, ensure_ascii=False))
+    else:
+        out = sys.stdout
+        try:
+            for delta in llm.stream(ids, max_context=args.ctx, **sampling):
+                out.write(delta)
+                out.flush()
+        except KeyboardInterrupt:
+            out.write("\n")
+            out.flush()
+            common.log("interrupted")
+            return common.EXIT_INTERRUPTED
+        out.write("\n")
+        out.flush()
+        timings = common.timings(llm)
+    if not args.quiet:
+        common.log(common.summary_line(timings))
+    return 0
+
+
+def read_prompt(args: argparse.Namespace) -> str:
+    """The prompt text from the argument, -f FILE, or stdin."""
+    if args.file is not None and args.prompt is not None:
+        raise InputError("give the prompt as an argument or with -f/--file, not both")
+    if args.file is not None and args.file != "-":
+        try:
+            text = Path(args.file).read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise InputError(f"{args.file}: not UTF-8 text") from None
+        return _drop_final_newline(text)
+    if args.file == "-" or args.prompt == "-" or (args.prompt is None and not _stdin_is_tty()):
+        if sys.stdin is None:
+            raise InputError("stdin is closed: give the prompt as an argument or with -f FILE")
+        return _drop_final_newline(sys.stdin.read())
+    if args.prompt is None:
+        raise InputError("no prompt: give it as an argument, with -f FILE, or on stdin")
+    return args.prompt
+
+
+def encode_prompt(tokenizer: Any, text: str, *, chat: bool, system: str | None) -> list[int]:
+    if chat:
+        messages = [{"role": "system", "content": system}] if system else []
+        messages.append({"role": "user", "content": text})
+        return tokenizer.encode_chat(messages, add_generation_prompt=True)
+    ids = tokenizer.encode(text, bos=True)
+    if not ids:
+        raise InputError("the prompt is empty (and this model has no BOS token to start from)")
+    return ids
+
+
+def _stdin_is_tty() -> bool:
+    return sys.stdin is not None and sys.stdin.isatty()
+
+
+def _drop_final_newline(text: str) -> str:
+    # Editors and `echo` end a file with a newline nobody meant as part of the prompt
+    # (llama.cpp's -f drops it too).
+    return text.removesuffix("\r\n") if text.endswith("\r\n") else text.removesuffix("\n")

@@ -1,0 +1,86 @@
+"""`mistral7b`: one entry point, one subcommand per module.
+
+Each module in COMMANDS has `add_parser(subparsers)` (which sets `run` as the parser's default)
+and `run(args) -> int`. To add a command (serve, quantize, bench, eval, finetune), write
+`mistral7b/cli/<name>.py` with those two functions and add its name to COMMANDS.
+
+This is the one place that turns a user's mistake into one line on stderr, `error: ...`, and
+exit code 2: a bad flag or flag value, a missing file, or any `Mistral7BError` (bad model
+file, over-long prompt, gated repository, ...). Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from mistral7b.cli.common import EXIT_INTERRUPTED, EXIT_USAGE
+from mistral7b.errors import Mistral7BError
+
+COMMANDS = ("generate", "chat", "pull")
+
+# A file the user named is missing or unreadable: as much a user's mistake as a bad flag.
+USER_ERRORS = (Mistral7BError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
+               PermissionError)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors: `error: <what> (see 'mistral7b generate --help')`."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message} (see '{self.prog} --help')", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+def build_parser() -> ArgumentParser:
+    from mistral7b import __version__
+
+    parser = ArgumentParser(
+        prog="mistral7b",
+        description="Run Mistral 7B (and Llama-architecture models) locally: completions "
+                    "stream to stdout; logs, progress and timings go to stderr.")
+    parser.add_argument("--version", action="version", version=f"mistral7b {__version__}")
+    subparsers = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"mistral7b.cli.{name}").add_parser(subparsers)
+    return parser
+
+
+def one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        return f"{exc.filename}: {exc.strerror.lower()}"
+    text = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+    return text or type(exc).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    if hasattr(sys.stdout, "reconfigure"):
+        # A model may write any character; never die on a terminal that cannot show one.
+        sys.stdout.reconfigure(errors="replace")
+    try:
+        return args.run(args)
+    except BrokenPipeError:
+        # The reader went away (`mistral7b generate ... | head`): stop quietly. Point stdout at
+        # devnull so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except USER_ERRORS as exc:
+        sys.stdout.flush()
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
