@@ -62,18 +62,36 @@ def test_corrupt_gguf(tmp_path):
         load_tokenizer(path)
 
 
-def test_gguf_without_tokenizer(tmp_path):
+def _write_gguf(path, **tokenizer):
     import gguf
     import numpy as np
 
-    path = tmp_path / "bare.gguf"
     writer = gguf.GGUFWriter(str(path), "llama")
+    if "model" in tokenizer:
+        writer.add_tokenizer_model(tokenizer["model"])
+        writer.add_token_list(["<unk>", "<s>", "</s>", "a"])
+        writer.add_token_scores([0.0] * 4)
+        writer.add_eos_token_id(tokenizer.get("eos", 2))
     writer.add_tensor("x", np.zeros(2, dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(TokenizerError, match="bare.gguf: no tokenizer in this GGUF file"):
+    return path
+
+
+@pytest.mark.parametrize(
+    "tokenizer, problem",
+    [
+        ({}, "no tokenizer in this GGUF file"),
+        ({"model": "bert"}, "tokenizer model 'bert' is not supported"),
+        ({"model": "llama", "eos": 9}, "tokenizer.ggml.eos_token_id = 9 is out of range"),
+        ({"model": "gpt2"}, "gpt2 tokenizer without tokenizer.ggml.merges"),
+    ],
+)
+def test_gguf_tokenizer_metadata_problems(tmp_path, tokenizer, problem):
+    path = _write_gguf(tmp_path / "t.gguf", **tokenizer)
+    with pytest.raises(TokenizerError, match=f"t.gguf: {problem}"):
         load_tokenizer(path)
 
 

@@ -127,9 +127,7 @@ def test_no_template_falls_back_to_chatml(tmp_path):
 
 def test_safe_prompt_joins_existing_system(smollm2_hf):
     text = smollm2_hf.render_chat(CONVERSATIONS[1], safe_prompt=True)
-    assert text.startswith(
-        "<|im_start|>system\nAlways assist with care, respect, and truth."
-    )
+    assert text.startswith("<|im_start|>system\nAlways assist with care, respect, and truth.")
     assert "positivity.\n\nYou are terse.<|im_end|>" in text
 
 

@@ -175,8 +175,12 @@ def oracle_decode(vocab_size: int, ids: list[int]) -> str:
     return mistral_common_tokenizer(vocab_size).decode(ids)
 
 
-def write_sentencepiece_gguf(path: Path, spm_file: Path, chat_template: str | None = None,
-                             rename: dict[int, str] | None = None) -> Path:
+def write_sentencepiece_gguf(
+    path: Path,
+    spm_file: Path,
+    chat_template: str | None = None,
+    rename: dict[int, str] | None = None,
+) -> Path:
     """A tiny llama-architecture GGUF whose tokenizer metadata is `spm_file`'s vocabulary, as
     llama.cpp's converter writes it (pieces, scores, token types, special ids)."""
     import gguf
@@ -269,4 +273,3 @@ def stream(tokenizer, ids: list[int]) -> list[str]:
     deltas = [decoder.push(i) for i in ids]
     deltas.append(decoder.flush())
     return deltas
-

@@ -1,8 +1,8 @@
 """Tokenizers and chat encoding: one interface (`Tokenizer`), three sources, one factory.
 
-    from mistral7b.tokenizer import load_tokenizer
-    tok = load_tokenizer("path/to/Mistral-7B-Instruct-v0.3")   # or a .gguf file
-    ids = tok.encode_chat([{"role": "user", "content": "Hi"}])
+from mistral7b.tokenizer import load_tokenizer
+tok = load_tokenizer("path/to/Mistral-7B-Instruct-v0.3")   # or a .gguf file
+ids = tok.encode_chat([{"role": "user", "content": "Hi"}])
 """
 
 from __future__ import annotations

@@ -158,7 +158,9 @@ def normalize_messages(messages: Any) -> list[dict[str, Any]]:
     content (an assistant message carrying only tool calls) becomes "". Other keys are kept.
     """
     if not isinstance(messages, (list, tuple)) or not messages:
-        raise TokenizerError("a chat needs a non-empty list of messages {'role': ..., 'content': ...}")
+        raise TokenizerError(
+            "a chat needs a non-empty list of messages {'role': ..., 'content': ...}"
+        )
     out = []
     for i, message in enumerate(messages):
         if not isinstance(message, dict):

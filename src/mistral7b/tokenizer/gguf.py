@@ -27,9 +27,7 @@ from mistral7b.tokenizer.hf import HFTokenizer
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 # GPT-2's split regex (what tokenizers' ByteLevel pre-tokenizer applies with use_regex=True).
-_GPT2_REGEX = (
-    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-)
+_GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 _LLAMA3_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -112,62 +110,33 @@ class GGUFTokenizer(HFTokenizer):
     def from_reader(cls, reader: Any, path: str | os.PathLike[str]) -> GGUFTokenizer:
         """From an open `gguf.GGUFReader` (the weight loader's, to read the file once)."""
         path = Path(path)
+        meta = _tokenizer_metadata(reader, path)
+        tokens, types, model = meta["tokens"], meta["token_type"], meta["model"]
         try:
-            model = read_metadata(reader, "tokenizer.ggml.model")
-            tokens = read_metadata(reader, "tokenizer.ggml.tokens")
-            types = read_metadata(reader, "tokenizer.ggml.token_type")
-        except UnicodeDecodeError as e:
-            raise TokenizerError(f"{path}: a tokenizer string is not valid UTF-8 ({e})") from e
-        if model is None or not tokens:
-            raise TokenizerError(
-                f"{path}: no tokenizer in this GGUF file "
-                "(tokenizer.ggml.model / tokenizer.ggml.tokens missing)"
-            )
-        if types is None:
-            types = [NORMAL] * len(tokens)
-        if len(types) != len(tokens):
-            raise TokenizerError(
-                f"{path}: tokenizer.ggml.token_type has {len(types)} entries "
-                f"for {len(tokens)} tokens"
-            )
-        template = read_metadata(reader, "tokenizer.chat_template")
-        if model == "llama":
-            scores = read_metadata(reader, "tokenizer.ggml.scores")
-            if scores is None or len(scores) != len(tokens):
-                raise TokenizerError(
-                    f"{path}: tokenizer.ggml.scores missing or not one per token"
+            if model == "llama":
+                backend = sentencepiece_bpe(
+                    tokens,
+                    meta["scores"],
+                    types,
+                    meta.get("unknown_token_id", 0),
+                    meta.get("add_space_prefix", True),
                 )
-            unk_id = read_metadata(reader, "tokenizer.ggml.unknown_token_id", 0)
-            add_space_prefix = read_metadata(reader, "tokenizer.ggml.add_space_prefix", True)
-            backend = sentencepiece_bpe(tokens, scores, types, unk_id, add_space_prefix)
-            add_bos_default = True
-        elif model == "gpt2":
-            merges = read_metadata(reader, "tokenizer.ggml.merges")
-            if not merges:
-                raise TokenizerError(f"{path}: gpt2 tokenizer without tokenizer.ggml.merges")
-            pre = read_metadata(reader, "tokenizer.ggml.pre", "default")
-            backend = byte_level_bpe(tokens, merges, types, pre)
-            add_bos_default = False
-        else:
-            raise TokenizerError(
-                f"{path}: tokenizer model {model!r} is not supported "
-                "(supported: 'llama' SentencePiece BPE, 'gpt2' byte-level BPE)"
-            )
-        eos_id = read_metadata(reader, "tokenizer.ggml.eos_token_id")
-        if eos_id is None or not 0 <= eos_id < len(tokens):
-            raise TokenizerError(f"{path}: tokenizer.ggml.eos_token_id missing or out of range")
-        bos_id = read_metadata(reader, "tokenizer.ggml.bos_token_id")
-        if bos_id is not None and not 0 <= bos_id < len(tokens):
-            raise TokenizerError(f"{path}: tokenizer.ggml.bos_token_id {bos_id} out of range")
-        add_bos = read_metadata(reader, "tokenizer.ggml.add_bos_token", add_bos_default)
+            else:
+                backend = byte_level_bpe(tokens, meta["merges"], types, meta.get("pre", "default"))
+        except TokenizerError as e:
+            raise TokenizerError(f"{path}: {e}") from e
+        except Exception as e:  # tokenizers rejects merges of unknown tokens, ...
+            raise TokenizerError(f"{path}: inconsistent tokenizer metadata ({e})") from e
+        template = meta.get("chat_template")
         mistral_size = None
         if model == "llama" and (template is None or "[INST]" in template):
             mistral_size = mistral_vocab_size(tokens)
         return cls(
             backend,
-            eos_id=eos_id,
-            bos_id=bos_id,
-            add_bos=add_bos,
+            eos_id=meta["eos_token_id"],
+            bos_id=meta.get("bos_token_id"),
+            # llama.cpp's defaults when the key is absent: SentencePiece adds BOS, gpt2 not.
+            add_bos=meta.get("add_bos_token", model == "llama"),
             chat_template=template,
             name=str(path),
             mistral_vocab_size=mistral_size,
@@ -187,6 +156,63 @@ class GGUFTokenizer(HFTokenizer):
         if self._mistral is not None:
             return self._mistral.encode_chat(messages, add_generation_prompt, safe_prompt)
         return super().encode_chat(messages, add_generation_prompt, safe_prompt)
+
+
+def _tokenizer_metadata(reader: Any, path: Path) -> dict[str, Any]:
+    """The `tokenizer.*` metadata by short name ("tokens", "eos_token_id", "chat_template"),
+    checked for what building the tokenizer needs."""
+    names = [
+        "model",
+        "pre",
+        "tokens",
+        "scores",
+        "token_type",
+        "merges",
+        "bos_token_id",
+        "eos_token_id",
+        "unknown_token_id",
+        "add_bos_token",
+        "add_space_prefix",
+    ]
+    keys = {name: f"tokenizer.ggml.{name}" for name in names}
+    keys["chat_template"] = "tokenizer.chat_template"
+    meta = {}
+    for name, key in keys.items():
+        try:
+            value = read_metadata(reader, key)
+        except UnicodeDecodeError as e:
+            raise TokenizerError(f"{path}: {key} holds a string that is not UTF-8 ({e})") from e
+        if value is not None:
+            meta[name] = value
+    model, tokens = meta.get("model"), meta.get("tokens")
+    if model is None or not tokens:
+        raise TokenizerError(
+            f"{path}: no tokenizer in this GGUF file "
+            "(tokenizer.ggml.model / tokenizer.ggml.tokens missing)"
+        )
+    if model not in ("llama", "gpt2"):
+        raise TokenizerError(
+            f"{path}: tokenizer model {model!r} is not supported "
+            "(supported: 'llama' SentencePiece BPE, 'gpt2' byte-level BPE)"
+        )
+    n = len(tokens)
+    meta.setdefault("token_type", [NORMAL] * n)
+    if len(meta["token_type"]) != n:
+        raise TokenizerError(
+            f"{path}: tokenizer.ggml.token_type has {len(meta['token_type'])} entries "
+            f"for {n} tokens"
+        )
+    if model == "llama" and len(meta.get("scores", ())) != n:
+        raise TokenizerError(f"{path}: tokenizer.ggml.scores missing or not one per token")
+    if model == "gpt2" and not meta.get("merges"):
+        raise TokenizerError(f"{path}: gpt2 tokenizer without tokenizer.ggml.merges")
+    for name in ("eos_token_id", "bos_token_id", "unknown_token_id"):
+        value = meta.get(name)
+        if value is not None and not 0 <= value < n:
+            raise TokenizerError(f"{path}: tokenizer.ggml.{name} = {value} is out of range")
+    if "eos_token_id" not in meta:
+        raise TokenizerError(f"{path}: tokenizer.ggml.eos_token_id missing")
+    return meta
 
 
 def mistral_vocab_size(tokens: list[str]) -> int | None:
@@ -294,9 +320,7 @@ def byte_level_bpe(tokens: list[str], merges: list[str], types: list[int], pre: 
         if not sep:
             raise TokenizerError(f"malformed merge rule {rule!r} in tokenizer.ggml.merges")
         pairs.append((left, right))
-    backend = Backend(
-        models.BPE(vocab=_vocab(tokens), merges=pairs, ignore_merges=ignore_merges)
-    )
+    backend = Backend(models.BPE(vocab=_vocab(tokens), merges=pairs, ignore_merges=ignore_merges))
     splits = [
         pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False) for regex in regexes
     ]
