@@ -1,0 +1,104 @@
+"""`mistral7b generate`: real subprocess runs on the embedded default model."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from cli_helpers import assert_user_error, run_cli
+
+from mistral7b.cli.main import main
+
+SUMMARY = re.compile(r"load \d+\.\d\d s \| prompt (\d+) tok, [\d.]+ tok/s \| generated (\d+) tok, "
+                     r"[\d.]+ tok/s \| peak RSS \d+ MiB")
+
+
+def test_greedy_streams_llamacpp_answer(reference, tokenizer):
+    capitals = reference["capitals"]
+    # llama.cpp's argmax after the last prompt token, decoded by the model's own tokenizer.
+    expected = tokenizer.decode([capitals["llamacpp_argmax"][-1]])
+    assert expected.strip()
+    result = run_cli("generate", capitals["text"], "-n", "6")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(expected), result.stdout
+    assert result.stdout.endswith("\n")
+    # The summary goes to stderr only, with the prompt's token count.
+    match = SUMMARY.search(result.stderr)
+    assert match, result.stderr
+    assert int(match[1]) == len(capitals["ids"])
+    assert "tok/s" not in result.stdout and "load" not in result.stdout
+
+
+def test_json_from_stdin(reference, tokenizer):
+    capitals = reference["capitals"]
+    # The trailing newline `echo` adds is dropped, so the prompt is the reference's 19 tokens.
+    result = run_cli("generate", "--json", "-n", "5", "-q", input=capitals["text"] + "\n")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)           # the whole of stdout is one JSON object
+    assert set(out) >= {"text", "token_ids", "finish_reason", "prompt_tokens",
+                        "completion_tokens", "timings"}
+    assert out["finish_reason"] == "length"
+    assert out["completion_tokens"] == 5 == len(out["token_ids"])
+    assert out["prompt_tokens"] == len(capitals["ids"])
+    assert out["token_ids"][0] == capitals["llamacpp_argmax"][-1]
+    assert out["text"] == tokenizer.decode(out["token_ids"])
+    assert out["timings"]["prompt_tokens"] == len(capitals["ids"])
+    assert "tok/s" not in result.stderr       # -q
+
+
+def test_file_with_chat_format_matches_api(tmp_path, llm):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("What is the capital of Italy?\n", encoding="utf-8")
+    result = run_cli("generate", "-f", str(prompt), "--system", "Answer in one word.",
+                     "-n", "8", "--stop", "\n")
+    assert result.returncode == 0, result.stderr
+    expected = llm.chat([{"role": "system", "content": "Answer in one word."},
+                         {"role": "user", "content": "What is the capital of Italy?"}],
+                        max_tokens=8, stop=["\n"])
+    assert result.stdout == expected.text + "\n"
+    assert SUMMARY.search(result.stderr)
+
+
+def test_missing_model_is_one_line_error(tmp_path):
+    result = run_cli("generate", "-m", str(tmp_path / "no-such-model"), "hello")
+    assert_user_error(result, "no-such-model")
+
+
+def test_bad_flag_value_in_subprocess():
+    result = run_cli("generate", "--temperature", "-1", "hello")
+    assert_user_error(result, "--temperature", ">= 0")
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["-n", "0"], ["--max-tokens", ">= 1"]),
+    (["-n", "-5"], ["--max-tokens"]),
+    (["-n", "many"], ["-n/--max-tokens", "invalid int"]),
+    (["--top-p", "2"], ["--top-p", "(0, 1]"]),
+    (["--top-k", "-1"], ["--top-k"]),
+    (["--min-p", "1.5"], ["--min-p"]),
+    (["--repeat-penalty", "0"], ["--repeat-penalty"]),
+    (["--presence-penalty", "3"], ["--presence-penalty"]),
+    (["--stop", ""], ["--stop"]),
+    (["-c", "0"], ["--ctx"]),
+    (["-f", "/no/such/prompt.txt"], ["/no/such/prompt.txt", "no such file"]),
+    (["--frobnicate"], ["unrecognized arguments"]),
+])
+def test_bad_values_fail_before_loading(argv, words, capsys):
+    """Checked before the model loads: in-process, fast. (`hello` is given, so no stdin.)"""
+    args = ["generate", *argv] if argv[0] == "-f" else ["generate", "hello", *argv]
+    try:
+        code = main(args)
+    except SystemExit as exc:     # argparse's own errors
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    for word in words:
+        assert word in err
+
+
+def test_prompt_and_file_together_is_an_error(tmp_path, capsys):
+    (tmp_path / "p.txt").write_text("x")
+    assert main(["generate", "hello", "-f", str(tmp_path / "p.txt")]) == 2
+    assert capsys.readouterr().err.startswith("error: give the prompt as an argument or")
