@@ -36,6 +36,7 @@ class HFReader(CheckpointReader):
         # Our name -> HF name, for the tensors the model needs.
         self._hf = {ours: format_name(ours, "hf") for ours in expected_shapes(self.config)}
         self._hf = {ours: hf for ours, hf in self._hf.items() if hf in present}
+        self._permuted: dict[str, torch.Tensor] = {}
 
     def names(self) -> set[str]:
         return set(self._hf)
@@ -44,9 +45,18 @@ class HFReader(CheckpointReader):
         return self._files.shape(self._hf[name])
 
     def tensor(self, name: str) -> torch.Tensor:
-        t = self._files.get(self._hf[name])
         heads = rotary_heads(name, self.config)
-        return hf_to_interleaved(t, heads) if heads else t
+        if not heads:
+            return self._files.get(self._hf[name])
+        if name not in self._permuted:
+            # Permute in place: the file is mapped copy-on-write (MAP_PRIVATE), so the written
+            # pages replace the file's pages instead of adding a second copy of wq/wk to the
+            # resident set (1.3 GB for Mistral 7B). The file on disk is never modified; the
+            # permuted tensor is kept so a second call does not permute twice.
+            t = self._files.get(self._hf[name])
+            t.copy_(hf_to_interleaved(t, heads))
+            self._permuted[name] = t
+        return self._permuted[name]
 
     def source(self, name: str) -> str:
         return str(self._files.file_of(self._hf[name]))
