@@ -1,0 +1,604 @@
+"""LoRA adapters as module swaps, a frozen int8/int4 base for QLoRA, and adapter files.
+
+LoRA (Hu et al. 2021) adds a trainable low-rank update to a frozen linear layer:
+
+    y = W x + scale * B (A dropout(x))        A: (r, in), B: (out, r), scale = alpha / r
+
+`apply_lora` replaces chosen `nn.Linear` modules of a loaded Transformer (wq, wk, wv, wo of
+each attention, w1, w2, w3 of each feed-forward) by `LoRALinear(base, ...)`; the model file
+itself knows nothing of LoRA. B starts at zero, so a fresh adapter leaves the logits unchanged.
+`merge_lora` folds B @ A * scale into a copy of each base weight and swaps plain `nn.Linear`
+modules back in (the base may be memory-mapped read-only: it is never written to).
+
+Adapter files, both read by `read_adapter` / `apply_lora_file`:
+
+- PEFT (`adapter_config.json` + `adapter_model.safetensors`), as HF transformers + peft save
+  them: `base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`, scale
+  `lora_alpha / r` (or `lora_alpha / sqrt(r)` with `use_rslora`). HF permutes the rows of
+  q_proj/k_proj for its half-split rotary (DESIGN §2.6); the rows of a LoRA B follow the rows
+  of W, so B of wq/wk is permuted with `interleaved_to_hf` on save and `hf_to_interleaved`
+  on load. A acts on the input side and is never permuted.
+- Mistral (`lora.safetensors`, mistral-finetune's format, which mistral-inference's
+  `load_lora` reads): our own names, `layers.{i}.attention.wq.lora_A.weight`, rows in the
+  consolidated (interleaved) layout. mistral-finetune multiplies by a fixed `scaling` that it
+  writes to `params.json` under `lora.scaling` beside the file; when that file is absent the
+  scale is 2.0, the default of mistral-inference's `load_lora(path, scaling=2.0)`.
+
+QLoRA here: `quantize_frozen(model, bits)` swaps the frozen linear layers for
+`FrozenQuantLinear` (int8 per output channel, or int4 in groups of 64 along the input) that
+dequantizes on the fly in forward *and again in backward*, so training keeps only the small
+integer weights alive, never a float copy of them. LoRA then wraps those modules.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mistral7b.config import ModelConfig
+from mistral7b.errors import ModelFileError
+
+# Every linear layer LoRA may adapt, with the submodule of a block that holds it.
+TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+_PARENT = {"wq": "attention", "wk": "attention", "wv": "attention", "wo": "attention",
+           "w1": "feed_forward", "w2": "feed_forward", "w3": "feed_forward"}
+# PEFT's `target_modules` names for ours (HF Mistral/Llama module names).
+HF_TARGETS = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj",
+              "w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
+
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+MISTRAL_WEIGHTS = "lora.safetensors"
+MISTRAL_PARAMS = "params.json"
+MISTRAL_DEFAULT_SCALING = 2.0   # mistral-inference's load_lora default
+INT4_GROUP = 64
+
+
+# --------------------------------------------------------------------------- modules
+
+
+class FrozenQuantLinear(nn.Module):
+    """A frozen linear layer stored as integers, dequantized on the fly (QLoRA's base).
+
+    int8: w ≈ q * s with q in [-127, 127] and one scale per output row (out, 1).
+    int4: w ≈ q * s with q in [-7, 7], one scale per group of 64 inputs (out, in / 64);
+    two values per byte, (out, in / 2) uint8 (low nibble = even column).
+    """
+
+    def __init__(self, weight: torch.Tensor, bits: int) -> None:
+        super().__init__()
+        if bits not in (4, 8):
+            raise ValueError(f"bits must be 8 or 4, got {bits}")
+        self.out_features, self.in_features = weight.shape
+        self.bits = bits
+        self.dtype = weight.dtype
+        w = weight.detach().float()
+        if bits == 8:
+            scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127       # (out, 1)
+            q = torch.round(w / scale).clamp(-127, 127).to(torch.int8)
+        else:
+            if self.in_features % INT4_GROUP:
+                raise ValueError(f"int4 needs in_features divisible by {INT4_GROUP}, got "
+                                 f"{self.in_features}")
+            g = w.view(self.out_features, -1, INT4_GROUP)                        # (out, G, 64)
+            scale = g.abs().amax(dim=2).clamp(min=1e-12) / 7                       # (out, G)
+            q4 = torch.round(g / scale[..., None]).clamp(-7, 7).to(torch.int8) + 8  # 1..15
+            q4 = q4.view(self.out_features, -1).to(torch.uint8)                    # (out, in)
+            q = q4[:, 0::2] | (q4[:, 1::2] << 4)                                   # (out, in/2)
+        self.register_buffer("qweight", q.contiguous())
+        self.register_buffer("scale", scale.to(torch.float32).contiguous())
+
+    @property
+    def nbytes(self) -> int:
+        return self.qweight.nbytes + self.scale.nbytes
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The float weight (out, in) in `dtype` (default: the weight's original dtype)."""
+        dtype = dtype or self.dtype
+        if self.bits == 8:
+            return (self.qweight.to(torch.float32) * self.scale).to(dtype)
+        q = self.qweight
+        q4 = torch.stack([q & 0x0F, q >> 4], dim=-1).view(self.out_features, -1)  # (out, in)
+        w = (q4.to(torch.float32) - 8).view(self.out_features, -1, INT4_GROUP)
+        return (w * self.scale[..., None]).view(self.out_features, -1).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _DequantLinear.apply(x, self)
+
+
+class _DequantLinear(torch.autograd.Function):
+    """x @ dequant(W)^T whose backward dequantizes again instead of saving the float W."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, layer: FrozenQuantLinear) -> torch.Tensor:
+        ctx.layer = layer
+        return F.linear(x, layer.dequantize(x.dtype))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad @ ctx.layer.dequantize(grad.dtype), None
+
+
+class LoRALinear(nn.Module):
+    """`base(x) + scale * lora_B(lora_A(dropout(x)))`; only lora_A and lora_B train.
+
+    The LoRA weights live in `lora_dtype` (float32 by default, also when the base is bf16:
+    they are the optimizer's master weights); the update is computed in that dtype and added
+    in the base's. `base` is any module with in_features/out_features (nn.Linear,
+    FrozenQuantLinear, or a quantized linear from elsewhere).
+    """
+
+    def __init__(self, base: nn.Module, rank: int, scale: float, dropout: float = 0.0, *,
+                 lora_dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
+        self.base = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.rank, self.scale = rank, float(scale)
+        device = _device_of(base)
+        self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=device,
+                                dtype=lora_dtype)
+        self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=device,
+                                dtype=lora_dtype)
+        # As in the paper: A random (Kaiming-uniform, like nn.Linear), B zero -> no change.
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, scale={self.scale:g}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        h = self.dropout(x).to(self.lora_A.weight.dtype)
+        return y + (self.lora_B(self.lora_A(h)) * self.scale).to(y.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """scale * B @ A, (out, in), in the LoRA dtype."""
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scale
+
+    def merged(self) -> nn.Linear:
+        """A plain nn.Linear holding base + scale * B @ A (a new tensor: the base is untouched)."""
+        base = self.base
+        if isinstance(base, FrozenQuantLinear):
+            w, dtype = base.dequantize(torch.float32), base.dtype
+        else:
+            w, dtype = base.weight, base.weight.dtype
+        with torch.no_grad():
+            new = (w.to(self.lora_A.weight.dtype) + self.delta_weight()).to(dtype)
+        linear = nn.Linear(self.in_features, self.out_features, bias=False, device="meta")
+        linear.weight = nn.Parameter(new, requires_grad=False)
+        return linear
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+# --------------------------------------------------------------------- swapping modules
+
+
+def target_names(config: ModelConfig, targets: Iterable[str] = TARGETS,
+                 layers: Iterable[int] | None = None) -> list[str]:
+    """Module paths for `targets` in `layers` (all by default): `layers.3.attention.wq`."""
+    targets = list(targets)
+    unknown = [t for t in targets if t not in _PARENT]
+    if unknown or not targets:
+        raise ValueError(f"unknown LoRA target(s) {unknown or targets}: choose from "
+                         f"{', '.join(TARGETS)}")
+    layer_ids = range(config.n_layers) if layers is None else layers
+    return [f"layers.{i}.{_PARENT[t]}.{t}" for i in layer_ids for t in targets]
+
+
+def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, new)
+
+
+def apply_lora(model: nn.Module, *, rank: int = 16, alpha: float = 32.0, dropout: float = 0.0,
+               targets: Iterable[str] = TARGETS, layers: Iterable[int] | None = None,
+               use_rslora: bool = False) -> list[str]:
+    """Wrap the target linear layers of `model` with fresh LoRALinear modules (B = 0).
+
+    The whole model stays frozen except the new lora_A / lora_B weights. Returns the wrapped
+    module paths.
+    """
+    names = target_names(model.config, targets, layers)
+    scale = alpha / (math.sqrt(rank) if use_rslora else rank)
+    for name in names:
+        module = model.get_submodule(name)
+        if isinstance(module, LoRALinear):
+            raise TypeError(f"{name} already has a LoRA adapter: merge or remove it first")
+        _swap(model, name, LoRALinear(module, rank, scale, dropout))
+    return names
+
+
+def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            yield name, module
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for _, m in lora_modules(model) for p in (m.lora_A.weight, m.lora_B.weight)]
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter in our names: `layers.{i}.attention.wq.lora_A.weight` -> tensor."""
+    out = {}
+    for name, m in lora_modules(model):
+        out[f"{name}.lora_A.weight"] = m.lora_A.weight.detach()
+        out[f"{name}.lora_B.weight"] = m.lora_B.weight.detach()
+    return out
+
+
+def merge_lora(model: nn.Module) -> list[str]:
+    """Replace every LoRALinear by a plain nn.Linear with the update folded in."""
+    names = [name for name, _ in lora_modules(model)]
+    for name in names:
+        _swap(model, name, model.get_submodule(name).merged())
+    return names
+
+
+def remove_lora(model: nn.Module) -> list[str]:
+    """Undo apply_lora: put each LoRALinear's base module back."""
+    names = [name for name, _ in lora_modules(model)]
+    for name in names:
+        _swap(model, name, model.get_submodule(name).base)
+    return names
+
+
+def quantize_frozen(model: nn.Module, bits: int = 8, targets: Iterable[str] = TARGETS) -> int:
+    """Swap the target nn.Linear layers for FrozenQuantLinear (QLoRA's base); returns the
+    bytes their weights take now. Call before apply_lora."""
+    total = 0
+    for name in target_names(model.config, targets):
+        module = model.get_submodule(name)
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"{name} is a {type(module).__name__}, not a float nn.Linear: "
+                             "quantize before adding LoRA")
+        q = FrozenQuantLinear(module.weight, bits)
+        total += q.nbytes
+        _swap(model, name, q)
+    return total
+
+
+# ----------------------------------------------------------------------- adapter files
+
+
+@dataclass
+class Adapter:
+    """A LoRA adapter in our naming and layout, whatever file it came from.
+
+    `tensors`: `layers.{i}.attention.wq.lora_A.weight` (r, in) / `.lora_B.weight` (out, r),
+    B rows in the interleaved (consolidated) layout. `scales`: module path -> scale.
+    """
+
+    tensors: dict[str, torch.Tensor]
+    scales: dict[str, float]
+    rank: int
+    alpha: float
+    dropout: float = 0.0
+    targets: tuple[str, ...] = TARGETS
+    format: str = "ours"
+    source: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def modules(self) -> list[str]:
+        return sorted({k.rsplit(".", 2)[0] for k in self.tensors},
+                      key=lambda n: (int(n.split(".")[1]), n))
+
+
+def _target_of(module_path: str) -> str:
+    return module_path.rsplit(".", 1)[1]
+
+
+def _hf_module(module_path: str) -> str:
+    """`layers.3.attention.wq` -> `model.layers.3.self_attn.q_proj` (via the one name table)."""
+    from mistral7b.weights.names import format_name
+
+    return format_name(module_path + ".weight", "hf").removesuffix(".weight")
+
+
+def _rotary_heads(module_path: str, config: ModelConfig) -> int | None:
+    from mistral7b.weights.names import rotary_heads
+
+    return rotary_heads(module_path + ".weight", config)
+
+
+def adapter_from_model(model: nn.Module, *, alpha: float | None = None,
+                       dropout: float = 0.0) -> Adapter:
+    """The model's LoRA modules as an Adapter (tensors copied to CPU)."""
+    mods = list(lora_modules(model))
+    if not mods:
+        raise ValueError("the model has no LoRA modules")
+    ranks = {m.rank for _, m in mods}
+    rank = max(ranks)
+    scale0 = mods[0][1].scale
+    tensors = {k: v.detach().to("cpu").clone() for k, v in lora_state_dict(model).items()}
+    targets = tuple(t for t in TARGETS if any(_target_of(n) == t for n, _ in mods))
+    return Adapter(tensors, {n: m.scale for n, m in mods}, rank,
+                   alpha if alpha is not None else scale0 * rank, dropout, targets)
+
+
+def save_peft(adapter: Adapter, folder: str | Path, config: ModelConfig, *,
+              base_model: str | None = None) -> Path:
+    """Write `adapter_config.json` + `adapter_model.safetensors` as peft saves them."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    uniform = {round(s * adapter.rank / adapter.alpha, 9) for s in adapter.scales.values()}
+    if uniform != {1.0}:
+        raise ValueError("PEFT export needs one scale alpha/r for every module")
+    tensors = {}
+    for key, t in adapter.tensors.items():
+        module, kind = key.rsplit(".", 2)[0], key.rsplit(".", 2)[1]   # kind: lora_A / lora_B
+        heads = _rotary_heads(module, config)
+        if kind == "lora_B" and heads is not None:
+            t = _interleaved_to_hf(t, heads)
+        tensors[f"base_model.model.{_hf_module(module)}.{kind}.weight"] = t.contiguous()
+    layers = sorted({int(m.split(".")[1]) for m in adapter.modules})
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": adapter.rank,
+        "lora_alpha": adapter.alpha,
+        "lora_dropout": adapter.dropout,
+        "target_modules": sorted(HF_TARGETS[t] for t in adapter.targets),
+        "layers_to_transform": None if len(layers) == config.n_layers else layers,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "inference_mode": True,
+        "init_lora_weights": True,
+    }
+    _atomic_write_bytes(folder / PEFT_CONFIG, json.dumps(peft_config, indent=2).encode())
+    _atomic_save(lambda p: save_file(tensors, str(p), metadata={"format": "pt"}),
+                 folder / PEFT_WEIGHTS)
+    return folder
+
+
+def save_mistral(adapter: Adapter, folder: str | Path, config: ModelConfig) -> Path:
+    """Write mistral-finetune's `lora.safetensors` and a `params.json` with `lora.scaling`."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    scales = set(adapter.scales.values())
+    if len(scales) != 1:
+        raise ValueError("the Mistral format has one scaling for all modules")
+    tensors = {k: v.contiguous() for k, v in adapter.tensors.items()}
+    params = {k: v for k, v in config.to_dict().items() if v is not None}
+    params["lora"] = {"enable": True, "rank": adapter.rank, "dropout": adapter.dropout,
+                      "scaling": scales.pop()}
+    _atomic_save(lambda p: save_file(tensors, str(p)), folder / MISTRAL_WEIGHTS)
+    _atomic_write_bytes(folder / MISTRAL_PARAMS, json.dumps(params, indent=2).encode())
+    return folder
+
+
+def read_adapter(path: str | Path, config: ModelConfig) -> Adapter:
+    """Read a PEFT folder/file or a Mistral `lora.safetensors` (folder or file), checked
+    against `config`. The kind is told by the files and tensor names, never by the path."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ModelFileError(path, "no such LoRA adapter file or folder")
+    if path.is_dir():
+        if (path / PEFT_CONFIG).is_file():
+            return _read_peft(path, config)
+        if (path / MISTRAL_WEIGHTS).is_file():
+            return _read_mistral(path / MISTRAL_WEIGHTS, config)
+        if (path / "adapter_model.bin").is_file():
+            raise ModelFileError(path, "adapter_model.bin is a pickle, which mistral7b never "
+                                       "loads; save the adapter with safe_serialization=True")
+        raise ModelFileError(path, f"not a LoRA adapter folder: no {PEFT_CONFIG} (PEFT) and no "
+                                   f"{MISTRAL_WEIGHTS} (Mistral)")
+    names = _safetensors_names(path)
+    if any(n.startswith("base_model.model.") for n in names):
+        if not (path.parent / PEFT_CONFIG).is_file():
+            raise ModelFileError(path, f"a PEFT adapter needs its {PEFT_CONFIG} beside it")
+        return _read_peft(path.parent, config, weights=path)
+    return _read_mistral(path, config)
+
+
+def _safetensors_names(path: Path) -> list[str]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ModelFileError(path, f"not a readable safetensors file ({exc})") from None
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ModelFileError(path, f"not a readable safetensors file ({exc})") from None
+
+
+_PEFT_KEY = re.compile(
+    r"^base_model\.model\.(?P<module>.+)\.(?P<kind>lora_[AB])(?:\.[\w-]+)?\.weight$")
+
+
+def _read_peft(folder: Path, config: ModelConfig, weights: Path | None = None) -> Adapter:
+    cfg_path = folder / PEFT_CONFIG
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelFileError(cfg_path, f"cannot read the PEFT config ({exc})") from None
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ModelFileError(cfg_path, f"peft_type {cfg.get('peft_type')!r} is not LoRA")
+    for key, why in (("use_dora", "DoRA"), ("alpha_pattern", "per-module alpha_pattern"),
+                     ("fan_in_fan_out", "fan_in_fan_out")):
+        if cfg.get(key):
+            raise ModelFileError(cfg_path, f"{why} adapters are not supported")
+    if cfg.get("bias", "none") != "none":
+        raise ModelFileError(cfg_path, f"bias={cfg['bias']!r}: only bias='none' is supported")
+    weights = weights or folder / PEFT_WEIGHTS
+    if not weights.is_file():
+        raise ModelFileError(folder, f"{PEFT_WEIGHTS} is missing")
+    hf_to_ours = {_hf_module(m): m for m in target_names(config)}
+    tensors: dict[str, torch.Tensor] = {}
+    for key, t in _load_tensors(weights).items():
+        match = _PEFT_KEY.match(key)
+        if match is None or match["module"] not in hf_to_ours:
+            raise ModelFileError(weights, f"tensor {key!r} is not a LoRA weight of a "
+                                          "q/k/v/o/gate/up/down projection")
+        module = hf_to_ours[match["module"]]
+        heads = _rotary_heads(module, config)
+        if match["kind"] == "lora_B" and heads is not None:
+            t = _hf_to_interleaved(t, heads)
+        tensors[f"{module}.{match['kind']}.weight"] = t
+    alpha = float(cfg.get("lora_alpha", 8))
+    rslora = bool(cfg.get("use_rslora"))
+    scales = {}
+    for module in _modules_of(tensors, weights, config):
+        r = tensors[f"{module}.lora_A.weight"].shape[0]
+        scales[module] = alpha / (math.sqrt(r) if rslora else r)
+    rank = int(cfg.get("r", 8))
+    return Adapter(tensors, scales, rank, alpha, float(cfg.get("lora_dropout", 0.0)),
+                   _targets_of(scales), "peft", str(folder),
+                   {"base_model": cfg.get("base_model_name_or_path")})
+
+
+def _read_mistral(path: Path, config: ModelConfig) -> Adapter:
+    tensors = _load_tensors(path)
+    valid = set(target_names(config))
+    for key in tensors:
+        module, _, rest = key.rpartition(".lora_")
+        if module not in valid or rest not in ("A.weight", "B.weight"):
+            raise ModelFileError(path, f"tensor {key!r} is not a LoRA weight of the form "
+                                       "layers.{i}.attention.wq.lora_A.weight")
+    scaling, rank, dropout = MISTRAL_DEFAULT_SCALING, None, 0.0
+    params_path = path.parent / MISTRAL_PARAMS
+    if params_path.is_file():
+        try:
+            lora = json.loads(params_path.read_text()).get("lora") or {}
+        except ValueError as exc:
+            raise ModelFileError(params_path, f"not valid JSON ({exc})") from None
+        scaling = float(lora.get("scaling", scaling))
+        rank = lora.get("rank")
+        dropout = float(lora.get("dropout", 0.0))
+    modules = _modules_of(tensors, path, config)
+    scales = {m: scaling for m in modules}
+    rank = int(rank or max(tensors[f"{m}.lora_A.weight"].shape[0] for m in modules))
+    return Adapter(tensors, scales, rank, scaling * rank, dropout, _targets_of(scales),
+                   "mistral", str(path))
+
+
+def _modules_of(tensors: dict[str, torch.Tensor], source: Path,
+                config: ModelConfig) -> list[str]:
+    """Module paths with both A and B present and shapes that fit the model."""
+    from mistral7b.weights.names import expected_shapes
+
+    shapes = expected_shapes(config)
+    modules = sorted({k.rsplit(".", 2)[0] for k in tensors})
+    if not modules:
+        raise ModelFileError(source, "the adapter holds no LoRA weights")
+    for m in modules:
+        a, b = tensors.get(f"{m}.lora_A.weight"), tensors.get(f"{m}.lora_B.weight")
+        if a is None or b is None:
+            raise ModelFileError(source, f"{m} has lora_{'A' if a is None else 'B'} missing")
+        out_f, in_f = shapes[f"{m}.weight"]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != in_f or b.shape[0] != out_f \
+                or a.shape[0] != b.shape[1]:
+            raise ModelFileError(
+                source, f"{m}: lora_A {list(a.shape)} / lora_B {list(b.shape)} do not fit a "
+                        f"({out_f}, {in_f}) weight of this model")
+    return modules
+
+
+def _targets_of(scales: dict[str, float]) -> tuple[str, ...]:
+    present = {_target_of(m) for m in scales}
+    return tuple(t for t in TARGETS if t in present)
+
+
+def _hf_to_interleaved(t: torch.Tensor, heads: int) -> torch.Tensor:
+    from mistral7b.weights.names import hf_to_interleaved
+
+    return hf_to_interleaved(t, heads)
+
+
+def _interleaved_to_hf(t: torch.Tensor, heads: int) -> torch.Tensor:
+    from mistral7b.weights.names import interleaved_to_hf
+
+    return interleaved_to_hf(t, heads)
+
+
+def apply_adapter(model: nn.Module, adapter: Adapter, *, merge: bool) -> list[str]:
+    """Put `adapter` into `model`: wrapped as LoRALinear modules (kept separate, so it can be
+    removed or trained further), or merged into the weights (no extra cost per token)."""
+    names = adapter.modules
+    for name in names:
+        module = model.get_submodule(name)
+        if isinstance(module, LoRALinear):
+            raise TypeError(f"{name} already has a LoRA adapter: merge or remove it first")
+        a = adapter.tensors[f"{name}.lora_A.weight"]
+        b = adapter.tensors[f"{name}.lora_B.weight"]
+        lora = LoRALinear(module, a.shape[0], adapter.scales[name], 0.0)
+        with torch.no_grad():
+            lora.lora_A.weight.copy_(a)
+            lora.lora_B.weight.copy_(b)
+        lora.requires_grad_(False)
+        _swap(model, name, lora)
+        if merge:
+            _swap(model, name, lora.merged())
+    return names
+
+
+def apply_lora_file(llm_or_model: Any, path: str | Path, merge: bool = False) -> Adapter:
+    """Load a PEFT or Mistral LoRA adapter from `path` into an LLM (or a Transformer).
+
+    merge=True folds it into the weights (merged copies of just the adapted weights);
+    merge=False keeps LoRALinear modules (exactly the unmerged computation).
+    """
+    model = getattr(llm_or_model, "model", llm_or_model)
+    adapter = read_adapter(path, model.config)
+    apply_adapter(model, adapter, merge=merge)
+    return adapter
+
+
+# ---------------------------------------------------------------------- atomic writes
+
+
+def _atomic_save(write: Any, path: Path) -> None:
+    """Write through `write(tmp_path)` then rename over `path`: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    _atomic_save(lambda p: p.write_bytes(data), path)
