@@ -1,0 +1,84 @@
+"""`mistral7b chat`: piped stdin, commands, context trimming, and a real terminal session."""
+
+from __future__ import annotations
+
+import time
+
+from cli_helpers import TerminalSession, run_cli
+
+USER = "user"
+ASSISTANT = "assistant"
+
+
+def msg(role: str, content: str) -> dict[str, str]:
+    return {"role": role, "content": content}
+
+
+def test_piped_conversation_with_commands_matches_api(llm):
+    """Each reply equals what the Python API answers to the same conversation, so /system
+    and /clear did exactly what they say (greedy decoding is deterministic)."""
+    n = 12
+    script = ("Hello\n"
+              "/system You are a pirate.\n"
+              "Hello\n"
+              "/clear\n"
+              "Hello\n")                       # no /bye: end of input ends the session
+    result = run_cli("chat", "-n", str(n), input=script)
+    assert result.returncode == 0, result.stderr
+
+    def answer(messages):
+        return llm.chat(messages, max_tokens=n).text
+
+    pirate = msg("system", "You are a pirate.")
+    r1 = answer([msg(USER, "Hello")])
+    r2 = answer([pirate, msg(USER, "Hello"), msg(ASSISTANT, r1), msg(USER, "Hello")])
+    r3 = answer([pirate, msg(USER, "Hello")])   # /clear keeps the system prompt
+    assert r1 != r2 and r2 != r3                   # the commands changed the conversation
+    assert result.stdout == f"{r1}\n{r2}\n{r3}\n"  # replies only: no prompt, no notices
+    assert "(system prompt set)" in result.stderr
+    assert "(conversation cleared)" in result.stderr
+
+
+def test_context_overflow_drops_oldest_turn_and_bye_exits(llm):
+    n, ctx = 30, 80
+    script = "Tell me about Paris.\nAnd Rome?\n/bye\nThis is never answered.\n"
+    result = run_cli("chat", "-n", str(n), "-c", str(ctx), input=script)
+    assert result.returncode == 0, result.stderr
+    r1 = llm.chat([msg(USER, "Tell me about Paris.")], max_tokens=n, max_context=ctx).text
+    # The first turn plus the new message leave less than n tokens of the 80: it is dropped.
+    ids = llm.tokenizer.encode_chat([msg(USER, "Tell me about Paris."), msg(ASSISTANT, r1),
+                                     msg(USER, "And Rome?")])
+    assert len(ids) + n > ctx
+    r2 = llm.chat([msg(USER, "And Rome?")], max_tokens=n, max_context=ctx).text
+    assert result.stdout == f"{r1}\n{r2}\n"
+    assert "warning:" in result.stderr and "dropped the oldest 1 turn" in result.stderr
+
+
+def test_terminal_session_ctrl_c_and_ctrl_d():
+    """At a terminal: Ctrl-C stops a long answer and the chat goes on; Ctrl-C at the prompt
+    only hints; Ctrl-D exits with code 0."""
+    term = TerminalSession("chat", "-n", "4000", "--ignore-eos")
+    try:
+        term.expect_text(b">>> ", since=0)
+        for message in (b"Tell me a long story about a dragon.", b"Hi"):
+            start = term.mark()
+            term.send(message + b"\r")
+            # The echoed line, then at least 40 bytes of the answer streaming in.
+            term.expect(lambda out, m=message: m in out
+                        and len(out.split(m, 1)[1].strip()) > 40, since=start)
+            answering = term.mark()
+            term.interrupt()
+            term.expect_text(b">>> ", since=answering, timeout=60)   # back at the prompt
+        at_prompt = term.mark()
+        # Python's readline checks for signals only once it waits for a key: a SIGINT that
+        # lands between printing the prompt and that wait is seen at the next key. A person
+        # is never that fast; give the child a moment.
+        time.sleep(1.0)
+        term.interrupt()
+        term.expect_text(b"Ctrl-C again", since=at_prompt, timeout=60)
+        term.expect_text(b">>> ", since=at_prompt, timeout=60)
+        term.send(b"\x04")
+        assert term.wait() == 0, term.output[-2000:]
+        assert b"Traceback" not in term.output
+    finally:
+        term.close()
