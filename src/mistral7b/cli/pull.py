@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
         if not weights:
             raise PullError(_no_weights_message(repo, list(siblings)))
         sizes = [siblings[f] for f in files]
-        size = f", {sum(sizes) / 1e9:.2f} GB" if all(s is not None for s in sizes) else ""
+        size = f", {_size(sum(sizes))}" if all(s is not None for s in sizes) else ""
         common.log(f"pulling {repo} ({args.revision}): {len(files)} files{size}")
         folder = snapshot_download(
             repo, revision=args.revision, local_dir=args.dir, token=token,
@@ -188,6 +188,10 @@ def _network_errors() -> tuple[type[BaseException], ...]:
             found += [getattr(sys.modules[module], n) for n in names
                       if hasattr(sys.modules[module], n)]
     return tuple(found)
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
 def _literal(name: str) -> str:
