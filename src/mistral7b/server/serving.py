@@ -186,11 +186,11 @@ class Serving:
         if body.max_tokens == 0 and not body.echo:
             raise bad_request("max_tokens must be >= 1 (0 only with echo, to score a prompt)",
                               "max_tokens")
+        self._check_n(body.n)
         prompts = self._completion_prompts(body.prompt)
         if len(prompts) * body.n > self.settings.max_queue + self.settings.max_concurrency:
             raise bad_request(f"{len(prompts)} prompts x n={body.n} is more than this server "
                               "can queue; send fewer prompts per request", "prompt")
-        self._check_n(body.n)
         want_prompt_lps = body.echo and body.logprobs is not None
         job = Job(self.scheduler, self.settings)
         skipped: set[int] = set()
@@ -499,7 +499,11 @@ class Serving:
             )
         except InputError as exc:
             message = str(exc)
-            raise bad_request(message, message.split(" ", 1)[0]) from None
+            # "top_p must be ...", "each stop string must be ...": name the parameter
+            words = message.split(" ", 3)[:3]
+            fields = {f.name for f in dataclasses.fields(SamplingParams)}
+            param = next((w for w in words if w in fields), None)
+            raise bad_request(message, param) from None
 
     def token_text(self, token_id: int) -> str:
         text = self._token_text.get(token_id)
