@@ -82,3 +82,25 @@ def test_terminal_session_ctrl_c_and_ctrl_d():
         assert b"Traceback" not in term.output
     finally:
         term.close()
+
+
+def test_input_parsing_commands_and_blocks():
+    import io
+    from types import SimpleNamespace
+
+    from mistral7b.cli.chat import ChatSession
+
+    stdin = io.StringIO('one line\n/system be brief\n"""\nfirst\n  second\n"""\n'
+                        '"""inline block"""\n"""start\nend"""\n')
+    fake_llm = SimpleNamespace(config=SimpleNamespace(max_seq_len=4096))
+    session = ChatSession(fake_llm, {}, stdin=stdin, stdout=io.StringIO())
+    inputs = []
+    while (item := session.next_input())[0] != "eof":
+        inputs.append(item)
+    assert inputs == [
+        ("message", "one line"),
+        ("command", "/system be brief"),
+        ("message", "first\n  second"),
+        ("message", "inline block"),
+        ("message", "start\nend"),
+    ]

@@ -102,3 +102,26 @@ def test_prompt_and_file_together_is_an_error(tmp_path, capsys):
     (tmp_path / "p.txt").write_text("x")
     assert main(["generate", "hello", "-f", str(tmp_path / "p.txt")]) == 2
     assert capsys.readouterr().err.startswith("error: give the prompt as an argument or")
+
+
+def _prompt_args(prompt=None, file=None):
+    import argparse
+
+    return argparse.Namespace(prompt=prompt, file=file)
+
+
+def test_read_prompt_sources(tmp_path, monkeypatch):
+    import io
+
+    from mistral7b.cli.generate import read_prompt
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("from stdin\n"))
+    assert read_prompt(_prompt_args("-")) == "from stdin"
+    monkeypatch.setattr("sys.stdin", io.StringIO("piped\r\n"))
+    assert read_prompt(_prompt_args(file="-")) == "piped"
+    monkeypatch.setattr("sys.stdin", io.StringIO("implicit"))   # not a TTY, no prompt given
+    assert read_prompt(_prompt_args()) == "implicit"
+    path = tmp_path / "p.txt"
+    path.write_text("line 1\nline 2\n\n", encoding="utf-8")      # only one newline is dropped
+    assert read_prompt(_prompt_args(file=str(path))) == "line 1\nline 2\n"
+    assert read_prompt(_prompt_args("as given\n")) == "as given\n"
