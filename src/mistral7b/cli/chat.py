@@ -44,7 +44,11 @@ def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "chat", help="talk with the model (interactive; also reads piped stdin)",
         description="Chat with the model in its chat format. Replies stream to stdout; "
-                    "messages, warnings and timings go to stderr. Type /help at the prompt.")
+                    "messages, warnings and timings go to stderr. Piped stdin: each line (or "
+                    f"{BLOCK} block) is one message; only the replies are printed.",
+        epilog=f"{HELP}\nCtrl-C at the prompt drops the line; Ctrl-C twice in a row or Ctrl-D "
+               "exits (code 0).",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--system", metavar="TEXT", help="system prompt")
     p.add_argument("--safe", action="store_true",
                    help="add the Mistral guardrail system prompt (safe_prompt)")

@@ -131,9 +131,11 @@ def log(message: str) -> None:
 
 def peak_memory() -> dict[str, float]:
     """Peak resident memory of this process (and of CUDA allocations), in MiB."""
+    import torch
+
+    # ru_maxrss is in KiB on Linux.
     out = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
         out["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return out
 
