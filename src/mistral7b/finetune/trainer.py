@@ -1,0 +1,427 @@
+"""The LoRA / QLoRA training loop: AdamW with warm-up and cosine decay, gradient accumulation,
+activation checkpointing, periodic evaluation, atomic checkpoints, resume and Ctrl-C.
+
+Only LoRA weights get gradients: the loaded model is frozen (and may be memory-mapped); its
+forward runs without a cache on packed rows (batching.py), and the loss is the mean
+cross-entropy over the target tokens of all micro-batches of a step. The model's dtype is the
+training dtype of the frozen base (bfloat16 where it helps: the CUDA default of `load`);
+LoRA weights and optimizer state are always float32.
+
+Layout of the output folder:
+
+    checkpoint.pt               training state (step, LoRA, AdamW, RNG, losses): resume point
+    adapter_config.json         } PEFT adapter (HF names, q/k B rows in HF's rotary layout)
+    adapter_model.safetensors   }
+    lora.safetensors            } Mistral (mistral-finetune) adapter, with lora.scaling in
+    params.json                 } params.json
+
+Every file is written to a temporary name and renamed, so an interrupted write never leaves a
+half file where a good one was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import math
+import os
+import resource
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from mistral7b.errors import InputError
+from mistral7b.finetune.batching import IGNORE, Batch, epoch_rows, make_batch
+from mistral7b.finetune.data import Example, fingerprint
+from mistral7b.lora import (
+    TARGETS,
+    adapter_from_model,
+    apply_lora,
+    lora_modules,
+    lora_parameters,
+    lora_state_dict,
+    quantize_frozen,
+    save_mistral,
+    save_peft,
+)
+
+CHECKPOINT = "checkpoint.pt"
+
+# Settings that shape the trajectory: a resumed run must use the same ones.
+_RESUME_KEYS = ("steps", "lr", "warmup", "min_lr_ratio", "weight_decay", "grad_clip",
+                "batch_size", "grad_accum", "seq_len", "pack", "rank", "alpha", "dropout",
+                "targets", "qlora", "seed")
+
+
+@dataclass
+class TrainConfig:
+    steps: int | None = None        # optimizer steps; None: `epochs` passes over the data
+    epochs: float = 1.0
+    lr: float = 2e-4                # peak learning rate (after warm-up)
+    warmup: int | None = None       # warm-up steps; None: 5% of the steps (at least 1)
+    min_lr_ratio: float = 0.1       # the cosine decays to lr * min_lr_ratio at the last step
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0          # max global gradient norm; 0 disables clipping
+    batch_size: int = 4             # rows per micro-batch
+    grad_accum: int = 1             # micro-batches per optimizer step
+    seq_len: int = 512              # tokens per row (examples are cut to this length)
+    pack: bool = True               # pack short examples into rows (else bucket by length)
+    rank: int = 16
+    alpha: float = 32.0             # LoRA scale = alpha / rank
+    dropout: float = 0.0            # dropout on the LoRA branch's input
+    targets: tuple[str, ...] = TARGETS
+    qlora: int | None = None        # 8 or 4: quantize the frozen base first (QLoRA)
+    grad_checkpoint: bool = False   # recompute each block's activations in backward
+    eval_every: int = 0             # steps between evaluations (0: only at the end)
+    save_every: int = 0             # steps between checkpoints (0: only at the end / Ctrl-C)
+    seed: int = 0
+
+    def check(self) -> None:
+        def positive(name: str) -> None:
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+        for name in ("batch_size", "grad_accum", "seq_len", "rank"):
+            positive(name)
+        if self.steps is not None:
+            positive("steps")
+        if not self.epochs > 0:
+            raise InputError(f"epochs must be > 0, got {self.epochs}")
+        if not self.lr > 0:
+            raise InputError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.dropout < 1:
+            raise InputError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise InputError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.qlora not in (None, 4, 8):
+            raise InputError(f"qlora must be 8 or 4 bits, got {self.qlora}")
+        unknown = [t for t in self.targets if t not in TARGETS]
+        if unknown or not self.targets:
+            raise InputError(f"unknown LoRA target(s) {unknown}: choose from "
+                             f"{', '.join(TARGETS)}")
+
+
+def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Multiplier of the peak lr for optimizer step `step` (0-based) of `total`.
+
+    Linear warm-up over `warmup` steps (1/w, 2/w, ... 1), then a cosine from 1 down to
+    min_ratio at the last step. E.g. total=10, warmup=2: 0.5, 1.0, 1.0, 0.97, ..., min_ratio.
+    """
+    if step < warmup:
+        return (step + 1) / warmup
+    span = total - warmup - 1
+    if span <= 0:
+        return 1.0
+    progress = min(1.0, (step - warmup) / span)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@dataclass
+class StepInfo:
+    step: int                 # optimizer steps done (1-based after the first)
+    loss: float               # mean target-token loss of this step
+    lr: float
+    tokens_per_second: float  # real tokens (packed rows, no padding) over wall time
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    losses: list[float]                               # one per step, from step 1
+    evals: list[tuple[int, float, float]] = field(default_factory=list)  # (step, loss, ppl)
+    tokens: int = 0
+    seconds: float = 0.0
+    out_dir: Path | None = None
+    interrupted: bool = False
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+class Trainer:
+    """Fine-tunes an LLM (from `mistral7b.load`) with LoRA; see the module docstring."""
+
+    def __init__(self, llm: Any, config: TrainConfig, out_dir: str | Path, *,
+                 progress: bool = True) -> None:
+        config.check()
+        self.llm = llm
+        self.model = llm.model
+        self.config = config
+        self.out_dir = Path(out_dir)
+        self.progress = progress
+        self.device = llm.engine.device
+        self.window = llm.config.sliding_window
+        torch.manual_seed(config.seed)
+        if config.qlora:
+            quantize_frozen(self.model, bits=config.qlora, targets=config.targets)
+        apply_lora(self.model, rank=config.rank, alpha=config.alpha, dropout=config.dropout,
+                   targets=config.targets)
+        self.params = lora_parameters(self.model)
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, betas=(0.9, 0.999),
+                                           eps=1e-8, weight_decay=config.weight_decay)
+        self.step = 0
+        self.losses: list[float] = []
+        self.evals: list[tuple[int, float, float]] = []
+        self.tokens = 0
+        self._epochs: dict[int, list[list[list[int]]]] = {}
+
+    # ------------------------------------------------------------------ schedule
+
+    def total_steps(self, examples: Sequence[Example]) -> int:
+        c = self.config
+        if c.steps is not None:
+            return c.steps
+        per_epoch = len(self._epoch(examples, 0))
+        return max(1, math.ceil(c.epochs * per_epoch / c.grad_accum))
+
+    def warmup_steps(self, total: int) -> int:
+        w = self.config.warmup
+        return max(1, round(0.05 * total)) if w is None else w
+
+    def _epoch(self, examples: Sequence[Example], epoch: int) -> list[list[list[int]]]:
+        if epoch not in self._epochs:
+            c = self.config
+            self._epochs[epoch] = epoch_rows(examples, seq_len=c.seq_len,
+                                             batch_size=c.batch_size, pack=c.pack,
+                                             seed=c.seed, epoch=epoch)
+        return self._epochs[epoch]
+
+    def _micro_batches(self, examples: Sequence[Example], step: int) -> list[list[list[int]]]:
+        """The rows of the micro-batches of optimizer step `step` (0-based): a pure function
+        of (data, seed, step), which is what makes resuming exact."""
+        out = []
+        for m in range(step * self.config.grad_accum, (step + 1) * self.config.grad_accum):
+            epoch = 0
+            while m >= len(self._epoch(examples, epoch)):
+                m -= len(self._epoch(examples, epoch))
+                epoch += 1
+            out.append(self._epoch(examples, epoch)[m])
+        return out
+
+    # ------------------------------------------------------------------ compute
+
+    def _loss_sum(self, batch: Batch) -> torch.Tensor:
+        logits = self.model(batch.tokens, batch.positions, None, batch.plan,
+                            logits_index=batch.logits_index)               # (B, n, V) float32
+        return F.cross_entropy(logits.flatten(0, 1), batch.labels.flatten(),
+                               ignore_index=IGNORE, reduction="sum")
+
+    def train_step(self, examples: Sequence[Example], total: int) -> StepInfo:
+        c = self.config
+        t0 = time.perf_counter()
+        self.model.train()
+        batches = [make_batch(examples, rows, self.window, self.device)
+                   for rows in self._micro_batches(examples, self.step)]
+        n_targets = sum(b.n_targets for b in batches)
+        loss_total = 0.0
+        with activation_checkpointing(self.model, c.grad_checkpoint):
+            for batch in batches:
+                loss = self._loss_sum(batch) / n_targets
+                loss.backward()
+                loss_total += loss.item()
+        if c.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, c.grad_clip)
+        lr = c.lr * lr_factor(self.step, total, self.warmup_steps(total), c.min_lr_ratio)
+        with _deferred_interrupts():  # never leave a half-applied update behind
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            self.losses.append(loss_total)
+            n_tokens = sum(b.n_tokens for b in batches)
+            self.tokens += n_tokens
+        self.model.eval()
+        return StepInfo(self.step, loss_total, lr, n_tokens / (time.perf_counter() - t0))
+
+    @torch.no_grad()
+    def evaluate(self, examples: Sequence[Example]) -> tuple[float, float]:
+        """(mean target-token loss, perplexity) over `examples`."""
+        self.model.eval()
+        c = self.config
+        total, count = 0.0, 0
+        for rows in epoch_rows(examples, seq_len=c.seq_len, batch_size=c.batch_size,
+                               pack=c.pack, seed=0, epoch=0):
+            batch = make_batch(examples, rows, self.window, self.device)
+            total += self._loss_sum(batch).item()
+            count += batch.n_targets
+        loss = total / max(count, 1)
+        return loss, math.exp(min(loss, 700.0))
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self, examples: Sequence[Example], eval_examples: Sequence[Example] | None = None,
+            *, resume: bool = False,
+            on_step: Callable[[StepInfo], None] | None = None) -> TrainResult:
+        """Train to the configured number of steps; with resume, continue from checkpoint.pt.
+
+        Ctrl-C (KeyboardInterrupt) saves a checkpoint of the last finished step and the
+        adapters, then propagates.
+        """
+        if not examples:
+            raise InputError("no training examples")
+        data_id = fingerprint(examples)
+        total = self.total_steps(examples)
+        if resume:
+            self.load_checkpoint(data_id)
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=self.step, desc="finetune", unit="step",
+                   file=sys.stderr, disable=not self.progress, dynamic_ncols=True)
+        t_start, tokens_start = time.perf_counter(), self.tokens
+        result = TrainResult(self.step, self.losses, self.evals, out_dir=self.out_dir)
+        try:
+            while self.step < total:
+                info = self.train_step(examples, total)
+                elapsed = time.perf_counter() - t_start
+                bar.set_postfix(loss=f"{info.loss:.4f}", lr=f"{info.lr:.2e}",
+                                tok_s=f"{(self.tokens - tokens_start) / elapsed:.0f}")
+                bar.update(1)
+                c = self.config
+                if eval_examples and c.eval_every and self.step % c.eval_every == 0 \
+                        and self.step < total:
+                    self._evaluate_and_log(eval_examples, bar)
+                if c.save_every and self.step % c.save_every == 0 and self.step < total:
+                    self.save(data_id)
+                if on_step is not None:
+                    on_step(info)
+            if eval_examples:
+                self._evaluate_and_log(eval_examples, bar)
+            self.save(data_id)
+        except KeyboardInterrupt:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.model.eval()
+            self.save(data_id)
+            result.interrupted = True
+            raise
+        finally:
+            bar.close()
+            result.steps = self.step
+            result.tokens = self.tokens - tokens_start
+            result.seconds = time.perf_counter() - t_start
+        return result
+
+    def _evaluate_and_log(self, eval_examples: Sequence[Example], bar: Any) -> None:
+        loss, ppl = self.evaluate(eval_examples)
+        self.evals.append((self.step, loss, ppl))
+        if self.progress:
+            bar.write(f"step {self.step}: eval loss {loss:.4f}, perplexity {ppl:.2f}",
+                      file=sys.stderr)
+
+    # ------------------------------------------------------------------ files
+
+    def save(self, data_id: str) -> None:
+        """The checkpoint and both adapter formats, each file written atomically."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        state = {
+            "step": self.step,
+            "lora": {k: v.detach().cpu() for k, v in lora_state_dict(self.model).items()},
+            "optimizer": self.optimizer.state_dict(),
+            "rng": torch.get_rng_state(),
+            "losses": list(self.losses),
+            "evals": [list(e) for e in self.evals],
+            "tokens": self.tokens,
+            "config": _config_dict(self.config),
+            "data": data_id,
+        }
+        if torch.cuda.is_available() and self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        path = self.out_dir / CHECKPOINT
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            torch.save(state, tmp)
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        adapter = adapter_from_model(self.model, alpha=self.config.alpha,
+                                     dropout=self.config.dropout)
+        save_peft(adapter, self.out_dir, self.llm.config, base_model=str(self.llm.path))
+        save_mistral(adapter, self.out_dir, self.llm.config)
+
+    def load_checkpoint(self, data_id: str) -> None:
+        path = self.out_dir / CHECKPOINT
+        if not path.is_file():
+            raise InputError(f"--resume: no {CHECKPOINT} in {self.out_dir}")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - torch.load raises many kinds on a bad file
+            raise InputError(f"{path}: not a readable checkpoint ({exc})") from None
+        saved, now = state.get("config", {}), _config_dict(self.config)
+        changed = [k for k in _RESUME_KEYS if saved.get(k) != now.get(k)]
+        if changed:
+            detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
+            raise InputError(f"--resume: the settings differ from the checkpoint's ({detail}); "
+                             "resume with the same settings")
+        if state.get("data") != data_id:
+            raise InputError("--resume: the training data differ from the checkpoint's")
+        with torch.no_grad():
+            for name, module in lora_modules(self.model):
+                module.lora_A.weight.copy_(state["lora"][f"{name}.lora_A.weight"])
+                module.lora_B.weight.copy_(state["lora"][f"{name}.lora_B.weight"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        if "cuda_rng" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        self.step = int(state["step"])
+        self.losses[:] = [float(x) for x in state["losses"]]
+        self.evals[:] = [tuple(e) for e in state["evals"]]
+        self.tokens = int(state["tokens"])
+
+
+def _config_dict(config: TrainConfig) -> dict[str, Any]:
+    d = dataclasses.asdict(config)
+    d["targets"] = list(config.targets)
+    return d
+
+
+@contextlib.contextmanager
+def activation_checkpointing(model: Any, enabled: bool = True) -> Iterator[None]:
+    """Recompute each block's activations during backward instead of keeping them: memory
+    per block drops to its input, for about one extra forward. The blocks' `forward` is
+    wrapped on the instances only while the context is open; module names do not change."""
+    if not enabled:
+        yield
+        return
+    blocks = list(model.layers)
+    for block in blocks:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+    try:
+        yield
+    finally:
+        for block in blocks:
+            del block.forward  # back to the class's method
+
+
+@contextlib.contextmanager
+def _deferred_interrupts() -> Iterator[None]:
+    """Hold a Ctrl-C that arrives inside the block until its end (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda *_: received.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
+
+
+def peak_memory_mib() -> dict[str, float]:
+    out = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
