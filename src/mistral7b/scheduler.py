@@ -285,6 +285,7 @@ class Scheduler:
             logits = self._step(decode, [[s.state.output[-1]] for s in decode])
             if logits is not None:
                 self._sample(decode, logits)
+        self._reap()            # cancellations that arrived during the decode step
         prefill = self._pick_prefill()
         if prefill:
             self._prefill(prefill)
@@ -404,9 +405,14 @@ class Scheduler:
 
     def _step(self, seqs: list[_Seq], chunks: list[list[int]],
               all_logits: bool = False) -> torch.Tensor | None:
+        t0 = time.perf_counter()
         try:
             logits = self.engine.step(self.cache, [s.row for s in seqs], chunks,
                                       all_logits=all_logits)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("step: %d row(s), %d token(s), padded to %d, %.3f s", len(seqs),
+                          sum(map(len, chunks)), max(map(len, chunks)),
+                          time.perf_counter() - t0)
         except Exception as exc:
             log.exception("model step failed for %d row(s)", len(seqs))
             for s in seqs:

@@ -28,7 +28,7 @@ class ServerProcess:
         self.log_path = log_path
         self.log_file = log_path.open("wb")
         cmd = [sys.executable, "-m", "mistral7b.cli.serve", "-m", "default", "--port", "0",
-               "-t", "1", "--no-access-log", *args]
+               "-t", "1", "--no-access-log", "--log-level", "debug", *args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.log_file,
                                      env={**os.environ, **(env or {})})
         self.port = self._wait_for_port()
@@ -79,11 +79,16 @@ class ServerProcess:
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
-    """The shared server: API key from the environment, CORS for one origin, small limits."""
+    """The shared server: API key from the environment, CORS for one origin, small limits.
+
+    A step cannot be interrupted, so how fast a server reacts (the storm test's "answers
+    within a second") is bounded by its longest step: on a 2-core shared machine a 256-token
+    pre-fill step takes ~1.5 s, a 32-token one ~0.2 s. Hence --prefill-chunk 32 here.
+    """
     log = tmp_path_factory.mktemp("server") / "server.log"
     srv = ServerProcess(["--max-concurrency", "16", "--max-queue", "64", "--max-model-len",
                          "384", "--max-n", "4", "--max-body-bytes", "65536",
-                         "--cors-origin", ALLOWED_ORIGIN],
+                         "--cors-origin", ALLOWED_ORIGIN, "--prefill-chunk", "32"],
                         log, env={"MISTRAL7B_API_KEY": API_KEY})
     try:
         yield srv.wait_ready()

@@ -36,7 +36,9 @@ class RequestMetrics:
             return await self.app(scope, receive, send)
         path = scope["path"]
         endpoint = path if path in KNOWN_PATHS else "other"
-        status = {"code": 500}
+        # 499 (nginx's "client closed request"): the app ended without answering, because
+        # the client went away; an exception escaping the app becomes uvicorn's 500.
+        status = {"code": 499}
 
         async def counting_send(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
@@ -45,6 +47,10 @@ class RequestMetrics:
 
         try:
             await self.app(scope, receive, counting_send)
+        except BaseException:
+            if status["code"] == 499:
+                status["code"] = 500
+            raise
         finally:
             self.metrics.requests.labels(endpoint, str(status["code"])).inc()
 
