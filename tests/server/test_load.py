@@ -82,11 +82,9 @@ def test_cancellation_storm_leaves_the_server_idle_and_answering(server, http, h
     while metric(http, "mistral7b_queue_depth") or metric(http, "mistral7b_running_sequences"):
         assert time.monotonic() - t0 < 1.0, "rows or queue still busy 1 s after the storm"
         time.sleep(0.02)
-    t1 = time.monotonic()
     r = http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1, "temperature": 0},
                   timeout=5)
     assert r.status_code == 200
-    print("idle after", t1 - t0, "answer", time.monotonic() - t1)
     assert time.monotonic() - t0 < 1.0, "the server took over a second to answer"
     assert _cancelled(http) - cancelled_before >= 50     # the server saw them leave
 
