@@ -11,8 +11,9 @@ Every argument after the module name is lm-eval's own (`lm-eval run --help`); lo
 come in with `--include_path DIR`. From Python, `lm_eval.simple_evaluate(model=
 Mistral7BLM(llm=llm), tasks=[...])` evaluates an already loaded model.
 
-model_args: model (folder / .gguf / "default"), device, dtype, batch_size, max_length
-(default: the model's max_seq_len, capped at 4096), lora (an adapter to apply), lora_merge.
+model_args: model (folder / .gguf / "default"), dtype, max_length (default: the model's
+max_seq_len, capped at 4096), lora (an adapter to apply), lora_merge; the device and batch
+size come from lm-eval's own --device and --batch_size.
 
 - loglikelihood: (context, continuation) pairs scored in padded batches (eval/scoring.py).
 - loglikelihood_rolling: lm-eval's disjoint windows of max_length predictions, the first
@@ -39,6 +40,7 @@ from mistral7b.eval.scoring import encode_pair, prefix_token, score_continuation
 
 NAME = "mistral7b"
 DEFAULT_MAX_GEN_TOKS = 256
+DEFAULT_BATCH_SIZE = 8
 MAX_LENGTH_CAP = 4096
 
 
@@ -53,7 +55,7 @@ def _register_once(cls: type) -> type:
 @_register_once
 class Mistral7BLM(LM):
     def __init__(self, model: str = "default", device: str | None = None,
-                 dtype: str | None = None, batch_size: int | str = 8,
+                 dtype: str | None = None, batch_size: int | str = DEFAULT_BATCH_SIZE,
                  max_length: int | str | None = None, lora: str | None = None,
                  lora_merge: bool | str = True, llm: Any = None, **_ignored: Any) -> None:
         super().__init__()
@@ -67,7 +69,8 @@ class Mistral7BLM(LM):
                 apply_lora_file(llm, lora, merge=_as_bool(lora_merge))
         self.llm = llm
         self.tokenizer = llm.require_tokenizer()
-        self.batch_size = 8 if str(batch_size).startswith("auto") else int(batch_size)
+        self.batch_size = (DEFAULT_BATCH_SIZE if str(batch_size).startswith("auto")
+                           else int(batch_size))
         self.max_length = int(max_length) if max_length else min(llm.config.max_seq_len,
                                                                   MAX_LENGTH_CAP)
 
@@ -165,14 +168,21 @@ def _as_bool(value: Any) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """lm-eval's own command line with the mistral7b model registered; `--model mistral7b`
-    is added when no --model is given."""
+    """lm-eval's own command line with the mistral7b model registered; `--model mistral7b`,
+    `--device` (cuda when available, else cpu) and `--batch_size 8` unless given."""
     from lm_eval.__main__ import cli_evaluate
 
     args = list(sys.argv[1:] if argv is None else argv)
-    if not any(a == "--model" or a.startswith("--model=") for a in args) and \
-            not (args and args[0] in ("ls", "validate")):
-        args = ["--model", NAME, *args]
+    if not (args and args[0] in ("ls", "validate")):
+        # The harness passes its own --device (default cuda:0, even without a GPU) and
+        # --batch_size (default 1) to the model: give it ours unless the user chose.
+        import torch
+
+        defaults = {"--model": NAME, "--device": "cuda" if torch.cuda.is_available() else "cpu",
+                    "--batch_size": str(DEFAULT_BATCH_SIZE)}
+        for flag, value in defaults.items():
+            if not any(a == flag or a.startswith(flag + "=") for a in args):
+                args = [flag, value, *args]
     saved = sys.argv
     sys.argv = ["lm-eval", *args]
     try:
