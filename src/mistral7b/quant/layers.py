@@ -1,0 +1,231 @@
+"""Weight-only int8 / int4 linear layers and the float -> integer quantizers behind them.
+
+Two representations of a quantized weight W (out, in):
+
+- the *portable* one (`Int8Weight`, `Int4Weight`): plain tensors with a fixed meaning, what
+  the quantizers and the GGUF importer produce and what `mistral7b quantize` writes to disk;
+- the *kernel* one, inside `Int8Linear` / `Int4Linear`: whatever layout PyTorch's CPU
+  weight-only kernels want (`aten._weight_int8pack_mm`, `aten._weight_int4pack_mm_for_cpu`),
+  built once at load time from the portable one.
+
+int8, per output channel (symmetric):   W[n, k] = q[n, k] * scale[n],            q in [-127, 127]
+int4, per group of `group` inputs:      W[n, k] = q[n, k] * scale[n, g] + min[n, g],
+                                        q in [0, 15], g = k // group
+The int4 form is ggml's Q4_1 rule and holds every 4-bit GGUF type exactly, with the same
+float32 arithmetic as gguf's own dequantizer (so the import is bit-exact): Q4_1 is scale = d,
+min = m; Q4_0's (q - 8) * d is scale = d, min = -8 d; Q4_K's sub-blocks of 32 are scale =
+d_super * sc, min = -(dmin_super * m). PyTorch's int4 kernel computes (q - 8) * scale + zero,
+so the layer holds zero = min + 8 * scale (rounded once, in the kernel's dtype).
+
+The kernels want their scales in the activation dtype: a bf16 model multiplies with bf16
+scales (the float32 portable scales rounded once, at load), a float32 model with float32 ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+INT4_GROUPS = (32, 64, 128, 256)
+_NP = {torch.uint8: np.uint8, torch.int32: np.int32}
+
+
+@dataclass
+class Int8Weight:
+    q: torch.Tensor        # (out, in) int8
+    scale: torch.Tensor    # (out,) float32
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.q.shape)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (self.q.float() * self.scale[:, None]).to(dtype)
+
+
+@dataclass
+class Int4Weight:
+    q: torch.Tensor        # (out, in // 2) uint8: low nibble = column 2j, high = column 2j + 1
+    scale: torch.Tensor    # (out, in // group) float32
+    min: torch.Tensor      # (out, in // group) float32: the value of q = 0
+    group: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.q.shape[0], self.q.shape[1] * 2)
+
+    def unpacked(self, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+        """(out, in) values 0..15 (numpy does the nibbles: PyTorch's uint8 shifts are slow)."""
+        q = self.q.cpu().numpy()
+        both = np.stack([q & 0x0F, q >> 4], axis=-1).reshape(q.shape[0], -1)
+        return torch.from_numpy(both.astype(_NP[dtype], copy=False))
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        out, n_in = self.shape
+        g = self.unpacked(torch.int32).float().view(out, -1, self.group)                # (out, G, group)
+        w = g * self.scale[..., None] + self.min[..., None]
+        return w.view(out, n_in).to(dtype)
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """(out, in) values 0..15 -> (out, in // 2) uint8, low nibble = even column."""
+    q = q.to(torch.uint8).numpy()
+    return torch.from_numpy(q[:, 0::2] | (q[:, 1::2] << 4))
+
+
+# ------------------------------------------------------------------------------ quantizers
+
+
+# Rows quantized at a time: bounds the float32 temporaries of a big matrix (the 7B output
+# layer is 131M values) to ~64 MB each.
+_CHUNK_VALUES = 1 << 24
+
+
+def _row_chunks(w: torch.Tensor):
+    step = max(1, _CHUNK_VALUES // w.shape[1])
+    for r in range(0, w.shape[0], step):
+        yield w[r: r + step].detach().float()
+
+
+def quantize_int8(w: torch.Tensor) -> Int8Weight:
+    """Symmetric per-output-channel int8: scale = max |W[n, :]| / 127."""
+    qs, scales = [], []
+    for c in _row_chunks(w):
+        scale = c.abs().amax(dim=1).clamp(min=1e-12) / 127                  # (rows,)
+        qs.append(torch.round(c / scale[:, None]).clamp_(-127, 127).to(torch.int8))
+        scales.append(scale)
+    return Int8Weight(torch.cat(qs), torch.cat(scales))
+
+
+def quantize_int4(w: torch.Tensor, group: int = 32) -> Int4Weight:
+    """Asymmetric int4 per group of `group` inputs (Q4_1's rule): min and max of the group
+    map to q = 0 and q = 15."""
+    n_in = w.shape[1]
+    if n_in % group:
+        raise ValueError(f"int4 group {group} does not divide in_features {n_in}")
+    qs, scales, mins = [], [], []
+    for c in _row_chunks(w):
+        g = c.view(c.shape[0], -1, group)                                    # (rows, G, group)
+        lo, hi = g.amin(dim=2), g.amax(dim=2)
+        scale = ((hi - lo) / 15).clamp(min=1e-12)
+        q = torch.round((g - lo[..., None]) / scale[..., None]).clamp_(0, 15)
+        qs.append(pack_nibbles(q.view(c.shape[0], n_in)))
+        scales.append(scale)
+        mins.append(lo)
+    return Int4Weight(torch.cat(qs), torch.cat(scales), torch.cat(mins), group)
+
+
+def int4_group_for(n_in: int, group: int) -> int:
+    """The asked-for group size if it divides n_in, else the largest smaller one that does
+    (SmolLM2's 576-wide layers cannot take groups of 128)."""
+    for g in sorted((g for g in INT4_GROUPS if g <= group), reverse=True):
+        if n_in % g == 0:
+            return g
+    raise ValueError(f"in_features {n_in} is not a multiple of 32: cannot quantize to int4")
+
+
+# ---------------------------------------------------------------------------------- layers
+
+
+class Int8Linear(nn.Module):
+    """y = x @ (q * scale)^T without materialising the float weight.
+
+    On the CPU `aten._weight_int8pack_mm` streams the int8 rows; it is fast with bf16
+    activations only (float32 activations take a ~10x slower path), so float32 inputs are
+    multiplied in bf16 and the result cast back (`compute_dtype`).
+    """
+
+    def __init__(self, weight: Int8Weight, *, dtype: torch.dtype,
+                 device: torch.device | str = "cpu") -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.dtype = dtype
+        device = torch.device(device)
+        self.compute_dtype = torch.bfloat16 if device.type == "cpu" else dtype
+        self.register_buffer("qweight", weight.q.to(device).contiguous())
+        self.register_buffer("scales", weight.scale.to(device, self.compute_dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+    def portable(self) -> Int8Weight:
+        return Int8Weight(self.qweight.cpu(), self.scales.float().cpu())
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return (self.qweight.float() * self.scales.float()[:, None]).to(dtype or self.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if x2.device.type == "cpu":
+            y = torch.ops.aten._weight_int8pack_mm(x2.to(self.compute_dtype), self.qweight,
+                                                   self.scales)
+        else:
+            y = F.linear(x2.to(self.compute_dtype), self.qweight.to(self.compute_dtype))
+            y = y * self.scales
+        return y.to(x.dtype).view(*lead, self.out_features)
+
+
+class Int4Linear(nn.Module):
+    """y = x @ W^T with W in groups of int4 (the module docstring's formula).
+
+    CPU: `aten._weight_int4pack_mm_for_cpu` on the nibbles repacked into its own layout,
+    with (in // group, out, 2) [scale, zero] in the layer's dtype. Other devices keep the
+    portable tensors ([scale, min] pairs) and dequantize on the fly (correct, not fast).
+    """
+
+    def __init__(self, weight: Int4Weight, *, dtype: torch.dtype,
+                 device: torch.device | str = "cpu") -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.group = weight.group
+        self.dtype = dtype
+        device = torch.device(device)
+        self.on_cpu = device.type == "cpu"
+        if self.on_cpu:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                weight.unpacked(torch.int32), 1)
+            zero = weight.min + 8 * weight.scale
+            sz = torch.stack([weight.scale.t(), zero.t()], dim=-1)               # (G, out, 2)
+            self.register_buffer("qweight", packed)
+            self.register_buffer("scales_and_zeros", sz.to(dtype).contiguous())
+        else:
+            self.register_buffer("qweight", weight.q.to(device))
+            sz = torch.stack([weight.scale, weight.min], dim=-1)                 # (out, G, 2)
+            self.register_buffer("scales_and_zeros", sz.to(device, dtype))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"int4 group={self.group}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if self.on_cpu:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x2.to(self.dtype), self.qweight, self.group, self.scales_and_zeros)
+        else:
+            y = F.linear(x2.to(self.dtype), self.dequantize(self.dtype))
+        return y.to(x.dtype).view(*lead, self.out_features)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The float weight (out, in) this layer multiplies by."""
+        dtype = dtype or self.dtype
+        if not self.on_cpu:
+            sz = self.scales_and_zeros.float()
+            w = Int4Weight(self.qweight, sz[..., 0], sz[..., 1], self.group)
+            return w.dequantize(dtype)
+        # The kernel's layout is its own business: read W back through the kernel itself,
+        # I @ W^T, a slice of the identity at a time (exact: each output is 1 * w + 0s).
+        rows = []
+        for k0 in range(0, self.in_features, 1024):
+            k1 = min(k0 + 1024, self.in_features)
+            eye = torch.zeros(k1 - k0, self.in_features, dtype=self.dtype)
+            eye[:, k0:k1] = torch.eye(k1 - k0, dtype=self.dtype)
+            rows.append(torch.ops.aten._weight_int4pack_mm_for_cpu(
+                eye, self.qweight, self.group, self.scales_and_zeros))
+        return torch.cat(rows).t().to(dtype)
