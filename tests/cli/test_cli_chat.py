@@ -17,7 +17,7 @@ def msg(role: str, content: str) -> dict[str, str]:
 def test_piped_conversation_with_commands_matches_api(llm):
     """Each reply equals what the Python API answers to the same conversation, so /system
     and /clear did exactly what they say (greedy decoding is deterministic)."""
-    n = 12
+    n = 8
     script = ("Hello\n"
               "/system You are a pirate.\n"
               "Hello\n"
@@ -40,12 +40,12 @@ def test_piped_conversation_with_commands_matches_api(llm):
 
 
 def test_context_overflow_drops_oldest_turn_and_bye_exits(llm):
-    n, ctx = 30, 80
+    n, ctx = 16, 64
     script = "Tell me about Paris.\nAnd Rome?\n/bye\nThis is never answered.\n"
     result = run_cli("chat", "-n", str(n), "-c", str(ctx), input=script)
     assert result.returncode == 0, result.stderr
     r1 = llm.chat([msg(USER, "Tell me about Paris.")], max_tokens=n, max_context=ctx).text
-    # The first turn plus the new message leave less than n tokens of the 80: it is dropped.
+    # The first turn plus the new message leave less than n tokens of the context: dropped.
     ids = llm.tokenizer.encode_chat([msg(USER, "Tell me about Paris."), msg(ASSISTANT, r1),
                                      msg(USER, "And Rome?")])
     assert len(ids) + n > ctx
