@@ -1,7 +1,7 @@
 """`mistral7b`: one entry point, one subcommand per module.
 
 Each module in COMMANDS has `add_parser(subparsers)` (which sets `run` as the parser's default)
-and `run(args) -> int`. To add a command (serve, quantize, bench, eval, finetune), write
+and `run(args) -> int`. To add a command (quantize, bench, ...), write
 `mistral7b/cli/<name>.py` with those two functions and add its name to COMMANDS.
 
 This is the one place that turns a user's mistake into one line on stderr, `error: ...`, and
@@ -21,7 +21,7 @@ from typing import NoReturn
 from mistral7b.cli.common import EXIT_INTERRUPTED, EXIT_USAGE
 from mistral7b.errors import Mistral7BError
 
-COMMANDS = ("generate", "chat", "pull")
+COMMANDS = ("generate", "chat", "serve", "pull", "eval", "finetune")
 
 # A file the user named is missing or unreadable: as much a user's mistake as a bad flag.
 USER_ERRORS = (Mistral7BError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
