@@ -204,7 +204,9 @@ class Scheduler:
         with self._cond:
             if not self._accepting:
                 raise ShuttingDownError("the server is shutting down")
-            if len(self._waiting) >= self.max_queue:
+            # Requests the loop has not admitted yet may still have a free row waiting for
+            # them: only those beyond the free rows count against max_queue.
+            if len(self._waiting) - len(self._free) >= self.max_queue:
                 raise QueueFullError(f"the queue is full ({self.max_queue} requests waiting)")
             req._open = req.n
             self._waiting.append(req)

@@ -197,6 +197,20 @@ def test_cancel_frees_the_row_within_a_step(engine):
         sched.close()
 
 
+def test_the_queue_bound_counts_requests_beyond_the_free_rows(engine):
+    sched = make(engine, max_concurrency=2, max_queue=1)
+    try:
+        # submitted faster than the loop admits them: two free rows + one queue place
+        clients = [Client(sched, PROMPTS[0], max_tokens=50, ignore_eos=True) for _ in range(3)]
+        with pytest.raises(QueueFullError):
+            Client(sched, PROMPTS[1])
+        for c in clients:
+            sched.cancel(c.req)
+        wait_idle(sched)
+    finally:
+        sched.close()
+
+
 def test_timeout_fails_the_request(engine):
     sched = make(engine)
     try:

@@ -1,4 +1,5 @@
-"""A server's life cycle: 503 while loading, per-request timeout, SIGTERM during streams
+"""A server's life cycle: 503 while loading, per-request timeout, a full queue, SIGTERM
+during streams
 (every client gets a clean end or an error event, exit code 0, no process left behind), and
 the warning for a public address without a key."""
 
@@ -25,7 +26,8 @@ LONG = {"max_tokens": 400, "temperature": 0.0, "ignore_eos": True}
 def fresh(tmp_path_factory):
     """Not waited for: the first test sees it loading. Killed by the SIGTERM test."""
     log = tmp_path_factory.mktemp("shutdown") / "server.log"
-    srv = ServerProcess(["--max-concurrency", "4", "--max-model-len", "512", "--timeout", "3",
+    srv = ServerProcess(["--max-concurrency", "4", "--max-queue", "2", "--max-model-len", "512",
+                         "--timeout", "3",
                          "--shutdown-grace", str(GRACE_S)], log)
     yield srv
     srv.stop()
@@ -88,9 +90,14 @@ def test_sigterm_during_streams(fresh):
         async with httpx.AsyncClient() as client:
             for _ in range(200):
                 metrics = (await client.get(f"{fresh.url}/metrics")).text
-                if "mistral7b_running_sequences 4.0" in metrics:
+                if ("mistral7b_running_sequences 4.0" in metrics
+                        and "mistral7b_queue_depth 2.0" in metrics):
                     break
                 await asyncio.sleep(0.05)
+            full = await client.post(f"{fresh.url}/v1/completions", json={"prompt": "hi"})
+        assert full.status_code == 503, full.text
+        assert full.headers["retry-after"] == "1"
+        assert full.json()["error"]["code"] == "server_overloaded"
         os.kill(fresh.pid, signal.SIGTERM)
         return await asyncio.gather(*tasks)
 
