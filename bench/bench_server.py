@@ -1,0 +1,165 @@
+"""Serving throughput and latency: aggregate generated tokens/s with 1, 4, 8, 16 concurrent
+clients, and time to first token (TTFT) under that load.
+
+    python bench/bench_server.py                         # starts `mistral7b serve -m default`
+    python bench/bench_server.py -m /models/mistral-7b-int4 -t 16 --max-tokens 128
+    python bench/bench_server.py --url http://127.0.0.1:8000 --api-key KEY   # a running server
+
+Each client streams /v1/completions requests one after another (greedy, `ignore_eos`, so
+every request generates exactly --max-tokens tokens) with its own prompt; a level runs
+--requests requests per client. Aggregate tok/s = all generated tokens / the level's wall
+time. TTFT is measured by the client: request sent -> first streamed token.
+Prints a table (or JSON with --json); figures only, no assertions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+PROMPTS = [
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain how a refrigerator keeps food cold, step by step.",
+    "Describe a walk through a busy market early in the morning.",
+    "List the planets of the solar system and one fact about each.",
+    "Give advice to someone learning to play the piano as an adult.",
+    "Summarise the water cycle for a ten-year-old.",
+    "Describe the smell and sound of rain on a summer afternoon.",
+    "Explain why the sky is blue in a few sentences.",
+]
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--url", help="benchmark a running server instead of starting one")
+    p.add_argument("--api-key", default=os.environ.get("MISTRAL7B_API_KEY"))
+    p.add_argument("-m", "--model", default="default", help="model for the started server")
+    p.add_argument("-t", "--threads", type=int, help="torch threads of the started server")
+    p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
+                   help="extra flag for the started server (repeatable), e.g. "
+                        "--server-arg=--prefill-chunk=128")
+    p.add_argument("--concurrency", default="1,4,8,16",
+                   help="client counts to run (default: %(default)s)")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--requests", type=int, default=2, help="requests per client per level")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    return p.parse_args()
+
+
+def start_server(args: argparse.Namespace, max_clients: int) -> tuple[subprocess.Popen, str]:
+    log = Path(tempfile.mkstemp(prefix="bench_server_", suffix=".log")[1])
+    cmd = [sys.executable, "-m", "mistral7b.cli.serve", "-m", args.model, "--port", "0",
+           "--max-concurrency", str(max_clients), "--no-access-log", *args.server_arg]
+    if args.threads:
+        cmd += ["-t", str(args.threads)]
+    print(f"starting: {' '.join(cmd)} (log: {log})", file=sys.stderr)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log.open("wb"))
+    deadline = time.monotonic() + 900
+    url = None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"the server exited:\n{log.read_text()}")
+        found = re.search(r"listening on (http://\S+)", log.read_text())
+        if found and url is None:
+            url = found.group(1)
+        if url:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    return proc, url
+            except httpx.TransportError:
+                pass
+        time.sleep(0.2)
+    proc.kill()
+    sys.exit("the server did not become ready")
+
+
+async def one_request(client: httpx.AsyncClient, prompt: str, max_tokens: int
+                      ) -> tuple[float, int]:
+    """(TTFT in s, generated tokens) of one streamed completion."""
+    payload = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
+               "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    ttft, tokens = None, 0
+    async with client.stream("POST", "/v1/completions", json=payload) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {await r.aread()!r}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                raise RuntimeError(event["error"]["message"])
+            if event.get("choices") and ttft is None:
+                ttft = time.perf_counter() - t0
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+    return ttft or 0.0, tokens
+
+
+async def level(url: str, headers: dict, clients: int, requests: int, max_tokens: int) -> dict:
+    limits = httpx.Limits(max_connections=clients + 4)
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=3600,
+                                 limits=limits) as client:
+        async def worker(i: int) -> list[tuple[float, int]]:
+            return [await one_request(client, PROMPTS[(i + k) % len(PROMPTS)], max_tokens)
+                    for k in range(requests)]
+
+        t0 = time.perf_counter()
+        results = [r for rs in await asyncio.gather(*(worker(i) for i in range(clients)))
+                   for r in rs]
+        wall = time.perf_counter() - t0
+    ttfts = sorted(t for t, _ in results)
+    tokens = sum(n for _, n in results)
+    return {"clients": clients, "requests": len(results), "tokens": tokens, "wall_s": wall,
+            "tok_s": tokens / wall, "ttft_p50_s": statistics.median(ttfts),
+            "ttft_p90_s": ttfts[min(len(ttfts) - 1, int(0.9 * len(ttfts)))]}
+
+
+def main() -> None:
+    args = parse_args()
+    levels = [int(c) for c in args.concurrency.split(",")]
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    proc = None
+    url = args.url
+    if url is None:
+        proc, url = start_server(args, max(levels))
+    try:
+        asyncio.run(level(url, headers, 1, 1, 8))                     # warm-up
+        rows = []
+        for c in levels:
+            rows.append(asyncio.run(level(url, headers, c, args.requests, args.max_tokens)))
+            print(f"  {c} client(s): {rows[-1]['tok_s']:.1f} tok/s", file=sys.stderr)
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+    base = rows[0]["tok_s"] if rows and rows[0]["clients"] == 1 else None
+    if args.json:
+        print(json.dumps({"url": url, "model": args.model if args.url is None else None,
+                          "max_tokens": args.max_tokens, "levels": rows}, indent=2))
+        return
+    print(f"model: {args.model if args.url is None else url} | {args.max_tokens} tokens per "
+          f"request | {args.requests} requests per client")
+    print("| clients | requests | generated tok | wall s | aggregate tok/s | vs 1 client "
+          "| TTFT p50 s | TTFT p90 s |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        speedup = f"{r['tok_s'] / base:.2f}x" if base else "-"
+        print(f"| {r['clients']} | {r['requests']} | {r['tokens']} | {r['wall_s']:.1f} "
+              f"| {r['tok_s']:.1f} | {speedup} | {r['ttft_p50_s']:.3f} | {r['ttft_p90_s']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
