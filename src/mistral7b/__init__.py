@@ -3,16 +3,29 @@
     import mistral7b
     llm = mistral7b.load("default")
     print(llm.generate("The capital of France is", max_tokens=8).text)
+
+Importing the package is cheap: torch and the model code load on first use of `load`.
 """
 
-from mistral7b.api import LLM, load
-from mistral7b.config import PRESETS, ModelConfig
-from mistral7b.engine import Completion
-from mistral7b.errors import InputError, Mistral7BError, ModelFileError, TokenizerError
-from mistral7b.sampling import SamplingParams
+from __future__ import annotations
 
-__all__ = [
-    "LLM", "Completion", "InputError", "Mistral7BError", "ModelConfig", "ModelFileError",
-    "PRESETS", "SamplingParams", "TokenizerError", "load",
-]
+import importlib
+from typing import Any
+
+from mistral7b.errors import InputError, Mistral7BError, ModelFileError, TokenizerError
+
+_LAZY = {
+    "load": "mistral7b.api", "LLM": "mistral7b.api", "TextStream": "mistral7b.api",
+    "Completion": "mistral7b.engine", "ModelConfig": "mistral7b.config",
+    "PRESETS": "mistral7b.config", "SamplingParams": "mistral7b.sampling",
+}
+
+__all__ = ["InputError", "Mistral7BError", "ModelFileError", "TokenizerError", *_LAZY]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mistral7b' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

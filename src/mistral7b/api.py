@@ -129,14 +129,16 @@ class LLM:
         return completions[0] if single else completions
 
     def stream(self, prompt: Any, *, max_context: int | None = None,
-               **sampling: Any) -> Iterator[str]:
-        """Text deltas of one completion as they are generated (valid UTF-8 at every step)."""
+               **sampling: Any) -> TextStream:
+        """Text deltas of one completion as they are generated (valid UTF-8 at every step).
+
+        The returned iterator's `.completion` holds the finished Completion (finish reason,
+        token ids) once it is exhausted.
+        """
         single, prompts = self._prompts(prompt)
         if not single:
             raise InputError("stream() takes one prompt; use generate() for a batch")
-        for event in self._events(prompts, _params(sampling), max_context):
-            if event.text:
-                yield event.text
+        return TextStream(self._events(prompts, _params(sampling), max_context))
 
     def chat(self, messages: list[dict[str, Any]], *, safe_prompt: bool = False,
              max_context: int | None = None, **sampling: Any) -> Completion:
@@ -146,7 +148,7 @@ class LLM:
         return self.generate(ids, max_context=max_context, **sampling)
 
     def stream_chat(self, messages: list[dict[str, Any]], *, safe_prompt: bool = False,
-                    max_context: int | None = None, **sampling: Any) -> Iterator[str]:
+                    max_context: int | None = None, **sampling: Any) -> TextStream:
         ids = self.require_tokenizer().encode_chat(messages, add_generation_prompt=True,
                                                    safe_prompt=safe_prompt)
         return self.stream(ids, max_context=max_context, **sampling)
@@ -191,6 +193,29 @@ class LLM:
         return self.engine.generate(
             prompts, [params] * len(prompts), stop_ids=tok.stop_ids,
             decoders=[tok.decoder() for _ in prompts], max_context=max_context)
+
+
+class TextStream:
+    """An iterator of text deltas; `.completion` is set when the generation has finished."""
+
+    def __init__(self, events: Iterator[Any]) -> None:
+        self._events = events
+        self.completion: Completion | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        for event in self._events:
+            if event.completion is not None:
+                self.completion = event.completion
+            if event.text:
+                return event.text
+        raise StopIteration
+
+    def close(self) -> None:
+        """Stop generating (frees the cache); safe to call at any time."""
+        self._events.close()
 
 
 def _as_ids(ids: Any) -> list[int]:

@@ -240,11 +240,12 @@ class Engine:
     @torch.inference_mode()
     def _run(self, cache: KVCache, seqs: list[SequenceState], chunk: int,
              stats: GenerationStats) -> Iterator[Event]:
-        t0 = time.perf_counter()
+        # Only model time is counted: the clock stops while the caller handles each event.
         # Pre-fill: every row advances by up to `chunk` prompt tokens per step; a row whose
         # prompt completes in a step gets its first token sampled from that step's logits.
         pending = list(seqs)
         while pending:
+            t0 = time.perf_counter()
             chunks = [s.prompt[s.fed: s.fed + chunk] for s in pending]
             logits = self.step(cache, [s.index for s in pending], chunks)
             done = []
@@ -253,24 +254,26 @@ class Engine:
                 if s.fed == len(s.prompt):
                     done.append((s, row))
             pending = [s for s in pending if s.fed < len(s.prompt)]
+            events = []
             if done:
-                yield from self._sample([s for s, _ in done], torch.stack([r for _, r in done]),
-                                        stats)
-        stats.prefill_seconds = time.perf_counter() - t0
-        t1 = time.perf_counter()
+                events = self._sample([s for s, _ in done],
+                                      torch.stack([r for _, r in done]), stats)
+            stats.prefill_seconds += time.perf_counter() - t0
+            yield from events
         active = [s for s in seqs if s.finish_reason is None]
         while active:
+            t0 = time.perf_counter()
             logits = self.step(cache, [s.index for s in active], [[s.output[-1]] for s in active])
-            yield from self._sample(active, logits, stats)
+            events = self._sample(active, logits, stats)
+            stats.decode_seconds += time.perf_counter() - t0
+            yield from events
             active = [s for s in active if s.finish_reason is None]
-        stats.decode_seconds = time.perf_counter() - t1
 
     def _sample(self, seqs: list[SequenceState], logits: torch.Tensor,
-                stats: GenerationStats) -> Iterator[Event]:
+                stats: GenerationStats) -> list[Event]:
         histories = [TokenHistory(s.prompt, s.output) if s.params.has_penalties else None
                      for s in seqs]
         tokens = sample_batch(logits, [s.params for s in seqs], [s.generator for s in seqs],
                               histories)
-        for s, token, row in zip(seqs, tokens, logits):
-            stats.generated_tokens += 1
-            yield s.accept(token, row)
+        stats.generated_tokens += len(seqs)
+        return [s.accept(token, row) for s, token, row in zip(seqs, tokens, logits)]
