@@ -173,10 +173,14 @@ class LoRALinear(nn.Module):
     def merged(self) -> nn.Linear:
         """A plain nn.Linear holding base + scale * B @ A (a new tensor: the base is untouched)."""
         base = self.base
+        weight = getattr(base, "weight", None)
         if isinstance(base, FrozenQuantLinear):
             w, dtype = base.dequantize(torch.float32), base.dtype
-        else:
-            w, dtype = base.weight, base.weight.dtype
+        elif isinstance(weight, torch.Tensor) and weight.is_floating_point():
+            w, dtype = weight, weight.dtype
+        else:  # e.g. an integer-quantized layer: merging would mean re-quantizing
+            raise TypeError(f"cannot merge a LoRA update into a {type(base).__name__}; keep "
+                            "the adapter as separate layers (merge=False)")
         with torch.no_grad():
             new = (w.to(self.lora_A.weight.dtype) + self.delta_weight()).to(dtype)
         linear = nn.Linear(self.in_features, self.out_features, bias=False, device="meta")

@@ -222,3 +222,15 @@ def test_qlora_trains_only_lora_over_the_quantized_base(tiny):
     grads = [p.grad for p in lora_parameters(llm.model)]
     assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
     assert all(p.grad is None for n, p in llm.model.named_parameters() if "lora_" not in n)
+
+
+def test_merging_into_a_layer_without_float_weights_is_refused():
+    class Opaque(torch.nn.Module):
+        in_features, out_features = 8, 4
+
+        def forward(self, x):
+            return x[..., :4]
+
+    lora = LoRALinear(Opaque(), rank=2, scale=1.0)
+    with pytest.raises(TypeError, match="merge=False"):
+        lora.merged()
