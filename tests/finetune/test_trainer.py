@@ -99,7 +99,10 @@ def test_activation_checkpointing_changes_nothing(tiny_folder, tmp_path):
     examples = _examples(6)
     cfg = {"steps": 2, "lr": 1e-2, "batch_size": 2, "rank": 4, "alpha": 8, "dropout": 0.1,
            "seed": 3}
-    a, _, ra = _fit(tiny_folder, tmp_path / "a", TrainConfig(**cfg), examples)
+    seen = []
+    a, _, ra = _fit(tiny_folder, tmp_path / "a", TrainConfig(**cfg), examples,
+                    on_step=lambda info: seen.append(info.step))
+    assert seen == [1, 2]
     b, _, rb = _fit(tiny_folder, tmp_path / "b", TrainConfig(**cfg, grad_checkpoint=True),
                     examples)
     assert rb.losses == pytest.approx(ra.losses, abs=1e-6)
@@ -114,14 +117,19 @@ def test_resume_continues_from_the_same_step_with_the_same_loss(tiny_folder, tmp
     full_llm, _, full = _fit(tiny_folder, tmp_path / "full", TrainConfig(**cfg), examples,
                              eval_examples=evals)
 
-    def interrupt(info):
-        if info.step == 3:
-            raise KeyboardInterrupt
+    class CutInStepFour(Trainer):
+        """Ctrl-C in the middle of step 4, after its dropout masks were drawn."""
+
+        def _loss_sum(self, batch):
+            loss = super()._loss_sum(batch)
+            if self.step == 3:
+                raise KeyboardInterrupt
+            return loss
 
     out = tmp_path / "cut"
     with pytest.raises(KeyboardInterrupt):
-        _fit(tiny_folder, out, TrainConfig(**cfg), examples, eval_examples=evals,
-             on_step=interrupt)
+        CutInStepFour(_llm(tiny_folder), TrainConfig(**cfg), out, progress=False).fit(
+            examples, evals)
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["step"] == 3 and len(state["losses"]) == 3
     assert (out / "adapter_model.safetensors").is_file() and (out / "lora.safetensors").is_file()

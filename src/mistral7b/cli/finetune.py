@@ -118,7 +118,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     from mistral7b.finetune import read_records, tokenize
-    from mistral7b.finetune.trainer import CHECKPOINT, Trainer, peak_memory_mib
+    from mistral7b.finetune.trainer import CHECKPOINT, Trainer
 
     # Everything that can be checked without the model is checked before loading it.
     config = config_from_args(args)
@@ -165,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
         "seconds": round(result.seconds, 3),
         "tokens_per_second": round(result.tokens_per_second, 1),
         "out": str(out),
-        **{k: round(v, 1) for k, v in peak_memory_mib().items()},
+        **{k: round(v, 1) for k, v in common.peak_memory().items()},
     }
     if args.json:
         print(json.dumps(summary))

@@ -26,7 +26,6 @@ import dataclasses
 import functools
 import math
 import os
-import resource
 import signal
 import sys
 import threading
@@ -142,7 +141,6 @@ class TrainResult:
     tokens: int = 0
     seconds: float = 0.0
     out_dir: Path | None = None
-    interrupted: bool = False
 
     @property
     def tokens_per_second(self) -> float:
@@ -171,6 +169,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, betas=(0.9, 0.999),
                                            eps=1e-8, weight_decay=config.weight_decay)
         self.step = 0
+        self._rng = self._rng_state()  # as of the last finished step: what a checkpoint keeps
         self.losses: list[float] = []
         self.evals: list[tuple[int, float, float]] = []
         self.tokens = 0
@@ -239,6 +238,7 @@ class Trainer:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
+            self._rng = self._rng_state()
             self.losses.append(loss_total)
             n_tokens = sum(b.n_tokens for b in batches)
             self.tokens += n_tokens
@@ -303,7 +303,6 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.model.eval()
             self.save(data_id)
-            result.interrupted = True
             raise
         finally:
             bar.close()
@@ -328,15 +327,13 @@ class Trainer:
             "step": self.step,
             "lora": {k: v.detach().cpu() for k, v in lora_state_dict(self.model).items()},
             "optimizer": self.optimizer.state_dict(),
-            "rng": torch.get_rng_state(),
+            **self._rng,
             "losses": list(self.losses),
             "evals": [list(e) for e in self.evals],
             "tokens": self.tokens,
             "config": _config_dict(self.config),
             "data": data_id,
         }
-        if torch.cuda.is_available() and self.device.type == "cuda":
-            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         path = self.out_dir / CHECKPOINT
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
@@ -349,6 +346,14 @@ class Trainer:
                                      dropout=self.config.dropout)
         save_peft(adapter, self.out_dir, self.llm.config, base_model=str(self.llm.path))
         save_mistral(adapter, self.out_dir, self.llm.config)
+
+    def _rng_state(self) -> dict[str, torch.Tensor]:
+        """Random state (dropout) for the checkpoint: taken after each finished step, so a
+        Ctrl-C in the middle of a step saves the state that step started from."""
+        state = {"rng": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return state
 
     def load_checkpoint(self, data_id: str) -> None:
         path = self.out_dir / CHECKPOINT
@@ -374,6 +379,7 @@ class Trainer:
         torch.set_rng_state(state["rng"])
         if "cuda_rng" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        self._rng = self._rng_state()
         self.step = int(state["step"])
         self.losses[:] = [float(x) for x in state["losses"]]
         self.evals[:] = [tuple(e) for e in state["evals"]]
@@ -419,9 +425,3 @@ def _deferred_interrupts() -> Iterator[None]:
     if received:
         raise KeyboardInterrupt
 
-
-def peak_memory_mib() -> dict[str, float]:
-    out = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        out["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
-    return out
