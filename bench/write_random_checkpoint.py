@@ -21,8 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from mistral7b.config import PRESETS, ModelConfig  # noqa: E402
-from mistral7b.weights.names import expected_shapes, format_name  # noqa: E402
+from mistral7b.config import PRESETS, ModelConfig
+from mistral7b.weights.names import expected_shapes, format_name
 
 
 def tensor_plan(config: ModelConfig, fmt: str) -> list[tuple[str, tuple[int, ...]]]:

@@ -53,7 +53,7 @@ def test_safetensors_header_claiming_more_than_the_file(tmp_path, model):
 
 def test_sharded_index_naming_a_missing_shard(tmp_path, model):
     folder = save_hf(model, tmp_path / "hf", max_shard_size="20KB")
-    shard = sorted(folder.glob("model-*-of-*.safetensors"))[-1]
+    shard = max(folder.glob("model-*-of-*.safetensors"))
     shard.unlink()
     _raises(folder, "model.safetensors.index.json", shard.name)
 

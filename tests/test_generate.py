@@ -80,7 +80,7 @@ def test_eos_stops_generation(llm, reference):
 
 
 def test_seeded_sampling_is_reproducible(llm):
-    kw = dict(max_tokens=16, temperature=0.9, top_p=0.95, top_k=50)
+    kw = {"max_tokens": 16, "temperature": 0.9, "top_p": 0.95, "top_k": 50}
     a = llm.generate("Once upon a time", seed=1234, **kw)
     b = llm.generate("Once upon a time", seed=1234, **kw)
     c = llm.generate("Once upon a time", seed=4321, **kw)

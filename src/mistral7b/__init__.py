@@ -20,7 +20,10 @@ _LAZY = {
     "PRESETS": "mistral7b.config", "SamplingParams": "mistral7b.sampling",
 }
 
-__all__ = ["InputError", "Mistral7BError", "ModelFileError", "TokenizerError", *_LAZY]
+__all__ = [
+    "LLM", "PRESETS", "Completion", "InputError", "Mistral7BError", "ModelConfig",
+    "ModelFileError", "SamplingParams", "TextStream", "TokenizerError", "load",
+]
 __version__ = "0.1.0"
 
 

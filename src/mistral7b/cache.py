@@ -97,7 +97,7 @@ class KVCache:
         if len(rows) != len(n_new) or not rows:
             raise ValueError("rows and n_new must be non-empty and of equal length")
         dev = self.device
-        B, T = len(rows), max(n_new)
+        T = max(n_new)
         start = torch.tensor([self.lengths[r] for r in rows], dtype=torch.long, device=dev)
         counts = torch.tensor(n_new, dtype=torch.long, device=dev)
         positions = start[:, None] + torch.arange(T, device=dev)            # (B, T)

@@ -34,5 +34,5 @@ class CheckpointReader(ABC):
         """The file a tensor lives in, for error messages."""
         return str(self.path)
 
-    def close(self) -> None:  # noqa: B027 - optional hook
+    def close(self) -> None:
         """Release file handles and maps (tensors already handed out stay valid)."""
