@@ -32,6 +32,7 @@ from torch import nn
 
 INT4_GROUPS = (32, 64, 128, 256)
 _NP = {torch.uint8: np.uint8, torch.int32: np.int32}
+_ALIGN = 64  # bytes
 
 
 @dataclass
@@ -81,8 +82,8 @@ def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
 
 
 # Rows quantized at a time: bounds the float32 temporaries of a big matrix (the 7B output
-# layer is 131M values) to ~64 MB each.
-_CHUNK_VALUES = 1 << 24
+# layer is 131M values) to ~16 MB each.
+_CHUNK_VALUES = 1 << 22
 
 
 def _row_chunks(w: torch.Tensor):
@@ -92,10 +93,13 @@ def _row_chunks(w: torch.Tensor):
 
 
 def quantize_int8(w: torch.Tensor) -> Int8Weight:
-    """Symmetric per-output-channel int8: scale = max |W[n, :]| / 127."""
+    """Symmetric per-output-channel int8: scale = max |W[n, :]| / 127, rounded up to a bf16
+    value, so the CPU kernel's bf16 scales are exactly the stored ones (and |q| <= 127)."""
     qs, scales = [], []
     for c in _row_chunks(w):
-        scale = c.abs().amax(dim=1).clamp(min=1e-12) / 127                  # (rows,)
+        scale = c.abs().amax(dim=1).clamp(min=1e-30) / 127                  # (rows,)
+        # bf16 keeps 8 significant bits: 1 + 2^-8 lifts any value above its rounding down
+        scale = (scale * (1 + 2**-8)).to(torch.bfloat16).float()
         qs.append(torch.round(c / scale[:, None]).clamp_(-127, 127).to(torch.int8))
         scales.append(scale)
     return Int8Weight(torch.cat(qs), torch.cat(scales))
@@ -146,7 +150,12 @@ class Int8Linear(nn.Module):
         self.dtype = dtype
         device = torch.device(device)
         self.compute_dtype = torch.bfloat16 if device.type == "cpu" else dtype
-        self.register_buffer("qweight", weight.q.to(device).contiguous())
+        q = weight.q.to(device).contiguous()
+        if q.data_ptr() % _ALIGN:
+            # The CPU kernel reads the rows with aligned vector loads and crashes on a
+            # misaligned buffer (a memory-mapped tensor can start anywhere in its file).
+            q = q.clone()
+        self.register_buffer("qweight", q)
         self.register_buffer("scales", weight.scale.to(device, self.compute_dtype))
 
     def extra_repr(self) -> str:
@@ -186,9 +195,17 @@ class Int4Linear(nn.Module):
         self.dtype = dtype
         device = torch.device(device)
         self.on_cpu = device.type == "cpu"
+        if self.out_features % 16:
+            raise ValueError(f"int4 needs out_features divisible by 16, got {self.out_features}")
         if self.on_cpu:
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-                weight.unpacked(torch.int32), 1)
+            # The kernel's layout packs blocks of 64 output rows independently, so rows can be
+            # converted a slice at a time (the int32 input it wants is 8x the packed size).
+            step = 64 * max(1, _CHUNK_VALUES // (64 * self.in_features))
+            packed = torch.cat([
+                torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                    Int4Weight(weight.q[r: r + step], weight.scale, weight.min,
+                               weight.group).unpacked(torch.int32), 1)
+                for r in range(0, self.out_features, step)])
             zero = weight.min + 8 * weight.scale
             sz = torch.stack([weight.scale.t(), zero.t()], dim=-1)               # (G, out, 2)
             self.register_buffer("qweight", packed)

@@ -1,0 +1,117 @@
+"""GGUF Q4_0 / Q4_1 / Q4_K blocks imported into int4 without a float round trip: bit-exact
+against gguf's own dequantizer; Q8_0 requantized to int8 within half a step; a whole model
+loaded as int4 from a quantized GGUF against the same file dequantized to float."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import hf_mistral, save_gguf
+
+import mistral7b
+from mistral7b.quant import Int4Linear, Int8Linear, load_quantized
+from mistral7b.quant.gguf_import import import_int4
+from mistral7b.weights import open_checkpoint
+
+gguf = pytest.importorskip("gguf")
+QT = gguf.GGMLQuantizationType
+
+
+def _q4_k_blocks(rows: int, cols: int, rng) -> np.ndarray:
+    """Random valid Q4_K super-blocks (gguf-py cannot quantize to K-quants): every 6-bit scale
+    and min and every nibble random, small finite f16 d and dmin."""
+    blocks = rng.integers(0, 256, size=(rows, cols // 256, 144), dtype=np.uint8)
+    for at in (0, 2):
+        d = rng.uniform(0.0005, 0.004, size=(rows, cols // 256)).astype(np.float16)
+        blocks[:, :, at: at + 2] = d.view(np.uint8).reshape(rows, cols // 256, 2)
+    return blocks.reshape(rows, -1)
+
+
+def _blocks(qtype, rows=48, cols=512, seed=0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    if qtype == QT.Q4_K:
+        return _q4_k_blocks(rows, cols, rng)
+    w = rng.standard_normal((rows, cols)).astype(np.float32) * 0.05
+    w[:, :32] += 0.3  # a block that is far from symmetric (exercises Q4_1's min)
+    return gguf.quants.quantize(w, qtype)
+
+
+@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q4_K])
+def test_int4_import_is_bit_exact(qtype):
+    blocks = _blocks(qtype)
+    want = gguf.quants.dequantize(blocks, qtype).reshape(48, 512)
+    w = import_int4(qtype.name, blocks, (48, 512))
+    assert w.group == 32 and w.q.shape == (48, 256) and w.scale.shape == (48, 16)
+    got = w.dequantize(torch.float32).numpy()
+    assert np.array_equal(got, want)  # same float32 arithmetic, not just close
+
+
+def test_q4_0_worked_example():
+    # the module docstring's example: d = 0.5, first byte 0x3A
+    block = np.zeros(18, dtype=np.uint8)
+    block[0:2] = np.array([0.5], dtype=np.float16).view(np.uint8)
+    block[2] = 0x3A
+    w = import_int4("Q4_0", block, (1, 32)).dequantize()
+    assert w[0, 0] == 1.0 and w[0, 16] == -2.5 and w[0, 1] == -4.0
+
+
+def _gguf_with(tmp_path, types: dict[str, object]):
+    model = hf_mistral(dim=256, hidden=512, n_heads=4, n_kv_heads=2, head_dim=64, vocab=128,
+                       seed=3)
+    raw = {}
+    rng = np.random.default_rng(4)
+    for name, qtype in types.items():
+        shape = dict(model.state_dict().items())  # noqa: F841 - shapes come from the config
+        rows, cols = {"ffn_gate": (512, 256), "ffn_up": (512, 256), "ffn_down": (256, 512),
+                      "attn_q": (256, 256), "attn_output": (256, 256)}[name.split(".")[2]]
+        if qtype == QT.Q4_K:
+            blocks = _q4_k_blocks(rows, cols, rng)
+        else:
+            w = rng.standard_normal((rows, cols)).astype(np.float32) / cols**0.5
+            blocks = gguf.quants.quantize(w, qtype)
+        raw[name] = (blocks, qtype)
+    return save_gguf(model, tmp_path / "q.gguf", raw=raw)
+
+
+TYPES = {"blk.0.ffn_gate.weight": QT.Q4_0, "blk.0.ffn_up.weight": QT.Q4_1,
+         "blk.0.ffn_down.weight": QT.Q4_K, "blk.1.ffn_gate.weight": QT.Q8_0,
+         "blk.1.attn_q.weight": QT.Q4_0}
+
+
+def test_loaded_int4_layers_multiply_by_the_files_weights(tmp_path):
+    path = _gguf_with(tmp_path, TYPES)
+    reader = open_checkpoint(path)
+    model = load_quantized(reader, "int4", dtype=torch.float32, device="cpu")
+    ff0, ff1 = model.layers[0].feed_forward, model.layers[1].feed_forward
+    for layer, ours in ((ff0.w1, "layers.0.feed_forward.w1.weight"),
+                        (ff0.w3, "layers.0.feed_forward.w3.weight"),
+                        (ff0.w2, "layers.0.feed_forward.w2.weight"),
+                        (model.layers[1].attention.wq, "layers.1.attention.wq.weight")):
+        assert isinstance(layer, Int4Linear) and layer.group == 32
+        want = reader.tensor(ours)
+        # The kernel holds zero = min + 8 * scale: one float32 rounding away from the file's
+        # q * d + m, never more.
+        torch.testing.assert_close(layer.dequantize(torch.float32), want, rtol=0,
+                                   atol=float(want.abs().max()) * 2**-22)
+    # Q8_0 has a scale per 32 values: int8 per channel cannot hold it, so it is requantized
+    assert isinstance(ff1.w1, Int8Linear)
+    want = reader.tensor("layers.1.feed_forward.w1.weight")
+    step = ff1.w1.scales.float()[:, None]
+    assert ((ff1.w1.dequantize(torch.float32) - want).abs() <= step / 2 + 1e-6).all()
+    # F32 tensors are quantized with the asked-for rule
+    assert isinstance(model.layers[1].feed_forward.w2, Int4Linear)
+
+
+def test_int4_model_from_q4_gguf_matches_float_model(tmp_path):
+    path = _gguf_with(tmp_path, {k: v for k, v in TYPES.items() if v != QT.Q8_0})
+    ids = [1, 5, 9, 33, 7, 100, 64, 2, 17]
+    llm = mistral7b.load(path, dtype="float32")   # dequantized to float (the float path)
+    ref = llm.logits(ids)
+    reader = open_checkpoint(path)
+    llm.model = llm.engine.model = load_quantized(reader, "int4", dtype=torch.float32,
+                                                  device="cpu")
+    # Only the F32 tensors were quantized (int4 of random floats): bound the logits loosely;
+    # the argmax agrees almost everywhere.
+    got = llm.logits(ids)
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.75
