@@ -1,0 +1,233 @@
+"""`mistral7b bench`: pre-fill tok/s, decode tok/s, time to first token and peak memory, and
+with `--vs-llama-cpp` the same measurement of llama.cpp on the same GGUF, in the same run.
+
+    mistral7b bench -m model.Q4_0.gguf --quant int4 --vs-llama-cpp
+    mistral7b bench --quant int8 --prompt-tokens 256 --gen-tokens 64 --repeat 3
+
+Each engine runs in a fresh subprocess (so its peak RSS is its own): it loads the model once,
+then repeats `--repeat` times: a pre-fill of `--prompt-tokens` random token ids (the same ids
+for every engine, from `--seed`) in one step, then `--gen-tokens` greedy tokens one step at a
+time (the first comes out of the pre-fill). Medians are reported. Time to first token is the
+pre-fill time plus one argmax. Peak RSS is the process's ru_maxrss (load included).
+
+llama.cpp is driven through llama-cpp-python's low-level `eval` (no sampling chain) with the
+same thread count, so both sides do the same work: one batched forward, then single-token
+forwards with a greedy pick. llama-cpp-python is a dev tool, not a dependency: build it as
+the project README says.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+from mistral7b.cli import common
+
+ENGINES = ("mistral7b", "llama.cpp")
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "bench", help="measure pre-fill/decode speed and memory (optionally vs llama.cpp)",
+        description="Measure pre-fill tok/s, decode tok/s, time to first token and peak RSS "
+                    "on random prompt ids; --vs-llama-cpp runs llama.cpp on the same GGUF in "
+                    "the same run and prints the ratios.")
+    add_arguments(p)
+    p.set_defaults(run=run)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    common.add_model_args(p)
+    g = p.add_argument_group("benchmark")
+    g.add_argument("--prompt-tokens", type=int, default=256, metavar="N")
+    g.add_argument("--gen-tokens", type=int, default=64, metavar="N")
+    g.add_argument("--repeat", type=int, default=3, metavar="N",
+                   help="timed runs per engine; medians are reported (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the random prompt ids")
+    g.add_argument("--vs-llama-cpp", action="store_true",
+                   help="also run llama.cpp (llama-cpp-python) on the same .gguf file")
+    g.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+    g.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.worker:
+        result = _measure(args)
+        print(json.dumps(result), flush=True)
+        return 0
+    threads = args.threads or 2
+    engines = ["mistral7b"] + (["llama.cpp"] if args.vs_llama_cpp else [])
+    if args.vs_llama_cpp and not str(args.model).endswith(".gguf"):
+        from mistral7b.errors import InputError
+
+        raise InputError("--vs-llama-cpp needs a .gguf model (-m FILE.gguf)")
+    results = {}
+    for engine in engines:
+        results[engine] = _spawn(args, engine, threads)
+    _print_table(args, results)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return 0
+
+
+def _spawn(args: argparse.Namespace, engine: str, threads: int) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "mistral7b.cli.bench", "--worker", engine, "-m",
+           str(args.model), "--prompt-tokens", str(args.prompt_tokens), "--gen-tokens",
+           str(args.gen_tokens), "--repeat", str(args.repeat), "--seed", str(args.seed),
+           "-t", str(threads)]
+    for flag in ("quant", "dtype", "device"):
+        if getattr(args, flag, None):
+            cmd += [f"--{flag}", str(getattr(args, flag))]
+    print(f"[bench] {engine}: {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        sys.stderr.write(out.stderr[-4000:])
+        raise RuntimeError(f"the {engine} benchmark failed (exit {out.returncode})")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def prompt_ids(n: int, vocab: int, seed: int) -> list[int]:
+    import random
+
+    rng = random.Random(seed)
+    return [rng.randrange(3, vocab) for _ in range(n)]  # 0-2: unk/bos/eos in both vocabs
+
+
+def _measure(args: argparse.Namespace) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    step_fns = _llama_cpp(args) if args.worker == "llama.cpp" else _ours(args)
+    vocab, reset, prefill, decode = step_fns
+    load_s = time.perf_counter() - t0
+    ids = prompt_ids(args.prompt_tokens, vocab, args.seed)
+    runs = []
+    tokens: list[int] = []
+    for _ in range(args.repeat):
+        reset()
+        t = time.perf_counter()
+        tok = prefill(ids)
+        ttft = time.perf_counter() - t
+        tokens = [tok]
+        t = time.perf_counter()
+        for _ in range(args.gen_tokens - 1):
+            tok = decode(tok)
+            tokens.append(tok)
+        dec = time.perf_counter() - t
+        runs.append({"prefill_tps": len(ids) / ttft, "ttft_s": ttft,
+                     "decode_tps": (args.gen_tokens - 1) / dec if dec else 0.0})
+    med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    return {"engine": args.worker, "model": str(args.model), "quant": args.quant,
+            "threads": args.threads, "load_s": load_s, **med, "runs": runs,
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
+            "tokens": tokens[:16]}
+
+
+def _ours(args: argparse.Namespace):
+    import torch
+
+    import mistral7b
+    from mistral7b.engine import Engine
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quant:
+        from mistral7b.api import resolve_device, resolve_dtype
+        from mistral7b.default_model import default_model_path
+        from mistral7b.quant import load_quantized
+        from mistral7b.weights import open_checkpoint
+
+        path = default_model_path() if args.model == "default" else args.model
+        reader = open_checkpoint(path)
+        dev = resolve_device(args.device)
+        model = load_quantized(reader, args.quant, device=dev,
+                               dtype=resolve_dtype(args.dtype, dev, reader.config))
+        config = reader.config
+        del reader
+    else:
+        llm = mistral7b.load(args.model, device=args.device, dtype=args.dtype)
+        model, config = llm.model, llm.config
+    engine = Engine(model, config)
+    state: dict[str, Any] = {}
+
+    def reset() -> None:
+        state["cache"] = engine.new_cache(1, args.prompt_tokens + args.gen_tokens)
+
+    def prefill(ids: list[int]) -> int:
+        return int(engine.step(state["cache"], [0], [ids])[0].argmax())
+
+    def decode(tok: int) -> int:
+        return int(engine.step(state["cache"], [0], [[tok]])[0].argmax())
+
+    return config.vocab_size, reset, prefill, decode
+
+
+def _llama_cpp(args: argparse.Namespace):
+    import llama_cpp
+    import numpy as np
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(args.model), n_ctx=args.prompt_tokens + args.gen_tokens + 8,
+                n_batch=max(512, args.prompt_tokens), n_threads=args.threads,
+                n_threads_batch=args.threads, verbose=False)
+
+    n_vocab = llm.n_vocab()
+
+    def reset() -> None:
+        llm.reset()  # the next eval drops the cached positions from n_tokens on
+
+    def last() -> int:
+        # Llama.eval no longer copies logits out (sampling moved into llama.cpp): read the
+        # last token's row straight from the context.
+        row = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+        return int(np.ctypeslib.as_array(row, shape=(n_vocab,)).argmax())
+
+    def prefill(ids: list[int]) -> int:
+        llm.eval(ids)
+        return last()
+
+    def decode(tok: int) -> int:
+        llm.eval([tok])
+        return last()
+
+    return n_vocab, reset, prefill, decode
+
+
+def _print_table(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> None:
+    ours = results["mistral7b"]
+    peer = results.get("llama.cpp")
+    rows = [("prefill tok/s", "prefill_tps", "{:.1f}"), ("decode tok/s", "decode_tps", "{:.2f}"),
+            ("time to first token s", "ttft_s", "{:.3f}"), ("peak RSS GB", "peak_rss_gb",
+                                                            "{:.2f}"),
+            ("load s", "load_s", "{:.1f}")]
+    head = f"{'':24s}{'mistral7b':>12s}" + (f"{'llama.cpp':>12s}{'ratio':>8s}" if peer else "")
+    print(f"{args.model} quant={args.quant} threads={args.threads or 2} prompt="
+          f"{args.prompt_tokens} gen={args.gen_tokens} repeat={args.repeat} (medians)",
+          file=sys.stderr)
+    print(head, file=sys.stderr)
+    for label, key, fmt in rows:
+        line = f"{label:24s}{fmt.format(ours[key]):>12s}"
+        if peer:
+            ratio = ours[key] / peer[key] if peer[key] else float("nan")
+            line += f"{fmt.format(peer[key]):>12s}{ratio:>7.2f}x"
+        print(line, file=sys.stderr)
+    if peer:
+        same = ours["tokens"] == peer["tokens"]
+        print(f"greedy tokens agree: {same} (first 16: ours {ours['tokens'][:8]}..., "
+              f"llama.cpp {peer['tokens'][:8]}...)", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="mistral7b bench", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
