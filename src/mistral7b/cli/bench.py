@@ -87,7 +87,7 @@ def _spawn(args: argparse.Namespace, engine: str, threads: int) -> dict[str, Any
             cmd += [f"--{flag}", str(getattr(args, flag))]
     print(f"[bench] {engine}: {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    out = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         sys.stderr.write(out.stderr[-4000:])
         raise RuntimeError(f"the {engine} benchmark failed (exit {out.returncode})")
