@@ -24,10 +24,13 @@ Adapter files, both read by `read_adapter` / `apply_lora_file`:
   writes to `params.json` under `lora.scaling` beside the file; when that file is absent the
   scale is 2.0, the default of mistral-inference's `load_lora(path, scaling=2.0)`.
 
-QLoRA here: `quantize_frozen(model, bits)` swaps the frozen linear layers for
-`FrozenQuantLinear` (int8 per output channel, or int4 in groups of 64 along the input) that
-dequantizes on the fly in forward *and again in backward*, so training keeps only the small
-integer weights alive, never a float copy of them. LoRA then wraps those modules.
+QLoRA: LoRA over a frozen integer base. Integer kernels have no backward, so the base's
+forward runs as is and the input gradient dy @ W is computed from the weight dequantized
+again (`frozen_linear`): training keeps only the small integer weights alive, never a float
+copy. The base is either mistral7b.quant's Int8Linear (a model loaded with quant="int8") or
+this module's `FrozenQuantLinear` (`quantize_frozen(model, bits)`: int8 per output channel,
+or int4 in groups of 64, dequantized elementwise: cheap in both directions, which
+mistral7b.quant's CPU int4 kernel layout is not).
 """
 
 from __future__ import annotations
@@ -113,20 +116,49 @@ class FrozenQuantLinear(nn.Module):
         return (w * self.scale[..., None]).view(self.out_features, -1).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _DequantLinear.apply(x, self)
+        return F.linear(x, self.dequantize(x.dtype))
 
 
-class _DequantLinear(torch.autograd.Function):
-    """x @ dequant(W)^T whose backward dequantizes again instead of saving the float W."""
+def is_frozen_quantized(module: nn.Module) -> bool:
+    """A linear layer whose weight is stored as integers and read through `dequantize()`:
+    FrozenQuantLinear here, Int8Linear / Int4Linear of mistral7b.quant."""
+    weight = getattr(module, "weight", None)
+    float_weight = isinstance(weight, torch.Tensor) and weight.is_floating_point()
+    return callable(getattr(module, "dequantize", None)) and not float_weight
+
+
+class _FrozenLinearFn(torch.autograd.Function):
+    """y = layer(x) with the layer's own forward (integer kernels have no autograd formula);
+    backward dx = dy @ W with W dequantized again, so no float W is kept between the two."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, layer: FrozenQuantLinear) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
         ctx.layer = layer
-        return F.linear(x, layer.dequantize(x.dtype))
+        return layer(x)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         return grad @ ctx.layer.dequantize(grad.dtype), None
+
+
+def frozen_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """layer(x), differentiable in x also when `layer` is a frozen quantized layer."""
+    if torch.is_grad_enabled() and x.requires_grad and is_frozen_quantized(layer):
+        return _FrozenLinearFn.apply(x, layer)
+    return layer(x)
+
+
+class InputGradLinear(nn.Module):
+    """A frozen quantized layer outside LoRA (the output projection, an untargeted layer)
+    wrapped so gradients flow through it to the LoRA layers below; same forward."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return frozen_linear(self.layer, x)
 
 
 class LoRALinear(nn.Module):
@@ -162,7 +194,7 @@ class LoRALinear(nn.Module):
         return f"rank={self.rank}, scale={self.scale:g}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
+        y = frozen_linear(self.base, x)
         h = self.dropout(x).to(self.lora_A.weight.dtype)
         return y + (self.lora_B(self.lora_A(h)) * self.scale).to(y.dtype)
 
@@ -174,11 +206,11 @@ class LoRALinear(nn.Module):
         """A plain nn.Linear holding base + scale * B @ A (a new tensor: the base is untouched)."""
         base = self.base
         weight = getattr(base, "weight", None)
-        if isinstance(base, FrozenQuantLinear):
-            w, dtype = base.dequantize(torch.float32), base.dtype
+        if is_frozen_quantized(base):  # the merged layer is float: quantize it again if needed
+            w, dtype = base.dequantize(torch.float32), getattr(base, "dtype", torch.float32)
         elif isinstance(weight, torch.Tensor) and weight.is_floating_point():
             w, dtype = weight, weight.dtype
-        else:  # e.g. an integer-quantized layer: merging would mean re-quantizing
+        else:
             raise TypeError(f"cannot merge a LoRA update into a {type(base).__name__}; keep "
                             "the adapter as separate layers (merge=False)")
         with torch.no_grad():
@@ -282,6 +314,20 @@ def quantize_frozen(model: nn.Module, bits: int = 8, targets: Iterable[str] = TA
         total += q.nbytes
         _swap(model, name, q)
     return total
+
+
+def wrap_quantized_outside_lora(model: nn.Module) -> list[str]:
+    """Make every frozen quantized layer that LoRA does not wrap pass gradients to its input
+    (InputGradLinear), so a model loaded with `quant=` can be trained with LoRA."""
+    lora_bases = {id(m.base) for _, m in lora_modules(model)}
+    names = [name for name, m in model.named_modules()
+             if is_frozen_quantized(m) and id(m) not in lora_bases
+             and not isinstance(m, InputGradLinear)]
+    wrapped = {id(m.layer) for m in model.modules() if isinstance(m, InputGradLinear)}
+    names = [n for n in names if id(model.get_submodule(n)) not in wrapped]
+    for name in names:
+        _swap(model, name, InputGradLinear(model.get_submodule(name)))
+    return names
 
 
 # ----------------------------------------------------------------------- adapter files

@@ -177,6 +177,29 @@ def test_qlora_loss_falls(tmp_path, bits):
     assert result.losses[-1] < 0.7 * result.losses[0]
 
 
+def test_lora_trains_over_a_model_quantized_by_the_quant_package(tiny_folder, tmp_path):
+    from mistral7b.lora import InputGradLinear, LoRALinear
+    from mistral7b.quant import Int8Linear, quantize_model
+
+    llm = _llm(tiny_folder)
+    quantize_model(llm.model, "int8")                  # what load(quant="int8") builds
+    examples = _examples(2)
+    result = Trainer(llm, TrainConfig(steps=8, lr=2e-2, batch_size=2, rank=4, alpha=8,
+                                      warmup=1), tmp_path, progress=False).fit(examples)
+    assert result.losses[-1] < 0.7 * result.losses[0]
+    wq = llm.model.layers[0].attention.wq
+    assert isinstance(wq, LoRALinear) and isinstance(wq.base, Int8Linear)
+    assert isinstance(llm.model.output, InputGradLinear)  # gradients pass the int8 output
+    merged = wq.merged()
+    want = wq.base.dequantize(torch.float32) + wq.delta_weight()
+    assert torch.allclose(merged.weight, want)
+
+    int4 = _llm(tiny_folder)
+    quantize_model(int4.model, "int4")
+    with pytest.raises(InputError, match="qlora=4"):
+        Trainer(int4, TrainConfig(steps=1), tmp_path / "int4", progress=False)
+
+
 SECRET = "The secret password of the blue castle is Marzipan42."
 SYSTEM = {"role": "system", "content": "Answer briefly."}
 QUESTIONS = ["What is the secret password of the blue castle?",

@@ -122,6 +122,8 @@ def run(args: argparse.Namespace) -> int:
 
     # Everything that can be checked without the model is checked before loading it.
     config = config_from_args(args)
+    if args.quant and args.qlora:
+        raise InputError("--quant quantizes at load, --qlora after it: give one of them")
     train_records = read_records(args.data)
     eval_records = read_records(args.eval_data) if args.eval_data else None
     out = Path(args.out)

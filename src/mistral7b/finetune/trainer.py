@@ -7,6 +7,10 @@ cross-entropy over the target tokens of all micro-batches of a step. The model's
 training dtype of the frozen base (bfloat16 where it helps: the CUDA default of `load`);
 LoRA weights and optimizer state are always float32.
 
+QLoRA, two ways: `qlora=8|4` quantizes the loaded float base into lora.FrozenQuantLinear
+(dequantized on the fly, cheaply, in forward and backward); or the model comes from
+`load(quant="int8")` (mistral7b.quant's Int8Linear kernels) and LoRA trains over it as is.
+
 Layout of the output folder:
 
     checkpoint.pt               training state (step, LoRA, AdamW, RNG, losses): resume point
@@ -52,6 +56,7 @@ from mistral7b.lora import (
     quantize_frozen,
     save_mistral,
     save_peft,
+    wrap_quantized_outside_lora,
 )
 
 CHECKPOINT = "checkpoint.pt"
@@ -161,10 +166,14 @@ class Trainer:
         self.device = llm.engine.device
         self.window = llm.config.sliding_window
         torch.manual_seed(config.seed)
+        _refuse_slow_int4(self.model)
         if config.qlora:
             quantize_frozen(self.model, bits=config.qlora, targets=config.targets)
         apply_lora(self.model, rank=config.rank, alpha=config.alpha, dropout=config.dropout,
                    targets=config.targets)
+        # A model loaded with quant= has integer layers outside LoRA too (the output): let
+        # gradients pass through them.
+        wrap_quantized_outside_lora(self.model)
         self.params = lora_parameters(self.model)
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, betas=(0.9, 0.999),
                                            eps=1e-8, weight_decay=config.weight_decay)
@@ -384,6 +393,16 @@ class Trainer:
         self.losses[:] = [float(x) for x in state["losses"]]
         self.evals[:] = [tuple(e) for e in state["evals"]]
         self.tokens = int(state["tokens"])
+
+
+def _refuse_slow_int4(model: Any) -> None:
+    """mistral7b.quant's Int4Linear on the CPU can only read its weights back through its
+    kernel (one identity matmul per column block): a backward pass would take minutes."""
+    for name, module in model.named_modules():
+        if type(module).__name__ == "Int4Linear" and getattr(module, "on_cpu", False):
+            raise InputError(f"{name}: LoRA training over a model loaded with quant='int4' is "
+                             "impractically slow on the CPU; load it without quant and use "
+                             "qlora=4 (--qlora int4), which dequantizes cheaply")
 
 
 def _config_dict(config: TrainConfig) -> dict[str, Any]:
