@@ -605,7 +605,10 @@ def _interleaved_to_hf(t: torch.Tensor, heads: int) -> torch.Tensor:
 
 def apply_adapter(model: nn.Module, adapter: Adapter, *, merge: bool) -> list[str]:
     """Put `adapter` into `model`: wrapped as LoRALinear modules (kept separate, so it can be
-    removed or trained further), or merged into the weights (no extra cost per token)."""
+    removed or trained further), or merged into the weights (no extra cost per token).
+
+    Over integer (quantized) layers the adapter always stays separate: merging would turn
+    them back into float weights or need a second rounding."""
     names = adapter.modules
     for name in names:
         module = model.get_submodule(name)
@@ -619,7 +622,7 @@ def apply_adapter(model: nn.Module, adapter: Adapter, *, merge: bool) -> list[st
             lora.lora_B.weight.copy_(b)
         lora.requires_grad_(False)
         _swap(model, name, lora)
-        if merge:
+        if merge and not is_frozen_quantized(module):
             _swap(model, name, lora.merged())
     return names
 
