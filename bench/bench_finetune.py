@@ -3,7 +3,9 @@ process, on the embedded default model (or -m PATH).
 
     python bench/bench_finetune.py [-m default] [--steps 6] [--batch-size 4] [--seq-len 128]
 
-Per mode it prints training tokens/s (real tokens, padding excluded; the first step is a
+Modes: lora (float base), lora+ckpt (activation checkpointing), qlora-int8 / qlora-int4
+(lora.FrozenQuantLinear base), quant-int8 (mistral7b.quant's Int8Linear base, as
+load(quant="int8") builds it). Per mode it prints training tokens/s (real tokens, padding excluded; the first step is a
 warm-up and not counted), the resident memory of the model once it is ready to train, and the
 peak resident memory *during training* (the kernel's high-water mark reset after set-up via
 /proc/self/clear_refs, so the float weights that QLoRA quantizes away at load do not count),
@@ -22,6 +24,7 @@ MODES = {
     "lora+ckpt": {"grad_checkpoint": True},
     "qlora-int8": {"qlora": 8},
     "qlora-int4": {"qlora": 4},
+    "quant-int8": {"quant": "int8"},   # base from mistral7b.quant (what load(quant="int8") builds)
 }
 
 CHILD = r"""
@@ -34,6 +37,7 @@ model, device, dtype, steps, batch, seq_len, threads, extra = sys.argv[1:9]
 if int(threads):
     torch.set_num_threads(int(threads))
 extra = json.loads(extra)
+quant = extra.pop("quant", None)
 
 def status(key):
     for line in open("/proc/self/status"):
@@ -42,6 +46,9 @@ def status(key):
     return float("nan")
 
 llm = mistral7b.load(model, device=device or None, dtype=dtype or None)
+if quant:
+    from mistral7b.quant import quantize_model
+    quantize_model(llm.model, quant)
 topics = ["the moon", "rivers", "bread", "chess", "volcanoes", "owls", "trains", "tea"]
 records = [Record(i + 1, messages=[
     {"role": "user", "content": f"Tell me two facts about {t}, please, in one sentence."},
