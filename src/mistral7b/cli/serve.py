@@ -130,8 +130,12 @@ def is_loopback(host: str) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mistral7b.server import create_app
-    from mistral7b.server.runner import serve
+    try:
+        from mistral7b.server import create_app
+        from mistral7b.server.runner import serve
+    except ImportError as exc:
+        raise InputError(f"the server needs the [server] extra ({exc.name} is missing): "
+                         "pip install 'mistral7b[server]'") from None
 
     settings = settings_from_args(args)
     if not is_loopback(args.host) and not settings.api_key:
