@@ -75,7 +75,7 @@ def test_quantized_checkpoint_refuses_the_other_mode(tiny, tmp_path):
 
 
 _PEAK_SCRIPT = textwrap.dedent("""
-    import json, resource, sys, torch, psutil
+    import json, sys, torch, psutil
     from mistral7b.weights import open_checkpoint
     from mistral7b.quant import load_quantized
     from mistral7b.weights.loader import build_model
@@ -93,8 +93,12 @@ _PEAK_SCRIPT = textwrap.dedent("""
             p.sum()  # touch every page, as a forward would
     else:
         model = load_quantized(reader, how, dtype=torch.bfloat16, device="cpu")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"before": before, "peak": peak}))
+    # VmHWM, not ru_maxrss: Linux copies ru_maxrss from the parent at fork, so a child of a
+    # big pytest process would report the parent's peak.
+    status = {line.split(":")[0]: int(line.split()[1]) * 1024
+              for line in open("/proc/self/status")
+              if line.startswith(("VmHWM", "RssAnon", "RssFile"))}
+    print(json.dumps({"before": before, "peak": status["VmHWM"], **status}))
 """)
 
 

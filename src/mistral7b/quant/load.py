@@ -39,7 +39,7 @@ from mistral7b.quant.layers import (
 )
 from mistral7b.quant.memory import release
 from mistral7b.weights.base import CheckpointReader
-from mistral7b.weights.names import expected_shapes
+from mistral7b.weights.names import expected_shapes, rotary_heads
 
 QUANT_MODES = ("int8", "int4")
 DEFAULT_INT4_GROUP = 32
@@ -107,6 +107,10 @@ def load_quantized(reader: CheckpointReader, quant: str | None, *, dtype: torch.
             weight = source_weight(reader, source, mode, group)
         _set_module(model, name.removesuffix(".weight"),
                     make_linear(weight, dtype=dtype, device=device))
+        if stored is not None and isinstance(weight, Int4Weight):
+            # repacked into the kernel's layout: the mapped nibbles are not needed again
+            # (int8 weights are used in place from the map, zero-copy)
+            release(weight.q, unmodified=True)
         del weight
     device = torch.device(device)
     for name, want in expected_shapes(config).items():
@@ -145,16 +149,16 @@ def source_weight(reader: CheckpointReader, name: str, quant: str, group: int) -
         if qname not in _FLOAT_GGUF:
             if quant == "int4" and qname in EXACT_INT4_TYPES:
                 weight = import_int4(qname, raw.data, raw.shape)
-                release(raw.data)
-                return weight
-            # int8 asked for, or a type wider than 4 bits: dequantize, requantize per channel.
-            weight = quantize_int8(reader.tensor(name))
-            release(raw.data)
+            else:
+                # int8 asked for, or a type wider than 4 bits: dequantize, requantize.
+                weight = quantize_int8(reader.tensor(name))
+            release(raw.data, unmodified=not keep)  # the GGUF map is never written
             return weight
     t = reader.tensor(name)
     weight = quantize_tensor(t, quant, group)
     if not keep:
-        release(t)
+        # Mapped file pages, unwritten except HF's wq/wk (un-permuted in place by the reader).
+        release(t, unmodified=not (reader.format == "hf" and rotary_heads(name, reader.config)))
     return weight
 
 

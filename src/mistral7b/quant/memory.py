@@ -2,10 +2,17 @@
 
 Loading reads every tensor of the source through a memory map; the pages it touched stay in
 the process's resident set for as long as the map lives, so a 14.5 GB bf16 checkpoint would
-end up fully resident even though only its 4 GB int4 form is kept. `madvise(MADV_PAGEOUT)`
-(Linux >= 5.4) asks the kernel to reclaim those pages now. It never changes what the memory
-holds (a clean file page is simply read again if touched), so it is safe on any tensor; on
-other systems it is a no-op and loading still works, with a higher peak.
+end up fully resident even though only its 4 GB int4 form is kept.
+
+- `madvise(MADV_PAGEOUT)` (Linux >= 5.4) asks the kernel to reclaim the pages. It never
+  changes what the memory holds, so it is safe on any tensor, but the kernel may decline
+  (measured: pages of a file written moments before stay mapped).
+- `madvise(MADV_DONTNEED)` unmaps them for certain. On a private file mapping a page that was
+  never written is simply read from the file again if touched, so the content is unchanged;
+  a page that *was* written (the HF reader un-permutes wq/wk in place) would revert to the
+  file's bytes. So it is only used with `unmodified=True`, for mapped pages known unwritten.
+
+Elsewhere than Linux both are skipped: loading still works, with a higher peak.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from functools import cache
 import numpy as np
 import torch
 
+MADV_DONTNEED = 4
 MADV_PAGEOUT = 21
 _PAGE = 4096
 
@@ -36,8 +44,9 @@ def _madvise():
     return fn
 
 
-def release(obj: torch.Tensor | np.ndarray) -> None:
-    """Ask the kernel to reclaim the whole pages under `obj` (a CPU tensor or numpy array)."""
+def release(obj: torch.Tensor | np.ndarray, *, unmodified: bool = False) -> None:
+    """Hand back the whole pages under `obj` (a CPU tensor or numpy array) that nothing will
+    read again; `unmodified=True` only for a memory-mapped file region never written to."""
     madvise = _madvise()
     if madvise is None:
         return
@@ -49,5 +58,5 @@ def release(obj: torch.Tensor | np.ndarray) -> None:
         start, nbytes = obj.ctypes.data, obj.nbytes
     first = (start + _PAGE - 1) // _PAGE * _PAGE
     last = (start + nbytes) // _PAGE * _PAGE
-    if last > first:
-        madvise(first, last - first, MADV_PAGEOUT)  # a failure only means a higher peak
+    if last > first:  # a failure only means a higher peak
+        madvise(first, last - first, MADV_DONTNEED if unmodified else MADV_PAGEOUT)
