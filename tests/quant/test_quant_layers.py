@@ -51,14 +51,16 @@ def _bound(x, w, step):
     return x.abs().reshape(-1, x.shape[-1]) @ (step / 2).t()
 
 
-def test_int8_linear_vs_float_matmul():
-    w, x = _weights()
+@pytest.mark.parametrize("batch", [5, 40])  # 15 rows: decode kernel; 120: widened to bf16
+def test_int8_linear_vs_float_matmul(batch):
+    w, _ = _weights()
+    x = torch.randn(batch, 3, 256, generator=torch.Generator().manual_seed(1))
     q = quantize_int8(w)
     layer = Int8Linear(q, dtype=torch.float32)
     y = layer(x)
-    assert y.shape == (5, 3, 96) and y.dtype == torch.float32
+    assert y.shape == (batch, 3, 96) and y.dtype == torch.float32
     ref = x @ w.t()
-    # The CPU kernel multiplies in bf16 (8-bit mantissa): allow that rounding on top of the
+    # The CPU path multiplies in bf16 (8-bit mantissa): allow that rounding on top of the
     # int8 step, relative to |x| |W|.
     step = q.scale[:, None].expand_as(w)
     bf16 = 2**-7 * (x.abs().reshape(-1, 256) @ w.abs().t())
