@@ -125,8 +125,20 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
     med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     return {"engine": args.worker, "model": str(args.model), "quant": args.quant,
             "threads": args.threads, "load_s": load_s, **med, "runs": runs,
-            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
+            "peak_rss_gb": _peak_rss() / 1e9,
             "tokens": tokens[:16]}
+
+
+def _peak_rss() -> int:
+    """VmHWM where there is /proc: Linux copies ru_maxrss from the parent at fork."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _ours(args: argparse.Namespace):
