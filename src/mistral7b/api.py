@@ -55,8 +55,13 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device,
 
 
 def load(model: str | Path = "default", *, device: str | torch.device | None = None,
-         dtype: str | torch.dtype | None = None, quant: str | None = None) -> LLM:
-    """Load a model: a checkpoint folder (consolidated or HF), a .gguf file, or "default"."""
+         dtype: str | torch.dtype | None = None, quant: str | None = None,
+         lora: str | Path | None = None, lora_merge: bool = True) -> LLM:
+    """Load a model: a checkpoint folder (consolidated or HF), a .gguf file, or "default".
+
+    lora: a PEFT adapter folder or a Mistral lora.safetensors, merged into the weights
+    (lora_merge=True) or kept as separate low-rank modules.
+    """
     from mistral7b.default_model import default_model_path
     from mistral7b.weights import open_checkpoint
     from mistral7b.weights.loader import build_model
@@ -72,6 +77,10 @@ def load(model: str | Path = "default", *, device: str | torch.device | None = N
     net = build_model(reader, dtype=dt, device=dev)
     tokenizer = _load_tokenizer(reader)
     llm = LLM(net, reader.config, tokenizer, path)
+    if lora is not None:
+        from mistral7b.lora import apply_lora_file
+
+        apply_lora_file(llm, lora, merge=lora_merge)
     llm.load_seconds = time.perf_counter() - t0
     return llm
 

@@ -19,7 +19,7 @@ class SafetensorsFiles:
         for file in files:
             handle = _open(file)
             self._handles[file] = handle
-            for name in handle:
+            for name in handle.keys():  # noqa: SIM118 - safe_open is not iterable
                 self._where[name] = file
 
     def keys(self) -> list[str]:
