@@ -90,10 +90,10 @@ def test_loaded_int4_layers_multiply_by_the_files_weights(tmp_path):
                         (model.layers[1].attention.wq, "layers.1.attention.wq.weight")):
         assert isinstance(layer, Int4Linear) and layer.group == 32
         want = reader.tensor(ours)
-        # The kernel holds zero = min + 8 * scale: one float32 rounding away from the file's
-        # q * d + m, never more.
+        # The CPU kernel holds bf16 scale and zero = min + 8 * scale: the file's weights up to
+        # that rounding (the portable import itself is bit-exact, tested above).
         torch.testing.assert_close(layer.dequantize(torch.float32), want, rtol=0,
-                                   atol=float(want.abs().max()) * 2**-22)
+                                   atol=float(want.abs().max()) * 2**-7)
     # Q8_0 has a scale per 32 values: int8 per channel cannot hold it, so it is requantized
     assert isinstance(ff1.w1, Int8Linear)
     want = reader.tensor("layers.1.feed_forward.w1.weight")
