@@ -63,18 +63,21 @@ def load(model: str | Path = "default", *, device: str | torch.device | None = N
     (lora_merge=True) or kept as separate low-rank modules.
     """
     from mistral7b.default_model import default_model_path
+    from mistral7b.quant import check_mode, load_quantized, stored_quant
     from mistral7b.weights import open_checkpoint
     from mistral7b.weights.loader import build_model
 
     if quant is not None:
-        raise InputError(f"quant={quant!r}: weight quantization is not available in this "
-                         "version; load without quant")
+        check_mode(quant)  # InputError unless "int8" / "int4"
     t0 = time.perf_counter()
     path = default_model_path() if str(model) == "default" else Path(model).expanduser()
     reader = open_checkpoint(path)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev, reader.config)
-    net = build_model(reader, dtype=dt, device=dev)
+    if quant is None and stored_quant(reader) is None:
+        net = build_model(reader, dtype=dt, device=dev)
+    else:  # asked for, or a folder written by `mistral7b quantize`
+        net = load_quantized(reader, quant, dtype=dt, device=dev)
     tokenizer = _load_tokenizer(reader)
     llm = LLM(net, reader.config, tokenizer, path)
     if lora is not None:
@@ -96,6 +99,11 @@ def _load_tokenizer(reader: Any) -> Any:
             from mistral7b.tokenizer.gguf import GGUFTokenizer
 
             return GGUFTokenizer.from_reader(reader.gguf, reader.path)
+        saved_gguf = Path(reader.path) / "tokenizer.gguf"  # `mistral7b quantize` of a GGUF
+        if saved_gguf.is_file():
+            from mistral7b.tokenizer.gguf import GGUFTokenizer
+
+            return GGUFTokenizer.from_file(saved_gguf)
         return load_tokenizer(reader.path)
     except TokenizerError:
         if reader.format == "consolidated" and reader.config.vocab_size in (32000, 32768):
