@@ -3,13 +3,11 @@ logits as quantizing on load, and keeps the source's tokenizer."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 from tiny_models import hf_mistral, save_gguf
 
 from mistral7b.cli import quantize
 from mistral7b.engine import Engine
-from mistral7b.errors import InputError
 from mistral7b.quant import Int4Linear, load_quantized, stored_quant
 from mistral7b.weights import open_checkpoint
 
@@ -29,11 +27,14 @@ def test_quantize_command_writes_a_loadable_int4_folder(tmp_path, capsys):
                        Engine(direct, direct.config).logits(ids))
 
 
-def test_quantize_refuses_a_non_empty_destination(tmp_path):
+def test_quantize_refuses_a_non_empty_destination(tmp_path, capsys):
     (tmp_path / "q").mkdir()
     (tmp_path / "q" / "x").write_text("keep me")
-    with pytest.raises(InputError, match="not an empty folder"):
-        quantize.main(["default", str(tmp_path / "q"), "--to", "int8"])
+    # a user's mistake: one clear line and exit 2, and nothing in the folder is touched
+    assert quantize.main(["default", str(tmp_path / "q"), "--to", "int8"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "not an empty folder" in err
+    assert (tmp_path / "q" / "x").read_text() == "keep me"
 
 
 def test_default_model_quantized_keeps_its_tokenizer(tmp_path):

@@ -26,9 +26,11 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from mistral7b.cli import common
+from mistral7b.errors import Mistral7BError
 
 ENGINES = ("mistral7b", "llama.cpp")
 
@@ -90,7 +92,8 @@ def _spawn(args: argparse.Namespace, engine: str, threads: int) -> dict[str, Any
     out = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         sys.stderr.write(out.stderr[-4000:])
-        raise RuntimeError(f"the {engine} benchmark failed (exit {out.returncode})")
+        raise Mistral7BError(
+            f"the {engine} benchmark failed (exit {out.returncode}); its error is above")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -235,10 +238,11 @@ def _print_table(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -
               f"llama.cpp {peer['tokens'][:8]}...)", file=sys.stderr)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="mistral7b bench", description=__doc__.splitlines()[0])
-    add_arguments(p)
-    return run(p.parse_args(argv))
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m mistral7b.cli.bench ...`: this command alone, with the CLI's error handling."""
+    from mistral7b.cli.main import main as cli_main
+
+    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -190,22 +190,10 @@ def _data_stats(examples: Sequence[Any], cut: int, seq_len: int) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m mistral7b.cli.finetune ...`: this command alone, with the CLI's error
-    handling (one line on stderr and exit 2 for a user's mistake)."""
-    from mistral7b.cli.main import USER_ERRORS, ArgumentParser, one_line
+    """`python -m mistral7b.cli.finetune ...`: this command alone, with the CLI's error handling."""
+    from mistral7b.cli.main import main as cli_main
 
-    parser = ArgumentParser(prog="mistral7b")
-    add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["finetune", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.run(args)
-    except USER_ERRORS as exc:
-        sys.stdout.flush()
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        return common.EXIT_USAGE
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return common.EXIT_INTERRUPTED
+    return cli_main(["finetune", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

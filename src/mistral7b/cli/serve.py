@@ -181,19 +181,10 @@ def common_line(exc: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m mistral7b.cli.serve ...`: the serve command without the other commands."""
-    from mistral7b.cli.main import USER_ERRORS, ArgumentParser, one_line
+    """`python -m mistral7b.cli.serve ...`: this command alone, with the CLI's error handling."""
+    from mistral7b.cli.main import main as cli_main
 
-    parser = ArgumentParser(prog="mistral7b")
-    add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.run(args)
-    except USER_ERRORS as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        return common.EXIT_USAGE
-    except KeyboardInterrupt:
-        return common.EXIT_INTERRUPTED
+    return cli_main(["serve", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
