@@ -422,11 +422,10 @@ class Serving:
             raise bad_request(f"n must be <= {self.settings.max_n}, got {n}", "n")
 
     def _check_ids(self, ids: list[int], param: str) -> None:
-        vocab = self.llm.config.vocab_size
-        bad = [i for i in ids if not 0 <= i < vocab]
-        if bad:
-            raise bad_request(f"token id(s) {bad[:5]} are outside the vocabulary [0, {vocab})",
-                              param, "invalid_token_id")
+        try:
+            self.llm.engine.check_ids(ids)  # the engine's own rule and message
+        except InputError as exc:
+            raise bad_request(str(exc), param, "invalid_token_id") from None
 
     def _completion_prompts(self, prompt: Any) -> list[tuple[list[int], str]]:
         """[(token ids, text to echo)] of a completions prompt (a batch of one or more)."""
