@@ -203,10 +203,7 @@ class LLM:
 
     def _events(self, prompts: list[list[int]], params: SamplingParams,
                 max_context: int | None):
-        tok = self.tokenizer
-        if tok is None:
-            raise Mistral7BError(f"{self.path}: this checkpoint has no tokenizer to decode "
-                                 "generated text")
+        tok = self.require_tokenizer()  # generated text is decoded with it
         return self.engine.generate(
             prompts, [params] * len(prompts), stop_ids=tok.stop_ids,
             decoders=[tok.decoder() for _ in prompts], max_context=max_context)
