@@ -196,8 +196,14 @@ def test_lora_trains_over_a_model_quantized_by_the_quant_package(tiny_folder, tm
 
     int4 = _llm(tiny_folder)
     quantize_model(int4.model, "int4")
-    with pytest.raises(InputError, match="qlora=4"):
-        Trainer(int4, TrainConfig(steps=1), tmp_path / "int4", progress=False)
+    if int4.model.layers[0].attention.wq.dequantize_is_slow:  # PyTorch's int4 layout
+        with pytest.raises(InputError, match="qlora=4"):
+            Trainer(int4, TrainConfig(steps=1), tmp_path / "int4", progress=False)
+    else:  # our kernel's panels read back cheaply: LoRA trains over them
+        result = Trainer(int4, TrainConfig(steps=8, lr=2e-2, batch_size=2, rank=4, alpha=8,
+                                           warmup=1), tmp_path / "int4",
+                         progress=False).fit(examples)
+        assert result.losses[-1] < 0.7 * result.losses[0]
 
 
 SECRET = "The secret password of the blue castle is Marzipan42."

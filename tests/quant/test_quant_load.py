@@ -49,8 +49,11 @@ def test_every_source_gives_the_same_quantized_model(tiny, quant):
         assert isinstance(model.output, kind)
         torch.testing.assert_close(_logits(model), in_memory, rtol=0, atol=1e-5, msg=fmt)
     # quantized, not broken: close to float and the same argmax nearly everywhere
+    # (this tiny random model has near-ties everywhere; a broken layer gives cosine ~ 0)
     agree = (in_memory.argmax(-1) == ref_float.argmax(-1)).float().mean()
-    assert agree >= (0.9 if quant == "int8" else 0.7)
+    cosine = torch.nn.functional.cosine_similarity(in_memory, ref_float, dim=-1).min()
+    assert agree >= (0.9 if quant == "int8" else 0.5)
+    assert cosine >= (0.99 if quant == "int8" else 0.8)
 
 
 @pytest.mark.parametrize("quant", ["int8", "int4"])

@@ -396,10 +396,11 @@ class Trainer:
 
 
 def _refuse_slow_int4(model: Any) -> None:
-    """mistral7b.quant's Int4Linear on the CPU can only read its weights back through its
-    kernel (one identity matmul per column block): a backward pass would take minutes."""
+    """mistral7b.quant's Int4Linear on PyTorch's CPU kernel can only read its weights back
+    through that kernel (one identity matmul per column block): a backward pass would take
+    minutes. (On our own kernel it reads them back cheaply.)"""
     for name, module in model.named_modules():
-        if type(module).__name__ == "Int4Linear" and getattr(module, "on_cpu", False):
+        if getattr(module, "dequantize_is_slow", False):
             raise InputError(f"{name}: LoRA training over a model loaded with quant='int4' is "
                              "impractically slow on the CPU; load it without quant and use "
                              "qlora=4 (--qlora int4), which dequantizes cheaply")

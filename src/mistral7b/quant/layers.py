@@ -4,9 +4,10 @@ Two representations of a quantized weight W (out, in):
 
 - the *portable* one (`Int8Weight`, `Int4Weight`): plain tensors with a fixed meaning, what
   the quantizers and the GGUF importer produce and what `mistral7b quantize` writes to disk;
-- the *kernel* one, inside `Int8Linear` / `Int4Linear`: whatever layout PyTorch's CPU
-  weight-only kernels want (`aten._weight_int8pack_mm`, `aten._weight_int4pack_mm_for_cpu`),
-  built once at load time from the portable one.
+- the *kernel* one, inside `Int8Linear` / `Int4Linear`, built once at load time from the
+  portable one: our AVX-512 VNNI kernel's panels (native.py, csrc/qmm.cpp) where that runs,
+  else whatever layout PyTorch's CPU weight-only kernels want (`aten._weight_int8pack_mm`,
+  `aten._weight_int4pack_mm_for_cpu`).
 
 int8, per output channel (symmetric):   W[n, k] = q[n, k] * scale[n],            q in [-127, 127]
 int4, per group of `group` inputs:      W[n, k] = q[n, k] * scale[n, g] + min[n, g],
@@ -17,8 +18,9 @@ min = m; Q4_0's (q - 8) * d is scale = d, min = -8 d; Q4_K's sub-blocks of 32 ar
 d_super * sc, min = -(dmin_super * m). PyTorch's int4 kernel computes (q - 8) * scale + zero,
 so the layer holds zero = min + 8 * scale (rounded once, in the kernel's dtype).
 
-The kernels want their scales in the activation dtype: a bf16 model multiplies with bf16
-scales (the float32 portable scales rounded once, at load), a float32 model with float32 ones.
+PyTorch's kernels want their scales in the activation dtype: a bf16 model multiplies with
+bf16 scales (the float32 portable scales rounded once, at load). Ours keeps them exact
+(float16 where that is exact, else float32) and takes any activation dtype.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mistral7b.quant import native
 
 INT4_GROUPS = (32, 64, 128, 256)
 _NP = {torch.uint8: np.uint8, torch.int32: np.int32}
@@ -112,7 +116,8 @@ def quantize_int8(w: torch.Tensor) -> Int8Weight:
 
 def quantize_int4(w: torch.Tensor, group: int = 32) -> Int4Weight:
     """Asymmetric int4 per group of `group` inputs (Q4_1's rule): min and max of the group
-    map to q = 0 and q = 15."""
+    map to q = 0 and q = 15. Scale and min are float16 values (as in Q4_1), so our kernel
+    stores them in 2 bytes each exactly (0.625 byte per weight in all)."""
     out, n_in = w.shape
     if n_in % group:
         raise ValueError(f"int4 group {group} does not divide in_features {n_in}")
@@ -121,13 +126,20 @@ def quantize_int4(w: torch.Tensor, group: int = 32) -> Int4Weight:
     mins = torch.empty(out, n_in // group)
     for r, c in _row_chunks(w):
         g = c.view(c.shape[0], -1, group)                                    # (rows, G, group)
-        lo, hi = g.amin(dim=2), g.amax(dim=2)
-        scale = ((hi - lo) / 15).clamp(min=1e-12)
+        lo, hi = _half_exact(g.amin(dim=2)), g.amax(dim=2)
+        # float16 keeps 11 significant bits: 1 + 2^-10 lifts the scale above its rounding
+        # down, so the max still fits in 15 steps
+        scale = _half_exact(((hi - lo) / 15 * (1 + 2**-10)).clamp(min=2**-14))
         g = g.sub_(lo[..., None]).div_(scale[..., None]).round_().clamp_(0, 15)
         q[r: r + len(c)] = pack_nibbles(g.view(c.shape[0], n_in))
         scales[r: r + len(c)] = scale
         mins[r: r + len(c)] = lo
     return Int4Weight(q, scales, mins, group)
+
+
+def _half_exact(t: torch.Tensor) -> torch.Tensor:
+    """t rounded to float16 where float16 can hold it (its range is +-65504)."""
+    return torch.where(t.abs() < 65000, t.half().float(), t)
 
 
 def int4_group_for(n_in: int, group: int) -> int:
@@ -142,21 +154,61 @@ def int4_group_for(n_in: int, group: int) -> int:
 # ---------------------------------------------------------------------------------- layers
 
 
-class Int8Linear(nn.Module):
+def use_native(device: torch.device, n_out: int, n_in: int, group: int) -> bool:
+    """Our AVX-512 VNNI kernel (native.py) where it runs and the shape fits it."""
+    return device.type == "cpu" and native.fits(n_out, n_in, group) and native.ops() is not None
+
+
+class _NativeLinear(nn.Module):
+    """The part of Int8Linear / Int4Linear that runs on our kernel: the weight as panels
+    (native.Panels) in buffers `qweight`, `scales` and `mins` (None for symmetric weights)."""
+
+    def _hold(self, p: native.Panels) -> None:
+        self.kernel = "native"
+        self.bits, self.group, self.offset = p.bits, p.group, p.offset
+        self.register_buffer("qweight", p.w)
+        self.register_buffer("scales", p.scale)
+        self.register_buffer("mins", p.mins)
+
+    def panels(self) -> native.Panels:
+        return native.Panels(self.qweight, self.scales, self.mins, self.bits, self.group,
+                             self.offset, self.out_features, self.in_features)
+
+    def _native_forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).to(torch.float32).contiguous()
+        y = native.ops().qmm(x2, self.qweight, self.scales, self.mins, self.bits, self.group,
+                             self.offset, self.out_features)
+        return y.to(x.dtype).view(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        name = f"int{self.bits}" + (f" group={self.group}" if self.bits == 4 else "")
+        return (f"in_features={self.in_features}, out_features={self.out_features}, {name}, "
+                f"kernel={self.kernel}")
+
+
+class Int8Linear(_NativeLinear):
     """y = x @ (q * scale)^T without materialising the float weight.
 
-    On the CPU `aten._weight_int8pack_mm` streams the int8 rows; it is fast with bf16
-    activations only (float32 activations take a ~10x slower path), so float32 inputs are
-    multiplied in bf16 and the result cast back (`compute_dtype`).
+    On a CPU with AVX-512 VNNI: our kernel (native.py; activations quantized to int8 per
+    block of 32, as llama.cpp's Q8_0 x Q8_0 product). Elsewhere on the CPU
+    `aten._weight_int8pack_mm`, which is fast with bf16 activations only (float32 activations
+    take a ~10x slower path), so float32 inputs are multiplied in bf16 and the result cast back
+    (`compute_dtype`).
     """
 
     def __init__(self, weight: Int8Weight, *, dtype: torch.dtype,
                  device: torch.device | str = "cpu") -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
+        self.bits = 8
         self.dtype = dtype
         device = torch.device(device)
         self.compute_dtype = torch.bfloat16 if device.type == "cpu" else dtype
+        if use_native(device, self.out_features, self.in_features, self.in_features):
+            self._hold(native.pack_int8(weight.q, weight.scale))
+            return
+        self.kernel = "torch"
         q = weight.q.to(device).contiguous()
         if q.data_ptr() % _ALIGN:
             # The CPU kernel reads the rows with aligned vector loads and crashes on a
@@ -165,16 +217,20 @@ class Int8Linear(nn.Module):
         self.register_buffer("qweight", q)
         self.register_buffer("scales", weight.scale.to(device, self.compute_dtype))
 
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
-
     def portable(self) -> Int8Weight:
+        if self.kernel == "native":
+            q = (self.panels().values().to(torch.int16) - 128).to(torch.int8)
+            return Int8Weight(q, native.unpanel(self.scales).reshape(-1).float())
         return Int8Weight(self.qweight.cpu(), self.scales.float().cpu())
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        if self.kernel == "native":
+            return self.panels().dequantize(dtype or self.dtype)
         return (self.qweight.float() * self.scales.float()[:, None]).to(dtype or self.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "native":
+            return self._native_forward(x)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if x2.device.type == "cpu" and x2.shape[0] < INT8_DEQUANT_ROWS:
@@ -192,29 +248,35 @@ class Int8Linear(nn.Module):
         return y.to(x.dtype).view(*lead, self.out_features)
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(_NativeLinear):
     """y = x @ W^T with W in groups of int4 (the module docstring's formula).
 
-    CPU: `aten._weight_int4pack_mm_for_cpu` on the nibbles repacked into its own layout,
-    with (in // group, out, 2) [scale, zero] in bf16 (float32 models) or the layer's dtype
-    (the kernel wants them in the activations' dtype). Other devices keep the
-    portable tensors ([scale, min] pairs) and dequantize on the fly (correct, not fast).
+    On a CPU with AVX-512 VNNI: our kernel (native.py), the nibbles repacked into its panels
+    with float16 scales where exact (float32 otherwise) and no mins for symmetric (Q4_0)
+    weights. Elsewhere on the CPU: `aten._weight_int4pack_mm_for_cpu` on the nibbles repacked
+    into its own layout, with (in // group, out, 2) [scale, zero] in bf16 (float32 models) or
+    the layer's dtype (the kernel wants them in the activations' dtype). Other devices keep
+    the portable tensors ([scale, min] pairs) and dequantize on the fly (correct, not fast).
     """
 
     def __init__(self, weight: Int4Weight, *, dtype: torch.dtype,
                  device: torch.device | str = "cpu") -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
+        self.bits = 4
         self.group = weight.group
         self.dtype = dtype
         device = torch.device(device)
         self.on_cpu = device.type == "cpu"
-        # The CPU kernel with float32 activations is ~10x slower than with bf16 (0.5 vs
+        # PyTorch's CPU kernel with float32 activations is ~10x slower than with bf16 (0.5 vs
         # 4.6 GB/s at decode, bench/bench_kernels.py): a float32 model multiplies in bf16.
         self.compute_dtype = torch.bfloat16 if self.on_cpu and dtype == torch.float32 else dtype
         if self.out_features % 16:
             raise ValueError(f"int4 needs out_features divisible by 16, got {self.out_features}")
-        if self.on_cpu:
+        if use_native(device, self.out_features, self.in_features, self.group):
+            self._hold(native.pack_int4(weight.q, weight.scale, weight.min, weight.group))
+        elif self.on_cpu:
+            self.kernel = "torch"
             # The kernel's layout packs blocks of 64 output rows independently, so rows can be
             # converted a slice at a time (the int32 input it wants is 8x the packed size).
             step = 64 * max(1, _CHUNK_VALUES // (64 * self.in_features))
@@ -228,18 +290,22 @@ class Int4Linear(nn.Module):
             self.register_buffer("qweight", packed)
             self.register_buffer("scales_and_zeros", sz.to(self.compute_dtype).contiguous())
         else:
+            self.kernel = "generic"
             self.register_buffer("qweight", weight.q.to(device))
             sz = torch.stack([weight.scale, weight.min], dim=-1)                 # (out, G, 2)
             self.register_buffer("scales_and_zeros", sz.to(device, dtype))
 
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"int4 group={self.group}")
+    @property
+    def dequantize_is_slow(self) -> bool:
+        """PyTorch's int4 layout can only be read back through its kernel (see dequantize)."""
+        return self.kernel == "torch"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "native":
+            return self._native_forward(x)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if self.on_cpu:
+        if self.kernel == "torch":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x2.to(self.compute_dtype), self.qweight, self.group, self.scales_and_zeros)
         else:
@@ -249,11 +315,13 @@ class Int4Linear(nn.Module):
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The float weight (out, in) this layer multiplies by."""
         dtype = dtype or self.dtype
-        if not self.on_cpu:
+        if self.kernel == "native":
+            return self.panels().dequantize(dtype)
+        if self.kernel == "generic":
             sz = self.scales_and_zeros.float()
             w = Int4Weight(self.qweight, sz[..., 0], sz[..., 1], self.group)
             return w.dequantize(dtype)
-        # The kernel's layout is its own business: read W back through the kernel itself,
+        # PyTorch's layout is its own business: read W back through the kernel itself,
         # I @ W^T, a slice of the identity at a time (exact: each output is 1 * w + 0s).
         rows = []
         for k0 in range(0, self.in_features, 1024):

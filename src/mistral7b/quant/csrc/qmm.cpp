@@ -1,0 +1,327 @@
+// y = x @ W^T for weights stored as 4- or 8-bit integers, on x86 CPUs with AVX-512 VNNI.
+//
+// The activations are quantized on the fly to int8 per block of 32 values (scale = max|x|/127,
+// as ggml's Q8_0 does), so every product is an 8-bit dot product: one `vpdpbusd` multiplies 64
+// unsigned weight bytes by 64 signed activation bytes and adds them in groups of four into 16
+// int32 lanes.
+//
+// Weight layout ("panels"): rows are taken 16 at a time, so that the 16 int32 lanes of one
+// register are 16 output rows and no horizontal sums are ever needed. For panel p and block b
+// of 32 inputs:
+//
+//   4-bit:  4 x 64 bytes; chunk j (0..3), lane r (row 16p + r), byte t (0..3):
+//           low nibble = q[row][32b + 4j + t], high nibble = q[row][32b + 16 + 4j + t]
+//   8-bit:  8 x 64 bytes; chunk j (0..7), lane r, byte t: q[row][32b + 4j + t] + 128
+//
+// so the low nibbles of chunk j pair with activation bytes 4j..4j+3 (one broadcast dword) and
+// the high nibbles with bytes 16+4j..16+4j+3. Values are unsigned (0..15, or q + 128 for int8).
+//
+// Scales come per group of G inputs (G a multiple of 32; G = K is per output channel), stored
+// [panel][group][16 rows] in float16 or float32. A weight is w = d * q + m: either with a
+// stored m per (row, group) ("affine"), or m = -offset * d (Q4_0: offset 8; int8: offset 128).
+// For one group g of one output row, with activation blocks b of scale a_b and int8 values v:
+//
+//   sum_k w_k x_k ~= d_g * sum_b a_b * sum_k q_k v_k  +  m_g * sum_b a_b * sum_k v_k
+//
+// The second sum (`sg` below) depends on the activations only and is computed once per row.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define M7_X86 1
+#define M7_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq,f16c,fma")))
+#else
+#define M7_X86 0
+#endif
+
+namespace {
+
+constexpr int64_t kBlock = 32;  // inputs per activation block
+constexpr int64_t kRows = 16;   // output rows per panel
+constexpr int kMaxTile = 4;     // activation rows that share one unpacked weight block
+
+bool cpu_has_vnni() {
+#if M7_X86
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
+         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("f16c");
+#else
+  return false;
+#endif
+}
+
+#if M7_X86
+
+// Activations of M rows, quantized: int8 values, one float scale per block of 32, and per group
+// of G the sum over its blocks of scale * (sum of the block's values).
+struct QuantizedActs {
+  std::vector<int8_t> q;
+  std::vector<float> a;
+  std::vector<float> sg;
+};
+
+M7_TARGET void quantize_row(const float* x, int64_t K, int64_t G, int8_t* q, float* a, float* sg) {
+  const __m512 sign = _mm512_set1_ps(-0.0f);
+  const int64_t blocks_per_group = G / kBlock;
+  float group_sum = 0.0f;
+  for (int64_t b = 0; b < K / kBlock; ++b) {
+    const __m512 x0 = _mm512_loadu_ps(x + b * kBlock);
+    const __m512 x1 = _mm512_loadu_ps(x + b * kBlock + 16);
+    const float amax = _mm512_reduce_max_ps(
+        _mm512_max_ps(_mm512_andnot_ps(sign, x0), _mm512_andnot_ps(sign, x1)));
+    const float scale = amax / 127.0f;
+    const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    const __m512 vinv = _mm512_set1_ps(inv);
+    // round to nearest, ties to even (the MXCSR default)
+    const __m512i i0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, vinv));
+    const __m512i i1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, vinv));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * kBlock), _mm512_cvtsepi32_epi8(i0));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * kBlock + 16), _mm512_cvtsepi32_epi8(i1));
+    a[b] = scale;
+    group_sum += scale * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1)));
+    if ((b + 1) % blocks_per_group == 0) {
+      sg[(b + 1) / blocks_per_group - 1] = group_sum;
+      group_sum = 0.0f;
+    }
+  }
+}
+
+template <typename S>
+M7_TARGET inline __m512 load16(const S* p);
+
+template <>
+M7_TARGET inline __m512 load16<float>(const float* p) { return _mm512_loadu_ps(p); }
+
+template <>
+M7_TARGET inline __m512 load16<at::Half>(const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// One panel (16 output rows) times T activation rows. BITS = 4 or 8; S = float or at::Half.
+template <int BITS, typename S, bool AFFINE, int T>
+M7_TARGET void panel(const uint8_t* w, const S* scale, const S* mins, const int8_t* q,
+                     const float* a, const float* sg, int64_t K, int64_t G, float offset,
+                     float* y, int64_t N) {
+  constexpr int kChunks = BITS == 4 ? 4 : 8;   // 64-byte loads per block
+  constexpr int64_t kBlockBytes = kChunks * 64;
+  const int64_t n_blocks = K / kBlock, n_groups = K / G, blocks_per_group = G / kBlock;
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  __m512 acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < n_groups; ++g) {
+    __m512 inner[T];
+    for (int t = 0; t < T; ++t) inner[t] = _mm512_setzero_ps();
+    for (int64_t bb = 0; bb < blocks_per_group; ++bb) {
+      const int64_t b = g * blocks_per_group + bb;
+      const uint8_t* wb = w + b * kBlockBytes;
+      __m512i wv[8];
+      if constexpr (BITS == 4) {
+        for (int j = 0; j < 4; ++j) {
+          const __m512i v = _mm512_loadu_si512(wb + 64 * j);
+          wv[2 * j] = _mm512_and_si512(v, low4);
+          wv[2 * j + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+        }
+      } else {
+        for (int j = 0; j < 8; ++j) wv[j] = _mm512_loadu_si512(wb + 64 * j);
+      }
+      for (int t = 0; t < T; ++t) {
+        const int32_t* v = reinterpret_cast<const int32_t*>(q + t * K + b * kBlock);
+        __m512i isum = _mm512_setzero_si512();
+        if constexpr (BITS == 4) {
+          for (int j = 0; j < 4; ++j) {
+            isum = _mm512_dpbusd_epi32(isum, wv[2 * j], _mm512_set1_epi32(v[j]));
+            isum = _mm512_dpbusd_epi32(isum, wv[2 * j + 1], _mm512_set1_epi32(v[4 + j]));
+          }
+        } else {
+          for (int j = 0; j < 8; ++j)
+            isum = _mm512_dpbusd_epi32(isum, wv[j], _mm512_set1_epi32(v[j]));
+        }
+        inner[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum),
+                                   _mm512_set1_ps(a[t * n_blocks + b]), inner[t]);
+      }
+    }
+    const __m512 d = load16(scale + g * kRows);
+    if constexpr (AFFINE) {
+      const __m512 m = load16(mins + g * kRows);
+      for (int t = 0; t < T; ++t)
+        acc[t] = _mm512_fmadd_ps(d, inner[t],
+                                 _mm512_fmadd_ps(m, _mm512_set1_ps(sg[t * n_groups + g]), acc[t]));
+    } else {
+      for (int t = 0; t < T; ++t) {
+        const __m512 corr = _mm512_set1_ps(offset * sg[t * n_groups + g]);
+        acc[t] = _mm512_fmadd_ps(d, _mm512_sub_ps(inner[t], corr), acc[t]);
+      }
+    }
+  }
+  for (int t = 0; t < T; ++t) _mm512_storeu_ps(y + t * N, acc[t]);
+}
+
+template <int BITS, typename S, bool AFFINE>
+void run(const float* x, int64_t M, int64_t K, int64_t N, int64_t G, const uint8_t* w,
+         const S* scale, const S* mins, float offset, float* y) {
+  const int64_t n_blocks = K / kBlock, n_groups = K / G;
+  QuantizedActs acts;
+  acts.q.resize(M * K);
+  acts.a.resize(M * n_blocks);
+  acts.sg.resize(M * n_groups);
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      quantize_row(x + m * K, K, G, acts.q.data() + m * K, acts.a.data() + m * n_blocks,
+                   acts.sg.data() + m * n_groups);
+  });
+  constexpr int64_t kPanelBytesPerBlock = BITS == 4 ? 256 : 512;
+  const int64_t panel_bytes = n_blocks * kPanelBytesPerBlock;
+  const int64_t panel_scales = n_groups * kRows;
+  at::parallel_for(0, N / kRows, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const uint8_t* wp = w + p * panel_bytes;
+      const S* sp = scale + p * panel_scales;
+      const S* mp = AFFINE ? mins + p * panel_scales : nullptr;
+      for (int64_t m = 0; m < M; m += kMaxTile) {
+        const int64_t T = std::min<int64_t>(kMaxTile, M - m);
+        const int8_t* qm = acts.q.data() + m * K;
+        const float* am = acts.a.data() + m * n_blocks;
+        const float* gm = acts.sg.data() + m * n_groups;
+        float* ym = y + m * N + p * kRows;
+        switch (T) {
+          case 4: panel<BITS, S, AFFINE, 4>(wp, sp, mp, qm, am, gm, K, G, offset, ym, N); break;
+          case 3: panel<BITS, S, AFFINE, 3>(wp, sp, mp, qm, am, gm, K, G, offset, ym, N); break;
+          case 2: panel<BITS, S, AFFINE, 2>(wp, sp, mp, qm, am, gm, K, G, offset, ym, N); break;
+          default: panel<BITS, S, AFFINE, 1>(wp, sp, mp, qm, am, gm, K, G, offset, ym, N);
+        }
+      }
+    }
+  });
+}
+
+template <typename S>
+void dispatch_affine(int64_t bits, bool affine, const float* x, int64_t M, int64_t K, int64_t N,
+                     int64_t G, const uint8_t* w, const S* scale, const S* mins, float offset,
+                     float* y) {
+  if (bits == 4) {
+    if (affine) run<4, S, true>(x, M, K, N, G, w, scale, mins, offset, y);
+    else run<4, S, false>(x, M, K, N, G, w, scale, mins, offset, y);
+  } else {
+    if (affine) run<8, S, true>(x, M, K, N, G, w, scale, mins, offset, y);
+    else run<8, S, false>(x, M, K, N, G, w, scale, mins, offset, y);
+  }
+}
+
+#endif  // M7_X86
+
+// ------------------------------------------------------------------------------------ ops
+
+bool has_vnni() { return cpu_has_vnni(); }
+
+// x (M, K) float32; w the panels (uint8, N/16 * K/32 * 256 or 512 bytes); scale and mins
+// (N/16, K/G, 16) float16 or float32 (mins: None for the symmetric form). Returns (M, N) float32.
+at::Tensor qmm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
+               const std::optional<at::Tensor>& mins, int64_t bits, int64_t group,
+               double offset, int64_t n_out) {
+  TORCH_CHECK(cpu_has_vnni(), "mistral7b qmm needs a CPU with AVX-512 VNNI");
+  TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8, got ", bits);
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "x must be a contiguous 2-D float32 tensor");
+  const int64_t M = x.size(0), K = x.size(1), N = n_out;
+  TORCH_CHECK(K % kBlock == 0 && N % kRows == 0, "K must be a multiple of 32 and N of 16");
+  TORCH_CHECK(group % kBlock == 0 && K % group == 0, "group must be a multiple of 32 dividing K");
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous() &&
+                  w.numel() == N * K * bits / 8,
+              "w must hold ", N * K * bits / 8, " contiguous bytes");
+  TORCH_CHECK(scale.is_contiguous() && scale.numel() == N * (K / group), "scale size");
+  const bool affine = mins.has_value();
+  if (affine)
+    TORCH_CHECK(mins->scalar_type() == scale.scalar_type() && mins->is_contiguous() &&
+                    mins->numel() == scale.numel(),
+                "mins must match scale");
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0) return y;
+#if M7_X86
+  const auto* wp = w.data_ptr<uint8_t>();
+  if (scale.scalar_type() == at::kFloat) {
+    dispatch_affine<float>(bits, affine, x.data_ptr<float>(), M, K, N, group, wp,
+                           scale.data_ptr<float>(), affine ? mins->data_ptr<float>() : nullptr,
+                           static_cast<float>(offset), y.data_ptr<float>());
+  } else {
+    TORCH_CHECK(scale.scalar_type() == at::kHalf, "scale must be float16 or float32");
+    dispatch_affine<at::Half>(bits, affine, x.data_ptr<float>(), M, K, N, group, wp,
+                              scale.data_ptr<at::Half>(),
+                              affine ? mins->data_ptr<at::Half>() : nullptr,
+                              static_cast<float>(offset), y.data_ptr<float>());
+  }
+#endif
+  return y;
+}
+
+// Portable 4-bit weights (N, K/2), low nibble = column 2i, high = column 2i + 1, values 0..15
+// -> the panel layout above.
+at::Tensor pack4(const at::Tensor& q) {
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kByte, "q must be (N, K/2) uint8");
+  at::Tensor src = q.contiguous();
+  const int64_t N = src.size(0), K = src.size(1) * 2;
+  TORCH_CHECK(N % kRows == 0 && K % kBlock == 0, "N must be a multiple of 16, K of 32");
+  at::Tensor out = at::empty({N * K / 2}, src.options());
+  const uint8_t* s = src.data_ptr<uint8_t>();
+  uint8_t* o = out.data_ptr<uint8_t>();
+  const int64_t n_blocks = K / kBlock;
+  at::parallel_for(0, N / kRows, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p)
+      for (int64_t b = 0; b < n_blocks; ++b) {
+        uint8_t* ob = o + (p * n_blocks + b) * 256;
+        for (int64_t r = 0; r < kRows; ++r) {
+          const uint8_t* row = s + (p * kRows + r) * (K / 2) + b * (kBlock / 2);
+          auto value = [row](int64_t k) { return (row[k / 2] >> (4 * (k % 2))) & 0x0F; };
+          for (int j = 0; j < 4; ++j)
+            for (int t = 0; t < 4; ++t)
+              ob[64 * j + 4 * r + t] =
+                  static_cast<uint8_t>(value(4 * j + t) | (value(16 + 4 * j + t) << 4));
+        }
+      }
+  });
+  return out;
+}
+
+// int8 weights (N, K) -> the 8-bit panel layout (values stored + 128).
+at::Tensor pack8(const at::Tensor& q) {
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar, "q must be (N, K) int8");
+  at::Tensor src = q.contiguous();
+  const int64_t N = src.size(0), K = src.size(1);
+  TORCH_CHECK(N % kRows == 0 && K % kBlock == 0, "N must be a multiple of 16, K of 32");
+  at::Tensor out = at::empty({N * K}, src.options().dtype(at::kByte));
+  const int8_t* s = src.data_ptr<int8_t>();
+  uint8_t* o = out.data_ptr<uint8_t>();
+  const int64_t n_blocks = K / kBlock;
+  at::parallel_for(0, N / kRows, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p)
+      for (int64_t b = 0; b < n_blocks; ++b) {
+        uint8_t* ob = o + (p * n_blocks + b) * 512;
+        for (int64_t r = 0; r < kRows; ++r) {
+          const int8_t* row = s + (p * kRows + r) * K + b * kBlock;
+          for (int j = 0; j < 8; ++j)
+            for (int t = 0; t < 4; ++t)
+              ob[64 * j + 4 * r + t] = static_cast<uint8_t>(row[4 * j + t] + 128);
+        }
+      }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(mistral7b_qmm, m) {
+  m.def("has_vnni() -> bool", &has_vnni);
+  m.def("qmm(Tensor x, Tensor w, Tensor scale, Tensor? mins, int bits, int group, float offset, "
+        "int n_out) -> Tensor",
+        &qmm);
+  m.def("pack4(Tensor q) -> Tensor", &pack4);
+  m.def("pack8(Tensor q) -> Tensor", &pack8);
+}

@@ -1,0 +1,188 @@
+"""Our CPU kernel for int4/int8 weights (csrc/qmm.cpp), compiled on first use and cached.
+
+    ops = native.ops()          # None where it cannot run: then layers.py uses PyTorch's kernels
+    y = ops.qmm(x, w, scale, mins, bits, group, offset, n_out)
+
+The extension is built with the C++ compiler PyTorch's own extensions use (`CXX`, else `c++`)
+against the installed torch, into `$XDG_CACHE_HOME/mistral7b/` (default `~/.cache`), named by a
+hash of the source, the torch version and the compiler, so an upgrade rebuilds it. A build takes
+about a minute once per machine; it happens at the first quantized load. It is used only on an
+x86 CPU with AVX-512 VNNI (checked at run time); `MISTRAL7B_NATIVE=0` turns it off.
+
+Threads: the extension calls `at::parallel_for`, whose OpenMP runtime is the `libgomp.so.1`
+torch already loaded (the same soname), so both share one pool and never fight for cores.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "qmm.cpp"
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "mistral7b" / "kernels"
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+
+
+def _build_command(cxx: str, src: Path, out: Path) -> list[str]:
+    from torch.utils.cpp_extension import include_paths
+
+    torch_lib = Path(torch.__file__).parent / "lib"
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    return [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp",
+            f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+            *[f"-I{p}" for p in include_paths()], str(src), "-o", str(out),
+            f"-L{torch_lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_lib}"]
+
+
+def library_path(cxx: str) -> Path:
+    digest = hashlib.sha256()
+    digest.update(SOURCE.read_bytes())
+    digest.update(f"{torch.__version__}|{cxx}|{sys.platform}".encode())
+    return cache_dir() / f"qmm-{digest.hexdigest()[:16]}.so"
+
+
+def build(verbose: bool = False) -> Path:
+    """Compile the extension if it is not cached yet; returns the library's path."""
+    cxx = _compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (set CXX or install g++)")
+    target = library_path(cxx)
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        cmd = _build_command(cxx, SOURCE, out)
+        log.info("building the int4/int8 CPU kernel (once): %s", " ".join(cmd))
+        run = subprocess.run(cmd, check=False, capture_output=True, text=True)
+        if run.returncode != 0:
+            raise RuntimeError(f"compiling {SOURCE.name} failed:\n{run.stderr[-4000:]}")
+        if verbose:
+            print(run.stderr, file=sys.stderr)
+        os.replace(out, target)  # atomic: a concurrent build of the same file is harmless
+    return target
+
+
+@functools.cache
+def ops():
+    """`torch.ops.mistral7b_qmm` where the kernel can run here, else None (with a log line
+    saying why)."""
+    if os.environ.get("MISTRAL7B_NATIVE", "1") == "0":
+        return None
+    if torch.device("cpu").type != "cpu" or not _is_x86():
+        return None
+    try:
+        torch.ops.load_library(str(build()))
+    except (RuntimeError, OSError) as exc:
+        log.warning("the int4/int8 CPU kernel is unavailable, using PyTorch's slower ones: %s",
+                    exc)
+        return None
+    namespace = torch.ops.mistral7b_qmm
+    if not namespace.has_vnni():
+        return None
+    return namespace
+
+
+def _is_x86() -> bool:
+    import platform
+
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
+# ---------------------------------------------------------------------------- the layout
+
+
+@dataclass
+class Panels:
+    """One weight (n_out, n_in) in the kernel's layout (csrc/qmm.cpp's header): w = d * q + m
+    per group of `group` inputs, with m = mins or, when mins is None, -offset * d."""
+
+    w: torch.Tensor              # uint8, the panels, flat
+    scale: torch.Tensor          # (n_out / 16, n_in / group, 16) float16 or float32
+    mins: torch.Tensor | None    # same, or None
+    bits: int
+    group: int
+    offset: float
+    n_out: int
+    n_in: int
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """(M, n_in) float32 contiguous -> (M, n_out) float32."""
+        return ops().qmm(x, self.w, self.scale, self.mins, self.bits, self.group, self.offset,
+                         self.n_out)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (self.w, self.scale, self.mins) if t is not None)
+
+    def values(self) -> torch.Tensor:
+        """(n_out, n_in) the unsigned stored values (0..15, or q + 128 for 8 bits)."""
+        n, k = self.n_out, self.n_in
+        if self.bits == 8:
+            v = self.w.view(n // 16, k // 32, 8, 16, 4)                    # (p, b, j, r, t)
+            return v.permute(0, 3, 1, 2, 4).reshape(n, k)
+        v = self.w.view(n // 16, k // 32, 4, 16, 4)
+        halves = torch.stack([v & 0x0F, v >> 4], dim=2)                     # (p, b, h, j, r, t)
+        return halves.permute(0, 4, 1, 2, 3, 5).reshape(n, k)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        n, k, g = self.n_out, self.n_in, self.group
+        d = unpanel(self.scale).float()[..., None]                         # (n, k / g, 1)
+        q = self.values().float().view(n, k // g, g)
+        m = unpanel(self.mins).float()[..., None] if self.mins is not None else -self.offset * d
+        return (q * d + m).view(n, k).to(dtype)
+
+
+def panel(s: torch.Tensor) -> torch.Tensor:
+    """Per-row group values (n_out, groups) -> (n_out / 16, groups, 16)."""
+    n, groups = s.shape
+    return s.reshape(n // 16, 16, groups).transpose(1, 2).contiguous()
+
+
+def unpanel(s: torch.Tensor) -> torch.Tensor:
+    return s.transpose(1, 2).reshape(-1, s.shape[1])
+
+
+def fits(n_out: int, n_in: int, group: int) -> bool:
+    """Shapes the kernel takes (every Mistral and SmolLM2 linear does)."""
+    return n_out % 16 == 0 and n_in % 32 == 0 and group % 32 == 0 and n_in % group == 0
+
+
+def _exact_half(*ts: torch.Tensor) -> bool:
+    return all(torch.equal(t.half().float(), t.float()) for t in ts)
+
+
+def pack_int4(q: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor, group: int) -> Panels:
+    """Portable int4 (layers.Int4Weight's q / scale / min) -> panels. Scales are stored in
+    float16 when that is exact (GGUF Q4_0/Q4_1, our quantizer), else float32 (Q4_K's d * sc);
+    a min of exactly -8 * scale (Q4_0) is not stored at all."""
+    n, k = q.shape[0], q.shape[1] * 2
+    symmetric = torch.equal(mins, scale * -8.0)
+    dtype = torch.float16 if _exact_half(scale, mins) else torch.float32
+    return Panels(ops().pack4(q), panel(scale.to(dtype)),
+                  None if symmetric else panel(mins.to(dtype)), 4, group, 8.0, n, k)
+
+
+def pack_int8(q: torch.Tensor, scale: torch.Tensor) -> Panels:
+    """Per-channel int8 (layers.Int8Weight) -> panels with one float32 scale per row."""
+    n, k = q.shape
+    return Panels(ops().pack8(q), panel(scale.float().reshape(n, 1)), None, 8, k, 128.0, n, k)

@@ -1,0 +1,93 @@
+"""Our int4/int8 CPU kernel (csrc/qmm.cpp) against its written rule, computed in float64.
+
+The rule (native.py / qmm.cpp): activations are quantized per block of 32 to int8 with scale
+max|x| / 127 and round-half-to-even; weights are w = d * q + m per group. So the kernel must
+equal (dequantized activations) @ (dequantized weights)^T up to float32 summation.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mistral7b.quant import native
+from mistral7b.quant.layers import quantize_int4, quantize_int8
+
+pytestmark = pytest.mark.skipif(native.ops() is None,
+                                reason="needs an x86 CPU with AVX-512 VNNI and a C++ compiler")
+
+
+def _activations_as_the_kernel_sees_them(x: torch.Tensor) -> torch.Tensor:
+    blocks = x.view(x.shape[0], -1, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))  # float32, as in C++
+    q = torch.round(blocks * inv)                                        # half to even
+    return (q.double() * (amax.double() / 127.0)).view_as(x)
+
+
+def _close(y: torch.Tensor, want: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
+    slack = 1e-5 * (x.abs().double() @ w.abs().double().t()) + 1e-6
+    assert ((y.double() - want).abs() <= slack).all(), float((y.double() - want).abs().max())
+
+
+def _data(m, n, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g)
+    x[0, :32] = 0.0           # an all-zero block (scale 0)
+    x[-1, 5] = 40.0           # an outlier
+    return x, torch.randn(n, k, generator=g) / k**0.5
+
+
+@pytest.mark.parametrize(("m", "n", "k", "group"),
+                         [(1, 16, 32, 32), (3, 48, 96, 32), (4, 32, 256, 64), (5, 32, 256, 128),
+                          (9, 64, 256, 256), (17, 16, 128, 32)])
+@pytest.mark.parametrize("form", ["affine", "symmetric", "float32 scales"])
+def test_int4_kernel_follows_its_rule(m, n, k, group, form):
+    x, w = _data(m, n, k, seed=m * 7 + n)
+    q = quantize_int4(w, group)
+    scale, mins = q.scale, q.min
+    if form == "symmetric":          # Q4_0's form: min = -8 scale, not stored
+        mins = scale * -8.0
+    if form == "float32 scales":     # Q4_K's d * sc products are not float16 values
+        scale = scale * (1 + 2**-15)
+    p = native.pack_int4(q.q, scale, mins, group)
+    assert (p.mins is None) == (form == "symmetric")
+    assert p.scale.dtype == (torch.float32 if form == "float32 scales" else torch.float16)
+    # w = d q + m in float32, as gguf's dequantizer computes it
+    weights = (q.unpacked(torch.int32).float().view(n, -1, group) * scale[..., None]
+               + mins[..., None]).view(n, k)
+    assert torch.equal(p.dequantize(torch.float32), weights)
+    _close(p.matmul(x), _activations_as_the_kernel_sees_them(x) @ weights.double().t(), x, w)
+
+
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 16, 32), (4, 48, 96), (7, 32, 512)])
+def test_int8_kernel_follows_its_rule(m, n, k):
+    x, w = _data(m, n, k, seed=m + n)
+    q = quantize_int8(w)
+    p = native.pack_int8(q.q, q.scale)
+    weights = q.q.double() * q.scale.double()[:, None]
+    assert torch.equal(p.dequantize(torch.float64), weights)
+    _close(p.matmul(x), _activations_as_the_kernel_sees_them(x) @ weights.t(), x, w)
+
+
+def test_panels_hold_the_stored_values():
+    g = torch.Generator().manual_seed(3)
+    values = torch.randint(0, 16, (32, 64), generator=g, dtype=torch.uint8)
+    packed = values[:, 0::2] | (values[:, 1::2] << 4)       # portable: low nibble first
+    ones = torch.ones(32, 2)
+    assert torch.equal(native.pack_int4(packed, ones, ones * 0, 32).values(), values)
+    q8 = torch.randint(-127, 128, (16, 64), generator=g, dtype=torch.int8)
+    stored = native.pack_int8(q8, torch.ones(16)).values()
+    assert torch.equal(stored.to(torch.int16) - 128, q8.to(torch.int16))
+
+
+def test_bad_shapes_are_refused():
+    ops = native.ops()
+    p = native.pack_int4(torch.zeros(16, 16, dtype=torch.uint8), torch.ones(16, 1),
+                         torch.zeros(16, 1), 32)
+    with pytest.raises(RuntimeError, match="float32"):
+        ops.qmm(torch.zeros(1, 32, dtype=torch.float64), p.w, p.scale, p.mins, 4, 32, 8.0, 16)
+    with pytest.raises(RuntimeError, match="contiguous bytes"):
+        ops.qmm(torch.zeros(1, 32), p.w[:-1], p.scale, p.mins, 4, 32, 8.0, 16)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        ops.pack4(torch.zeros(8, 16, dtype=torch.uint8))
