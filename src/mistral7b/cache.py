@@ -27,7 +27,7 @@ slot for Mistral 7B in bf16, 512 MiB per sequence at W = 4096 however long the s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -49,6 +49,17 @@ class AttentionPlan:
     write_t: torch.Tensor           # (N,) its index inside the chunk
     write_row: torch.Tensor         # (N,) its cache row
     write_slot: torch.Tensor        # (N,) the slot it goes to
+    _grouped: dict[int, torch.Tensor | None] = field(default_factory=dict, repr=False)
+
+    def grouped_mask(self, groups: int) -> torch.Tensor | None:
+        """The mask for G query heads folded into the query axis, (B, 1, G*T, K), built once
+        per step (not once per layer); None when every key is visible to every query (a
+        decode step whose keys all lie in the window), which lets attention skip masking."""
+        if groups not in self._grouped:
+            full = bool(self.mask.all())
+            mask = self.mask.repeat(1, 1, groups, 1) if groups > 1 else self.mask
+            self._grouped[groups] = None if full else mask
+        return self._grouped[groups]
 
 
 class KVCache:

@@ -58,7 +58,7 @@ class Attention(nn.Module):
         # the query-length axis, (B, T, KV*G, Dh) -> (B, KV, G*T, Dh). Query heads
         # kv*G .. kv*G+G-1 share kv head kv, as in the reference (repeat_interleave order).
         q = q.view(B, T, KV, G, Dh).permute(0, 2, 3, 1, 4).reshape(B, KV, G * T, Dh)
-        mask = plan.mask.repeat(1, 1, G, 1) if G > 1 else plan.mask            # (B, 1, G*T, K)
+        mask = plan.grouped_mask(G)                                          # (B, 1, G*T, K)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (B, KV, G*T, Dh)
         out = out.view(B, KV, G, T, Dh).permute(0, 3, 1, 2, 4).reshape(B, T, -1)
         return self.wo(out)

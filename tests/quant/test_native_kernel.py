@@ -91,3 +91,16 @@ def test_bad_shapes_are_refused():
         ops.qmm(torch.zeros(1, 32), p.w[:-1], p.scale, p.mins, 4, 32, 8.0, 16)
     with pytest.raises(RuntimeError, match="multiple of 16"):
         ops.pack4(torch.zeros(8, 16, dtype=torch.uint8))
+
+
+def test_bfloat16_in_bfloat16_out():
+    x, w = _data(5, 48, 256, seed=11)
+    xb = x.bfloat16()
+    q = quantize_int4(w, 32)
+    p = native.pack_int4(q.q, q.scale, q.min, 32)
+    y = p.matmul(xb)
+    assert y.dtype == torch.bfloat16
+    want = _activations_as_the_kernel_sees_them(xb.float()) @ q.dequantize().double().t()
+    # float32 sums, then one rounding to bfloat16 (8 significant bits)
+    slack = 1e-5 * (x.abs().double() @ w.abs().double().t()) + 2**-8 * want.abs() + 1e-6
+    assert ((y.double() - want).abs() <= slack).all()

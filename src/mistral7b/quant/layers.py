@@ -176,9 +176,11 @@ class _NativeLinear(nn.Module):
 
     def _native_forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).to(torch.float32).contiguous()
-        y = native.ops().qmm(x2, self.qweight, self.scales, self.mins, self.bits, self.group,
-                             self.offset, self.out_features)
+        x2 = x.reshape(-1, self.in_features)
+        if x2.dtype not in (torch.float32, torch.bfloat16):
+            x2 = x2.float()
+        y = native.ops().qmm(x2.contiguous(), self.qweight, self.scales, self.mins, self.bits,
+                             self.group, self.offset, self.out_features)
         return y.to(x.dtype).view(*lead, self.out_features)
 
     def extra_repr(self) -> str:

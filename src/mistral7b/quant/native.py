@@ -126,7 +126,7 @@ class Panels:
     n_in: int
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """(M, n_in) float32 contiguous -> (M, n_out) float32."""
+        """(M, n_in) float32 or bfloat16, contiguous -> (M, n_out) of the same dtype."""
         return ops().qmm(x, self.w, self.scale, self.mins, self.bits, self.group, self.offset,
                          self.n_out)
 

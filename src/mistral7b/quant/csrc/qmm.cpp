@@ -69,13 +69,31 @@ struct QuantizedActs {
   std::vector<float> sg;
 };
 
-M7_TARGET void quantize_row(const float* x, int64_t K, int64_t G, int8_t* q, float* a, float* sg) {
+M7_TARGET inline __m512 load_x(const float* p) { return _mm512_loadu_ps(p); }
+
+M7_TARGET inline __m512 load_x(const at::BFloat16* p) {  // bf16 is float32's top half
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+M7_TARGET inline void store_y(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+
+M7_TARGET inline void store_y(at::BFloat16* p, __m512 v) {  // round to nearest even
+  __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  bits = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                      _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+}
+
+template <typename X>
+M7_TARGET void quantize_row(const X* x, int64_t K, int64_t G, int8_t* q, float* a, float* sg) {
   const __m512 sign = _mm512_set1_ps(-0.0f);
   const int64_t blocks_per_group = G / kBlock;
   float group_sum = 0.0f;
   for (int64_t b = 0; b < K / kBlock; ++b) {
-    const __m512 x0 = _mm512_loadu_ps(x + b * kBlock);
-    const __m512 x1 = _mm512_loadu_ps(x + b * kBlock + 16);
+    const __m512 x0 = load_x(x + b * kBlock);
+    const __m512 x1 = load_x(x + b * kBlock + 16);
     const float amax = _mm512_reduce_max_ps(
         _mm512_max_ps(_mm512_andnot_ps(sign, x0), _mm512_andnot_ps(sign, x1)));
     const float scale = amax / 127.0f;
@@ -107,12 +125,13 @@ M7_TARGET inline __m512 load16<at::Half>(const at::Half* p) {
 }
 
 // One panel (16 output rows) times T activation rows. BITS = 4 or 8; S = float or at::Half.
-template <int BITS, typename S, bool AFFINE, int T>
+template <int BITS, typename S, bool AFFINE, int T, typename Y>
 M7_TARGET void panel(const uint8_t* w, const S* scale, const S* mins, const int8_t* q,
                      const float* a, const float* sg, int64_t K, int64_t G, float offset,
-                     float* y, int64_t N) {
+                     Y* y, int64_t N) {
   constexpr int kChunks = BITS == 4 ? 4 : 8;   // 64-byte loads per block
   constexpr int64_t kBlockBytes = kChunks * 64;
+  constexpr int kChains = T == 1 ? 4 : 2;
   const int64_t n_blocks = K / kBlock, n_groups = K / G, blocks_per_group = G / kBlock;
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   __m512 acc[T];
@@ -135,17 +154,19 @@ M7_TARGET void panel(const uint8_t* w, const S* scale, const S* mins, const int8
       }
       for (int t = 0; t < T; ++t) {
         const int32_t* v = reinterpret_cast<const int32_t*>(q + t * K + b * kBlock);
-        __m512i isum = _mm512_setzero_si512();
-        if constexpr (BITS == 4) {
-          for (int j = 0; j < 4; ++j) {
-            isum = _mm512_dpbusd_epi32(isum, wv[2 * j], _mm512_set1_epi32(v[j]));
-            isum = _mm512_dpbusd_epi32(isum, wv[2 * j + 1], _mm512_set1_epi32(v[4 + j]));
-          }
-        } else {
-          for (int j = 0; j < 8; ++j)
-            isum = _mm512_dpbusd_epi32(isum, wv[j], _mm512_set1_epi32(v[j]));
+        // The 8 products of a block go to kChains independent sums: one chain of 8 dependent
+        // vpdpbusd would wait on its latency (~5 cycles each), not on memory.
+        __m512i sums[kChains];
+        for (int c = 0; c < kChains; ++c) sums[c] = _mm512_setzero_si512();
+        for (int i = 0; i < 8; ++i) {
+          // 4-bit: pair i is (low nibbles of chunk i/2, bytes 4(i/2)..) for even i, (high
+          // nibbles, bytes 16 + 4(i/2)..) for odd i; 8-bit: (chunk i, bytes 4i..)
+          const int dword = BITS == 4 ? (i % 2) * 4 + i / 2 : i;
+          sums[i % kChains] =
+              _mm512_dpbusd_epi32(sums[i % kChains], wv[i], _mm512_set1_epi32(v[dword]));
         }
-        inner[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum),
+        for (int c = 1; c < kChains; ++c) sums[0] = _mm512_add_epi32(sums[0], sums[c]);
+        inner[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[0]),
                                    _mm512_set1_ps(a[t * n_blocks + b]), inner[t]);
       }
     }
@@ -162,12 +183,12 @@ M7_TARGET void panel(const uint8_t* w, const S* scale, const S* mins, const int8
       }
     }
   }
-  for (int t = 0; t < T; ++t) _mm512_storeu_ps(y + t * N, acc[t]);
+  for (int t = 0; t < T; ++t) store_y(y + t * N, acc[t]);
 }
 
-template <int BITS, typename S, bool AFFINE>
-void run(const float* x, int64_t M, int64_t K, int64_t N, int64_t G, const uint8_t* w,
-         const S* scale, const S* mins, float offset, float* y) {
+template <int BITS, typename S, bool AFFINE, typename X>
+void run(const X* x, int64_t M, int64_t K, int64_t N, int64_t G, const uint8_t* w,
+         const S* scale, const S* mins, float offset, X* y) {
   const int64_t n_blocks = K / kBlock, n_groups = K / G;
   QuantizedActs acts;
   acts.q.resize(M * K);
@@ -191,7 +212,7 @@ void run(const float* x, int64_t M, int64_t K, int64_t N, int64_t G, const uint8
         const int8_t* qm = acts.q.data() + m * K;
         const float* am = acts.a.data() + m * n_blocks;
         const float* gm = acts.sg.data() + m * n_groups;
-        float* ym = y + m * N + p * kRows;
+        X* ym = y + m * N + p * kRows;
         switch (T) {
           case 4: panel<BITS, S, AFFINE, 4>(wp, sp, mp, qm, am, gm, K, G, offset, ym, N); break;
           case 3: panel<BITS, S, AFFINE, 3>(wp, sp, mp, qm, am, gm, K, G, offset, ym, N); break;
@@ -203,10 +224,10 @@ void run(const float* x, int64_t M, int64_t K, int64_t N, int64_t G, const uint8
   });
 }
 
-template <typename S>
-void dispatch_affine(int64_t bits, bool affine, const float* x, int64_t M, int64_t K, int64_t N,
+template <typename S, typename X>
+void dispatch_affine(int64_t bits, bool affine, const X* x, int64_t M, int64_t K, int64_t N,
                      int64_t G, const uint8_t* w, const S* scale, const S* mins, float offset,
-                     float* y) {
+                     X* y) {
   if (bits == 4) {
     if (affine) run<4, S, true>(x, M, K, N, G, w, scale, mins, offset, y);
     else run<4, S, false>(x, M, K, N, G, w, scale, mins, offset, y);
@@ -222,15 +243,17 @@ void dispatch_affine(int64_t bits, bool affine, const float* x, int64_t M, int64
 
 bool has_vnni() { return cpu_has_vnni(); }
 
-// x (M, K) float32; w the panels (uint8, N/16 * K/32 * 256 or 512 bytes); scale and mins
-// (N/16, K/G, 16) float16 or float32 (mins: None for the symmetric form). Returns (M, N) float32.
+// x (M, K) float32 or bfloat16; w the panels (uint8, N/16 * K/32 * 256 or 512 bytes); scale
+// and mins (N/16, K/G, 16) float16 or float32 (mins: None for the symmetric form). Returns
+// (M, N) in x's dtype (sums are float32 throughout; a bfloat16 output is rounded once).
 at::Tensor qmm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
                const std::optional<at::Tensor>& mins, int64_t bits, int64_t group,
                double offset, int64_t n_out) {
   TORCH_CHECK(cpu_has_vnni(), "mistral7b qmm needs a CPU with AVX-512 VNNI");
   TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8, got ", bits);
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
-              "x must be a contiguous 2-D float32 tensor");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() &&
+                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "x must be a contiguous 2-D float32 or bfloat16 tensor");
   const int64_t M = x.size(0), K = x.size(1), N = n_out;
   TORCH_CHECK(K % kBlock == 0 && N % kRows == 0, "K must be a multiple of 32 and N of 16");
   TORCH_CHECK(group % kBlock == 0 && K % group == 0, "group must be a multiple of 32 dividing K");
@@ -246,18 +269,24 @@ at::Tensor qmm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0) return y;
 #if M7_X86
+  TORCH_CHECK(scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kHalf,
+              "scale must be float16 or float32");
   const auto* wp = w.data_ptr<uint8_t>();
-  if (scale.scalar_type() == at::kFloat) {
-    dispatch_affine<float>(bits, affine, x.data_ptr<float>(), M, K, N, group, wp,
-                           scale.data_ptr<float>(), affine ? mins->data_ptr<float>() : nullptr,
-                           static_cast<float>(offset), y.data_ptr<float>());
-  } else {
-    TORCH_CHECK(scale.scalar_type() == at::kHalf, "scale must be float16 or float32");
-    dispatch_affine<at::Half>(bits, affine, x.data_ptr<float>(), M, K, N, group, wp,
-                              scale.data_ptr<at::Half>(),
-                              affine ? mins->data_ptr<at::Half>() : nullptr,
-                              static_cast<float>(offset), y.data_ptr<float>());
-  }
+  const auto go = [&](auto* xp, auto* yp) {
+    if (scale.scalar_type() == at::kFloat)
+      dispatch_affine<float>(bits, affine, xp, M, K, N, group, wp, scale.data_ptr<float>(),
+                             affine ? mins->data_ptr<float>() : nullptr,
+                             static_cast<float>(offset), yp);
+    else
+      dispatch_affine<at::Half>(bits, affine, xp, M, K, N, group, wp,
+                                scale.data_ptr<at::Half>(),
+                                affine ? mins->data_ptr<at::Half>() : nullptr,
+                                static_cast<float>(offset), yp);
+  };
+  if (x.scalar_type() == at::kFloat)
+    go(x.data_ptr<float>(), y.data_ptr<float>());
+  else
+    go(x.data_ptr<at::BFloat16>(), y.data_ptr<at::BFloat16>());
 #endif
   return y;
 }
