@@ -33,7 +33,9 @@ def _blocks(w: np.ndarray, qtype, rng) -> np.ndarray:
     return blocks.reshape(rows, -1)
 
 
-def test_q8_0_q4_0_q4_1_blocks_decode_per_the_ggml_layout(tmp_path):
+def test_q8_0_q4_0_q4_1_blocks_decode_per_the_ggml_layout(tmp_path, monkeypatch):
+    # tensor_as converts a few rows at a time: make that 3 rows here (64 columns)
+    monkeypatch.setattr("mistral7b.weights.gguf_file._DEQUANT_VALUES", 3 * 64)
     rng = np.random.default_rng(0)
     model = hf_mistral(dim=64, hidden=64, n_heads=4, n_kv_heads=2, head_dim=16, seed=1)
     w = model.model.layers[0].mlp.gate_proj.weight.detach().numpy()
@@ -50,6 +52,8 @@ def test_q8_0_q4_0_q4_1_blocks_decode_per_the_ggml_layout(tmp_path):
         got = reader.tensor(ours).numpy()
         assert got.shape == w.shape
         assert np.array_equal(got, _decode_by_hand(blocks, qt).reshape(w.shape))
+        as_bf16 = reader.tensor_as(ours, torch.bfloat16)
+        assert torch.equal(as_bf16, torch.from_numpy(got).to(torch.bfloat16))
         # and the quantization is faithful to the float weights it came from
         assert np.abs(got - w).max() < 0.2 * np.abs(w).max()
 

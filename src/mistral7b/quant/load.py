@@ -37,7 +37,7 @@ from mistral7b.quant.layers import (
     quantize_int4,
     quantize_int8,
 )
-from mistral7b.quant.memory import release
+from mistral7b.quant.memory import release, trim_heap
 from mistral7b.weights.base import CheckpointReader
 from mistral7b.weights.names import expected_shapes, rotary_heads
 
@@ -105,18 +105,19 @@ def load_quantized(reader: CheckpointReader, quant: str | None, *, dtype: torch.
             weight = read_stored_weight(reader, source, mode)
         else:
             weight = source_weight(reader, source, mode, group)
-        _set_module(model, name.removesuffix(".weight"),
-                    make_linear(weight, dtype=dtype, device=device))
-        if stored is not None and isinstance(weight, Int4Weight):
-            # repacked into the kernel's layout: the mapped nibbles are not needed again
-            # (int8 weights are used in place from the map, zero-copy)
+        linear = make_linear(weight, dtype=dtype, device=device)
+        _set_module(model, name.removesuffix(".weight"), linear)
+        if stored is not None and (isinstance(weight, Int4Weight) or linear.kernel == "native"):
+            # repacked into the kernel's layout: the mapped values are not needed again
+            # (PyTorch's int8 kernel uses them in place from the map, zero-copy)
             release(weight.q, unmodified=True)
         del weight
+        trim_heap()
     device = torch.device(device)
     for name, want in expected_shapes(config).items():
         if is_linear_weight(name):
             continue
-        t = reader.tensor(name)
+        t = reader.tensor_as(name, dtype)
         if tuple(t.shape) != want:
             raise ModelFileError(reader.source(name), f"tensor {name!r} has shape "
                                                       f"{list(t.shape)}, expected {list(want)}")

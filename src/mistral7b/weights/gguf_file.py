@@ -24,6 +24,9 @@ from mistral7b.errors import ModelFileError
 from mistral7b.weights.base import CheckpointReader
 from mistral7b.weights.names import expected_shapes, format_name
 
+# Values dequantized at a time by tensor_as (16 MB of float32).
+_DEQUANT_VALUES = 1 << 22
+
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
 # Smallest possible encodings: a key/value (key length u64, 1-byte key, type u32, 1-byte value)
@@ -100,6 +103,27 @@ class GGUFReader(CheckpointReader):
         t = self._tensors[name]
         return RawTensor(name, t.tensor_type, self.shape(name), t.data)
 
+    def tensor_as(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        raw = self.raw(name)
+        if raw.qtype.name in ("F32", "F16", "BF16") or len(raw.shape) != 2:
+            return super().tensor_as(name, dtype)
+        rows, cols = raw.shape
+        blocks = raw.data.reshape(rows, -1)                    # a row is whole blocks
+        out = torch.empty(rows, cols, dtype=dtype)
+        step = max(1, _DEQUANT_VALUES // cols)
+        for r in range(0, rows, step):
+            floats = self._dequantize(name, blocks[r: r + step], raw.qtype)
+            out[r: r + step] = torch.from_numpy(floats).reshape(-1, cols)
+        return out
+
+    def _dequantize(self, name: str, data: np.ndarray, qtype: Any) -> np.ndarray:
+        try:
+            floats = self._gguf.quants.dequantize(data, qtype)
+        except NotImplementedError:
+            raise ModelFileError(self.path, f"tensor {name!r}: quantization type "
+                                            f"{qtype.name} is not supported") from None
+        return np.ascontiguousarray(floats, dtype=np.float32)
+
     def tensor(self, name: str) -> torch.Tensor:
         gguf = self._gguf
         raw = self.raw(name)
@@ -108,12 +132,7 @@ class GGUFReader(CheckpointReader):
             return torch.from_numpy(raw.data).reshape(raw.shape)
         if raw.qtype == qt.BF16:
             return torch.from_numpy(raw.data.view(np.int16)).view(torch.bfloat16).reshape(raw.shape)
-        try:
-            floats = gguf.quants.dequantize(raw.data, raw.qtype)
-        except NotImplementedError:
-            raise ModelFileError(self.path, f"tensor {name!r}: quantization type "
-                                            f"{raw.qtype.name} is not supported") from None
-        return torch.from_numpy(np.ascontiguousarray(floats, dtype=np.float32)).reshape(raw.shape)
+        return torch.from_numpy(self._dequantize(name, raw.data, raw.qtype)).reshape(raw.shape)
 
 
 def _gguf_version() -> str:

@@ -25,7 +25,7 @@ def build_model(reader: CheckpointReader, *, dtype: torch.dtype,
         model = Transformer(config)
     state = {}
     for name in expected_shapes(config):
-        tensor = reader.tensor(name)
+        tensor = reader.tensor_as(name, dtype)
         if tensor.dtype not in _FLOAT_DTYPES:
             raise ModelFileError(reader.source(name),
                                  f"tensor {name!r} has dtype {tensor.dtype}, expected floats")
