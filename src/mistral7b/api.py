@@ -84,6 +84,10 @@ def load(model: str | Path = "default", *, device: str | torch.device | None = N
         from mistral7b.lora import apply_lora_file
 
         apply_lora_file(llm, lora, merge=lora_merge)
+    if dev.type == "cpu" and dt == torch.bfloat16:
+        from mistral7b.quant.layers import swap_bf16_linears
+
+        swap_bf16_linears(llm.model)  # decode on our bf16 kernel where the CPU has one
     llm.load_seconds = time.perf_counter() - t0
     return llm
 

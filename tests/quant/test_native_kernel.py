@@ -104,3 +104,48 @@ def test_bfloat16_in_bfloat16_out():
     # float32 sums, then one rounding to bfloat16 (8 significant bits)
     slack = 1e-5 * (x.abs().double() @ w.abs().double().t()) + 2**-8 * want.abs() + 1e-6
     assert ((y.double() - want).abs() <= slack).all()
+
+
+needs_bf16 = pytest.mark.skipif(native.ops() is None or not native.ops().has_bf16(),
+                                reason="needs AVX-512 BF16")
+
+
+@needs_bf16
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 16, 32), (2, 13, 96), (3, 9, 64), (4, 100, 512)])
+def test_bf16_gemv_against_float64(m, n, k):
+    g = torch.Generator().manual_seed(m * n)
+    x = torch.randn(m, k, generator=g).bfloat16()
+    w = torch.randn(n, k, generator=g).bfloat16()
+    want = x.double() @ w.double().t()
+    y = native.ops().bf16_gemv(x, w)
+    assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+    slack = 2**-8 * want.abs() + 1e-5 * (x.double().abs() @ w.double().abs().t())
+    assert ((y.double() - want).abs() <= slack).all()
+
+
+@needs_bf16
+def test_bf16_model_decodes_on_the_kernel_like_f_linear(tmp_path):
+    from tiny_models import hf_mistral, save_hf
+
+    import mistral7b
+    from mistral7b.quant.layers import BF16Linear
+
+    llm = mistral7b.load(save_hf(hf_mistral(seed=3, hidden=128), tmp_path / "m"),
+                         dtype="bfloat16")
+    wq = llm.model.layers[0].attention.wq
+    assert isinstance(wq, BF16Linear) and isinstance(wq, torch.nn.Linear)
+    assert llm.model.output.weight is llm.model.tok_embeddings.weight or \
+        isinstance(llm.model.output, BF16Linear)
+    ids = [1, 5, 9, 20, 7, 3, 11, 2]
+
+    def one_token_steps():  # decode-sized steps: the kernel's case
+        cache = llm.engine.new_cache(1, len(ids))
+        return torch.stack([llm.engine.step(cache, [0], [[t]])[0] for t in ids])
+
+    kernel_logits = one_token_steps()
+    for module in llm.model.modules():
+        if isinstance(module, BF16Linear):
+            module.__class__ = torch.nn.Linear
+    plain_logits = one_token_steps()
+    # one bf16 rounding per product, differently ordered sums: close, not equal
+    assert (kernel_logits - plain_logits).abs().max() <= 0.05 * plain_logits.abs().max()
