@@ -47,6 +47,16 @@ def test_int4_import_is_bit_exact(qtype):
     assert np.array_equal(got, want)  # same float32 arithmetic, not just close
 
 
+def test_q8_0_import_is_bit_exact():
+    from mistral7b.quant.gguf_import import import_q8_0
+
+    blocks = _blocks(QT.Q8_0)
+    want = gguf.quants.dequantize(blocks, QT.Q8_0).reshape(48, 512)
+    w = import_q8_0(blocks, (48, 512))
+    assert w.group == 32 and w.q.dtype == torch.int8 and w.scale.shape == (48, 16)
+    assert np.array_equal(w.dequantize(torch.float32).numpy(), want)
+
+
 def test_q4_0_worked_example():
     # the module docstring's example: d = 0.5, first byte 0x3A
     block = np.zeros(18, dtype=np.uint8)
@@ -97,11 +107,16 @@ def test_loaded_int4_layers_multiply_by_the_files_weights(tmp_path):
             # up to that rounding (the portable import itself is bit-exact, tested above).
             torch.testing.assert_close(layer.dequantize(torch.float32), want, rtol=0,
                                        atol=float(want.abs().max()) * 2**-7)
-    # Q8_0 has a scale per 32 values: int8 per channel cannot hold it, so it is requantized
+    # Q8_0 is int8 with a scale per 32 values: copied as it is onto our kernel; PyTorch's
+    # kernel takes per-channel scales only, so there it is requantized (within half a step)
     assert isinstance(ff1.w1, Int8Linear)
     want = reader.tensor("layers.1.feed_forward.w1.weight")
-    step = ff1.w1.portable().scale[:, None]
-    assert ((ff1.w1.dequantize(torch.float32) - want).abs() <= step / 2 + 1e-6).all()
+    if ff1.w1.kernel == "native":
+        assert torch.equal(ff1.w1.dequantize(torch.float32), want)
+        assert ff1.w1.portable().scale.shape == (want.shape[0], want.shape[1] // 32)
+    else:
+        step = ff1.w1.portable().scale[:, None]
+        assert ((ff1.w1.dequantize(torch.float32) - want).abs() <= step / 2 + 1e-6).all()
     # F32 tensors are quantized with the asked-for rule
     assert isinstance(model.layers[1].feed_forward.w2, Int4Linear)
 
@@ -118,3 +133,22 @@ def test_int4_model_from_q4_gguf_matches_float_model(tmp_path):
     # the argmax agrees almost everywhere.
     got = llm.logits(ids)
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.75
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_checkpoint_from_a_mixed_gguf_loads_back_to_identical_logits(tmp_path, quant):
+    from mistral7b.engine import Engine
+    from mistral7b.quant import stored_quant, write_quantized
+
+    path = _gguf_with(tmp_path, TYPES)
+    ids = [1, 7, 19, 3, 88, 42, 5]
+    direct = load_quantized(open_checkpoint(path), quant, dtype=torch.float32, device="cpu")
+    out = write_quantized(open_checkpoint(path), tmp_path / "q", quant)
+    back = open_checkpoint(out)
+    assert stored_quant(back) == quant
+    model = load_quantized(back, None, dtype=torch.float32, device="cpu")
+    # the Q8_0 tensor keeps its scale per 32 in the file
+    assert model.layers[1].feed_forward.w1.portable().scale.shape == \
+        direct.layers[1].feed_forward.w1.portable().scale.shape
+    assert torch.equal(Engine(model, model.config).logits(ids),
+                       Engine(direct, direct.config).logits(ids))

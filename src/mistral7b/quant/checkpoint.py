@@ -12,7 +12,8 @@ Tensors keep our names. Float tensors (embeddings, norms) are stored as they cam
 weight `X.weight` (out, in) is stored in the portable form of layers.py:
 
     int8:  X.weight       (out, in)        int8     W = q * scale[:, None]
-           X.weight_scale (out,)           float32
+           X.weight_scale (out,)           float32  (or (out, in / 32): a GGUF Q8_0 source,
+                                                    W = q * scale per group of 32 inputs)
     int4:  X.weight       (out, in / 2)    uint8    two values per byte, low nibble first
            X.weight_scale (out, in / g)    float32  W = q * scale + min, per group of g inputs
            X.weight_min   (out, in / g)    float32
@@ -68,9 +69,12 @@ def read_stored_weight(reader: CheckpointReader, name: str, quant: str):
     q = reader.tensor(name)
     scale = reader.tensor(name + "_scale")
     if q.dtype == torch.int8:
-        if scale.shape != (q.shape[0],):
+        grouped = scale.ndim == 2 and scale.shape[0] == q.shape[0] and scale.shape[1] > 0 \
+            and q.shape[1] % scale.shape[1] == 0
+        if scale.shape != (q.shape[0],) and not grouped:
             raise ModelFileError(reader.source(name), f"{name}_scale has shape "
-                                                      f"{list(scale.shape)}, expected [{q.shape[0]}]")
+                                                      f"{list(scale.shape)}, expected "
+                                                      f"[{q.shape[0]}] or [{q.shape[0]}, groups]")
         return Int8Weight(q, scale.float())
     if q.dtype != torch.uint8 or name + "_min" not in reader.names():
         raise ModelFileError(reader.source(name), f"tensor {name!r} is not an int8 or int4 "
@@ -163,15 +167,18 @@ def _plan(reader: CheckpointReader, quant: str, group: int, linears: list[str],
         source = name if name in present else "tok_embeddings.weight"
         out_f, in_f = reader.shape(source)
         g = int4_group_for(in_f, group) if quant == "int4" else None
-        if reader.format == "gguf" and quant == "int4":
+        int8_scales = (out_f,)
+        if reader.format == "gguf":
             qtype = reader.raw(source).qtype.name
-            if qtype in EXACT_INT4_TYPES:
+            if quant == "int4" and qtype in EXACT_INT4_TYPES:
                 g = 32
             elif qtype not in ("F32", "F16", "BF16"):
                 g = None
+                if qtype == "Q8_0":  # copied with its scale per 32 (load.source_weight)
+                    int8_scales = (out_f, in_f // 32)
         if g is None:
             yield _Entry(name, torch.int8, (out_f, in_f))
-            yield _Entry(name + "_scale", torch.float32, (out_f,))
+            yield _Entry(name + "_scale", torch.float32, int8_scales)
         else:
             yield _Entry(name, torch.uint8, (out_f, in_f // 2))
             yield _Entry(name + "_scale", torch.float32, (out_f, in_f // g))

@@ -15,8 +15,11 @@ Worked example, one Q4_0 block with d = 0.5 and first byte 0x3A: element 0 is q 
 w = (10 - 8) * 0.5 = 1.0; element 16 is q = 0x3 = 3, w = -2.5. Ours: scale = 0.5,
 min = -4.0, and column 0 holds 10 (low nibble of our byte 0), column 16 holds 3.
 
-Q8_0 (per-32 scales) and Q6_K (per-16 int8 scales) do not fit one scale per output channel:
-they are dequantized and requantized by the caller (see load.py).
+    Q8_0  34-byte block: f16 d, 32 int8                       w = q * d
+
+Q8_0 is int8 with a scale per group of 32 (`Int8Weight` with a (rows, cols / 32) scale): its
+bytes are copied too. Q6_K (6-bit values with per-16 int8 scales) and Q5_* fit neither form:
+they are dequantized and requantized to per-channel int8 by the caller (see load.py).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mistral7b.quant.layers import Int4Weight, pack_nibbles
+from mistral7b.quant.layers import Int4Weight, Int8Weight, pack_nibbles
 
 # ggml type name -> bytes per block (of 32 values; 256 for Q4_K).
 _BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q4_K": 144}
@@ -47,6 +50,14 @@ def import_int4(qtype_name: str, data: np.ndarray, shape: tuple[int, int]) -> In
     q = np.concatenate([qs & 0x0F, qs >> 4], axis=2)                         # (rows, nb, 32)
     return Int4Weight(pack_nibbles(torch.from_numpy(q.reshape(rows, cols))),
                       torch.from_numpy(d), torch.from_numpy(mins), 32)
+
+
+def import_q8_0(data: np.ndarray, shape: tuple[int, int]) -> Int8Weight:
+    """A GGUF Q8_0 tensor of logical (rows, cols) shape, bit for bit."""
+    rows, cols = shape
+    blocks = np.asarray(data, dtype=np.uint8).reshape(rows, cols // 32, 34)
+    q = np.ascontiguousarray(blocks[:, :, 2:]).view(np.int8).reshape(rows, cols)
+    return Int8Weight(torch.from_numpy(q), torch.from_numpy(_f16(blocks[:, :, 0:2])))
 
 
 def _q4_k(blocks: np.ndarray, rows: int, cols: int) -> Int4Weight:

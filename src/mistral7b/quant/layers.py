@@ -44,14 +44,20 @@ INT8_DEQUANT_ROWS = 16
 @dataclass
 class Int8Weight:
     q: torch.Tensor        # (out, in) int8
-    scale: torch.Tensor    # (out,) float32
+    scale: torch.Tensor    # (out,) float32 per channel, or (out, in // group) (GGUF Q8_0: 32)
 
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.q.shape)
 
+    @property
+    def group(self) -> int:
+        return self.q.shape[1] // self.scale.shape[1] if self.scale.ndim == 2 else self.q.shape[1]
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return (self.q.float() * self.scale[:, None]).to(dtype)
+        out, n_in = self.shape
+        scale = self.scale.reshape(out, -1, 1)
+        return (self.q.float().view(out, -1, self.group) * scale).view(out, n_in).to(dtype)
 
 
 @dataclass
@@ -207,10 +213,13 @@ class Int8Linear(_NativeLinear):
         self.dtype = dtype
         device = torch.device(device)
         self.compute_dtype = torch.bfloat16 if device.type == "cpu" else dtype
-        if use_native(device, self.out_features, self.in_features, self.in_features):
+        if use_native(device, self.out_features, self.in_features, weight.group):
             self._hold(native.pack_int8(weight.q, weight.scale))
             return
         self.kernel = "torch"
+        if weight.group != self.in_features:
+            # PyTorch's kernel takes one scale per channel: requantize (GGUF Q8_0 blocks)
+            weight = quantize_int8(weight.dequantize())
         q = weight.q.to(device).contiguous()
         if q.data_ptr() % _ALIGN:
             # The CPU kernel reads the rows with aligned vector loads and crashes on a
@@ -222,7 +231,8 @@ class Int8Linear(_NativeLinear):
     def portable(self) -> Int8Weight:
         if self.kernel == "native":
             q = (self.panels().values().to(torch.int16) - 128).to(torch.int8)
-            return Int8Weight(q, native.unpanel(self.scales).reshape(-1).float())
+            scale = native.unpanel(self.scales).float()
+            return Int8Weight(q, scale.reshape(-1) if self.group == self.in_features else scale)
         return Int8Weight(self.qweight.cpu(), self.scales.float().cpu())
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:

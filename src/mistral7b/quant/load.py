@@ -11,7 +11,8 @@ Where the weights come from, per linear layer:
     source                          quant="int4"                    quant="int8"
     float (bf16/f16/f32 tensors)    int4, groups of `group`         int8 per channel
     GGUF Q4_0 / Q4_1 / Q4_K         int4 group 32, bits copied      dequantize -> int8
-    GGUF Q8_0, Q5_*, Q6_K           int8 (kept above 4 bits, as     dequantize -> int8
+    GGUF Q8_0                       int8 group 32, bits copied      int8 group 32, bits copied
+    GGUF Q5_*, Q6_K                 int8 (kept above 4 bits, as     dequantize -> int8
                                     llama.cpp's Q4 files keep their output layer in Q6_K)
     our quantized checkpoint        the stored int4/int8 weights, as written (checkpoint.py)
 
@@ -27,7 +28,7 @@ from mistral7b.config import ModelConfig
 from mistral7b.errors import InputError, ModelFileError
 from mistral7b.model import Transformer
 from mistral7b.quant.checkpoint import read_stored_weight, stored_quant
-from mistral7b.quant.gguf_import import EXACT_INT4_TYPES, import_int4
+from mistral7b.quant.gguf_import import EXACT_INT4_TYPES, import_int4, import_q8_0
 from mistral7b.quant.layers import (
     Int4Linear,
     Int4Weight,
@@ -150,6 +151,8 @@ def source_weight(reader: CheckpointReader, name: str, quant: str, group: int) -
         if qname not in _FLOAT_GGUF:
             if quant == "int4" and qname in EXACT_INT4_TYPES:
                 weight = import_int4(qname, raw.data, raw.shape)
+            elif qname == "Q8_0":  # int8 with a scale per 32: copied, in either mode
+                weight = import_q8_0(raw.data, raw.shape)
             else:
                 # int8 asked for, or a type wider than 4 bits: dequantize, requantize.
                 weight = quantize_int8(reader.tensor(name))

@@ -183,6 +183,10 @@ def pack_int4(q: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor, group: i
 
 
 def pack_int8(q: torch.Tensor, scale: torch.Tensor) -> Panels:
-    """Per-channel int8 (layers.Int8Weight) -> panels with one float32 scale per row."""
+    """int8 (layers.Int8Weight: a scale per row, or per group of a row) -> panels, the
+    scales in float16 where exact (GGUF Q8_0), else float32."""
     n, k = q.shape
-    return Panels(ops().pack8(q), panel(scale.float().reshape(n, 1)), None, 8, k, 128.0, n, k)
+    scale = scale.float().reshape(n, -1)
+    dtype = torch.float16 if scale.shape[1] > 1 and _exact_half(scale) else torch.float32
+    return Panels(ops().pack8(q), panel(scale.to(dtype)), None, 8, k // scale.shape[1], 128.0,
+                  n, k)
