@@ -50,7 +50,7 @@ def test_int4_kernel_follows_its_rule(m, n, k, group, form):
         mins = scale * -8.0
     if form == "float32 scales":     # Q4_K's d * sc products are not float16 values
         scale = scale * (1 + 2**-15)
-    p = native.pack_int4(q.q, scale, mins, group)
+    p = native.pack_int4(q.q, scale, mins, group, exact=True)
     assert (p.mins is None) == (form == "symmetric")
     assert p.scale.dtype == (torch.float32 if form == "float32 scales" else torch.float16)
     # w = d q + m in float32, as gguf's dequantizer computes it

@@ -100,8 +100,18 @@ def test_loaded_int4_layers_multiply_by_the_files_weights(tmp_path):
                         (model.layers[1].attention.wq, "layers.1.attention.wq.weight")):
         assert isinstance(layer, Int4Linear) and layer.group == 32
         want = reader.tensor(ours)
-        if layer.kernel == "native":  # exact float16 / float32 scales: the file's weights
+        if layer.kernel == "native" and ours != "layers.0.feed_forward.w2.weight":
+            # Q4_0 / Q4_1: float16 scales held exactly, the file's weights bit for bit
             assert torch.equal(layer.dequantize(torch.float32), want)
+        elif layer.kernel == "native":
+            # Q4_K: scale d * sc and min dmin * m rounded to float16 (2^-11 relative each):
+            # w = q * scale + min moves by at most 2^-11 (15 scale + |min|), where 15 scale
+            # is the group's range and |min| <= |w| + range
+            got = layer.dequantize(torch.float32)
+            assert not torch.equal(got, want)  # (the rounding is real on these scales)
+            groups = want.view(want.shape[0], -1, 32)
+            spread = (groups.amax(2) - groups.amin(2)).repeat_interleave(32, 1)
+            assert ((got - want).abs() <= 2**-11 * (2 * spread + want.abs()) + 1e-7).all()
         else:
             # PyTorch's kernel holds bf16 scale and zero = min + 8 * scale: the file's weights
             # up to that rounding (the portable import itself is bit-exact, tested above).

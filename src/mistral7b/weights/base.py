@@ -36,6 +36,10 @@ class CheckpointReader(ABC):
         t = self.tensor(name)
         return t if t.dtype == dtype or not t.is_floating_point() else t.to(dtype)
 
+    def forget(self, name: str) -> None:
+        """Drop what the reader keeps for tensor `name` after handing it out, so that its
+        mapped pages may be discarded (a later `tensor(name)` reads the file afresh)."""
+
     def source(self, name: str) -> str:
         """The file a tensor lives in, for error messages."""
         return str(self.path)

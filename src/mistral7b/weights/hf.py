@@ -58,6 +58,11 @@ class HFReader(CheckpointReader):
             self._permuted[name] = t
         return self._permuted[name]
 
+    def forget(self, name: str) -> None:
+        # Once forgotten, the un-permuted pages may be dropped (they revert to the file's
+        # permuted bytes) and a later read permutes them again.
+        self._permuted.pop(name, None)
+
     def source(self, name: str) -> str:
         return str(self._files.file_of(self._hf[name]))
 
