@@ -3,15 +3,18 @@ pre-fill (M = 256) for a Mistral-7B FFN matrix (14336 x 4096), medians of severa
 
     python bench/bench_kernels.py [--threads 2] [--repeat 5]
 
-What it compares: bf16 F.linear (oneDNN), aten._weight_int8pack_mm (per-channel int8, with
-bf16 and float32 activations), aten._weight_int4pack_mm_for_cpu (int4, groups of 32/128, bf16
-and float32), and dequantize-to-bf16 + matmul for pre-fill. Several copies of the matrix are
-cycled so each call reads its weights from memory, not cache.
+What it compares: bf16 F.linear (oneDNN) and our bf16 kernel (BF16Linear, M = 1); for int8
+(per channel) and int4 (groups of 32/128), with bf16 and float32 activations, our AVX-512
+VNNI kernel ("ours", quant/native.py) against PyTorch's (aten._weight_int8pack_mm,
+aten._weight_int4pack_mm_for_cpu, "torch"); and dequantize-to-bf16 + matmul for pre-fill.
+Several copies of the matrix are cycled so each call reads its weights from memory, not
+cache.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -22,7 +25,14 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from mistral7b.quant.layers import Int4Linear, Int8Linear, quantize_int4, quantize_int8
+from mistral7b.quant import layers as qlayers
+from mistral7b.quant import native
+from mistral7b.quant.layers import (
+    Int4Linear,
+    Int8Linear,
+    quantize_int4,
+    quantize_int8,
+)
 
 N, K = 14336, 4096
 
@@ -38,6 +48,23 @@ def timed(fn, xs, repeat: int) -> float:
     return statistics.median(runs)
 
 
+def slow(kernel: str, dtype: torch.dtype) -> tuple[int, ...]:
+    """PyTorch's kernels with float32 activations take ~10-20 s per M = 256 call: M = 1 only."""
+    return (1,) if kernel == "torch" and dtype == torch.float32 else (1, 256)
+
+
+@contextlib.contextmanager
+def forced(kernel: str):
+    """Build layers on our kernel ("ours") or PyTorch's ("torch")."""
+    saved = qlayers.use_native
+    if kernel == "torch":
+        qlayers.use_native = lambda *args: False
+    try:
+        yield
+    finally:
+        qlayers.use_native = saved
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
@@ -49,8 +76,8 @@ def main() -> None:
     ws = [torch.randn(N, K, generator=g).mul_(K**-0.5) for _ in range(args.copies)]
     rows = []
 
-    def report(name, layers, dtype, nbytes):
-        for m in (1, 256):
+    def report(name, layers, dtype, nbytes, sizes=(1, 256)):
+        for m in sizes:
             x = torch.randn(m, K, dtype=dtype)
             sec = timed(lambda layer, x=x: layer(x), layers, args.repeat)
             gbs = nbytes / sec / 1e9
@@ -62,23 +89,32 @@ def main() -> None:
     bf16 = [w.bfloat16() for w in ws]
     report("bf16 F.linear", [lambda x, w=w: F.linear(x, w) for w in bf16], torch.bfloat16,
            N * K * 2)
+    if native.ops() is not None and native.ops().has_bf16():
+        x = torch.randn(1, K, dtype=torch.bfloat16)
+        sec = timed(lambda w, x=x: native.ops().bf16_gemv(x, w), bf16, args.repeat)
+        print(f"{'bf16 ours (BF16Linear)':34s} M=1    {sec * 1e3:8.2f} ms  "
+              f"{N * K * 2 / sec / 1e9:6.1f} GB/s(w)", flush=True)
     del bf16
+    kernels = ("ours", "torch") if native.ops() is not None else ("torch",)
     q8 = [quantize_int8(w) for w in ws]
-    for dt in (torch.bfloat16, torch.float32):
-        layers = [Int8Linear(q, dtype=dt) for q in q8]
-        if dt == torch.float32:  # the raw kernel with float32 activations and scales
-            raw = [(lyr.qweight, lyr.scales.float()) for lyr in layers]
-            report("int8pack_mm fp32 act (raw)", [
-                lambda x, q=q, s=s: torch.ops.aten._weight_int8pack_mm(x, q, s)
-                for q, s in raw], dt, N * K)
-        report(f"Int8Linear {str(dt)[6:]} act", layers, dt, N * K)
+    for kernel in kernels:
+        for dt in (torch.bfloat16, torch.float32):
+            with forced(kernel):
+                layers = [Int8Linear(q, dtype=dt) for q in q8]
+            report(f"int8 {kernel} {str(dt)[6:]} act", layers, dt, N * K, slow(kernel, dt))
     del q8, layers
     for group in (32, 128):
         q4 = [quantize_int4(w, group) for w in ws]
-        for dt in (torch.bfloat16, torch.float32):
-            layers = [Int4Linear(q, dtype=dt) for q in q4]
-            nbytes = N * K // 2 + N * (K // group) * 2 * (2 if dt == torch.bfloat16 else 4)
-            report(f"Int4Linear g{group} {str(dt)[6:]}", layers, dt, nbytes)
+        for kernel in kernels:
+            for dt in (torch.bfloat16, torch.float32):
+                with forced(kernel):
+                    layers = [Int4Linear(q, dtype=dt) for q in q4]
+                # ours: float16 scale + min; PyTorch's: scale + zero in bf16 (bf16 models) or
+                # float32
+                per_group = 4 if kernel == "ours" or dt == torch.bfloat16 else 8
+                nbytes = N * K // 2 + N * (K // group) * per_group
+                report(f"int4 g{group} {kernel} {str(dt)[6:]}", layers, dt, nbytes,
+                       slow(kernel, dt))
         # pre-fill alternative: dequantize to bf16 once per call, then bf16 matmul
         deq = [lambda x, q=q: F.linear(x, q.dequantize(torch.bfloat16)) for q in q4[:2]]
         x = torch.randn(256, K, dtype=torch.bfloat16)
