@@ -149,3 +149,20 @@ def test_bf16_model_decodes_on_the_kernel_like_f_linear(tmp_path):
     plain_logits = one_token_steps()
     # one bf16 rounding per product, differently ordered sums: close, not equal
     assert (kernel_logits - plain_logits).abs().max() <= 0.05 * plain_logits.abs().max()
+
+
+def test_no_compiler_means_pytorch_kernels_and_a_warning(monkeypatch, caplog):
+    from mistral7b.quant import Int4Linear
+
+    monkeypatch.setattr(native, "_compiler", lambda: None)
+    native.ops.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="mistral7b.quant.native"):
+            assert native.ops() is None
+        assert "no C++ compiler" in caplog.text
+        layer = Int4Linear(quantize_int4(torch.randn(32, 64), 32), dtype=torch.float32)
+        assert layer.kernel == "torch"
+    finally:
+        monkeypatch.undo()
+        native.ops.cache_clear()
+    assert native.ops() is not None
