@@ -166,3 +166,11 @@ def test_no_compiler_means_pytorch_kernels_and_a_warning(monkeypatch, caplog):
         monkeypatch.undo()
         native.ops.cache_clear()
     assert native.ops() is not None
+
+
+def test_ops_have_shape_only_versions_for_tracing():
+    ops = native.ops()
+    x = torch.empty(3, 64, device="meta")
+    y = ops.qmm(x, torch.empty(32 * 32, dtype=torch.uint8, device="meta"),
+                torch.empty(2, 2, 16, dtype=torch.float16, device="meta"), None, 4, 32, 8.0, 32)
+    assert y.shape == (3, 32) and y.device.type == "meta"

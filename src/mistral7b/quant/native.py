@@ -99,7 +99,20 @@ def ops():
     namespace = torch.ops.mistral7b_qmm
     if not namespace.has_vnni():
         return None
+    _register_fakes()
     return namespace
+
+
+def _register_fakes() -> None:
+    """Shape-only versions of the ops, so torch.compile / meta tensors can trace them."""
+
+    @torch.library.register_fake("mistral7b_qmm::qmm")
+    def _qmm(x, w, scale, mins, bits, group, offset, n_out):
+        return x.new_empty(x.shape[0], n_out)
+
+    @torch.library.register_fake("mistral7b_qmm::bf16_gemv")
+    def _gemv(x, w):
+        return x.new_empty(x.shape[0], w.shape[0])
 
 
 def _is_x86() -> bool:

@@ -426,13 +426,21 @@ at::Tensor pack8(const at::Tensor& q) {
 
 }  // namespace
 
+// Schemas here, kernels under the CPU dispatch key: that lets torch.compile trace the ops
+// through their fake (shape-only) implementations, registered in native.py.
 TORCH_LIBRARY(mistral7b_qmm, m) {
   m.def("has_vnni() -> bool", &has_vnni);
-  m.def("qmm(Tensor x, Tensor w, Tensor scale, Tensor? mins, int bits, int group, float offset, "
-        "int n_out) -> Tensor",
-        &qmm);
   m.def("has_bf16() -> bool", &has_bf16);
-  m.def("bf16_gemv(Tensor x, Tensor w) -> Tensor", &bf16_gemv);
-  m.def("pack4(Tensor q) -> Tensor", &pack4);
-  m.def("pack8(Tensor q) -> Tensor", &pack8);
+  m.def("qmm(Tensor x, Tensor w, Tensor scale, Tensor? mins, int bits, int group, float offset, "
+        "int n_out) -> Tensor");
+  m.def("bf16_gemv(Tensor x, Tensor w) -> Tensor");
+  m.def("pack4(Tensor q) -> Tensor");
+  m.def("pack8(Tensor q) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(mistral7b_qmm, CPU, m) {
+  m.impl("qmm", &qmm);
+  m.impl("bf16_gemv", &bf16_gemv);
+  m.impl("pack4", &pack4);
+  m.impl("pack8", &pack8);
 }
