@@ -26,6 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from mistral7b.quant.memory import release
+from mistral7b.tokenizer.gguf import add_sentencepiece_metadata
 from mistral7b.weights import open_checkpoint
 from mistral7b.weights.names import expected_shapes, format_name
 
@@ -41,32 +42,6 @@ def spm_tokenizer_file() -> Path:
     if not path.is_file():
         raise SystemExit(f"{path} not found: mistral-common is needed for the v1 tokenizer")
     return path
-
-
-def add_sentencepiece_tokenizer(writer, spm_file: Path) -> None:
-    from sentencepiece import SentencePieceProcessor
-
-    sp = SentencePieceProcessor(model_file=str(spm_file))
-    n = sp.get_piece_size()
-
-    def token_type(i: int) -> int:  # gguf.TokenType: 1 normal, 2 unknown, 3 control, 6 byte
-        if sp.is_unknown(i):
-            return 2
-        if sp.is_control(i):
-            return 3
-        if sp.is_byte(i):
-            return 6
-        return 5 if sp.is_unused(i) else 1
-
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list([sp.id_to_piece(i) for i in range(n)])
-    writer.add_token_scores([sp.get_score(i) for i in range(n)])
-    writer.add_token_types([token_type(i) for i in range(n)])
-    writer.add_bos_token_id(sp.bos_id())
-    writer.add_eos_token_id(sp.eos_id())
-    writer.add_unk_token_id(sp.unk_id())
-    writer.add_add_bos_token(True)
-    writer.add_add_space_prefix(True)
 
 
 def write_f16(src: Path, out: Path, name: str) -> Path:
@@ -92,7 +67,7 @@ def write_f16(src: Path, out: Path, name: str) -> Path:
     w.add_vocab_size(c.vocab_size)
     if c.sliding_window:
         w.add_sliding_window(c.sliding_window)
-    add_sentencepiece_tokenizer(w, spm_tokenizer_file())
+    add_sentencepiece_metadata(w, spm_tokenizer_file())
     plan = []
     for ours, shape in expected_shapes(c).items():
         # llama.cpp keeps 1-D tensors (norms) in F32, matrices in F16.

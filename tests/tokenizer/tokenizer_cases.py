@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mistral7b.tokenizer.gguf import add_sentencepiece_metadata
+
 REFERENCE_JSON = (
     Path(__file__).resolve().parents[3] / "shared" / "reference" / "smollm2" / "reference.json"
 )
@@ -184,35 +186,9 @@ def write_sentencepiece_gguf(
     """A tiny llama-architecture GGUF whose tokenizer metadata is `spm_file`'s vocabulary, as
     llama.cpp's converter writes it (pieces, scores, token types, special ids)."""
     import gguf
-    from sentencepiece import SentencePieceProcessor
 
-    sp = SentencePieceProcessor(model_file=str(spm_file))
-    n = sp.get_piece_size()
-
-    def token_type(i: int) -> int:
-        if sp.is_unknown(i):
-            return 2
-        if sp.is_control(i):
-            return 3
-        if sp.is_byte(i):
-            return 6
-        if sp.is_unused(i):
-            return 5
-        return 1
-
-    pieces = [sp.id_to_piece(i) for i in range(n)]
-    for i, piece in (rename or {}).items():
-        pieces[i] = piece
     writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list(pieces)
-    writer.add_token_scores([sp.get_score(i) for i in range(n)])
-    writer.add_token_types([token_type(i) for i in range(n)])
-    writer.add_bos_token_id(sp.bos_id())
-    writer.add_eos_token_id(sp.eos_id())
-    writer.add_unk_token_id(sp.unk_id())
-    writer.add_add_bos_token(True)
-    writer.add_add_space_prefix(True)
+    add_sentencepiece_metadata(writer, spm_file, rename)
     if chat_template is not None:
         writer.add_chat_template(chat_template)
     writer.add_tensor("token_embd.weight", np.zeros((2, 4), dtype=np.float32))

@@ -215,6 +215,39 @@ def _tokenizer_metadata(reader: Any, path: Path) -> dict[str, Any]:
     return meta
 
 
+def add_sentencepiece_metadata(writer: Any, spm_file: str | os.PathLike[str],
+                               rename: dict[int, str] | None = None) -> None:
+    """Write a SentencePiece model's vocabulary into a `gguf.GGUFWriter` as llama.cpp's
+    converter does: model "llama", pieces, scores, token types, special ids, add_bos and the
+    space prefix (the keys `GGUFTokenizer` reads back). `rename` replaces pieces by id."""
+    from sentencepiece import SentencePieceProcessor
+
+    sp = SentencePieceProcessor(model_file=str(spm_file))
+    n = sp.get_piece_size()
+
+    def token_type(i: int) -> int:
+        if sp.is_unknown(i):
+            return UNKNOWN
+        if sp.is_control(i):
+            return CONTROL
+        if sp.is_byte(i):
+            return BYTE
+        return UNUSED if sp.is_unused(i) else NORMAL
+
+    pieces = [sp.id_to_piece(i) for i in range(n)]
+    for i, piece in (rename or {}).items():
+        pieces[i] = piece
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(pieces)
+    writer.add_token_scores([sp.get_score(i) for i in range(n)])
+    writer.add_token_types([token_type(i) for i in range(n)])
+    writer.add_bos_token_id(sp.bos_id())
+    writer.add_eos_token_id(sp.eos_id())
+    writer.add_unk_token_id(sp.unk_id())
+    writer.add_add_bos_token(True)
+    writer.add_add_space_prefix(True)
+
+
 def mistral_vocab_size(tokens: list[str]) -> int | None:
     """32000 or 32768 when `tokens` are exactly the pieces of a Mistral file mistral-common
     ships (so its chat encoding gives the right ids), else None."""
