@@ -371,57 +371,51 @@ at::Tensor bf16_gemv(const at::Tensor& x, const at::Tensor& w) {
   return y;
 }
 
-// Portable 4-bit weights (N, K/2), low nibble = column 2i, high = column 2i + 1, values 0..15
-// -> the panel layout above.
-at::Tensor pack4(const at::Tensor& q) {
-  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kByte, "q must be (N, K/2) uint8");
-  at::Tensor src = q.contiguous();
-  const int64_t N = src.size(0), K = src.size(1) * 2;
+// Fills the panel layout of an (N, K) weight, BITS per value: chunk j (0 .. BITS - 1) of each
+// 32-input block holds, for row r, the 4 bytes byte(row, k0 + 4j .. k0 + 4j + 3) where `byte`
+// gives what the kernel reads at (row, first input of the block, chunk j, byte t).
+template <int BITS, typename Byte>
+at::Tensor fill_panels(const at::Tensor& like, int64_t N, int64_t K, Byte byte) {
   TORCH_CHECK(N % kRows == 0 && K % kBlock == 0, "N must be a multiple of 16, K of 32");
-  at::Tensor out = at::empty({N * K / 2}, src.options());
-  const uint8_t* s = src.data_ptr<uint8_t>();
+  constexpr int kChunks = BITS;              // 64-byte chunks per block of 16 rows
+  at::Tensor out = at::empty({N * K * BITS / 8}, like.options().dtype(at::kByte));
   uint8_t* o = out.data_ptr<uint8_t>();
   const int64_t n_blocks = K / kBlock;
   at::parallel_for(0, N / kRows, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p)
       for (int64_t b = 0; b < n_blocks; ++b) {
-        uint8_t* ob = o + (p * n_blocks + b) * 256;
-        for (int64_t r = 0; r < kRows; ++r) {
-          const uint8_t* row = s + (p * kRows + r) * (K / 2) + b * (kBlock / 2);
-          auto value = [row](int64_t k) { return (row[k / 2] >> (4 * (k % 2))) & 0x0F; };
-          for (int j = 0; j < 4; ++j)
+        uint8_t* ob = o + (p * n_blocks + b) * kChunks * 64;
+        for (int64_t r = 0; r < kRows; ++r)
+          for (int j = 0; j < kChunks; ++j)
             for (int t = 0; t < 4; ++t)
-              ob[64 * j + 4 * r + t] =
-                  static_cast<uint8_t>(value(4 * j + t) | (value(16 + 4 * j + t) << 4));
-        }
+              ob[64 * j + 4 * r + t] = byte(p * kRows + r, b * kBlock, j, t);
       }
   });
   return out;
+}
+
+// Portable 4-bit weights (N, K/2), low nibble = column 2i, high = column 2i + 1, values 0..15
+// -> the panel layout above.
+at::Tensor pack4(const at::Tensor& q) {
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kByte, "q must be (N, K/2) uint8");
+  at::Tensor src = q.contiguous();
+  const int64_t half_k = src.size(1);
+  const uint8_t* s = src.data_ptr<uint8_t>();
+  return fill_panels<4>(src, src.size(0), half_k * 2, [=](int64_t n, int64_t k0, int j, int t) {
+    auto value = [&](int64_t k) { return (s[n * half_k + k / 2] >> (4 * (k % 2))) & 0x0F; };
+    return static_cast<uint8_t>(value(k0 + 4 * j + t) | (value(k0 + 16 + 4 * j + t) << 4));
+  });
 }
 
 // int8 weights (N, K) -> the 8-bit panel layout (values stored + 128).
 at::Tensor pack8(const at::Tensor& q) {
   TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar, "q must be (N, K) int8");
   at::Tensor src = q.contiguous();
-  const int64_t N = src.size(0), K = src.size(1);
-  TORCH_CHECK(N % kRows == 0 && K % kBlock == 0, "N must be a multiple of 16, K of 32");
-  at::Tensor out = at::empty({N * K}, src.options().dtype(at::kByte));
+  const int64_t K = src.size(1);
   const int8_t* s = src.data_ptr<int8_t>();
-  uint8_t* o = out.data_ptr<uint8_t>();
-  const int64_t n_blocks = K / kBlock;
-  at::parallel_for(0, N / kRows, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p)
-      for (int64_t b = 0; b < n_blocks; ++b) {
-        uint8_t* ob = o + (p * n_blocks + b) * 512;
-        for (int64_t r = 0; r < kRows; ++r) {
-          const int8_t* row = s + (p * kRows + r) * K + b * kBlock;
-          for (int j = 0; j < 8; ++j)
-            for (int t = 0; t < 4; ++t)
-              ob[64 * j + 4 * r + t] = static_cast<uint8_t>(row[4 * j + t] + 128);
-        }
-      }
+  return fill_panels<8>(src, src.size(0), K, [=](int64_t n, int64_t k0, int j, int t) {
+    return static_cast<uint8_t>(s[n * K + k0 + 4 * j + t] + 128);
   });
-  return out;
 }
 
 }  // namespace
