@@ -38,6 +38,7 @@ import torch
 from mistral7b.config import ModelConfig
 from mistral7b.errors import ModelFileError
 from mistral7b.weights.base import CheckpointReader
+from mistral7b.weights.gguf_file import FLOAT_TYPES
 
 FORMAT = "mistral7b-quantized"
 VERSION = "1"
@@ -172,7 +173,7 @@ def _plan(reader: CheckpointReader, quant: str, group: int, linears: list[str],
             qtype = reader.raw(source).qtype.name
             if quant == "int4" and qtype in EXACT_INT4_TYPES:
                 g = 32
-            elif qtype not in ("F32", "F16", "BF16"):
+            elif qtype not in FLOAT_TYPES:
                 g = None
                 if qtype == "Q8_0":  # copied with its scale per 32 (load.source_weight)
                     int8_scales = (out_f, in_f // 32)

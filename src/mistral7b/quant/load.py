@@ -40,11 +40,11 @@ from mistral7b.quant.layers import (
 )
 from mistral7b.quant.memory import release, trim_heap
 from mistral7b.weights.base import CheckpointReader
+from mistral7b.weights.gguf_file import FLOAT_TYPES
 from mistral7b.weights.names import expected_shapes
 
 QUANT_MODES = ("int8", "int4")
 DEFAULT_INT4_GROUP = 32
-_FLOAT_GGUF = ("F32", "F16", "BF16")
 
 QuantWeight = Int8Weight | Int4Weight
 
@@ -148,7 +148,7 @@ def source_weight(reader: CheckpointReader, name: str, quant: str, group: int) -
     if reader.format == "gguf":
         raw = reader.raw(name)
         qname = raw.qtype.name
-        if qname not in _FLOAT_GGUF:
+        if qname not in FLOAT_TYPES:
             if quant == "int4" and qname in EXACT_INT4_TYPES:
                 weight = import_int4(qname, raw.data, raw.shape)
             elif qname == "Q8_0":  # int8 with a scale per 32: copied, in either mode

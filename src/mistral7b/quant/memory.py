@@ -31,12 +31,19 @@ _PAGE = 4096
 
 
 @cache
-def _madvise():
+def _libc():
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        return ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
     except OSError:
+        return None
+
+
+@cache
+def _madvise():
+    libc = _libc()
+    if libc is None:
         return None
     fn = libc.madvise
     fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -64,12 +71,7 @@ def release(obj: torch.Tensor | np.ndarray, *, unmodified: bool = False) -> None
 
 @cache
 def _malloc_trim():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or None).malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return None
+    return getattr(_libc(), "malloc_trim", None)  # glibc only
 
 
 def trim_heap() -> None:

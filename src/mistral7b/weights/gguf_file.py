@@ -26,6 +26,8 @@ from mistral7b.weights.names import expected_shapes, format_name
 
 # Values dequantized at a time by tensor_as (16 MB of float32).
 _DEQUANT_VALUES = 1 << 22
+# GGUF tensor types that hold plain floats (everything else is quantized blocks).
+FLOAT_TYPES = frozenset({"F32", "F16", "BF16"})
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -105,7 +107,7 @@ class GGUFReader(CheckpointReader):
 
     def tensor_as(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         raw = self.raw(name)
-        if raw.qtype.name in ("F32", "F16", "BF16") or len(raw.shape) != 2:
+        if raw.qtype.name in FLOAT_TYPES or len(raw.shape) != 2:
             return super().tensor_as(name, dtype)
         rows, cols = raw.shape
         blocks = raw.data.reshape(rows, -1)                    # a row is whole blocks
