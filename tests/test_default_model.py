@@ -1,17 +1,17 @@
-"""The embedded default model against outputs of HF transformers and llama.cpp (../shared)."""
+"""The embedded default model against outputs of HF transformers and llama.cpp (tests/reference)."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from reference_files import SMOLLM2
 
 import mistral7b
 
-REF = Path(__file__).resolve().parents[2] / "shared" / "reference" / "smollm2"
+REF = SMOLLM2
 
 
 @pytest.fixture(scope="module")

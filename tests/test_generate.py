@@ -4,13 +4,13 @@ streaming. The default model (SmolLM2-135M GGUF) is the real model here."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
+from reference_files import SMOLLM2_JSON
 
 import mistral7b
 
-REF = Path(__file__).resolve().parents[2] / "shared" / "reference" / "smollm2" / "reference.json"
+REF = SMOLLM2_JSON
 
 
 @pytest.fixture(scope="module")

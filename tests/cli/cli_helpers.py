@@ -8,10 +8,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-# ../shared/reference beside the project (DESIGN §8): llama.cpp's outputs on the default model.
-REFERENCE = Path(__file__).resolve().parents[3] / "shared/reference/smollm2/reference.json"
+from reference_files import SMOLLM2_JSON
+
+# tests/reference (DESIGN §8): llama.cpp's outputs on the default model.
+REFERENCE = SMOLLM2_JSON
 CLI = [sys.executable, "-m", "mistral7b.cli.main"]
 TIMEOUT = 240  # seconds; a model-loading run takes ~5-15 s on the 2-core machines
 

@@ -5,14 +5,14 @@ limits, auth, CORS, metrics, tokenize/detokenize."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 from conftest import ALLOWED_ORIGIN, API_KEY, metric
+from reference_files import SMOLLM2_JSON
 
-REF = Path(__file__).resolve().parents[3] / "shared" / "reference" / "smollm2" / "reference.json"
+REF = SMOLLM2_JSON
 SKY = [{"role": "user", "content": "Explain in a few sentences why the sky is blue."}]
 GREEDY = {"temperature": 0.0}
 

@@ -1,5 +1,5 @@
 """GGUFTokenizer: SentencePiece GGUFs against mistral-common/sentencepiece, the default model's
-byte-level BPE against llama.cpp's ids (../shared/reference)."""
+byte-level BPE against llama.cpp's ids (tests/reference)."""
 
 from __future__ import annotations
 

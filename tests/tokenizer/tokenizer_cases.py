@@ -1,7 +1,7 @@
 """Shared inputs and (cached) tokenizers for the tokenizer tests.
 
 References are outside this project: mistral-common (its shipped tokenizer files and
-`encode_chat_completion`), sentencepiece, llama.cpp's ids in ../shared/reference, transformers.
+`encode_chat_completion`), sentencepiece, llama.cpp's ids in tests/reference, transformers.
 Loaded objects are cached here, once per test session, because reading a GGUF's tokenizer
 metadata with gguf.GGUFReader takes seconds.
 """
@@ -15,12 +15,11 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from reference_files import SMOLLM2_JSON
 
 from mistral7b.tokenizer.gguf import add_sentencepiece_metadata
 
-REFERENCE_JSON = (
-    Path(__file__).resolve().parents[3] / "shared" / "reference" / "smollm2" / "reference.json"
-)
+REFERENCE_JSON = SMOLLM2_JSON
 
 TEXTS = [
     "",
