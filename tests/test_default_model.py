@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from reference_files import SMOLLM2
+from tolerance import assert_close
 
 import mistral7b
 
@@ -31,6 +32,7 @@ def test_logits_match_the_float32_reference(llm, reference, chunk):
     llama_cpp = np.load(REF / reference["capitals"]["llamacpp_logits"])
     out = llm.logits(ids, chunk_size=chunk)
     assert out.shape == hf.shape
-    assert (out - hf).abs().max().item() <= 1e-3
+    # two float32 programs, summing in different orders (measured: 2e-6 of the scale)
+    assert_close(out, hf, what=f"chunk {chunk}")
     assert out.argmax(-1).tolist() == llama_cpp.argmax(-1).tolist()
     assert out.argmax(-1).tolist() == reference["capitals"]["llamacpp_argmax"]

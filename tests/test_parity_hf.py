@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 from tiny_models import hf_logits, hf_mistral, save_consolidated, save_gguf, save_hf
+from tolerance import assert_close, rel_err
 
 import mistral7b
 
 W = 6
 SEQ = 3 * W + 5  # longer than 3W: the rolling buffer wraps several times
 CHUNKS = [1, 2, W - 1, W, W + 1, None, 4 * SEQ]
-TOL = 1e-4
 
 CONFIGS = {
     # name: (n_heads, n_kv_heads, head_dim, window, theta, tie)
@@ -47,9 +47,8 @@ def test_logits_match_hf_for_every_chunk_size(case, fmt):
     assert llm.config.n_kv_heads == model.config.num_key_value_heads
     for chunk in CHUNKS:
         out = llm.logits(ids, chunk_size=chunk)
-        assert out.dtype == torch.float32 and out.shape == ref.shape
-        err = (out - ref).abs().max().item()
-        assert err <= TOL, f"{fmt} chunk_size={chunk}: max abs diff {err}"
+        assert out.dtype == torch.float32
+        assert_close(out, ref, what=f"{fmt} chunk_size={chunk}")
 
 
 def test_window_matters_in_these_cases(case):
@@ -61,7 +60,30 @@ def test_window_matters_in_these_cases(case):
                        n_kv_heads=model.config.num_key_value_heads,
                        head_dim=model.config.head_dim, window=W + 1)
     wider.load_state_dict(model.state_dict())
-    assert (hf_logits(wider, ids) - ref).abs().max().item() > 100 * TOL
+    assert rel_err(hf_logits(wider, ids), ref) > 1e-2
+
+
+def test_a_wrong_layout_or_rope_base_would_be_caught(case):
+    """Guard: the bound is far below what a real mistake gives. q/k rows left in HF's
+    half-split order (no un-permute) and a rope base off by 10x each miss by > 1e-2."""
+    model, ids, ref, paths = case
+    llm = mistral7b.load(paths["hf"], device="cpu", dtype="float32")
+    hd = llm.config.head_dim
+    to_hf = list(range(0, hd, 2)) + list(range(1, hd, 2))  # HF row r = our row to_hf[r]
+    with torch.no_grad():
+        for block in llm.model.layers:
+            for lin in (block.attention.wq, block.attention.wk):
+                w = lin.weight.view(-1, hd, lin.weight.shape[1])
+                lin.weight.copy_(w[:, to_hf].reshape_as(lin.weight))
+    assert rel_err(llm.logits(ids), ref) > 1e-2
+    theta = model.config.rope_parameters["rope_theta"] if hasattr(
+        model.config, "rope_parameters") else model.config.rope_theta
+    other = hf_mistral(n_heads=model.config.num_attention_heads,
+                       n_kv_heads=model.config.num_key_value_heads,
+                       head_dim=model.config.head_dim, window=model.config.sliding_window,
+                       theta=theta * 10, tie=model.config.tie_word_embeddings)
+    other.load_state_dict(model.state_dict())
+    assert rel_err(hf_logits(other, ids), ref) > 1e-2
 
 
 def test_sharded_hf_and_pth_load_the_same(tmp_path):
@@ -73,7 +95,7 @@ def test_sharded_hf_and_pth_load_the_same(tmp_path):
     pth = save_consolidated(model, tmp_path / "pth", fmt="pth")
     for path in (sharded, pth):
         out = mistral7b.load(path, dtype="float32").logits(ids, chunk_size=4)
-        assert (out - ref).abs().max().item() <= TOL
+        assert_close(out, ref, what=str(path))
 
 
 def test_bfloat16_stays_close_to_float32(case):

@@ -68,8 +68,11 @@ def hf_mistral(*, vocab: int = 96, dim: int = 64, n_layers: int = 2, n_heads: in
 
 
 def hf_logits(model, ids: list[int]) -> torch.Tensor:
+    """HF's logits computed in float64 (on a copy), so a comparison holds only our error."""
+    import copy
+
     with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].float()
+        return copy.deepcopy(model).double()(torch.tensor([ids])).logits[0]
 
 
 def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:

@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 from tiny_models import hf_mistral, save_hf
+from tolerance import assert_close
 
 import mistral7b
 from mistral7b.cache import uncached_plan
@@ -53,7 +54,7 @@ def test_packed_rows_compute_each_example_alone(tiny_folder):
                 ids = examples[i].ids
                 plan, pos = uncached_plan([len(ids)], llm.config.sliding_window)
                 alone = llm.model(torch.tensor([ids]), pos, None, plan)[0]
-                assert (packed[b, t: t + len(ids)] - alone).abs().max().item() <= 1e-5
+                assert_close(packed[b, t: t + len(ids)], alone, what=f"example {i}")
                 t += len(ids)
     # every trained token is predicted from the position before it, in its own example
     for b, row in enumerate(rows):
@@ -162,10 +163,10 @@ def test_saved_adapters_reload_to_the_trained_logits(tiny_folder, tmp_path):
     for merge in (False, True):
         again = _llm(tiny_folder)
         apply_lora_file(again, tmp_path, merge=merge)
-        assert (again.logits(ids) - trained).abs().max().item() <= 1e-5
+        assert_close(again.logits(ids), trained, what=f"peft, merge={merge}")
         mistral = _llm(tiny_folder)
         apply_lora_file(mistral, tmp_path / "lora.safetensors", merge=merge)
-        assert (mistral.logits(ids) - trained).abs().max().item() <= 1e-5
+        assert_close(mistral.logits(ids), trained, what=f"mistral, merge={merge}")
 
 
 @pytest.mark.parametrize("bits", [8, 4])
