@@ -1,9 +1,18 @@
+import os
+
+# Before anything loads torch (and so libgomp): idle OpenMP threads sleep instead of spinning,
+# and each process uses both cores at most. A spinning pool takes its cores for ~ms after
+# every parallel region, so two test processes (pytest and a CLI or server it starts) would
+# slow each other 10-100x on a 2-core machine. Tests compare numbers, not speed.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
 import pytest
 import torch
 
 
 @pytest.fixture(autouse=True)
 def _deterministic_threads():
-    # Tests compare numbers, not speed: keep torch's thread pool small and steady.
+    # Keep torch's thread pool small and steady (the CLI/server subprocesses inherit the env).
     torch.set_num_threads(2)
     yield
