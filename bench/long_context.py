@@ -21,19 +21,18 @@ import time
 import torch
 
 import mistral7b
-from mistral7b.cache import KVCache
+from mistral7b.cache import BlockTable
 from mistral7b.engine import Engine
 
 
-def filled_cache(config, length: int, steps: int, dtype: torch.dtype) -> KVCache:
-    cache = KVCache(config, 1, length + steps, dtype=dtype, device="cpu")
-    cache.k.normal_()
-    cache.v.normal_()
-    n = cache.n_slots
-    positions = torch.arange(max(0, length - n), length)
-    cache.slot_pos[0, positions % n] = positions
-    cache.lengths[0] = length
-    return cache
+def filled_table(engine: Engine, length: int) -> BlockTable:
+    """A table as after a `length`-token pre-fill (random k/v; the window trimmed)."""
+    table = BlockTable()
+    engine.pool.plan([table], [length])
+    engine.pool.k.normal_()
+    engine.pool.v.normal_()
+    engine.pool.trim(table)
+    return table
 
 
 def main() -> None:
@@ -54,19 +53,23 @@ def main() -> None:
     print(f"{'attention':>12} {'context':>8} {'decode tok/s':>13} {'step ms':>9} {'cache GB':>9}")
     for window in (args.window, None):
         config = dataclasses.replace(llm.config, sliding_window=window)
-        engine = Engine(model, config)
-        for length in (int(x) for x in args.lengths.split(",")):
-            cache = filled_cache(config, length, args.steps + 2, dtype)
+        lengths = [int(x) for x in args.lengths.split(",")]
+        slot_bytes = 2 * config.n_layers * config.n_kv_heads * config.head_dim * dtype.itemsize
+        engine = Engine(model, config, kv_cache_memory=(max(lengths) + args.steps + 64)
+                        * slot_bytes)
+        for length in lengths:
+            table = filled_table(engine, length)
             times = []
             for i in range(args.steps + 2):
                 t0 = time.perf_counter()
-                engine.step(cache, [0], [[100 + i]])
+                engine.step([table], [[100 + i]])
                 times.append(time.perf_counter() - t0)
             step = statistics.median(times[2:])
+            held = sum(1 for b in table.blocks if b > 0)
             name = f"W={window}" if window else "no window"
             print(f"{name:>12} {length:>8} {1 / step:>13.2f} {step * 1e3:>9.1f} "
-                  f"{cache.nbytes / 1e9:>9.2f}", flush=True)
-            del cache
+                  f"{held * engine.pool.block_bytes / 1e9:>9.2f}", flush=True)
+            engine.pool.release(table)
 
 
 if __name__ == "__main__":

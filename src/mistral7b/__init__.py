@@ -16,7 +16,7 @@ from mistral7b.errors import InputError, Mistral7BError, ModelFileError, Tokeniz
 
 _LAZY = {
     "load": "mistral7b.api", "LLM": "mistral7b.api", "TextStream": "mistral7b.api",
-    "Completion": "mistral7b.engine", "ModelConfig": "mistral7b.config",
+    "Completion": "mistral7b.sequence", "ModelConfig": "mistral7b.config",
     "PRESETS": "mistral7b.config", "SamplingParams": "mistral7b.sampling",
 }
 

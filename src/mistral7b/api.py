@@ -10,9 +10,12 @@ from typing import Any
 import torch
 
 from mistral7b.config import ModelConfig
-from mistral7b.engine import Completion, Engine
+from mistral7b.engine import Engine
 from mistral7b.errors import InputError, Mistral7BError
+from mistral7b.request import Output
 from mistral7b.sampling import SamplingParams
+from mistral7b.scheduler import run_batch
+from mistral7b.sequence import Completion, GenerationStats, TokenLogprob
 
 # On CPU, models up to this many parameters run in float32 by default (exact, and fast
 # enough); bigger ones in bfloat16 (a 7B model in float32 would need 29 GB).
@@ -56,11 +59,14 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device,
 
 def load(model: str | Path = "default", *, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, quant: str | None = None,
-         lora: str | Path | None = None, lora_merge: bool = True) -> LLM:
+         lora: str | Path | None = None, lora_merge: bool = True,
+         kv_cache_memory: int | None = None) -> LLM:
     """Load a model: a checkpoint folder (consolidated or HF), a .gguf file, or "default".
 
     lora: a PEFT adapter folder or a Mistral lora.safetensors, merged into the weights
     (lora_merge=True) or kept as separate low-rank modules.
+    kv_cache_memory: the KV cache's budget in bytes (default: half the memory available when
+    it is first needed, or 80% of free GPU memory); memory is taken as sequences advance.
     """
     from mistral7b.default_model import default_model_path
     from mistral7b.quant import check_mode, load_quantized, stored_quant
@@ -79,7 +85,7 @@ def load(model: str | Path = "default", *, device: str | torch.device | None = N
     else:  # asked for, or a folder written by `mistral7b quantize`
         net = load_quantized(reader, quant, dtype=dt, device=dev)
     tokenizer = _load_tokenizer(reader)
-    llm = LLM(net, reader.config, tokenizer, path)
+    llm = LLM(net, reader.config, tokenizer, path, kv_cache_memory)
     if lora is not None:
         from mistral7b.lora import apply_lora_file
 
@@ -120,13 +126,23 @@ def _load_tokenizer(reader: Any) -> Any:
 class LLM:
     """A loaded model with its tokenizer. Thread-compatible, not thread-safe."""
 
-    def __init__(self, model: Any, config: ModelConfig, tokenizer: Any, path: Path) -> None:
+    def __init__(self, model: Any, config: ModelConfig, tokenizer: Any, path: Path,
+                 kv_cache_memory: int | None = None) -> None:
         self.model = model
         self.config = config
         self.tokenizer = tokenizer
         self.path = path
-        self.engine = Engine(model, config)
+        self.engine = Engine(model, config, kv_cache_memory)
         self.load_seconds = 0.0
+        self._stats = GenerationStats()
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    def check_ids(self, ids: Sequence[int]) -> None:
+        """InputError unless every id is in the vocabulary (the engine's rule and message)."""
+        self.engine.check_ids(ids)
 
     def __repr__(self) -> str:
         return (f"LLM({str(self.path)!r}, {self.config.n_params / 1e9:.2f}B params, "
@@ -142,11 +158,10 @@ class LLM:
         """Complete one prompt (str or token ids) or a list of them (a ragged batch)."""
         single, prompts = self._prompts(prompt_or_prompts)
         params = _params(sampling)
-        out: dict[int, Completion] = {}
-        for event in self._events(prompts, params, max_context):
-            if event.completion is not None:
-                out[event.index] = event.completion
-        completions = [out[i] for i in range(len(prompts))]
+        builders = [_CompletionBuilder(len(p), params.logprobs) for p in prompts]
+        for i, out in self._events(prompts, params, max_context):
+            builders[i].add(out)
+        completions = [b.completion for b in builders]
         return completions[0] if single else completions
 
     def stream(self, prompt: Any, *, max_context: int | None = None,
@@ -159,7 +174,8 @@ class LLM:
         single, prompts = self._prompts(prompt)
         if not single:
             raise InputError("stream() takes one prompt; use generate() for a batch")
-        return TextStream(self._events(prompts, _params(sampling), max_context))
+        params = _params(sampling)
+        return TextStream(self._events(prompts, params, max_context), len(prompts[0]), params)
 
     def chat(self, messages: list[dict[str, Any]], *, safe_prompt: bool = False,
              max_context: int | None = None, **sampling: Any) -> Completion:
@@ -175,9 +191,9 @@ class LLM:
         return self.stream(ids, max_context=max_context, **sampling)
 
     @property
-    def stats(self):
-        """Timings of the last generation (prompt/generation tokens per second)."""
-        return self.engine.stats
+    def stats(self) -> GenerationStats:
+        """What the last generation did: tokens computed and reused, timings."""
+        return self._stats
 
     # ---------------------------------------------------------------- helpers
 
@@ -206,29 +222,65 @@ class LLM:
                          "of those")
 
     def _events(self, prompts: list[list[int]], params: SamplingParams,
-                max_context: int | None):
+                max_context: int | None) -> Iterator[tuple[int, Output]]:
+        """The one step loop (scheduler.run_batch) over these prompts. The KV of earlier
+        calls stays cached, so a prompt that extends an earlier one (the next chat turn)
+        computes only its new tokens."""
         tok = self.require_tokenizer()  # generated text is decoded with it
-        return self.engine.generate(
-            prompts, [params] * len(prompts), stop_ids=tok.stop_ids,
-            decoders=[tok.decoder() for _ in prompts], max_context=max_context)
+        self._stats = GenerationStats()
+        return run_batch(self.engine, prompts, [params] * len(prompts), stop_ids=tok.stop_ids,
+                         new_decoder=tok.decoder, max_context=max_context, stats=self._stats)
+
+
+class _CompletionBuilder:
+    """Collects one sequence's outputs into its Completion."""
+
+    def __init__(self, prompt_tokens: int, logprobs: bool) -> None:
+        self.prompt_tokens = prompt_tokens
+        self.want_logprobs = logprobs
+        self.text: list[str] = []
+        self.ids: list[int] = []
+        self.logprobs: list[TokenLogprob] = []
+        self.finish_reason: str | None = None
+        self.cached_tokens = 0
+
+    def add(self, out: Output) -> None:
+        self.text.append(out.text)
+        if out.token_id is not None:
+            self.ids.append(out.token_id)
+        if out.logprob is not None:
+            self.logprobs.append(out.logprob)
+        self.cached_tokens = out.cached_tokens
+        if out.finish_reason:
+            self.finish_reason = out.finish_reason
+
+    @property
+    def completion(self) -> Completion:
+        return Completion("".join(self.text), self.ids, self.finish_reason or "length",
+                          self.prompt_tokens,
+                          self.logprobs if self.want_logprobs else None,
+                          self.cached_tokens)
 
 
 class TextStream:
     """An iterator of text deltas; `.completion` is set when the generation has finished."""
 
-    def __init__(self, events: Iterator[Any]) -> None:
+    def __init__(self, events: Iterator[tuple[int, Output]], prompt_tokens: int,
+                 params: SamplingParams) -> None:
         self._events = events
+        self._builder = _CompletionBuilder(prompt_tokens, params.logprobs)
         self.completion: Completion | None = None
 
     def __iter__(self) -> Iterator[str]:
         return self
 
     def __next__(self) -> str:
-        for event in self._events:
-            if event.completion is not None:
-                self.completion = event.completion
-            if event.text:
-                return event.text
+        for _, out in self._events:
+            self._builder.add(out)
+            if out.finish_reason:
+                self.completion = self._builder.completion
+            if out.text:
+                return out.text
         raise StopIteration
 
     def close(self) -> None:

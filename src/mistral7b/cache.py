@@ -1,54 +1,88 @@
-"""Rolling buffer KV cache and position-based attention masks (DESIGN §2.1-2.2).
+"""The KV cache: paged memory taken as sequences advance, within a budget, shared by prefix.
 
-Per layer and per sequence row the cache holds `n_slots` key/value vectors: W slots when the
-model has a sliding window, else the longest sequence asked for. The k/v of absolute position
-p lives in slot p mod n_slots, and every slot remembers the position it holds (-1 = empty),
-so visibility is a pure function of positions:
+Memory. One pool per model holds k and v for every layer as `n_blocks` blocks of
+`block_size` (BS) token slots: tensors (n_layers, n_kv_heads, n_blocks * BS, head_dim). The
+pool is sized by a byte budget but costs nothing until used: on CPU `torch.empty` maps pages
+the kernel commits on first write, so resident memory follows the blocks written (on CUDA the
+budget is reserved up front, as vLLM does). Block 0 is all zeros and never handed out: padded
+gathers point at it.
+
+A sequence's `BlockTable` maps logical block j (positions j*BS .. j*BS+BS-1) to a physical
+block; position p lives in slot blocks[p // BS] * BS + p % BS and nothing moves once
+written. Visibility stays a pure function of positions (DESIGN §2.1-2.2):
 
     visible(q_pos, k_pos) = k_pos >= 0  and  k_pos <= q_pos  and  q_pos - k_pos < W
 
-Worked example, W = n_slots = 4, a sequence that has seen positions 0..5:
+Worked example, BS = 4, window W = 6, a sequence that has fed positions 0..9:
 
-    slot:      0  1  2  3
-    position:  4  5  2  3        (4 and 5 overwrote 0 and 1)
+    logical block:   0        1        2
+    positions:       0-3      4-7      8-9 (2 of 4 slots used)
+    physical block:  -1       7        3           (block 0's positions left the window)
 
-A query at position 6 lands in slot 2; it may see positions 3, 4, 5 and itself (6 - 3 < 4),
-which are exactly the slots that survive the write. That is why a single new token can be
-written *before* attention ("write-first"). A chunk of several tokens cannot always: the chunk's
-token at position 7 (slot 3) would overwrite position 3, which the chunk's query at 6 still
-needs. Multi-token chunks on a wrapping cache therefore attend to [cache before the chunk ;
-the chunk itself] and write the chunk's last n_slots tokens afterwards ("concat").
-Without a window positions never wrap (n_slots covers the whole sequence), so every step is
-write-first and attends only to the filled prefix of the slots.
+The next query is at position 10; it sees 5..10 (10-6+1 = 5 onwards), so logical block 0
+(0-3) is given back when that step is planned (`trim`; not right after the step that fed 9,
+so that the scheduler can register the blocks that step filled first), while block 1 stays:
+position 4 is needed no more but 5-7 are. A sequence therefore holds at most
+ceil(W / BS) + 1 blocks however long it runs. A chunk of T tokens is always written before
+attention: nothing it overwrites can still be needed, because slots are never reused within
+a sequence (the old rolling buffer had to attend to [cache ; chunk] and write afterwards).
 
-Memory: 2 * n_layers * n_kv_heads * head_dim * n_slots elements per row, i.e. 128 KiB per
-slot for Mistral 7B in bf16, 512 MiB per sequence at W = 4096 however long the sequence.
+Prefix reuse. A full block is named by a chain digest of every token up to its end
+(blake2b(previous digest + its tokens)), so equal digests mean equal KV. Full blocks are
+registered under their digest as they fill; when no sequence holds a registered block any
+more it stays in the pool as cached (least recently used first to go when blocks run out).
+A new sequence whose tokens start with registered blocks takes them instead of computing
+them again: `reuse` finds the longest such prefix, leaving at least one token to feed (its
+logits are needed). With a window only the blocks the next query can see must still be
+there. `fork` gives `n` choices of one prompt the same full blocks and a copy of the
+partial last one.
 """
 
 from __future__ import annotations
 
+import hashlib
+import heapq
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from mistral7b.config import ModelConfig
+from mistral7b.errors import InputError, Mistral7BError
+
+BLOCK_SIZE = 32
+
+
+class KVCacheFull(Mistral7BError):
+    """No free block even after evicting cached prefixes: the caller waits or preempts."""
+
+
+@dataclass
+class BlockTable:
+    """One sequence's cache: `blocks[j]` is the physical block of logical block j (-1 = not
+    held), `length` the number of positions written (the next position to feed)."""
+
+    blocks: list[int] = field(default_factory=list)
+    length: int = 0
+    digests: list[bytes] = field(default_factory=list)   # chain digests of its full blocks
 
 
 @dataclass
 class AttentionPlan:
     """Everything the layers of one forward step share: computed once, used n_layers times.
 
-    B = batch rows in this step, T = padded chunk length, K = number of keys attended to.
+    B = batch rows, T = padded chunk length, K = keys attended to. Keys come either as one
+    contiguous slot range of the pool (`view`, no copy: one row whose blocks are adjacent)
+    or gathered by slot index (`gather`, (B, K), padding points at the zero block).
     """
 
-    rows: torch.Tensor | slice      # cache rows of the B batch entries (a slice when contiguous)
-    write_first: bool               # write the chunk, then attend to slots[:, :n_keys]
-    n_keys: int                     # write-first: number of leading slots attended to
-    mask: torch.Tensor              # (B, 1, T, K) bool, True = visible
-    write_b: torch.Tensor           # (N,) batch index of each token written to the cache
-    write_t: torch.Tensor           # (N,) its index inside the chunk
-    write_row: torch.Tensor         # (N,) its cache row
-    write_slot: torch.Tensor        # (N,) the slot it goes to
+    mask: torch.Tensor                      # (B, 1, T, K) bool, True = visible
+    write_b: torch.Tensor                   # (N,) batch index of each token written
+    write_t: torch.Tensor                   # (N,) its index inside the chunk
+    write_slot: torch.Tensor                # (N,) the pool slot it goes to
+    view: tuple[int, int] | None = None     # keys = slots [start, stop) (B == 1)
+    gather: torch.Tensor | None = None      # (B, K) slot of each key
     _grouped: dict[int, torch.Tensor | None] = field(default_factory=dict, repr=False)
 
     def grouped_mask(self, groups: int) -> torch.Tensor | None:
@@ -62,113 +96,326 @@ class AttentionPlan:
         return self._grouped[groups]
 
 
-class KVCache:
-    """Preallocated k/v tensors (n_layers, rows, n_kv_heads, n_slots, head_dim) + slot positions.
+class KVPool:
+    """The paged k/v memory of one model and its prefix index (the engine owns it)."""
 
-    One row per sequence; `lengths[r]` is how many tokens row r has seen (its next position).
-    The engine owns the cache; the model only calls `update` through the plan.
-    """
-
-    def __init__(self, config: ModelConfig, n_rows: int, max_seq_len: int, *,
-                 dtype: torch.dtype, device: torch.device | str) -> None:
-        if max_seq_len <= 0:
-            raise ValueError(f"max_seq_len must be positive, got {max_seq_len}")
+    def __init__(self, config: ModelConfig, budget_bytes: int, *, dtype: torch.dtype,
+                 device: torch.device | str, block_size: int = BLOCK_SIZE) -> None:
         self.window = config.sliding_window
-        self.max_seq_len = max_seq_len
-        self.n_slots = min(self.window, max_seq_len) if self.window else max_seq_len
-        shape = (config.n_layers, n_rows, config.n_kv_heads, self.n_slots, config.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.slot_pos = torch.full((n_rows, self.n_slots), -1, dtype=torch.long, device=device)
-        self.lengths = [0] * n_rows
+        self.block_size = bs = block_size
+        elem = torch.empty((), dtype=dtype).element_size()
+        self.slot_bytes = 2 * config.n_layers * config.n_kv_heads * config.head_dim * elem
+        self.block_bytes = self.slot_bytes * bs
+        n_blocks = int(budget_bytes) // self.block_bytes + 1        # + the zero block
+        if n_blocks < 2:
+            raise InputError(
+                f"a KV cache budget of {budget_bytes} bytes holds no block of {bs} tokens "
+                f"({self.block_bytes} bytes): raise --kv-cache-memory / kv_cache_memory")
+        self.n_blocks = n_blocks
+        shape = (config.n_layers, config.n_kv_heads, n_blocks * bs, config.head_dim)
+        try:
+            self.k = torch.empty(shape, dtype=dtype, device=device)
+            self.v = torch.empty(shape, dtype=dtype, device=device)
+        except (RuntimeError, MemoryError) as exc:
+            raise InputError(
+                f"could not reserve a KV cache of {2 * n_blocks * self.block_bytes / 2**30:.2f}"
+                f" GiB on {device} ({exc}): lower --kv-cache-memory / kv_cache_memory") from None
+        self.k[:, :, :bs] = 0
+        self.v[:, :, :bs] = 0
         self.device = torch.device(device)
+        self._free = list(range(1, n_blocks))           # a min-heap: low blocks first, so
+        self._ref = [0] * n_blocks                      # the pages touched stay compact
+        self._block_of: dict[bytes, int] = {}
+        self._digest_of: dict[int, bytes] = {}
+        self._tails: dict[bytes, dict[tuple[int, ...], int]] = {}   # partial last blocks
+        self._tail_of: dict[int, tuple[bytes, tuple[int, ...]]] = {}
+        self._lru: OrderedDict[int, None] = OrderedDict()   # cached, held by no sequence
+        self.hits = 0                                   # tokens reused, for /metrics
+        self.evictions = 0
 
-    @property
-    def n_rows(self) -> int:
-        return len(self.lengths)
+    # ------------------------------------------------------------------ accounting
 
     @property
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        """Bytes the pool may use (its budget); resident memory follows `used_bytes`."""
+        return (self.n_blocks - 1) * self.block_bytes
 
-    def reset(self, rows: list[int] | None = None) -> None:
-        """Forget the sequences in `rows` (all by default) so the rows can be reused."""
-        rows = list(range(self.n_rows)) if rows is None else rows
-        for r in rows:
-            self.lengths[r] = 0
-        self.slot_pos[rows] = -1
+    @property
+    def capacity_blocks(self) -> int:
+        return self.n_blocks - 1
 
-    def plan(self, rows: list[int], n_new: list[int]) -> tuple[AttentionPlan, torch.Tensor]:
-        """Plan one forward step where batch entry b feeds n_new[b] tokens to cache row rows[b].
+    @property
+    def available_blocks(self) -> int:
+        """Blocks a sequence could take now: free ones and cached ones not held."""
+        return len(self._free) + len(self._lru)
 
-        Returns the plan and the absolute positions (B, T) of the chunk (padding included),
-        and advances `lengths`. Padding tokens (t >= n_new[b]) are never written and no
-        real query ever sees them.
+    @property
+    def used_bytes(self) -> int:
+        """Bytes in blocks held by sequences or kept as cached prefixes."""
+        return (self.capacity_blocks - len(self._free)) * self.block_bytes
+
+    @property
+    def cached_bytes(self) -> int:
+        """Bytes in blocks kept only as cached prefixes (reclaimable)."""
+        return len(self._lru) * self.block_bytes
+
+    def blocks_for(self, n_tokens: int) -> int:
+        """Blocks a sequence of n_tokens holds at its peak (a window caps it)."""
+        bs = self.block_size
+        if self.window is not None:
+            n_tokens = min(n_tokens, self.window + bs)
+        return -(-n_tokens // bs)
+
+    # --------------------------------------------------------------- sequences
+
+    def release(self, table: BlockTable, tokens: list[int] | None = None) -> None:
+        """Give a finished (or preempted) sequence's blocks back. Registered full blocks stay
+        cached; with `tokens`, so does its partial last block (the next chat turn starts
+        with exactly these tokens, so it reuses them all, not just the full blocks)."""
+        bs = self.block_size
+        full, tail = divmod(table.length, bs)
+        if tokens is not None and tail and len(table.digests) == full:
+            b = table.blocks[full]
+            key = table.digests[-1] if full else b""
+            tail_tokens = tuple(tokens[full * bs: table.length])
+            if (b > 0 and self._ref[b] == 1 and b not in self._digest_of
+                    and tail_tokens not in self._tails.get(key, {})):
+                self._tails.setdefault(key, {})[tail_tokens] = b
+                self._tail_of[b] = (key, tail_tokens)
+        for b in table.blocks:
+            if b > 0:
+                self._drop(b)
+        table.blocks, table.length, table.digests = [], 0, []
+
+    def reuse(self, table: BlockTable, tokens: list[int]) -> int:
+        """Point an empty table at the longest registered prefix of `tokens` that leaves at
+        least one token to feed; returns the number of tokens reused (a multiple of BS)."""
+        assert not table.blocks and table.length == 0
+        bs = self.block_size
+        digests = _chain(tokens[: (len(tokens) - 1) // bs * bs], bs)
+        present = np.array([d in self._block_of for d in digests], dtype=bool)
+        missing_before = np.concatenate([[0], np.cumsum(~present)])   # missing in [0, j)
+        m = next((m for m in range(len(digests), 0, -1)
+                  if missing_before[m] == missing_before[self._first_needed(m * bs)]), 0)
+        first = self._first_needed(m * bs)
+        table.blocks = [-1] * first + [self._block_of[d] for d in digests[first:m]]
+        for b in table.blocks[first:]:
+            self._hold(b)
+        table.length, table.digests = m * bs, digests[:m]
+        self._reuse_tail(table, tokens)
+        self.hits += table.length
+        return table.length
+
+    def _reuse_tail(self, table: BlockTable, tokens: list[int]) -> None:
+        """Extend a table that ends on a block boundary by a cached partial block (copied,
+        so that it stays cached for others), the longest that leaves a token to feed."""
+        key = table.digests[-1] if table.digests else b""
+        start = table.length
+        best = max((t for t in self._tails.get(key, {})
+                    if start + len(t) < len(tokens) and tuple(tokens[start: start + len(t)]) == t),
+                   key=len, default=None)
+        if best is None:
+            return
+        src = self._tails[key][best]
+        self._hold(src)                     # so that taking a block cannot evict it
+        try:
+            new = self._take()
+        except KVCacheFull:
+            return
+        finally:
+            self._drop(src)
+        self._copy_slots(src, new, len(best))
+        table.blocks.append(new)
+        table.length += len(best)
+
+    def fork(self, table: BlockTable) -> BlockTable:
+        """A second table with the same cached tokens: full blocks shared, the partial last
+        block copied. Raises KVCacheFull when no block is left for the copy."""
+        bs = self.block_size
+        child = BlockTable(list(table.blocks), table.length, list(table.digests))
+        tail = table.length % bs
+        if tail:
+            new = self._take()
+            self._copy_slots(table.blocks[-1], new, tail)
+            child.blocks[-1] = new
+        for b in child.blocks[: len(child.blocks) - (1 if tail else 0)]:
+            if b > 0:
+                self._hold(b)
+        return child
+
+    def register(self, table: BlockTable, tokens: list[int]) -> None:
+        """Name the table's newly filled blocks by digest (tokens: at least its first
+        `length`), so that later sequences can reuse them."""
+        bs = self.block_size
+        full = table.length // bs
+        if len(table.digests) >= full:
+            return
+        prev = table.digests[-1] if table.digests else b""
+        for j in range(len(table.digests), full):
+            prev = _digest(prev, tokens[j * bs: (j + 1) * bs])
+            table.digests.append(prev)
+            b = table.blocks[j]
+            if b > 0 and prev not in self._block_of and b not in self._digest_of:
+                self._block_of[prev] = b
+                self._digest_of[b] = prev
+
+    def trim(self, table: BlockTable) -> None:
+        """Give back the blocks no future query of the table can see (window only)."""
+        if self.window is None:
+            return
+        for j in range(self._first_needed(table.length)):
+            if table.blocks[j] > 0:
+                self._drop(table.blocks[j])
+                table.blocks[j] = -1
+
+    def clear_prefixes(self) -> None:
+        """Forget every cached prefix (blocks held by running sequences stay)."""
+        while self._lru:
+            b, _ = self._lru.popitem(last=False)
+            self._forget(b)
+            heapq.heappush(self._free, b)
+
+
+    # -------------------------------------------------------------------- steps
+
+    def plan(self, tables: list[BlockTable], n_new: list[int]) -> tuple[AttentionPlan,
+                                                                         torch.Tensor]:
+        """Plan one forward step where batch entry b feeds n_new[b] tokens to tables[b].
+
+        Takes the blocks the new tokens need (all or none: KVCacheFull before any change),
+        advances the tables' lengths, and returns the plan and the absolute positions (B, T)
+        of the chunk (padding included). Padding tokens are never written and no real query
+        ever sees them.
         """
-        if len(rows) != len(n_new) or not rows:
-            raise ValueError("rows and n_new must be non-empty and of equal length")
-        dev = self.device
-        T = max(n_new)
-        start = torch.tensor([self.lengths[r] for r in rows], dtype=torch.long, device=dev)
-        counts = torch.tensor(n_new, dtype=torch.long, device=dev)
-        positions = start[:, None] + torch.arange(T, device=dev)            # (B, T)
-        valid = torch.arange(T, device=dev)[None, :] < counts[:, None]      # (B, T)
-        ends = [self.lengths[r] + n for r, n in zip(rows, n_new)]
-        if max(ends) > self.max_seq_len:
-            raise ValueError(
-                f"sequence would reach {max(ends)} tokens but the cache was sized for "
-                f"{self.max_seq_len}")
-        wraps = self.window is not None and max(ends) > self.n_slots
-        write_first = T == 1 or not wraps
-        row_index = _as_index(rows)
-        row_t = torch.tensor(rows, dtype=torch.long, device=dev)
+        if len(tables) != len(n_new) or not tables or min(n_new) < 1:
+            raise ValueError("tables and n_new must be non-empty, equal in length, n >= 1")
+        bs, dev = self.block_size, self.device
+        for t in tables:        # here, not after the last step: its blocks were registered
+            self.trim(t)        # since, so the ones leaving the window stay cached
+        need = [-(-(t.length + n) // bs) - len(t.blocks) for t, n in zip(tables, n_new)]
+        if sum(max(n, 0) for n in need) > self.available_blocks:
+            raise KVCacheFull(f"{sum(need)} KV blocks needed, {self.available_blocks} free")
+        for t, n in zip(tables, need):
+            t.blocks.extend(self._take() for _ in range(n))
 
-        # Which chunk tokens go into the cache: the last n_slots valid ones of each row.
-        keep = valid & (torch.arange(T, device=dev)[None, :] >= counts[:, None] - self.n_slots)
-        write_b, write_t = keep.nonzero(as_tuple=True)
-        write_pos = positions[write_b, write_t]
-        write_slot = write_pos % self.n_slots
-        write_row = row_t[write_b]
+        B, T = len(tables), max(n_new)
+        starts = [t.length for t in tables]
+        ends = [s + n for s, n in zip(starts, n_new)]
+        lo = [self._window_start(s) for s in starts]      # first key the chunk can see
+        counts = torch.tensor(n_new, device=dev)
+        positions = torch.tensor(starts, device=dev)[:, None] + torch.arange(T, device=dev)
+        valid = torch.arange(T, device=dev)[None, :] < counts[:, None]             # (B, T)
+        write_b, write_t = valid.nonzero(as_tuple=True)
 
-        q_pos = positions[:, :, None]                                       # (B, T, 1)
-        if write_first:
-            self.slot_pos[write_row, write_slot] = write_pos
-            n_keys = min(self.n_slots, max(ends))
-            k_pos = self.slot_pos[row_index, :n_keys][:, None, :]           # (B, 1, K)
-        else:
-            n_keys = self.n_slots
-            cached = self.slot_pos[row_index][:, None, :]                   # (B, 1, S)
-            chunk = torch.where(valid, positions, -1)[:, None, :]           # (B, 1, T)
-            k_pos = torch.cat([cached, chunk], dim=-1)                      # (B, 1, S+T)
-            self.slot_pos[write_row, write_slot] = write_pos
-        mask = visible(q_pos, k_pos, self.window)
+        tables_t = [torch.tensor(t.blocks, dtype=torch.long) for t in tables]
+        slot_lists = [_slots(tb, lo_b, end, bs) for tb, lo_b, end in zip(tables_t, lo, ends)]
+        write_slot = torch.cat([s[len(s) - n:] for s, n in zip(slot_lists, n_new)]).to(dev)
+        K = max(len(s) for s in slot_lists)
+        k_pos = torch.full((B, K), -1, dtype=torch.long)
+        gather = torch.zeros((B, K), dtype=torch.long)      # padding: the zero block
+        for b, s in enumerate(slot_lists):
+            k_pos[b, : len(s)] = torch.arange(lo[b], ends[b])
+            gather[b, : len(s)] = s
+        view = None
+        first = int(gather[0, 0])
+        if B == 1 and torch.equal(gather[0], torch.arange(first, first + K)):  # in order
+            view = (first, first + K)
+        k_pos = k_pos.to(dev)
+        mask = visible(positions[:, :, None], k_pos[:, None, :], self.window)
         # Padding queries see everything: their output is discarded, and a fully masked row
         # would make softmax produce NaN.
         mask |= ~valid[:, :, None]
-        for r, end in zip(rows, ends):
-            self.lengths[r] = end
-        plan = AttentionPlan(row_index, write_first, n_keys, mask[:, None], write_b, write_t,
-                             write_row, write_slot)
+        for t, end in zip(tables, ends):
+            t.length = end
+        plan = AttentionPlan(mask[:, None], write_b, write_t, write_slot, view,
+                             None if view else gather.to(dev))
         return plan, positions
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor,
                plan: AttentionPlan) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this layer's chunk k/v (B, KV, T, D) and return the keys/values to attend to.
-
-        Returns (B, KV, K, D) tensors matching plan.mask's last dimension.
-        """
-        ck, cv = self.k[layer], self.v[layer]                               # (R, KV, S, D)
-        src_k = k[plan.write_b, :, plan.write_t]                            # (N, KV, D)
-        src_v = v[plan.write_b, :, plan.write_t]
-        if plan.write_first:
-            ck[plan.write_row, :, plan.write_slot] = src_k
-            cv[plan.write_row, :, plan.write_slot] = src_v
-            return ck[plan.rows, :, :plan.n_keys], cv[plan.rows, :, :plan.n_keys]
-        keys = torch.cat([ck[plan.rows], k], dim=2)                          # (B, KV, S+T, D)
-        values = torch.cat([cv[plan.rows], v], dim=2)
-        ck[plan.write_row, :, plan.write_slot] = src_k
-        cv[plan.write_row, :, plan.write_slot] = src_v
+        """Store this layer's chunk k/v (B, KV, T, D); return the keys/values to attend to,
+        (B, KV, K, D), matching plan.mask's last dimension."""
+        ck, cv = self.k[layer], self.v[layer]                               # (KV, S, D)
+        ck[:, plan.write_slot] = k[plan.write_b, :, plan.write_t].transpose(0, 1)
+        cv[:, plan.write_slot] = v[plan.write_b, :, plan.write_t].transpose(0, 1)
+        if plan.view is not None:
+            start, stop = plan.view
+            return ck[None, :, start:stop], cv[None, :, start:stop]
+        assert plan.gather is not None
+        B, K = plan.gather.shape
+        flat = plan.gather.reshape(-1)
+        keys = ck.index_select(1, flat).view(-1, B, K, ck.shape[-1]).transpose(0, 1)
+        values = cv.index_select(1, flat).view(-1, B, K, cv.shape[-1]).transpose(0, 1)
         return keys, values
+
+    # ----------------------------------------------------------------- blocks
+
+    @torch.no_grad()
+    def _copy_slots(self, src: int, dst: int, n: int) -> None:
+        bs = self.block_size
+        for pool in (self.k, self.v):
+            pool[:, :, dst * bs: dst * bs + n] = pool[:, :, src * bs: src * bs + n]
+
+    def _window_start(self, pos: int) -> int:
+        return 0 if self.window is None else max(0, pos - self.window + 1)
+
+    def _first_needed(self, next_pos: int) -> int:
+        """First logical block the query at next_pos (and every later one) can see."""
+        return self._window_start(next_pos) // self.block_size
+
+    def _take(self) -> int:
+        if self._free:
+            b = heapq.heappop(self._free)
+        elif self._lru:
+            b, _ = self._lru.popitem(last=False)
+            self._forget(b)
+            self.evictions += 1
+        else:
+            raise KVCacheFull("no free KV block")
+        self._ref[b] = 1
+        return b
+
+    def _hold(self, b: int) -> None:
+        if self._ref[b] == 0:
+            self._lru.pop(b, None)
+        self._ref[b] += 1
+
+    def _drop(self, b: int) -> None:
+        self._ref[b] -= 1
+        if self._ref[b] == 0:
+            if b in self._digest_of or b in self._tail_of:
+                self._lru[b] = None            # most recently used goes last
+            else:
+                heapq.heappush(self._free, b)
+
+    def _forget(self, b: int) -> None:
+        d = self._digest_of.pop(b, None)
+        if d is not None:
+            self._block_of.pop(d, None)
+        if b in self._tail_of:
+            key, tail = self._tail_of.pop(b)
+            del self._tails[key][tail]
+            if not self._tails[key]:
+                del self._tails[key]
+
+
+def _digest(prev: bytes, tokens: list[int]) -> bytes:
+    data = np.asarray(tokens, dtype=np.int64).tobytes()
+    return hashlib.blake2b(prev + data, digest_size=16).digest()
+
+
+def _chain(tokens: list[int], bs: int) -> list[bytes]:
+    out, prev = [], b""
+    for j in range(len(tokens) // bs):
+        prev = _digest(prev, tokens[j * bs: (j + 1) * bs])
+        out.append(prev)
+    return out
+
+
+def _slots(table: torch.Tensor, lo: int, end: int, bs: int) -> torch.Tensor:
+    """Pool slots of positions lo .. end-1 of a sequence whose block table is `table`."""
+    pos = torch.arange(lo, end)
+    return table[pos // bs] * bs + pos % bs
 
 
 def uncached_plan(lengths: list[int], window: int | None,
@@ -185,9 +432,7 @@ def uncached_plan(lengths: list[int], window: int | None,
     k_pos = torch.where(valid, positions, -1)[:, None, :]                  # (B, 1, T)
     mask = visible(positions[:, :, None], k_pos, window) | ~valid[:, :, None]
     empty = torch.zeros(0, dtype=torch.long, device=device)
-    plan = AttentionPlan(slice(0, len(lengths)), False, T, mask[:, None], empty, empty, empty,
-                         empty)
-    return plan, positions
+    return AttentionPlan(mask[:, None], empty, empty, empty), positions
 
 
 def visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -200,11 +445,3 @@ def visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> tor
     if window is not None:
         mask &= (q_pos - k_pos) < window
     return mask
-
-
-def _as_index(rows: list[int]) -> slice | list[int]:
-    """A slice when rows are contiguous, so reading the cache is a view and not a copy."""
-    first = rows[0]
-    if rows == list(range(first, first + len(rows))):
-        return slice(first, first + len(rows))
-    return rows

@@ -1,152 +1,69 @@
-"""The engine: the only owner of the KV cache. Chunked pre-fill, decode steps, ragged batches,
-sampling and stop handling for `generate` / `stream`.
+"""The engine: a Transformer and the only owner of its KV cache (a `KVPool`).
 
-A step feeds each batch row its next tokens (a pre-fill chunk, or one token when decoding);
-rows of different lengths share one forward and only ever see their own cache row.
+`step` feeds each batch row its next tokens (a pre-fill chunk, or one token when decoding)
+through the row's block table; rows of different lengths share one forward and only ever
+see their own positions. What to feed and when (the step loop, sampling, stops) is the
+scheduler's; the pool is sized here, once, from the memory budget.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+import logging
+import os
+from collections.abc import Sequence
 
 import torch
 
-from mistral7b.cache import KVCache
+from mistral7b.cache import BLOCK_SIZE, BlockTable, KVPool
 from mistral7b.config import ModelConfig
 from mistral7b.errors import InputError
 from mistral7b.model import Transformer
-from mistral7b.sampling import (
-    SamplingParams,
-    TokenHistory,
-    make_generator,
-    sample_batch,
-    token_logprobs,
-)
-from mistral7b.stops import StopMatcher
+
+log = logging.getLogger("mistral7b.engine")
 
 # Chunk length for pre-fill when the model has no window (with one, the default is W):
 # bounds the (T, T + cached) attention mask and activations for long prompts.
 DEFAULT_CHUNK_NO_WINDOW = 4096
+# Default KV budget: this share of the memory available when the cache is first needed
+# (MemAvailable on CPU, free device memory on CUDA). On CPU it is a cap, not an allocation:
+# pages are committed as blocks are written.
+DEFAULT_KV_SHARE_CPU = 0.5
+DEFAULT_KV_SHARE_CUDA = 0.8
 
 
-@dataclass
-class TokenLogprob:
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]]
+def available_memory(device: torch.device) -> int:
+    """Bytes available for the KV cache now: free device memory, or the host's MemAvailable."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
 
 
-@dataclass
-class Completion:
-    """One finished sequence. `token_ids` are the generated ids (EOS excluded)."""
-
-    text: str
-    token_ids: list[int]
-    finish_reason: str                       # "stop" (EOS or stop string) | "length"
-    prompt_tokens: int = 0
-    logprobs: list[TokenLogprob] | None = None
-
-    @property
-    def completion_tokens(self) -> int:
-        return len(self.token_ids)
-
-
-@dataclass
-class GenerationStats:
-    """Timings of the last generate/stream call, for the CLI's summary on stderr."""
-
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
-    prefill_seconds: float = 0.0
-    decode_seconds: float = 0.0
-
-    @property
-    def prompt_tps(self) -> float:
-        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
-
-    @property
-    def decode_tps(self) -> float:
-        # The first generated token comes out of pre-fill; decode steps make the rest.
-        steps = max(self.generated_tokens - 1, 0)
-        return steps / self.decode_seconds if self.decode_seconds else 0.0
-
-
-@dataclass
-class Event:
-    """What one step did to one sequence: new text, and the finish reason when it ended."""
-
-    index: int
-    text: str
-    token_id: int | None
-    finish_reason: str | None = None
-    completion: Completion | None = None   # set on the event that finishes the sequence
-
-
-@dataclass
-class SequenceState:
-    """Generation state of one sequence (one cache row): prompt, sampling, output, stops.
-
-    `index` is the cache row. The engine's generate() and the server's scheduler both drive
-    sequences through `accept`, so EOS, stop strings and max_tokens behave the same in both.
-    """
-
-    index: int
-    prompt: list[int]
-    params: SamplingParams
-    stop_ids: frozenset[int]
-    decoder: object                     # the tokenizer's incremental decoder
-    max_tokens: int
-    generator: torch.Generator | None = None
-    output: list[int] = field(default_factory=list)
-    text: list[str] = field(default_factory=list)
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    fed: int = 0                        # prompt tokens already in the cache
-    finish_reason: str | None = None
-    stops: StopMatcher = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.stops = StopMatcher(self.params.stop)
-
-    def accept(self, token: int, logits_row: torch.Tensor) -> Event:
-        """Take a sampled token: update text, stop strings, EOS and length; return the event."""
-        if self.params.logprobs:
-            lp, top = token_logprobs(logits_row, token, self.params.top_logprobs)
-            self.logprobs.append(TokenLogprob(token, lp, top))
-        eos = token in self.stop_ids and not self.params.ignore_eos
-        if eos:
-            text = self.decoder.flush()
-        else:
-            self.output.append(token)
-            text = self.decoder.push(token)
-            if len(self.output) >= self.max_tokens:
-                text += self.decoder.flush()
-        delta, stopped = self.stops.push(text)
-        if stopped or eos:
-            self.finish_reason = "stop"
-        elif len(self.output) >= self.max_tokens:
-            self.finish_reason = "length"
-        if self.finish_reason and not stopped:
-            delta += self.stops.flush()
-        self.text.append(delta)
-        event = Event(self.index, delta, None if eos else token, self.finish_reason)
-        if self.finish_reason:
-            event.completion = self.completion()
-        return event
-
-    def completion(self) -> Completion:
-        return Completion("".join(self.text), list(self.output), self.finish_reason or "length",
-                          len(self.prompt), self.logprobs if self.params.logprobs else None)
+def default_kv_budget(device: torch.device) -> int:
+    share = DEFAULT_KV_SHARE_CUDA if device.type == "cuda" else DEFAULT_KV_SHARE_CPU
+    return int(available_memory(device) * share)
 
 
 class Engine:
-    """Runs a Transformer through a rolling KV cache."""
+    """Runs a Transformer through a paged KV cache."""
 
-    def __init__(self, model: Transformer, config: ModelConfig) -> None:
+    def __init__(self, model: Transformer, config: ModelConfig,
+                 kv_cache_memory: int | None = None, kv_block_size: int = BLOCK_SIZE) -> None:
+        if kv_cache_memory is not None and kv_cache_memory <= 0:
+            raise InputError(f"kv_cache_memory must be a positive number of bytes, got "
+                             f"{kv_cache_memory}")
         self.model = model
         self.config = config
-        self.stats = GenerationStats()
+        self.kv_cache_memory = kv_cache_memory
+        self.kv_block_size = kv_block_size
+        self._pool: KVPool | None = None
 
     @property
     def device(self) -> torch.device:
@@ -156,41 +73,65 @@ class Engine:
     def dtype(self) -> torch.dtype:
         return self.model.tok_embeddings.weight.dtype
 
+    @property
+    def pool(self) -> KVPool:
+        """The KV cache, made on first use with the budget (`kv_cache_memory` or a share of
+        the memory available then)."""
+        if self._pool is None:
+            budget = self.kv_cache_memory or default_kv_budget(self.device)
+            # Normal tensors even when first needed inside a step: inference tensors could not
+            # be written outside inference mode (reuse copies a partial block, tests fill it).
+            with torch.inference_mode(False):
+                self._pool = KVPool(self.config, budget, dtype=self.dtype, device=self.device,
+                                    block_size=self.kv_block_size)
+            log.info("KV cache: budget %.2f GiB = %d tokens (%d KiB per token), memory taken "
+                     "as sequences advance", self._pool.nbytes / 2**30,
+                     self._pool.capacity_blocks * self._pool.block_size,
+                     self._pool.slot_bytes // 1024)
+        return self._pool
+
     def default_chunk(self) -> int:
         return self.config.sliding_window or DEFAULT_CHUNK_NO_WINDOW
-
-    def new_cache(self, n_rows: int, max_seq_len: int) -> KVCache:
-        return KVCache(self.config, n_rows, max_seq_len, dtype=self.dtype, device=self.device)
-
-    # ------------------------------------------------------------------ steps
-
-    @torch.inference_mode()
-    def step(self, cache: KVCache, rows: list[int], chunks: list[list[int]],
-             all_logits: bool = False) -> torch.Tensor:
-        """Feed chunks[b] (non-empty) to cache row rows[b] in one forward.
-
-        Returns float32 logits of each row's last token (B, V), or with all_logits of every
-        token (B, T, V) where row b's positions >= len(chunks[b]) are padding.
-        """
-        n_new = [len(c) for c in chunks]
-        if min(n_new) < 1:
-            raise ValueError("every row of a step needs at least one token")
-        T = max(n_new)
-        tokens = torch.zeros(len(chunks), T, dtype=torch.long)
-        for b, chunk in enumerate(chunks):
-            tokens[b, : len(chunk)] = torch.as_tensor(chunk, dtype=torch.long)
-        tokens = tokens.to(self.device)
-        plan, positions = cache.plan(rows, n_new)
-        if all_logits:
-            return self.model(tokens, positions, cache, plan)
-        last = torch.tensor(n_new, device=self.device)[:, None] - 1
-        return self.model(tokens, positions, cache, plan, logits_index=last)[:, 0]
 
     def check_ids(self, ids: Sequence[int]) -> None:
         vocab = self.config.vocab_size
         bad = [i for i in ids if not isinstance(i, int) or not 0 <= i < vocab]
         if bad:
             raise InputError(f"token id(s) {bad[:5]} are outside the vocabulary [0, {vocab})")
+
+    # ------------------------------------------------------------------ steps
+
+    @torch.inference_mode()
+    def step(self, tables: list[BlockTable], chunks: list[list[int]],
+             all_logits: bool = False) -> torch.Tensor:
+        """Feed chunks[b] (non-empty) to tables[b] in one forward.
+
+        Returns float32 logits of each row's last token (B, V), or with all_logits of every
+        token (B, T, V) where row b's positions >= len(chunks[b]) are padding. Raises
+        KVCacheFull (nothing changed) when the pool has no room for the new tokens.
+        """
+        n_new = [len(c) for c in chunks]
+        if not chunks or min(n_new) < 1:
+            raise ValueError("every row of a step needs at least one token")
+        T = max(n_new)
+        tokens = torch.zeros(len(chunks), T, dtype=torch.long)
+        for b, chunk in enumerate(chunks):
+            tokens[b, : len(chunk)] = torch.as_tensor(chunk, dtype=torch.long)
+        tokens = tokens.to(self.device)
+        pool = self.pool
+        plan, positions = pool.plan(tables, n_new)
+        try:
+            if all_logits:
+                out = self.model(tokens, positions, pool, plan)
+            else:
+                last = torch.tensor(n_new, device=self.device)[:, None] - 1
+                out = self.model(tokens, positions, pool, plan, logits_index=last)[:, 0]
+        except BaseException:
+            # The forward did not finish: what these tokens wrote is unusable.
+            for t, n in zip(tables, n_new):
+                t.length -= n
+            raise
+        return out
 
     @torch.inference_mode()
     def logits(self, ids: Sequence[int], chunk_size: int | None = None) -> torch.Tensor:
@@ -202,78 +143,10 @@ class Engine:
         chunk = chunk_size or self.default_chunk()
         if chunk < 1:
             raise InputError(f"chunk_size must be >= 1, got {chunk_size}")
-        cache = self.new_cache(1, len(ids))
-        parts = [self.step(cache, [0], [ids[s: s + chunk]], all_logits=True)[0]
-                 for s in range(0, len(ids), chunk)]
+        table = BlockTable()
+        try:
+            parts = [self.step([table], [ids[s: s + chunk]], all_logits=True)[0]
+                     for s in range(0, len(ids), chunk)]
+        finally:
+            self.pool.release(table)
         return torch.cat(parts)
-
-    # -------------------------------------------------------------- generation
-
-    def generate(self, prompts: list[list[int]], params: list[SamplingParams], *,
-                 stop_ids: frozenset[int], decoders: list[object],
-                 max_context: int | None = None,
-                 chunk_size: int | None = None) -> Iterator[Event]:
-        """Generate for a ragged batch; yields an Event per sequence per step.
-
-        Each sequence stops on its own EOS / stop string / max_tokens; a finished sequence
-        leaves the batch, so the others' steps get cheaper. `max_context` caps prompt +
-        generated tokens (default: the model's max_seq_len).
-        """
-        context = max_context or self.config.max_seq_len
-        seqs = []
-        for i, (prompt, p, dec) in enumerate(zip(prompts, params, decoders)):
-            if not prompt:
-                raise InputError(f"prompt {i} is empty: give at least one token")
-            self.check_ids(prompt)
-            if len(prompt) >= context:
-                raise InputError(f"prompt {i} has {len(prompt)} tokens but the context is "
-                                 f"{context}: shorten the prompt or raise the context size")
-            max_tokens = min(p.max_tokens, context - len(prompt))
-            seqs.append(SequenceState(i, list(prompt), p, stop_ids, dec, max_tokens,
-                                  make_generator(p.seed)))
-        longest = max(len(s.prompt) + s.max_tokens for s in seqs)
-        cache = self.new_cache(len(seqs), longest)
-        chunk = chunk_size or self.default_chunk()
-        self.stats = stats = GenerationStats(prompt_tokens=sum(len(s.prompt) for s in seqs))
-        yield from self._run(cache, seqs, chunk, stats)
-
-    @torch.inference_mode()
-    def _run(self, cache: KVCache, seqs: list[SequenceState], chunk: int,
-             stats: GenerationStats) -> Iterator[Event]:
-        # Only model time is counted: the clock stops while the caller handles each event.
-        # Pre-fill: every row advances by up to `chunk` prompt tokens per step; a row whose
-        # prompt completes in a step gets its first token sampled from that step's logits.
-        pending = list(seqs)
-        while pending:
-            t0 = time.perf_counter()
-            chunks = [s.prompt[s.fed: s.fed + chunk] for s in pending]
-            logits = self.step(cache, [s.index for s in pending], chunks)
-            done = []
-            for s, c, row in zip(pending, chunks, logits):
-                s.fed += len(c)
-                if s.fed == len(s.prompt):
-                    done.append((s, row))
-            pending = [s for s in pending if s.fed < len(s.prompt)]
-            events = []
-            if done:
-                events = self._sample([s for s, _ in done],
-                                      torch.stack([r for _, r in done]), stats)
-            stats.prefill_seconds += time.perf_counter() - t0
-            yield from events
-        active = [s for s in seqs if s.finish_reason is None]
-        while active:
-            t0 = time.perf_counter()
-            logits = self.step(cache, [s.index for s in active], [[s.output[-1]] for s in active])
-            events = self._sample(active, logits, stats)
-            stats.decode_seconds += time.perf_counter() - t0
-            yield from events
-            active = [s for s in active if s.finish_reason is None]
-
-    def _sample(self, seqs: list[SequenceState], logits: torch.Tensor,
-                stats: GenerationStats) -> list[Event]:
-        histories = [TokenHistory(s.prompt, s.output) if s.params.has_penalties else None
-                     for s in seqs]
-        tokens = sample_batch(logits, [s.params for s in seqs], [s.generator for s in seqs],
-                              histories)
-        stats.generated_tokens += len(seqs)
-        return [s.accept(token, row) for s, token, row in zip(seqs, tokens, logits)]

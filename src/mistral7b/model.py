@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mistral7b.cache import AttentionPlan, KVCache
+from mistral7b.cache import AttentionPlan, KVPool
 from mistral7b.config import ModelConfig
 from mistral7b.rope import apply_rope, rope_angles
 
@@ -44,7 +44,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None, plan: AttentionPlan) -> torch.Tensor:
+                cache: KVPool | None, plan: AttentionPlan) -> torch.Tensor:
         B, T, _ = x.shape
         KV, G, Dh = self.n_kv_heads, self.n_heads // self.n_kv_heads, self.head_dim
         q = self.wq(x).view(B, T, self.n_heads, Dh)
@@ -84,7 +84,7 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(config)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None, plan: AttentionPlan) -> torch.Tensor:
+                cache: KVPool | None, plan: AttentionPlan) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), cos, sin, cache, plan)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -100,11 +100,11 @@ class Transformer(nn.Module):
         if config.tied_embeddings:
             self.output.weight = self.tok_embeddings.weight
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | None,
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVPool | None,
                 plan: AttentionPlan, logits_index: torch.Tensor | None = None) -> torch.Tensor:
         """tokens, positions: (B, T) -> float32 logits (B, T, vocab).
 
-        With a cache the step goes through it (KVCache.plan); without one (training,
+        With a cache the step goes through it (KVPool.plan); without one (training,
         scoring) the keys are this step's own tokens under cache.uncached_plan's mask.
         With `logits_index` (B, n) only those positions of each row get logits (B, n, vocab):
         generation needs just the last one, and the output projection is not cheap.

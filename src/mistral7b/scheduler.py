@@ -1,24 +1,35 @@
-"""Continuous batching: many requests share one KV cache and one forward per step.
+"""The one step loop: continuous batching over the engine's paged KV cache, for every surface.
 
-The server submits `GenerationRequest`s; one background thread runs the step loop, so torch
-work never blocks the asyncio event loop. The cache has `max_concurrency` rows; every choice
-of a request (`n` of them) is one `SequenceState` in one row. At each step boundary the loop:
+The server submits `GenerationRequest`s and runs the loop on a thread (`start`), so torch work
+never blocks the asyncio event loop; `LLM.generate` / `stream` / `chat` drive the very same
+loop without a thread (`generate`). Every choice of a request (`n` of them) is one
+`Sequence` with its own block table. At each step boundary the loop:
 
-    1. drops cancelled requests and fails expired ones (their rows are free again);
-    2. admits waiting requests into free rows, first come first served (`cache.reset(row)`);
-    3. decodes: one forward feeds every decoding row its last token (B_d x 1);
+    1. drops cancelled requests and fails expired ones (their blocks go back to the pool);
+    2. admits waiting sequences, first come first served, while a row (`max_concurrency`)
+       and memory are free: a new prompt first takes the longest cached prefix of its
+       tokens (`KVPool.reuse`), then needs blocks for the rest plus one of headroom for
+       each running sequence; one that does not fit waits;
+    3. decodes: one forward feeds every decoding sequence its last token (B_d x 1);
     4. pre-fills: one forward feeds waiting prompts their next chunk (B_p x T), up to
        `prefill_budget` prompt tokens per step, so running streams are never starved;
-    5. samples each row with its own parameters and generator, and hands every row's event
-       to its request's `emit` callback (the server forwards it to asyncio thread-safely).
+    5. samples each row with its own parameters and generator (one place, `_sample`, which
+       also isolates a bad row) and hands every row's output to its request's `emit`.
 
 Decode rows and pre-fill rows go through separate `Engine.step` calls because a step pads
 every row to its longest chunk: 8 decode rows beside one 128-token chunk would compute
 9 x 128 tokens instead of 8 + 128. Measured on SmolLM2-135M, one CPU thread: separate calls
 0.41 s per step, merged 3.2 s; even 16-token chunks merged cost 2.5x the separate calls.
 
-Prompt chunks start at fixed offsets (multiples of `prefill_chunk`) whatever else is running,
+Prompt chunks start at fixed offsets (multiples of `prefill_chunk` after the reused prefix),
 so a prompt is cut the same way alone or under load.
+
+The `n` choices of a request are pre-filled once: choice 0 runs the prompt; when its last
+prompt token is fed, the others fork its table (full blocks shared, the partial one copied)
+and sample their first token from the same logits. When the pool runs out of blocks in the
+middle of a step, the most recently admitted sequence is preempted: its blocks go back
+(full ones stay cached, so taking them again is cheap) and it waits at the head of the queue
+to be re-filled from its tokens, which continues it exactly where it stopped.
 
 Failures stay with their request: NaN/inf logits fail the rows that produced them
 (`NonFiniteLogitsError.rows`), any other exception in a step fails the requests of that step,
@@ -29,135 +40,65 @@ and the loop goes on. Every request ends with exactly one of: a final `Output` p
 from __future__ import annotations
 
 import collections
-import dataclasses
+import functools
+import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 
-from mistral7b.engine import Engine, SequenceState, TokenLogprob
-from mistral7b.errors import Mistral7BError
-from mistral7b.sampling import (
-    NonFiniteLogitsError,
-    SamplingParams,
-    TokenHistory,
-    make_generator,
-    sample_batch,
+from mistral7b.cache import KVCacheFull
+from mistral7b.engine import Engine
+from mistral7b.errors import InputError
+from mistral7b.request import (
+    GenerationRequest,
+    Output,
+    QueueFullError,
+    RequestFailed,
+    ShuttingDownError,
+    failure,
 )
+from mistral7b.sampling import NonFiniteLogitsError, make_generator, sample_batch
+from mistral7b.sequence import GenerationStats, Sequence, TextDecoder, prompt_logprobs
 
 log = logging.getLogger("mistral7b.scheduler")
 
 DEFAULT_PREFILL_CHUNK = 256
 THROUGHPUT_WINDOW_S = 10.0
-_SEED_SPAN = 2**64
 
 
-class QueueFullError(Mistral7BError):
-    """The waiting queue holds max_queue requests: try again later (HTTP 503)."""
-
-
-class ShuttingDownError(Mistral7BError):
-    """The scheduler no longer admits requests (HTTP 503)."""
-
-
-class RequestFailed(Mistral7BError):
-    """A request that could not finish. kind: "timeout" | "shutdown" | "model" | "internal"."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        self.kind = kind
-        super().__init__(message)
-
-
-@dataclass
-class Output:
-    """What one step did for one choice of a request, as handed to `emit`.
-
-    `logprob` is the generated token's (only when the request asked for logprobs);
-    `prompt_logprobs` arrives once, before any token, when the request asked for them:
-    entry i is prompt token i's log-probability given tokens 0..i-1 (entry 0 is None).
-    """
-
-    choice: int
-    text: str = ""
-    token_id: int | None = None
-    logprob: TokenLogprob | None = None
-    finish_reason: str | None = None
-    completion_tokens: int = 0
-    prompt_logprobs: list[TokenLogprob | None] | None = None
-    error: RequestFailed | None = None
-
-
-@dataclass(eq=False)
-class GenerationRequest:
-    """One API request: a prompt and one SamplingParams per choice (n = len(params)).
-
-    max_tokens is already clamped to the context left; 0 means "score the prompt only" (with
-    prompt_logprobs set). `emit` is called from the scheduler thread and must not block.
-    """
-
-    prompt: list[int]
-    params: list[SamplingParams]
-    emit: Callable[[Output], None]
-    max_tokens: int
-    prompt_logprobs: int | None = None     # top-n per prompt position, None = not wanted
-    timeout: float | None = None           # seconds from submission
-    arrival: float = field(default_factory=time.monotonic)
-    cancelled: bool = False
-    done: bool = False
-    _admitted: int = 0                     # choices that got a cache row
-    _open: int = 0                         # choices not finished yet
-
-    @property
-    def n(self) -> int:
-        return len(self.params)
-
-    def expired(self, now: float) -> bool:
-        return self.timeout is not None and now - self.arrival > self.timeout
-
-
-def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
-    """n copies of params; choice i of a seeded request uses seed + i (wrapped to 64 bits)."""
-    if params.seed is None:
-        return [params] * n
-    out = []
-    for i in range(n):
-        seed = params.seed + i
-        if seed >= _SEED_SPAN:
-            seed -= _SEED_SPAN
-        out.append(dataclasses.replace(params, seed=seed))
-    return out
+class KVCacheTooSmall(InputError):
+    """A request that can never fit the KV cache budget (HTTP 400)."""
 
 
 @dataclass(eq=False)
 class _Seq:
-    """One choice of a request in one cache row."""
+    """One choice of a request, running or waiting to be (re-)admitted."""
 
     req: GenerationRequest
     choice: int
-    state: SequenceState
-    prompt_lps: list[TokenLogprob | None] | None = None   # being filled during pre-fill
+    seq: Sequence
+    order: int                                             # admission order (preemption)
+    prompt_lps: list | None = None                         # being filled during pre-fill
+    first_logits: torch.Tensor | None = None               # a fork samples from these
 
     @property
-    def row(self) -> int:
-        return self.state.index
-
-    @property
-    def prefilled(self) -> bool:
-        return self.state.fed == len(self.state.prompt)
+    def scoring(self) -> bool:
+        return self.prompt_lps is not None
 
 
 class Scheduler:
-    """Owns a KV cache of max_concurrency rows and the thread that steps it.
+    """Owns the step loop over an engine's KV pool (and, for the server, its thread).
 
     `stop_ids` and `new_decoder` come from the tokenizer (EOS/end-of-turn ids; a fresh
     streaming detokenizer per choice).
     """
 
     def __init__(self, engine: Engine, *, stop_ids: frozenset[int],
-                 new_decoder: Callable[[], object], max_concurrency: int = 8,
+                 new_decoder: Callable[[], TextDecoder], max_concurrency: int = 8,
                  max_queue: int = 64, max_model_len: int,
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
                  prefill_budget: int | None = None) -> None:
@@ -165,6 +106,7 @@ class Scheduler:
             raise ValueError("max_concurrency >= 1, max_queue >= 0, max_model_len >= 2 and "
                              "prefill_chunk >= 1 are required")
         self.engine = engine
+        self.pool = engine.pool
         self.stop_ids = stop_ids
         self.new_decoder = new_decoder
         self.max_concurrency = max_concurrency
@@ -172,21 +114,25 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.prefill_chunk = prefill_chunk
         self.prefill_budget = prefill_budget or prefill_chunk
-        self.cache = engine.new_cache(max_concurrency, max_model_len)
-        self._free = list(range(max_concurrency - 1, -1, -1))    # pop() gives row 0 first
         self._running: list[_Seq] = []
         self._waiting: collections.deque[GenerationRequest] = collections.deque()
+        self._ready: collections.deque[_Seq] = collections.deque()   # forks, preempted
+        self._order = itertools.count()
         self._cond = threading.Condition()
         self._accepting = True
         self._abort_at: float | None = None     # running requests fail after this time
         self._stop = False
         self._thread: threading.Thread | None = None
-        # figures for /metrics, written by the loop thread only
+        # figures for /metrics and the CLI, written by the loop only
+        self.stats = GenerationStats()
         self.generated_tokens = 0
-        self.prompt_tokens = 0
+        self.prompt_tokens = 0                  # computed by pre-fill (not reused)
+        self.cached_tokens = 0                  # reused from the prefix cache
+        self.preemptions = 0
         self.steps = 0
         self.failed = 0
         self._recent: collections.deque[tuple[float, int]] = collections.deque()
+        self._t0 = time.perf_counter()
 
     # ------------------------------------------------------------ public API
 
@@ -196,24 +142,34 @@ class Scheduler:
         self._thread.start()
 
     def submit(self, req: GenerationRequest) -> None:
-        """Queue a request; raises QueueFullError or ShuttingDownError (nothing is queued)."""
+        """Queue a request; raises QueueFullError, ShuttingDownError or KVCacheTooSmall
+        (nothing is queued)."""
         if not req.params or (req.max_tokens < 1 and req.prompt_logprobs is None):
             raise ValueError("a request needs choices and max_tokens >= 1 (or prompt_logprobs)")
         if not req.prompt or len(req.prompt) + max(req.max_tokens, 1) > self.max_model_len + 1:
             raise ValueError("prompt + max_tokens exceed max_model_len")
+        need = self.pool.blocks_for(len(req.prompt) + req.max_tokens)
+        if need > self.pool.capacity_blocks:
+            per_token = self.pool.slot_bytes
+            raise KVCacheTooSmall(
+                f"the prompt ({len(req.prompt)} tokens) and max_tokens ({req.max_tokens}) need "
+                f"{need * self.pool.block_bytes / 2**20:.0f} MiB of KV cache "
+                f"({per_token // 1024} KiB per token) but its budget is "
+                f"{self.pool.nbytes / 2**20:.0f} MiB: raise --kv-cache-memory "
+                f"(kv_cache_memory= in Python) or ask for fewer tokens")
         with self._cond:
             if not self._accepting:
                 raise ShuttingDownError("the server is shutting down")
             # Requests the loop has not admitted yet may still have a free row waiting for
             # them: only those beyond the free rows count against max_queue.
-            if len(self._waiting) - len(self._free) >= self.max_queue:
+            if len(self._waiting) - self._free_rows() >= self.max_queue:
                 raise QueueFullError(f"the queue is full ({self.max_queue} requests waiting)")
             req._open = req.n
             self._waiting.append(req)
             self._cond.notify()
 
     def cancel(self, req: GenerationRequest) -> None:
-        """The client went away: stop the request; its rows are free within one step."""
+        """The client went away: stop the request; its blocks are free within one step."""
         with self._cond:
             if req.done:
                 return
@@ -240,20 +196,30 @@ class Scheduler:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    def run_once(self) -> None:
+        """One iteration of the loop, on the caller's thread (the Python API's driver)."""
+        self._iteration()
+
+    def abort(self) -> None:
+        """Drop every request and give their blocks back (the caller stopped reading)."""
+        for req in {s.req for s in self._running} | {s.req for s in self._ready} | set(
+                self._waiting):
+            self._drop(req)
+
     @property
     def accepting(self) -> bool:
         return self._accepting
 
     @property
     def queue_depth(self) -> int:
-        return len(self._waiting)
+        return len(self._waiting) + len(self._ready)
 
     @property
     def running(self) -> int:
         return len(self._running)
 
     def idle(self) -> bool:
-        return not self._waiting and not self._running
+        return not self._waiting and not self._running and not self._ready
 
     def throughput(self) -> float:
         """Generated tokens per second over the last THROUGHPUT_WINDOW_S seconds."""
@@ -263,12 +229,15 @@ class Scheduler:
 
     # -------------------------------------------------------------- the loop
 
+    def _free_rows(self) -> int:
+        return self.max_concurrency - len(self._running)
+
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._waiting and not self._running and not self._stop:
+                while self.idle() and not self._stop:
                     self._cond.wait()
-                if self._stop and not self._running and not self._waiting:
+                if self._stop and self.idle():
                     return
             try:
                 self._iteration()
@@ -282,15 +251,20 @@ class Scheduler:
     def _iteration(self) -> None:
         self._reap()
         self._admit()
-        decode = [s for s in self._running if s.prefilled]
+        self._sample_forks()
+        decode = [s for s in self._running if s.seq.decoding]
         if decode:
-            logits = self._step(decode, [[s.state.output[-1]] for s in decode])
+            t0 = time.perf_counter()
+            decode, logits = self._step(decode, [s.seq.pending(1) for s in decode])
             if logits is not None:
                 self._sample(decode, logits)
+            self.stats.decode_seconds += time.perf_counter() - t0
         self._reap()            # cancellations that arrived during the decode step
         prefill = self._pick_prefill()
         if prefill:
+            t0 = time.perf_counter()
             self._prefill(prefill)
+            self.stats.prefill_seconds += time.perf_counter() - t0
 
     def _reap(self) -> None:
         """Drop cancelled requests; fail expired ones and, when draining, everything left."""
@@ -308,120 +282,207 @@ class Scheduler:
                     keep.append(req)
             self._waiting = keep
         for req in doomed:
-            kind = "timeout" if req.expired(now) else "shutdown"
-            self._fail(req, _failure(kind))
-        for s in list(self._running):
+            self._fail(req, failure("timeout" if req.expired(now) else "shutdown"))
+        for s in [*self._running, *self._ready]:
             req = s.req
-            if s not in self._running:      # dropped with another choice of its request
+            if req.done:                # dropped with another choice of its request
                 continue
             if req.cancelled:
                 self._drop(req)
             elif req.expired(now):
-                self._fail(req, _failure("timeout"))
+                self._fail(req, failure("timeout"))
             elif abort:
-                self._fail(req, _failure("shutdown"))
+                self._fail(req, failure("shutdown"))
 
     def _admit(self) -> None:
-        with self._cond:
-            while self._free and self._waiting:
+        """Forks and preempted sequences first, then new requests, while rows and memory
+        allow (see the module docstring, step 2)."""
+        while self._ready and self._free_rows() > 0:
+            s = self._ready[0]
+            if not s.seq.table.blocks:      # preempted, or a fork that found no block
+                s.first_logits = None       # re-filled from its tokens, then sampled
+                self.pool.reuse(s.seq.table, s.seq.tokens)
+            if not self._fits(s.seq):
+                self.pool.release(s.seq.table)
+                return
+            self._ready.popleft()
+            s.order = next(self._order)
+            self._running.append(s)
+        while self._free_rows() > 0:
+            with self._cond:
+                if not self._waiting:
+                    return
                 req = self._waiting[0]
-                choice = req._admitted
-                req._admitted += 1
-                if req._admitted == req.n:
-                    self._waiting.popleft()
-                row = self._free.pop()
-                self.cache.reset([row])
-                params = req.params[choice]
-                state = SequenceState(row, req.prompt, params, self.stop_ids, self.new_decoder(),
-                                      max(req.max_tokens, 1), make_generator(params.seed))
-                lps = [None] if req.prompt_logprobs is not None and choice == 0 else None
-                self._running.append(_Seq(req, choice, state, lps))
+            params = req.params[0]
+            seq = Sequence(req.prompt, params, self.stop_ids, self.new_decoder(),
+                           max(req.max_tokens, 1), make_generator(params.seed))
+            scoring = req.prompt_logprobs is not None
+            if not scoring:            # scoring needs the logits of every prompt position
+                seq.cached_tokens = self.pool.reuse(seq.table, seq.tokens)
+            if not self._fits(seq):
+                self.pool.release(seq.table)
+                if self._running:
+                    return              # wait for memory to come back
+                # nothing runs, so the cached prefixes are what holds the memory
+                self.pool.clear_prefixes()
+                seq.cached_tokens = 0 if scoring else self.pool.reuse(seq.table, seq.tokens)
+            with self._cond:
+                if req.cancelled or not self._waiting or self._waiting[0] is not req:
+                    self.pool.release(seq.table)
+                    continue
+                self._waiting.popleft()
+                req._admitted = 1
+            self.cached_tokens += seq.cached_tokens
+            self.stats.cached_tokens += seq.cached_tokens
+            self.stats.prompt_tokens += len(req.prompt)
+            self._running.append(_Seq(req, 0, seq, next(self._order),
+                                      [None] if scoring else None))
+
+    def _fits(self, seq: Sequence) -> bool:
+        held = sum(1 for b in seq.table.blocks if b > 0)
+        need = max(self.pool.blocks_for(len(seq.tokens) + 1) - held, 1)
+        return self.pool.available_blocks >= need + len(self._running)
 
     def _pick_prefill(self) -> list[_Seq]:
         """Pre-filling rows in admission order, up to prefill_budget tokens (at least one row)."""
         picked, total = [], 0
         for s in self._running:
-            if s.prefilled:
+            if s.seq.decoding or s.seq.n_pending == 0:
                 continue
-            n = min(self.prefill_chunk, len(s.state.prompt) - s.state.fed)
+            n = min(self._chunk_len(s), s.seq.n_pending)
             if picked and total + n > self.prefill_budget:
                 break
             picked.append(s)
             total += n
         return picked
 
+    def _chunk_len(self, s: _Seq) -> int:
+        """Up to the next multiple of prefill_chunk after the reused prefix."""
+        start = s.seq.cached_tokens
+        return self.prefill_chunk - (s.seq.fed - start) % self.prefill_chunk
+
     def _prefill(self, seqs: list[_Seq]) -> None:
-        chunks = [s.state.prompt[s.state.fed: s.state.fed + self.prefill_chunk] for s in seqs]
-        plain = [i for i, s in enumerate(seqs) if s.prompt_lps is None]
+        chunks = [s.seq.pending(self._chunk_len(s)) for s in seqs]
+        plain = [i for i, s in enumerate(seqs) if not s.scoring]
         last: dict[int, torch.Tensor] = {}
         if plain:
-            logits = self._step([seqs[i] for i in plain], [chunks[i] for i in plain])
+            kept, logits = self._step([seqs[i] for i in plain], [chunks[i] for i in plain])
             if logits is not None:
-                last.update({i: logits[j] for j, i in enumerate(plain)})
+                index = {id(s): i for i, s in enumerate(seqs)}
+                last.update({index[id(s)]: logits[j] for j, s in enumerate(kept)})
         for i, s in enumerate(seqs):
-            if s.prompt_lps is not None:   # scoring: this row needs every position's logits
-                logits = self._step([s], [chunks[i]], all_logits=True)
-                if logits is not None and self._score(s, logits[0]):
-                    last[i] = logits[0, -1]
+            if s.scoring and not s.req.done:   # this row needs every position's logits
+                fed = s.seq.fed
+                _, logits = self._step([s], [chunks[i]], all_logits=True)
+                if logits is None:
+                    continue
+                try:
+                    s.prompt_lps.extend(prompt_logprobs(logits[0], s.seq.prompt, fed,
+                                                        s.req.prompt_logprobs or 0))
+                except NonFiniteLogitsError as exc:
+                    self._fail(s.req, RequestFailed("model", str(exc)))
+                    continue
+                last[i] = logits[0, -1]
         done = []
         for i, s in enumerate(seqs):
             if i not in last or s.req.done:
                 continue
-            s.state.fed += len(chunks[i])
             self.prompt_tokens += len(chunks[i])
-            if s.prefilled:
+            self.stats.prefill_tokens += len(chunks[i])
+            if s.seq.n_pending == 0:
                 done.append(i)
-        if not done:
-            return
+        sampled = []
         for i in done:
             s = seqs[i]
-            if s.prompt_lps is not None:
+            if s.scoring and s.choice == 0 and not s.seq.output:
                 s.req.emit(Output(s.choice, prompt_logprobs=s.prompt_lps))
-        sampled = [i for i in done if seqs[i].req.max_tokens > 0]
-        for i in done:
-            if seqs[i].req.max_tokens == 0:   # scoring only: nothing to generate
-                self._finish(seqs[i], Output(seqs[i].choice, finish_reason="length"))
+                s.prompt_lps = None
+            if s.req.max_tokens == 0:   # scoring only: nothing to generate
+                self._finish(s, Output(s.choice, finish_reason="length"))
+                continue
+            if s.choice == 0 and not s.seq.output and s.req.n > 1:
+                self._fork(s, last[i])
+            sampled.append(i)
         if sampled:
             self._sample([seqs[i] for i in sampled], torch.stack([last[i] for i in sampled]))
 
-    def _score(self, s: _Seq, logits: torch.Tensor) -> bool:
-        """Log-probabilities of the prompt tokens this chunk predicts; False if it failed."""
-        fed, prompt = s.state.fed, s.state.prompt
-        n = min(self.prefill_chunk, len(prompt) - fed)
-        targets = prompt[fed + 1: fed + n + 1]          # position t predicts token t + 1
-        if not targets:
-            return True
-        lp = torch.log_softmax(logits[: len(targets)].float(), dim=-1)      # (t, V)
-        if not bool(torch.isfinite(lp.amax(dim=-1)).all()):
-            self._fail(s.req, RequestFailed("model", str(NonFiniteLogitsError([s.row]))))
-            return False
-        chosen = lp.gather(1, torch.tensor(targets, device=lp.device)[:, None])[:, 0].tolist()
-        top_n = s.req.prompt_logprobs or 0
-        if top_n:
-            values, ids = lp.topk(min(top_n, lp.shape[-1]), dim=-1)
-            tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
-        else:
-            tops = [[] for _ in targets]
-        s.prompt_lps.extend(TokenLogprob(t, c, top) for t, c, top in zip(targets, chosen, tops))
-        return True
+    def _fork(self, s: _Seq, logits_row: torch.Tensor) -> None:
+        """Choices 1..n-1 of s's request start from s's pre-filled prompt (module docstring)."""
+        req = s.req
+        for choice in range(1, req.n):
+            params = req.params[choice]
+            seq = Sequence(req.prompt, params, self.stop_ids, self.new_decoder(),
+                           max(req.max_tokens, 1), make_generator(params.seed),
+                           cached_tokens=s.seq.cached_tokens)
+            try:
+                seq.table = self.pool.fork(s.seq.table)
+            except KVCacheFull:
+                pass                       # re-filled from its tokens when admitted
+            self._ready.append(_Seq(req, choice, seq, -1, first_logits=logits_row.clone()))
+        req._admitted = req.n
 
-    def _step(self, seqs: list[_Seq], chunks: list[list[int]],
-              all_logits: bool = False) -> torch.Tensor | None:
-        t0 = time.perf_counter()
-        try:
-            logits = self.engine.step(self.cache, [s.row for s in seqs], chunks,
-                                      all_logits=all_logits)
+    def _sample_forks(self) -> None:
+        """Admitted forks sample their first token from the logits of the shared prompt."""
+        forks = [s for s in self._running if s.first_logits is not None]
+        for s in forks:
+            if s.seq.n_pending:            # its fork failed: it is re-filled instead
+                s.first_logits = None
+        forks = [s for s in forks if s.first_logits is not None]
+        if forks:
+            rows = torch.stack([s.first_logits for s in forks])
+            for s in forks:
+                s.first_logits = None
+            self._sample(forks, rows)
+
+    def _step(self, seqs: list[_Seq], chunks: list[list[int]], all_logits: bool = False
+              ) -> tuple[list[_Seq], torch.Tensor | None]:
+        """One forward; on KVCacheFull preempt the newest sequences until it fits. Returns
+        the sequences that were stepped (a preempted one is left out) and their logits."""
+        while True:
+            t0 = time.perf_counter()
+            try:
+                logits = self.engine.step([s.seq.table for s in seqs], chunks,
+                                          all_logits=all_logits)
+            except KVCacheFull:
+                victim = self._preempt()
+                if victim is None:
+                    for s in seqs:
+                        self._fail(s.req, RequestFailed("model", _KV_FULL))
+                    return [], None
+                keep = [i for i, s in enumerate(seqs) if s is not victim]
+                if not keep:
+                    return [], None
+                seqs, chunks = [seqs[i] for i in keep], [chunks[i] for i in keep]
+                continue
+            except Exception as exc:
+                log.exception("model step failed for %d row(s)", len(seqs))
+                for s in seqs:
+                    self._fail(s.req, RequestFailed("internal", f"the model step failed: {exc}"))
+                return [], None
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("step: %d row(s), %d token(s), padded to %d, %.3f s", len(seqs),
                           sum(map(len, chunks)), max(map(len, chunks)),
                           time.perf_counter() - t0)
-        except Exception as exc:
-            log.exception("model step failed for %d row(s)", len(seqs))
             for s in seqs:
-                self._fail(s.req, RequestFailed("internal", f"the model step failed: {exc}"))
+                self.pool.register(s.seq.table, s.seq.tokens)
+            self.steps += 1
+            return seqs, logits
+
+    def _preempt(self) -> _Seq | None:
+        """Free the blocks of the most recently admitted sequence (not a scoring one)."""
+        if len(self._running) < 2:
+            return None             # alone, it cannot make room for itself
+        victim = max((s for s in self._running if not s.scoring), key=lambda s: s.order,
+                     default=None)
+        if victim is None:
             return None
-        self.steps += 1
-        return logits
+        self._running.remove(victim)
+        self.pool.release(victim.seq.table, victim.seq.tokens)
+        self._ready.appendleft(victim)
+        self.preemptions += 1
+        log.info("KV cache full: preempted a sequence of %d tokens (it resumes later)",
+                 len(victim.seq.tokens))
+        return victim
 
     def _sample(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
         live = [i for i, s in enumerate(seqs) if not s.req.done]
@@ -429,9 +490,9 @@ class Scheduler:
         while live:
             try:
                 tokens = sample_batch(
-                    logits[live], [seqs[i].state.params for i in live],
-                    [seqs[i].state.generator for i in live],
-                    [_history(seqs[i].state) for i in live])
+                    logits[live], [seqs[i].seq.params for i in live],
+                    [seqs[i].seq.generator for i in live],
+                    [seqs[i].seq.history() for i in live])
                 break
             except NonFiniteLogitsError as exc:
                 for j in exc.rows:
@@ -448,17 +509,20 @@ class Scheduler:
             if s.req.done:     # another choice of its request failed in this loop
                 continue
             try:
-                event = s.state.accept(token, logits[i])
+                event = s.seq.accept(token, logits[i])
             except Exception as exc:
                 log.exception("accepting a token failed")
                 self._fail(s.req, RequestFailed("internal", f"decoding failed: {exc}"))
                 continue
             self.generated_tokens += 1
+            self.stats.generated_tokens += 1
+            if self.stats.first_token_seconds is None:
+                self.stats.first_token_seconds = time.perf_counter() - self._t0
             lp = None
-            if s.state.params.logprobs and event.token_id is not None:
-                lp = s.state.logprobs[-1]
+            if s.seq.params.logprobs and event.token_id is not None:
+                lp = s.seq.logprobs[-1]
             out = Output(s.choice, event.text, event.token_id, lp, event.finish_reason,
-                         len(s.state.output))
+                         len(s.seq.output), cached_tokens=s.seq.cached_tokens)
             if event.finish_reason:
                 self._finish(s, out)
             else:
@@ -471,8 +535,11 @@ class Scheduler:
     # ------------------------------------------------------------ bookkeeping
 
     def _release(self, s: _Seq) -> None:
-        self._running.remove(s)
-        self._free.append(s.row)
+        if s in self._running:
+            self._running.remove(s)
+        elif s in self._ready:
+            self._ready.remove(s)
+        self.pool.release(s.seq.table, s.seq.tokens)
 
     def _finish(self, s: _Seq, out: Output) -> None:
         self._release(s)
@@ -482,12 +549,12 @@ class Scheduler:
         s.req.emit(out)
 
     def _drop(self, req: GenerationRequest) -> None:
-        """Free every row of a request and forget it (it stays out of the queue)."""
+        """Free every block of a request and forget it (it stays out of the queue)."""
         with self._cond:
             req.done = True
             if req in self._waiting:
                 self._waiting.remove(req)
-        for s in [s for s in self._running if s.req is req]:
+        for s in [s for s in [*self._running, *self._ready] if s.req is req]:
             self._release(s)
 
     def _fail(self, req: GenerationRequest, error: RequestFailed) -> None:
@@ -500,14 +567,48 @@ class Scheduler:
         req.emit(Output(-1, error=error))
 
 
-def _failure(kind: str) -> RequestFailed:
-    messages = {
-        "timeout": "the request took longer than the server's timeout",
-        "shutdown": "the server is shutting down",
-    }
-    return RequestFailed(kind, messages[kind])
+_KV_FULL = ("the KV cache is full even with this request alone: raise --kv-cache-memory "
+            "(kv_cache_memory= in Python) or shorten the request")
 
 
-def _history(state: SequenceState) -> TokenHistory | None:
-    return TokenHistory(state.prompt, state.output) if state.params.has_penalties else None
-
+def run_batch(engine: Engine, prompts: list[list[int]], params: list, *,
+              stop_ids: frozenset[int], new_decoder: Callable[[], TextDecoder],
+              max_context: int | None = None, chunk_size: int | None = None,
+              stats: GenerationStats | None = None) -> Iterator[tuple[int, Output]]:
+    """Generate for a ragged batch on the caller's thread: the same loop the server runs,
+    every prompt admitted at once. Yields (prompt index, Output) as they come; raises the
+    first failure. Closing the iterator stops the batch and frees its blocks."""
+    context = max_context or engine.config.max_seq_len
+    requests: list[GenerationRequest] = []
+    outputs: collections.deque[tuple[int, Output]] = collections.deque()
+    for i, (prompt, p) in enumerate(zip(prompts, params)):
+        if not prompt:
+            raise InputError(f"prompt {i} is empty: give at least one token")
+        engine.check_ids(prompt)
+        if len(prompt) >= context:
+            raise InputError(f"prompt {i} has {len(prompt)} tokens but the context is "
+                             f"{context}: shorten the prompt or raise the context size")
+        max_tokens = min(p.max_tokens, context - len(prompt))
+        requests.append(GenerationRequest(list(prompt), [p], functools.partial(
+            lambda i, out: outputs.append((i, out)), i), max_tokens))
+    chunk = chunk_size or engine.default_chunk()
+    if chunk < 1:
+        raise InputError(f"chunk_size must be >= 1, got {chunk_size}")
+    sched = Scheduler(engine, stop_ids=stop_ids, new_decoder=new_decoder,
+                      max_concurrency=len(requests), max_queue=len(requests),
+                      max_model_len=context, prefill_chunk=chunk,
+                      prefill_budget=chunk * len(requests))
+    if stats is not None:
+        sched.stats = stats
+    for req in requests:
+        sched.submit(req)
+    try:
+        while not all(r.done for r in requests):
+            sched.run_once()
+            while outputs:
+                i, out = outputs.popleft()
+                if out.error is not None:
+                    raise out.error
+                yield i, out
+    finally:
+        sched.abort()

@@ -139,8 +139,12 @@ def test_bf16_model_decodes_on_the_kernel_like_f_linear(tmp_path):
     ids = [1, 5, 9, 20, 7, 3, 11, 2]
 
     def one_token_steps():  # decode-sized steps: the kernel's case
-        cache = llm.engine.new_cache(1, len(ids))
-        return torch.stack([llm.engine.step(cache, [0], [[t]])[0] for t in ids])
+        from mistral7b.cache import BlockTable
+
+        table = BlockTable()
+        out = torch.stack([llm.engine.step([table], [[t]])[0] for t in ids])
+        llm.engine.pool.release(table)
+        return out
 
     kernel_logits = one_token_steps()
     for module in llm.model.modules():

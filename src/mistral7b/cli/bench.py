@@ -148,6 +148,7 @@ def _ours(args: argparse.Namespace):
     import torch
 
     import mistral7b
+    from mistral7b.cache import BlockTable
     from mistral7b.engine import Engine
 
     if args.threads:
@@ -169,16 +170,16 @@ def _ours(args: argparse.Namespace):
         llm = mistral7b.load(args.model, device=args.device, dtype=args.dtype)
         model, config = llm.model, llm.config
     engine = Engine(model, config)
-    state: dict[str, Any] = {}
+    state: dict[str, Any] = {"table": BlockTable()}
 
     def reset() -> None:
-        state["cache"] = engine.new_cache(1, args.prompt_tokens + args.gen_tokens)
+        engine.pool.release(state["table"])
 
     def prefill(ids: list[int]) -> int:
-        return int(engine.step(state["cache"], [0], [ids])[0].argmax())
+        return int(engine.step([state["table"]], [ids])[0].argmax())
 
     def decode(tok: int) -> int:
-        return int(engine.step(state["cache"], [0], [[tok]])[0].argmax())
+        return int(engine.step([state["table"]], [[tok]])[0].argmax())
 
     return config.vocab_size, reset, prefill, decode
 

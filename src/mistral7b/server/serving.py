@@ -21,18 +21,18 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from mistral7b.engine import TokenLogprob
 from mistral7b.errors import InputError, TokenizerError
-from mistral7b.sampling import SamplingParams
-from mistral7b.scheduler import (
+from mistral7b.request import (
     GenerationRequest,
     Output,
     QueueFullError,
     RequestFailed,
-    Scheduler,
     ShuttingDownError,
     choice_params,
 )
+from mistral7b.sampling import SamplingParams
+from mistral7b.scheduler import KVCacheTooSmall, Scheduler
+from mistral7b.sequence import TokenLogprob
 from mistral7b.server.errors import APIError, bad_request, overloaded
 from mistral7b.server.metrics import Metrics
 from mistral7b.server.protocol import (
@@ -117,6 +117,9 @@ class Job:
         except (QueueFullError, ShuttingDownError) as exc:
             self.cancel()
             raise overloaded(str(exc), self.settings.retry_after) from None
+        except KVCacheTooSmall as exc:
+            self.cancel()
+            raise bad_request(str(exc), param="max_tokens") from None
 
     def cancel(self) -> None:
         for req in self.requests:
