@@ -50,14 +50,22 @@ from torch import nn
 
 from mistral7b.config import ModelConfig
 from mistral7b.errors import ModelFileError
+from mistral7b.modules import swap_module
+from mistral7b.weights.names import (
+    LINEAR_LAYERS,
+    expected_shapes,
+    format_name,
+    hf_module,
+    hf_to_interleaved,
+    interleaved_to_hf,
+    rotary_heads,
+)
 
-# Every linear layer LoRA may adapt, with the submodule of a block that holds it.
-TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
-_PARENT = {"wq": "attention", "wk": "attention", "wv": "attention", "wo": "attention",
-           "w1": "feed_forward", "w2": "feed_forward", "w3": "feed_forward"}
-# PEFT's `target_modules` names for ours (HF Mistral/Llama module names).
-HF_TARGETS = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj",
-              "w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
+# Every linear layer LoRA may adapt (`wq`), with its module path inside a block
+# (`attention.wq`) and PEFT's `target_modules` name for it (`q_proj`).
+_PATHS = {path.rsplit(".", 1)[1]: path for path in LINEAR_LAYERS}
+TARGETS = tuple(_PATHS)
+HF_TARGETS = {target: hf_module(path) for target, path in _PATHS.items()}
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -235,17 +243,12 @@ def target_names(config: ModelConfig, targets: Iterable[str] = TARGETS,
                  layers: Iterable[int] | None = None) -> list[str]:
     """Module paths for `targets` in `layers` (all by default): `layers.3.attention.wq`."""
     targets = list(targets)
-    unknown = [t for t in targets if t not in _PARENT]
+    unknown = [t for t in targets if t not in _PATHS]
     if unknown or not targets:
         raise ValueError(f"unknown LoRA target(s) {unknown or targets}: choose from "
                          f"{', '.join(TARGETS)}")
     layer_ids = range(config.n_layers) if layers is None else layers
-    return [f"layers.{i}.{_PARENT[t]}.{t}" for i in layer_ids for t in targets]
-
-
-def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, new)
+    return [f"layers.{i}.{_PATHS[t]}" for i in layer_ids for t in targets]
 
 
 def apply_lora(model: nn.Module, *, rank: int = 16, alpha: float = 32.0, dropout: float = 0.0,
@@ -262,7 +265,7 @@ def apply_lora(model: nn.Module, *, rank: int = 16, alpha: float = 32.0, dropout
         module = model.get_submodule(name)
         if isinstance(module, LoRALinear):
             raise TypeError(f"{name} already has a LoRA adapter: merge or remove it first")
-        _swap(model, name, LoRALinear(module, rank, scale, dropout))
+        swap_module(model, name, LoRALinear(module, rank, scale, dropout))
     return names
 
 
@@ -289,7 +292,7 @@ def merge_lora(model: nn.Module) -> list[str]:
     """Replace every LoRALinear by a plain nn.Linear with the update folded in."""
     names = [name for name, _ in lora_modules(model)]
     for name in names:
-        _swap(model, name, model.get_submodule(name).merged())
+        swap_module(model, name, model.get_submodule(name).merged())
     return names
 
 
@@ -297,7 +300,7 @@ def remove_lora(model: nn.Module) -> list[str]:
     """Undo apply_lora: put each LoRALinear's base module back."""
     names = [name for name, _ in lora_modules(model)]
     for name in names:
-        _swap(model, name, model.get_submodule(name).base)
+        swap_module(model, name, model.get_submodule(name).base)
     return names
 
 
@@ -312,7 +315,7 @@ def quantize_frozen(model: nn.Module, bits: int = 8, targets: Iterable[str] = TA
                              "quantize before adding LoRA")
         q = FrozenQuantLinear(module.weight, bits)
         total += q.nbytes
-        _swap(model, name, q)
+        swap_module(model, name, q)
     return total
 
 
@@ -326,7 +329,7 @@ def wrap_quantized_outside_lora(model: nn.Module) -> list[str]:
     wrapped = {id(m.layer) for m in model.modules() if isinstance(m, InputGradLinear)}
     names = [n for n in names if id(model.get_submodule(n)) not in wrapped]
     for name in names:
-        _swap(model, name, InputGradLinear(model.get_submodule(name)))
+        swap_module(model, name, InputGradLinear(model.get_submodule(name)))
     return names
 
 
@@ -363,14 +366,10 @@ def _target_of(module_path: str) -> str:
 
 def _hf_module(module_path: str) -> str:
     """`layers.3.attention.wq` -> `model.layers.3.self_attn.q_proj` (via the one name table)."""
-    from mistral7b.weights.names import format_name
-
     return format_name(module_path + ".weight", "hf").removesuffix(".weight")
 
 
 def _rotary_heads(module_path: str, config: ModelConfig) -> int | None:
-    from mistral7b.weights.names import rotary_heads
-
     return rotary_heads(module_path + ".weight", config)
 
 
@@ -404,7 +403,7 @@ def save_peft(adapter: Adapter, folder: str | Path, config: ModelConfig, *,
         module, kind = key.rsplit(".", 2)[0], key.rsplit(".", 2)[1]   # kind: lora_A / lora_B
         heads = _rotary_heads(module, config)
         if kind == "lora_B" and heads is not None:
-            t = _interleaved_to_hf(t, heads)
+            t = interleaved_to_hf(t, heads)
         tensors[f"base_model.model.{_hf_module(module)}.{kind}.weight"] = t.contiguous()
     layers = sorted({int(m.split(".")[1]) for m in adapter.modules})
     peft_config = {
@@ -442,7 +441,7 @@ def save_mistral(adapter: Adapter, folder: str | Path, config: ModelConfig) -> P
     if len(scales) != 1:
         raise ValueError("the Mistral format has one scaling for all modules")
     tensors = {k: v.contiguous() for k, v in adapter.tensors.items()}
-    params = {k: v for k, v in config.to_dict().items() if v is not None}
+    params = config.to_params_json()
     params["lora"] = {"enable": True, "rank": adapter.rank, "dropout": adapter.dropout,
                       "scaling": scales.pop()}
     _atomic_save(lambda p: save_file(tensors, str(p)), folder / MISTRAL_WEIGHTS)
@@ -525,7 +524,7 @@ def _read_peft(folder: Path, config: ModelConfig, weights: Path | None = None) -
         module = hf_to_ours[match["module"]]
         heads = _rotary_heads(module, config)
         if match["kind"] == "lora_B" and heads is not None:
-            t = _hf_to_interleaved(t, heads)
+            t = hf_to_interleaved(t, heads)
         tensors[f"{module}.{match['kind']}.weight"] = t
     alpha = float(cfg.get("lora_alpha", 8))
     rslora = bool(cfg.get("use_rslora"))
@@ -567,8 +566,6 @@ def _read_mistral(path: Path, config: ModelConfig) -> Adapter:
 def _modules_of(tensors: dict[str, torch.Tensor], source: Path,
                 config: ModelConfig) -> list[str]:
     """Module paths with both A and B present and shapes that fit the model."""
-    from mistral7b.weights.names import expected_shapes
-
     shapes = expected_shapes(config)
     modules = sorted({k.rsplit(".", 2)[0] for k in tensors})
     if not modules:
@@ -591,18 +588,6 @@ def _targets_of(scales: dict[str, float]) -> tuple[str, ...]:
     return tuple(t for t in TARGETS if t in present)
 
 
-def _hf_to_interleaved(t: torch.Tensor, heads: int) -> torch.Tensor:
-    from mistral7b.weights.names import hf_to_interleaved
-
-    return hf_to_interleaved(t, heads)
-
-
-def _interleaved_to_hf(t: torch.Tensor, heads: int) -> torch.Tensor:
-    from mistral7b.weights.names import interleaved_to_hf
-
-    return interleaved_to_hf(t, heads)
-
-
 def apply_adapter(model: nn.Module, adapter: Adapter, *, merge: bool) -> list[str]:
     """Put `adapter` into `model`: wrapped as LoRALinear modules (kept separate, so it can be
     removed or trained further), or merged into the weights (no extra cost per token).
@@ -621,9 +606,9 @@ def apply_adapter(model: nn.Module, adapter: Adapter, *, merge: bool) -> list[st
             lora.lora_A.weight.copy_(a)
             lora.lora_B.weight.copy_(b)
         lora.requires_grad_(False)
-        _swap(model, name, lora)
+        swap_module(model, name, lora)
         if merge and not is_frozen_quantized(module):
-            _swap(model, name, lora.merged())
+            swap_module(model, name, lora.merged())
     return names
 
 
