@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -25,6 +26,9 @@ from mistral7b.sampling import (
     token_logprobs,
 )
 from mistral7b.stops import StopMatcher
+
+if TYPE_CHECKING:
+    from mistral7b.tokenizer.base import IncrementalDecoder
 
 # Chunk length for pre-fill when the model has no window (with one, the default is W):
 # bounds the (T, T + cached) attention mask and activations for long prompts.
@@ -96,7 +100,7 @@ class SequenceState:
     prompt: list[int]
     params: SamplingParams
     stop_ids: frozenset[int]
-    decoder: object                     # the tokenizer's incremental decoder
+    decoder: IncrementalDecoder         # the tokenizer's, one per sequence
     max_tokens: int
     generator: torch.Generator | None = None
     output: list[int] = field(default_factory=list)
@@ -210,7 +214,7 @@ class Engine:
     # -------------------------------------------------------------- generation
 
     def generate(self, prompts: list[list[int]], params: list[SamplingParams], *,
-                 stop_ids: frozenset[int], decoders: list[object],
+                 stop_ids: frozenset[int], decoders: list[IncrementalDecoder],
                  max_context: int | None = None,
                  chunk_size: int | None = None) -> Iterator[Event]:
         """Generate for a ragged batch; yields an Event per sequence per step.

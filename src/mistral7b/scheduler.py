@@ -35,6 +35,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -47,6 +48,9 @@ from mistral7b.sampling import (
     make_generator,
     sample_batch,
 )
+
+if TYPE_CHECKING:
+    from mistral7b.tokenizer.base import IncrementalDecoder
 
 log = logging.getLogger("mistral7b.scheduler")
 
@@ -157,7 +161,7 @@ class Scheduler:
     """
 
     def __init__(self, engine: Engine, *, stop_ids: frozenset[int],
-                 new_decoder: Callable[[], object], max_concurrency: int = 8,
+                 new_decoder: Callable[[], IncrementalDecoder], max_concurrency: int = 8,
                  max_queue: int = 64, max_model_len: int,
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
                  prefill_budget: int | None = None) -> None:
