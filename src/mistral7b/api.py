@@ -5,14 +5,19 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from mistral7b.config import ModelConfig
-from mistral7b.engine import Completion, Engine
+from mistral7b.engine import Completion, Engine, Event, GenerationStats
 from mistral7b.errors import InputError, Mistral7BError
 from mistral7b.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from mistral7b.model import Transformer
+    from mistral7b.tokenizer.base import Tokenizer
+    from mistral7b.weights.base import CheckpointReader
 
 # On CPU, models up to this many parameters run in float32 by default (exact, and fast
 # enough); bigger ones in bfloat16 (a 7B model in float32 would need 29 GB).
@@ -92,14 +97,15 @@ def load(model: str | Path = "default", *, device: str | torch.device | None = N
     return llm
 
 
-def _load_tokenizer(reader: Any) -> Any:
+def _load_tokenizer(reader: CheckpointReader) -> Tokenizer | None:
     """The checkpoint's own tokenizer; for a Mistral folder without one, the mistral-common
     file of its vocabulary size; None when there is none (the model still takes token ids)."""
     from mistral7b.errors import TokenizerError
     from mistral7b.tokenizer import load_tokenizer
+    from mistral7b.weights.gguf_file import GGUFReader
 
     try:
-        if reader.format == "gguf":  # reuse the open file: parsing GGUF metadata is not free
+        if isinstance(reader, GGUFReader):  # reuse the open file: parsing GGUF metadata is not free
             from mistral7b.tokenizer.gguf import GGUFTokenizer
 
             return GGUFTokenizer.from_reader(reader.gguf, reader.path)
@@ -120,7 +126,8 @@ def _load_tokenizer(reader: Any) -> Any:
 class LLM:
     """A loaded model with its tokenizer. Thread-compatible, not thread-safe."""
 
-    def __init__(self, model: Any, config: ModelConfig, tokenizer: Any, path: Path) -> None:
+    def __init__(self, model: Transformer, config: ModelConfig, tokenizer: Tokenizer | None,
+                 path: Path) -> None:
         self.model = model
         self.config = config
         self.tokenizer = tokenizer
@@ -131,6 +138,15 @@ class LLM:
     def __repr__(self) -> str:
         return (f"LLM({str(self.path)!r}, {self.config.n_params / 1e9:.2f}B params, "
                 f"{self.engine.dtype}, {self.engine.device})")
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are (and where inputs to `model` go)."""
+        return self.engine.device
+
+    def check_ids(self, ids: Sequence[int]) -> None:
+        """InputError unless every id is in the vocabulary (the rule generate() applies)."""
+        self.engine.check_ids(ids)
 
     def logits(self, ids: Sequence[int], chunk_size: int | None = None) -> torch.Tensor:
         """Float32 logits [len(ids), vocab] computed through the cache in chunks of chunk_size
@@ -175,13 +191,13 @@ class LLM:
         return self.stream(ids, max_context=max_context, **sampling)
 
     @property
-    def stats(self):
+    def stats(self) -> GenerationStats:
         """Timings of the last generation (prompt/generation tokens per second)."""
         return self.engine.stats
 
     # ---------------------------------------------------------------- helpers
 
-    def require_tokenizer(self) -> Any:
+    def require_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
             raise Mistral7BError(f"{self.path}: this checkpoint has no tokenizer; pass token "
                                  "ids instead of text, or add tokenizer files to the folder")
@@ -206,7 +222,7 @@ class LLM:
                          "of those")
 
     def _events(self, prompts: list[list[int]], params: SamplingParams,
-                max_context: int | None):
+                max_context: int | None) -> Iterator[Event]:
         tok = self.require_tokenizer()  # generated text is decoded with it
         return self.engine.generate(
             prompts, [params] * len(prompts), stop_ids=tok.stop_ids,

@@ -11,10 +11,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mistral7b.cli import common
 from mistral7b.errors import InputError
+
+if TYPE_CHECKING:
+    from mistral7b.tokenizer.base import Tokenizer
 
 DEFAULT_MAX_TOKENS = 256
 
@@ -98,7 +101,7 @@ def read_prompt(args: argparse.Namespace) -> str:
     return args.prompt
 
 
-def encode_prompt(tokenizer: Any, text: str, *, chat: bool, system: str | None) -> list[int]:
+def encode_prompt(tokenizer: Tokenizer, text: str, *, chat: bool, system: str | None) -> list[int]:
     if chat:
         messages = [{"role": "system", "content": system}] if system else []
         messages.append({"role": "user", "content": text})

@@ -21,9 +21,12 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mistral7b.errors import InputError, Mistral7BError
+
+if TYPE_CHECKING:
+    from mistral7b.tokenizer.base import Tokenizer
 
 ROLES = ("system", "user", "assistant")
 
@@ -126,7 +129,7 @@ def validate_record(obj: Any, path: str | Path, line: int) -> Record:
     return Record(line, messages=out)
 
 
-def tokenize(records: Sequence[Record], tokenizer: Any, *, max_len: int,
+def tokenize(records: Sequence[Record], tokenizer: Tokenizer, *, max_len: int,
              path: str | Path = "") -> tuple[list[Example], int]:
     """Examples of `records`, cut to max_len tokens. Returns (examples, number truncated).
 
@@ -151,7 +154,7 @@ def tokenize(records: Sequence[Record], tokenizer: Any, *, max_len: int,
     return examples, truncated
 
 
-def _chat_examples(rec: Record, tokenizer: Any, path: str | Path) -> list[Example]:
+def _chat_examples(rec: Record, tokenizer: Tokenizer, path: str | Path) -> list[Example]:
     msgs = rec.messages
     try:
         full = tokenizer.encode_chat(msgs, add_generation_prompt=False)

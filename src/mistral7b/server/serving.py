@@ -16,7 +16,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -61,6 +61,9 @@ from mistral7b.server.protocol import (
     Usage,
 )
 from mistral7b.server.settings import ServerSettings
+
+if TYPE_CHECKING:
+    from mistral7b.api import LLM
 
 COMPLETIONS_DEFAULT_TEMPERATURE = 1.0   # OpenAI's default for both endpoints
 _FAILURE_STATUS = {"timeout": 504, "shutdown": 503, "model": 500, "internal": 500}
@@ -150,10 +153,10 @@ async def wait_for_disconnect(request: Request) -> None:
 
 
 class Serving:
-    def __init__(self, llm: Any, scheduler: Scheduler, settings: ServerSettings,
+    def __init__(self, llm: LLM, scheduler: Scheduler, settings: ServerSettings,
                  metrics: Metrics, max_model_len: int) -> None:
         self.llm = llm
-        self.tok = llm.tokenizer
+        self.tok = llm.require_tokenizer()
         self.scheduler = scheduler
         self.settings = settings
         self.metrics = metrics
@@ -423,7 +426,7 @@ class Serving:
 
     def _check_ids(self, ids: list[int], param: str) -> None:
         try:
-            self.llm.engine.check_ids(ids)  # the engine's own rule and message
+            self.llm.check_ids(ids)  # the rule and message of generate()
         except InputError as exc:
             raise bad_request(str(exc), param, "invalid_token_id") from None
 
