@@ -42,7 +42,7 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeGuard
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +60,10 @@ from mistral7b.weights.names import (
     interleaved_to_hf,
     rotary_heads,
 )
+
+if TYPE_CHECKING:
+    from mistral7b.api import LLM
+    from mistral7b.model import Transformer
 
 # Every linear layer LoRA may adapt (`wq`), with its module path inside a block
 # (`attention.wq`) and PEFT's `target_modules` name for it (`q_proj`).
@@ -85,6 +89,9 @@ class FrozenQuantLinear(nn.Module):
     int4: w ≈ q * s with q in [-7, 7], one scale per group of 64 inputs (out, in / 64);
     two values per byte, (out, in / 2) uint8 (low nibble = even column).
     """
+
+    qweight: torch.Tensor   # buffers, declared for type checkers
+    scale: torch.Tensor
 
     def __init__(self, weight: torch.Tensor, bits: int) -> None:
         super().__init__()
@@ -127,7 +134,13 @@ class FrozenQuantLinear(nn.Module):
         return F.linear(x, self.dequantize(x.dtype))
 
 
-def is_frozen_quantized(module: nn.Module) -> bool:
+class FrozenQuantized(Protocol):
+    """What LoRA needs of an integer base layer besides its forward."""
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor: ...
+
+
+def is_frozen_quantized(module: nn.Module) -> TypeGuard[FrozenQuantized]:
     """A linear layer whose weight is stored as integers and read through `dequantize()`:
     FrozenQuantLinear here, Int8Linear / Int4Linear of mistral7b.quant."""
     weight = getattr(module, "weight", None)
@@ -163,7 +176,7 @@ class InputGradLinear(nn.Module):
     def __init__(self, layer: nn.Module) -> None:
         super().__init__()
         self.layer = layer
-        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.in_features, self.out_features = _features(layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return frozen_linear(self.layer, x)
@@ -186,7 +199,7 @@ class LoRALinear(nn.Module):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
         self.base = base
-        self.in_features, self.out_features = base.in_features, base.out_features
+        self.in_features, self.out_features = _features(base)
         self.rank, self.scale = rank, float(scale)
         device = _device_of(base)
         self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=device,
@@ -228,11 +241,20 @@ class LoRALinear(nn.Module):
         return linear
 
 
+def _features(layer: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of any linear layer (nn.Linear, ours, quantized ones)."""
+    n_in, n_out = getattr(layer, "in_features", None), getattr(layer, "out_features", None)
+    if not isinstance(n_in, int) or not isinstance(n_out, int):
+        raise TypeError(f"a {type(layer).__name__} is not a linear layer: LoRA adapts layers "
+                        "with in_features and out_features")
+    return n_in, n_out
+
+
 def _device_of(module: nn.Module) -> torch.device:
     for t in module.parameters():
         return t.device
-    for t in module.buffers():
-        return t.device
+    for b in module.buffers():
+        return b.device
     return torch.device("cpu")
 
 
@@ -251,7 +273,7 @@ def target_names(config: ModelConfig, targets: Iterable[str] = TARGETS,
     return [f"layers.{i}.{_PATHS[t]}" for i in layer_ids for t in targets]
 
 
-def apply_lora(model: nn.Module, *, rank: int = 16, alpha: float = 32.0, dropout: float = 0.0,
+def apply_lora(model: Transformer, *, rank: int = 16, alpha: float = 32.0, dropout: float = 0.0,
                targets: Iterable[str] = TARGETS, layers: Iterable[int] | None = None,
                use_rslora: bool = False) -> list[str]:
     """Wrap the target linear layers of `model` with fresh LoRALinear modules (B = 0).
@@ -269,17 +291,17 @@ def apply_lora(model: nn.Module, *, rank: int = 16, alpha: float = 32.0, dropout
     return names
 
 
-def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+def lora_modules(model: Transformer) -> Iterator[tuple[str, LoRALinear]]:
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear):
             yield name, module
 
 
-def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+def lora_parameters(model: Transformer) -> list[torch.Tensor]:
     return [p for _, m in lora_modules(model) for p in (m.lora_A.weight, m.lora_B.weight)]
 
 
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def lora_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     """The adapter in our names: `layers.{i}.attention.wq.lora_A.weight` -> tensor."""
     out = {}
     for name, m in lora_modules(model):
@@ -288,23 +310,23 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def merge_lora(model: nn.Module) -> list[str]:
+def merge_lora(model: Transformer) -> list[str]:
     """Replace every LoRALinear by a plain nn.Linear with the update folded in."""
-    names = [name for name, _ in lora_modules(model)]
-    for name in names:
-        swap_module(model, name, model.get_submodule(name).merged())
-    return names
+    found = list(lora_modules(model))
+    for name, m in found:
+        swap_module(model, name, m.merged())
+    return [name for name, _ in found]
 
 
-def remove_lora(model: nn.Module) -> list[str]:
+def remove_lora(model: Transformer) -> list[str]:
     """Undo apply_lora: put each LoRALinear's base module back."""
-    names = [name for name, _ in lora_modules(model)]
-    for name in names:
-        swap_module(model, name, model.get_submodule(name).base)
-    return names
+    found = list(lora_modules(model))
+    for name, m in found:
+        swap_module(model, name, m.base)
+    return [name for name, _ in found]
 
 
-def quantize_frozen(model: nn.Module, bits: int = 8, targets: Iterable[str] = TARGETS) -> int:
+def quantize_frozen(model: Transformer, bits: int = 8, targets: Iterable[str] = TARGETS) -> int:
     """Swap the target nn.Linear layers for FrozenQuantLinear (QLoRA's base); returns the
     bytes their weights take now. Call before apply_lora."""
     total = 0
@@ -319,7 +341,7 @@ def quantize_frozen(model: nn.Module, bits: int = 8, targets: Iterable[str] = TA
     return total
 
 
-def wrap_quantized_outside_lora(model: nn.Module) -> list[str]:
+def wrap_quantized_outside_lora(model: Transformer) -> list[str]:
     """Make every frozen quantized layer that LoRA does not wrap pass gradients to its input
     (InputGradLinear), so a model loaded with `quant=` can be trained with LoRA."""
     lora_bases = {id(m.base) for _, m in lora_modules(model)}
@@ -373,7 +395,7 @@ def _rotary_heads(module_path: str, config: ModelConfig) -> int | None:
     return rotary_heads(module_path + ".weight", config)
 
 
-def adapter_from_model(model: nn.Module, *, alpha: float | None = None,
+def adapter_from_model(model: Transformer, *, alpha: float | None = None,
                        dropout: float = 0.0) -> Adapter:
     """The model's LoRA modules as an Adapter (tensors copied to CPU)."""
     mods = list(lora_modules(model))
@@ -406,7 +428,7 @@ def save_peft(adapter: Adapter, folder: str | Path, config: ModelConfig, *,
             t = interleaved_to_hf(t, heads)
         tensors[f"base_model.model.{_hf_module(module)}.{kind}.weight"] = t.contiguous()
     layers = sorted({int(m.split(".")[1]) for m in adapter.modules})
-    peft_config = {
+    peft_config: dict[str, Any] = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model,
@@ -588,7 +610,7 @@ def _targets_of(scales: dict[str, float]) -> tuple[str, ...]:
     return tuple(t for t in TARGETS if t in present)
 
 
-def apply_adapter(model: nn.Module, adapter: Adapter, *, merge: bool) -> list[str]:
+def apply_adapter(model: Transformer, adapter: Adapter, *, merge: bool) -> list[str]:
     """Put `adapter` into `model`: wrapped as LoRALinear modules (kept separate, so it can be
     removed or trained further), or merged into the weights (no extra cost per token).
 
@@ -612,13 +634,14 @@ def apply_adapter(model: nn.Module, adapter: Adapter, *, merge: bool) -> list[st
     return names
 
 
-def apply_lora_file(llm_or_model: Any, path: str | Path, merge: bool = False) -> Adapter:
+def apply_lora_file(llm_or_model: LLM | Transformer, path: str | Path,
+                    merge: bool = False) -> Adapter:
     """Load a PEFT or Mistral LoRA adapter from `path` into an LLM (or a Transformer).
 
     merge=True folds it into the weights (merged copies of just the adapted weights);
     merge=False keeps LoRALinear modules (exactly the unmerged computation).
     """
-    model = getattr(llm_or_model, "model", llm_or_model)
+    model = llm_or_model if isinstance(llm_or_model, nn.Module) else llm_or_model.model
     adapter = read_adapter(path, model.config)
     apply_adapter(model, adapter, merge=merge)
     return adapter

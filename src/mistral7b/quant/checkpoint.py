@@ -212,7 +212,7 @@ def _header(entries: list[_Entry], meta: dict[str, str]) -> bytes:
 
 def _bytes(t: torch.Tensor) -> memoryview:
     t = t.detach().cpu().contiguous()
-    return memoryview(t.view(torch.uint8).reshape(-1).numpy())
+    return t.view(torch.uint8).reshape(-1).numpy().data
 
 
 def _metadata(path: Path) -> dict[str, str]:
