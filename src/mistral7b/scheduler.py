@@ -338,12 +338,14 @@ class Scheduler:
                 params = req.params[choice]
                 state = SequenceState(row, req.prompt, params, self.stop_ids, self.new_decoder(),
                                       max(req.max_tokens, 1), make_generator(params.seed))
-                lps = [None] if req.prompt_logprobs is not None and choice == 0 else None
+                lps: list[TokenLogprob | None] | None = (
+                    [None] if req.prompt_logprobs is not None and choice == 0 else None)
                 self._running.append(_Seq(req, choice, state, lps))
 
     def _pick_prefill(self) -> list[_Seq]:
         """Pre-filling rows in admission order, up to prefill_budget tokens (at least one row)."""
-        picked, total = [], 0
+        picked: list[_Seq] = []
+        total = 0
         for s in self._running:
             if s.prefilled:
                 continue
@@ -393,7 +395,7 @@ class Scheduler:
         fed, prompt = s.state.fed, s.state.prompt
         n = min(self.prefill_chunk, len(prompt) - fed)
         targets = prompt[fed + 1: fed + n + 1]          # position t predicts token t + 1
-        if not targets:
+        if not targets or s.prompt_lps is None:
             return True
         lp = torch.log_softmax(logits[: len(targets)].float(), dim=-1)      # (t, V)
         if not bool(torch.isfinite(lp.amax(dim=-1)).all()):
