@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 import torch
 
@@ -153,6 +153,18 @@ class LLM:
         tokens (None = the window W); 1 = token by token, the decode path."""
         return self.engine.logits(_as_ids(ids), chunk_size)
 
+    @overload
+    def generate(self, prompt_or_prompts: str | Sequence[int], *,
+                 max_context: int | None = None, **sampling: Any) -> Completion: ...
+
+    @overload
+    def generate(self, prompt_or_prompts: list[str] | list[list[int]], *,
+                 max_context: int | None = None, **sampling: Any) -> list[Completion]: ...
+
+    @overload
+    def generate(self, prompt_or_prompts: torch.Tensor, *, max_context: int | None = None,
+                 **sampling: Any) -> Completion | list[Completion]: ...
+
     def generate(self, prompt_or_prompts: Any, *, max_context: int | None = None,
                  **sampling: Any) -> Completion | list[Completion]:
         """Complete one prompt (str or token ids) or a list of them (a ragged batch)."""
@@ -222,7 +234,7 @@ class LLM:
                          "of those")
 
     def _events(self, prompts: list[list[int]], params: SamplingParams,
-                max_context: int | None) -> Iterator[Event]:
+                max_context: int | None) -> Generator[Event, None, None]:
         tok = self.require_tokenizer()  # generated text is decoded with it
         return self.engine.generate(
             prompts, [params] * len(prompts), stop_ids=tok.stop_ids,
@@ -232,7 +244,7 @@ class LLM:
 class TextStream:
     """An iterator of text deltas; `.completion` is set when the generation has finished."""
 
-    def __init__(self, events: Iterator[Any]) -> None:
+    def __init__(self, events: Generator[Event, None, None]) -> None:
         self._events = events
         self.completion: Completion | None = None
 

@@ -41,7 +41,7 @@ class AttentionPlan:
     B = batch rows in this step, T = padded chunk length, K = number of keys attended to.
     """
 
-    rows: torch.Tensor | slice      # cache rows of the B batch entries (a slice when contiguous)
+    rows: slice | list[int]         # cache rows of the B batch entries (a slice when contiguous)
     write_first: bool               # write the chunk, then attend to slots[:, :n_keys]
     n_keys: int                     # write-first: number of leading slots attended to
     mask: torch.Tensor              # (B, 1, T, K) bool, True = visible

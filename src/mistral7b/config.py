@@ -235,8 +235,9 @@ def _build(path: str | Path, **fields: Any) -> ModelConfig:
         raise ModelFileError(path, f"inconsistent model configuration: {exc}") from None
 
 
-_MISTRAL_7B = {"dim": 4096, "n_layers": 32, "head_dim": 128, "hidden_dim": 14336,
-               "n_heads": 32, "n_kv_heads": 8, "norm_eps": 1e-5}
+_MISTRAL_7B: dict[str, Any] = {"dim": 4096, "n_layers": 32, "head_dim": 128,
+                               "hidden_dim": 14336, "n_heads": 32, "n_kv_heads": 8,
+                               "norm_eps": 1e-5}
 
 PRESETS: dict[str, ModelConfig] = {
     "mistral-7b-v0.1": ModelConfig(**_MISTRAL_7B, vocab_size=32000, rope_theta=10_000.0,

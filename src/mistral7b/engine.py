@@ -8,7 +8,7 @@ rows of different lengths share one forward and only ever see their own cache ro
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -216,7 +216,7 @@ class Engine:
     def generate(self, prompts: list[list[int]], params: list[SamplingParams], *,
                  stop_ids: frozenset[int], decoders: list[IncrementalDecoder],
                  max_context: int | None = None,
-                 chunk_size: int | None = None) -> Iterator[Event]:
+                 chunk_size: int | None = None) -> Generator[Event, None, None]:
         """Generate for a ragged batch; yields an Event per sequence per step.
 
         Each sequence stops on its own EOS / stop string / max_tokens; a finished sequence

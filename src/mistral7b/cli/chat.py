@@ -185,8 +185,8 @@ class ChatSession:
         return system + self.turns
 
     def encode(self) -> list[int]:
-        return self.llm.tokenizer.encode_chat(self.messages(), add_generation_prompt=True,
-                                              safe_prompt=self.safe)
+        return self.llm.require_tokenizer().encode_chat(
+            self.messages(), add_generation_prompt=True, safe_prompt=self.safe)
 
     def fit_context(self) -> list[int]:
         """The prompt ids of the conversation, after dropping the oldest turns that would

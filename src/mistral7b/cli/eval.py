@@ -153,7 +153,7 @@ def run_ppl(args: argparse.Namespace) -> int:
     llm = _load(args)
     window = args.window or min(llm.config.max_seq_len, DEFAULT_PPL_WINDOW)
     stride = args.stride or max(1, window // 2)
-    ids = llm.tokenizer.encode(text, bos=True)
+    ids = llm.require_tokenizer().encode(text, bos=True)
     result = perplexity(llm.model, ids, window=window, stride=stride,
                         batch_size=args.batch_size, sliding_window=llm.config.sliding_window)
     if args.json:
@@ -178,7 +178,7 @@ def run_mc(args: argparse.Namespace) -> int:
     fewshot = read_items(args.fewshot_data) if args.fewshot_data else None
     llm = _load(args)
     max_len = args.max_length or min(llm.config.max_seq_len, DEFAULT_MAX_LENGTH)
-    result = evaluate(llm.model, llm.tokenizer, items, shots=args.shots, fewshot=fewshot,
+    result = evaluate(llm.model, llm.require_tokenizer(), items, shots=args.shots, fewshot=fewshot,
                       style=args.style, max_len=max_len, batch_size=args.batch_size,
                       window=llm.config.sliding_window)
     if args.json:

@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     text = read_prompt(args)
     sampling = common.sampling_kwargs(args)
     llm = common.load_model(args, quiet=args.quiet)
-    ids = encode_prompt(llm.tokenizer, text, chat=args.chat or args.system is not None,
+    ids = encode_prompt(llm.require_tokenizer(), text, chat=args.chat or args.system is not None,
                         system=args.system)
 
     if args.json:

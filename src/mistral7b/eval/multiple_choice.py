@@ -163,7 +163,8 @@ def evaluate(model: torch.nn.Module, tokenizer: Tokenizer, items: Sequence[MCIte
     if style not in STYLES:
         raise InputError(f"unknown prompt style {style!r}: use one of {', '.join(STYLES)}")
     pool = list(fewshot) if fewshot is not None else list(items)
-    requests, spans = [], []
+    requests: list[tuple[list[int], list[int]]] = []
+    spans = []
     for item in items:
         context = build_prompt(item, pick_shots(item, shots, pool), style)
         _, conts = prompt_and_continuations(item, style)
