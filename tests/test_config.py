@@ -93,8 +93,8 @@ def test_inconsistent_params_are_reported(tmp_path, bad):
         ModelConfig.from_params_json(_write(tmp_path, "params.json", dict(V01_PARAMS, **bad)))
 
 
-_TINY = dict(dim=64, n_layers=2, head_dim=16, hidden_dim=96, n_heads=4, n_kv_heads=2,
-             norm_eps=1e-6, vocab_size=100, max_seq_len=256)
+_TINY = {"dim": 64, "n_layers": 2, "head_dim": 16, "hidden_dim": 96, "n_heads": 4,
+         "n_kv_heads": 2, "norm_eps": 1e-6, "vocab_size": 100, "max_seq_len": 256}
 # mistral-inference's TransformerArgs: the fields it requires, and how it reads the rest
 # (args.py: sliding_window defaults to None; transformer.py: `rope_theta or 1000000.0`).
 _MISTRAL_INFERENCE_REQUIRED = ("dim", "n_layers", "head_dim", "hidden_dim", "n_heads",
