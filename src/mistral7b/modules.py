@@ -1,6 +1,6 @@
 """Replacing a submodule or a parameter of a model by its dotted path.
 
-Quantization (quant/) and LoRA (lora.py) change a model only this way, so model.py knows
+Quantization (quant/) and LoRA (lora/) change a model only this way, so model.py knows
 nothing of either (DESIGN §5): `swap_module(model, "layers.3.attention.wq", Int4Linear(...))`.
 """
 

@@ -1,16 +1,4 @@
-"""LoRA adapters as module swaps, a frozen int8/int4 base for QLoRA, and adapter files.
-
-LoRA (Hu et al. 2021) adds a trainable low-rank update to a frozen linear layer:
-
-    y = W x + scale * B (A dropout(x))        A: (r, in), B: (out, r), scale = alpha / r
-
-`apply_lora` replaces chosen `nn.Linear` modules of a loaded Transformer (wq, wk, wv, wo of
-each attention, w1, w2, w3 of each feed-forward) by `LoRALinear(base, ...)`; the model file
-itself knows nothing of LoRA. B starts at zero, so a fresh adapter leaves the logits unchanged.
-`merge_lora` folds B @ A * scale into a copy of each base weight and swaps plain `nn.Linear`
-modules back in (the base may be memory-mapped read-only: it is never written to).
-
-Adapter files, both read by `read_adapter` / `apply_lora_file`:
+"""LoRA adapter files, both read by `read_adapter` / `apply_lora_file`:
 
 - PEFT (`adapter_config.json` + `adapter_model.safetensors`), as HF transformers + peft save
   them: `base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`, scale
@@ -24,13 +12,7 @@ Adapter files, both read by `read_adapter` / `apply_lora_file`:
   writes to `params.json` under `lora.scaling` beside the file; when that file is absent the
   scale is 2.0, the default of mistral-inference's `load_lora(path, scaling=2.0)`.
 
-QLoRA: LoRA over a frozen integer base. Integer kernels have no backward, so the base's
-forward runs as is and the input gradient dy @ W is computed from the weight dequantized
-again (`frozen_linear`): training keeps only the small integer weights alive, never a float
-copy. The base is either mistral7b.quant's Int8Linear (a model loaded with quant="int8") or
-this module's `FrozenQuantLinear` (`quantize_frozen(model, bits)`: int8 per output channel,
-or int4 in groups of 64, dequantized elementwise: cheap in both directions, which
-mistral7b.quant's CPU int4 kernel layout is not).
+Files are written to a temporary name and renamed, so a reader never sees half a file.
 """
 
 from __future__ import annotations
@@ -39,23 +21,22 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeGuard
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mistral7b.config import ModelConfig
 from mistral7b.errors import ModelFileError
+from mistral7b.lora.apply import HF_TARGETS, TARGETS, lora_modules, lora_state_dict, target_names
+from mistral7b.lora.layers import LoRALinear, is_frozen_quantized
 from mistral7b.modules import swap_module
 from mistral7b.weights.names import (
-    LINEAR_LAYERS,
     expected_shapes,
     format_name,
-    hf_module,
     hf_to_interleaved,
     interleaved_to_hf,
     rotary_heads,
@@ -65,297 +46,11 @@ if TYPE_CHECKING:
     from mistral7b.api import LLM
     from mistral7b.model import Transformer
 
-# Every linear layer LoRA may adapt (`wq`), with its module path inside a block
-# (`attention.wq`) and PEFT's `target_modules` name for it (`q_proj`).
-_PATHS = {path.rsplit(".", 1)[1]: path for path in LINEAR_LAYERS}
-TARGETS = tuple(_PATHS)
-HF_TARGETS = {target: hf_module(path) for target, path in _PATHS.items()}
-
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 MISTRAL_WEIGHTS = "lora.safetensors"
 MISTRAL_PARAMS = "params.json"
 MISTRAL_DEFAULT_SCALING = 2.0   # mistral-inference's load_lora default
-INT4_GROUP = 64
-
-
-# --------------------------------------------------------------------------- modules
-
-
-class FrozenQuantLinear(nn.Module):
-    """A frozen linear layer stored as integers, dequantized on the fly (QLoRA's base).
-
-    int8: w ≈ q * s with q in [-127, 127] and one scale per output row (out, 1).
-    int4: w ≈ q * s with q in [-7, 7], one scale per group of 64 inputs (out, in / 64);
-    two values per byte, (out, in / 2) uint8 (low nibble = even column).
-    """
-
-    qweight: torch.Tensor   # buffers, declared for type checkers
-    scale: torch.Tensor
-
-    def __init__(self, weight: torch.Tensor, bits: int) -> None:
-        super().__init__()
-        if bits not in (4, 8):
-            raise ValueError(f"bits must be 8 or 4, got {bits}")
-        self.out_features, self.in_features = weight.shape
-        self.bits = bits
-        self.dtype = weight.dtype
-        w = weight.detach().float()
-        if bits == 8:
-            scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127       # (out, 1)
-            q = torch.round(w / scale).clamp(-127, 127).to(torch.int8)
-        else:
-            if self.in_features % INT4_GROUP:
-                raise ValueError(f"int4 needs in_features divisible by {INT4_GROUP}, got "
-                                 f"{self.in_features}")
-            g = w.view(self.out_features, -1, INT4_GROUP)                        # (out, G, 64)
-            scale = g.abs().amax(dim=2).clamp(min=1e-12) / 7                       # (out, G)
-            q4 = torch.round(g / scale[..., None]).clamp(-7, 7).to(torch.int8) + 8  # 1..15
-            q4 = q4.view(self.out_features, -1).to(torch.uint8)                    # (out, in)
-            q = q4[:, 0::2] | (q4[:, 1::2] << 4)                                   # (out, in/2)
-        self.register_buffer("qweight", q.contiguous())
-        self.register_buffer("scale", scale.to(torch.float32).contiguous())
-
-    @property
-    def nbytes(self) -> int:
-        return self.qweight.nbytes + self.scale.nbytes
-
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The float weight (out, in) in `dtype` (default: the weight's original dtype)."""
-        dtype = dtype or self.dtype
-        if self.bits == 8:
-            return (self.qweight.to(torch.float32) * self.scale).to(dtype)
-        q = self.qweight
-        q4 = torch.stack([q & 0x0F, q >> 4], dim=-1).view(self.out_features, -1)  # (out, in)
-        w = (q4.to(torch.float32) - 8).view(self.out_features, -1, INT4_GROUP)
-        return (w * self.scale[..., None]).view(self.out_features, -1).to(dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantize(x.dtype))
-
-
-class FrozenQuantized(Protocol):
-    """What LoRA needs of an integer base layer besides its forward."""
-
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor: ...
-
-
-def is_frozen_quantized(module: nn.Module) -> TypeGuard[FrozenQuantized]:
-    """A linear layer whose weight is stored as integers and read through `dequantize()`:
-    FrozenQuantLinear here, Int8Linear / Int4Linear of mistral7b.quant."""
-    weight = getattr(module, "weight", None)
-    float_weight = isinstance(weight, torch.Tensor) and weight.is_floating_point()
-    return callable(getattr(module, "dequantize", None)) and not float_weight
-
-
-class _FrozenLinearFn(torch.autograd.Function):
-    """y = layer(x) with the layer's own forward (integer kernels have no autograd formula);
-    backward dx = dy @ W with W dequantized again, so no float W is kept between the two."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
-        ctx.layer = layer
-        return layer(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad @ ctx.layer.dequantize(grad.dtype), None
-
-
-def frozen_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """layer(x), differentiable in x also when `layer` is a frozen quantized layer."""
-    if torch.is_grad_enabled() and x.requires_grad and is_frozen_quantized(layer):
-        return _FrozenLinearFn.apply(x, layer)
-    return layer(x)
-
-
-class InputGradLinear(nn.Module):
-    """A frozen quantized layer outside LoRA (the output projection, an untargeted layer)
-    wrapped so gradients flow through it to the LoRA layers below; same forward."""
-
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        self.layer = layer
-        self.in_features, self.out_features = _features(layer)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return frozen_linear(self.layer, x)
-
-
-class LoRALinear(nn.Module):
-    """`base(x) + scale * lora_B(lora_A(dropout(x)))`; only lora_A and lora_B train.
-
-    The LoRA weights live in `lora_dtype` (float32 by default, also when the base is bf16:
-    they are the optimizer's master weights); the update is computed in that dtype and added
-    in the base's. `base` is any module with in_features/out_features (nn.Linear,
-    FrozenQuantLinear, or a quantized linear from elsewhere).
-    """
-
-    def __init__(self, base: nn.Module, rank: int, scale: float, dropout: float = 0.0, *,
-                 lora_dtype: torch.dtype = torch.float32) -> None:
-        super().__init__()
-        if rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
-        self.base = base
-        self.in_features, self.out_features = _features(base)
-        self.rank, self.scale = rank, float(scale)
-        device = _device_of(base)
-        self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=device,
-                                dtype=lora_dtype)
-        self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=device,
-                                dtype=lora_dtype)
-        # As in the paper: A random (Kaiming-uniform, like nn.Linear), B zero -> no change.
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-
-    def extra_repr(self) -> str:
-        return f"rank={self.rank}, scale={self.scale:g}"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = frozen_linear(self.base, x)
-        h = self.dropout(x).to(self.lora_A.weight.dtype)
-        return y + (self.lora_B(self.lora_A(h)) * self.scale).to(y.dtype)
-
-    def delta_weight(self) -> torch.Tensor:
-        """scale * B @ A, (out, in), in the LoRA dtype."""
-        return (self.lora_B.weight @ self.lora_A.weight) * self.scale
-
-    def merged(self) -> nn.Linear:
-        """A plain nn.Linear holding base + scale * B @ A (a new tensor: the base is untouched)."""
-        base = self.base
-        weight = getattr(base, "weight", None)
-        if is_frozen_quantized(base):  # the merged layer is float: quantize it again if needed
-            w, dtype = base.dequantize(torch.float32), getattr(base, "dtype", torch.float32)
-        elif isinstance(weight, torch.Tensor) and weight.is_floating_point():
-            w, dtype = weight, weight.dtype
-        else:
-            raise TypeError(f"cannot merge a LoRA update into a {type(base).__name__}; keep "
-                            "the adapter as separate layers (merge=False)")
-        with torch.no_grad():
-            new = (w.to(self.lora_A.weight.dtype) + self.delta_weight()).to(dtype)
-        linear = nn.Linear(self.in_features, self.out_features, bias=False, device="meta")
-        linear.weight = nn.Parameter(new, requires_grad=False)
-        return linear
-
-
-def _features(layer: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of any linear layer (nn.Linear, ours, quantized ones)."""
-    n_in, n_out = getattr(layer, "in_features", None), getattr(layer, "out_features", None)
-    if not isinstance(n_in, int) or not isinstance(n_out, int):
-        raise TypeError(f"a {type(layer).__name__} is not a linear layer: LoRA adapts layers "
-                        "with in_features and out_features")
-    return n_in, n_out
-
-
-def _device_of(module: nn.Module) -> torch.device:
-    for t in module.parameters():
-        return t.device
-    for b in module.buffers():
-        return b.device
-    return torch.device("cpu")
-
-
-# --------------------------------------------------------------------- swapping modules
-
-
-def target_names(config: ModelConfig, targets: Iterable[str] = TARGETS,
-                 layers: Iterable[int] | None = None) -> list[str]:
-    """Module paths for `targets` in `layers` (all by default): `layers.3.attention.wq`."""
-    targets = list(targets)
-    unknown = [t for t in targets if t not in _PATHS]
-    if unknown or not targets:
-        raise ValueError(f"unknown LoRA target(s) {unknown or targets}: choose from "
-                         f"{', '.join(TARGETS)}")
-    layer_ids = range(config.n_layers) if layers is None else layers
-    return [f"layers.{i}.{_PATHS[t]}" for i in layer_ids for t in targets]
-
-
-def apply_lora(model: Transformer, *, rank: int = 16, alpha: float = 32.0, dropout: float = 0.0,
-               targets: Iterable[str] = TARGETS, layers: Iterable[int] | None = None,
-               use_rslora: bool = False) -> list[str]:
-    """Wrap the target linear layers of `model` with fresh LoRALinear modules (B = 0).
-
-    The whole model stays frozen except the new lora_A / lora_B weights. Returns the wrapped
-    module paths.
-    """
-    names = target_names(model.config, targets, layers)
-    scale = alpha / (math.sqrt(rank) if use_rslora else rank)
-    for name in names:
-        module = model.get_submodule(name)
-        if isinstance(module, LoRALinear):
-            raise TypeError(f"{name} already has a LoRA adapter: merge or remove it first")
-        swap_module(model, name, LoRALinear(module, rank, scale, dropout))
-    return names
-
-
-def lora_modules(model: Transformer) -> Iterator[tuple[str, LoRALinear]]:
-    for name, module in model.named_modules():
-        if isinstance(module, LoRALinear):
-            yield name, module
-
-
-def lora_parameters(model: Transformer) -> list[torch.Tensor]:
-    return [p for _, m in lora_modules(model) for p in (m.lora_A.weight, m.lora_B.weight)]
-
-
-def lora_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
-    """The adapter in our names: `layers.{i}.attention.wq.lora_A.weight` -> tensor."""
-    out = {}
-    for name, m in lora_modules(model):
-        out[f"{name}.lora_A.weight"] = m.lora_A.weight.detach()
-        out[f"{name}.lora_B.weight"] = m.lora_B.weight.detach()
-    return out
-
-
-def merge_lora(model: Transformer) -> list[str]:
-    """Replace every LoRALinear by a plain nn.Linear with the update folded in."""
-    found = list(lora_modules(model))
-    for name, m in found:
-        swap_module(model, name, m.merged())
-    return [name for name, _ in found]
-
-
-def remove_lora(model: Transformer) -> list[str]:
-    """Undo apply_lora: put each LoRALinear's base module back."""
-    found = list(lora_modules(model))
-    for name, m in found:
-        swap_module(model, name, m.base)
-    return [name for name, _ in found]
-
-
-def quantize_frozen(model: Transformer, bits: int = 8, targets: Iterable[str] = TARGETS) -> int:
-    """Swap the target nn.Linear layers for FrozenQuantLinear (QLoRA's base); returns the
-    bytes their weights take now. Call before apply_lora."""
-    total = 0
-    for name in target_names(model.config, targets):
-        module = model.get_submodule(name)
-        if not isinstance(module, nn.Linear):
-            raise TypeError(f"{name} is a {type(module).__name__}, not a float nn.Linear: "
-                             "quantize before adding LoRA")
-        q = FrozenQuantLinear(module.weight, bits)
-        total += q.nbytes
-        swap_module(model, name, q)
-    return total
-
-
-def wrap_quantized_outside_lora(model: Transformer) -> list[str]:
-    """Make every frozen quantized layer that LoRA does not wrap pass gradients to its input
-    (InputGradLinear), so a model loaded with `quant=` can be trained with LoRA."""
-    lora_bases = {id(m.base) for _, m in lora_modules(model)}
-    names = [name for name, m in model.named_modules()
-             if is_frozen_quantized(m) and id(m) not in lora_bases
-             and not isinstance(m, InputGradLinear)]
-    wrapped = {id(m.layer) for m in model.modules() if isinstance(m, InputGradLinear)}
-    names = [n for n in names if id(model.get_submodule(n)) not in wrapped]
-    for name in names:
-        swap_module(model, name, InputGradLinear(model.get_submodule(name)))
-    return names
-
-
-# ----------------------------------------------------------------------- adapter files
 
 
 @dataclass
@@ -647,10 +342,7 @@ def apply_lora_file(llm_or_model: LLM | Transformer, path: str | Path,
     return adapter
 
 
-# ---------------------------------------------------------------------- atomic writes
-
-
-def _atomic_save(write: Any, path: Path) -> None:
+def _atomic_save(write: Callable[[Path], object], path: Path) -> None:
     """Write through `write(tmp_path)` then rename over `path`: readers never see half a file."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
