@@ -91,3 +91,34 @@ def test_gguf_metadata_of_the_default_model():
 def test_inconsistent_params_are_reported(tmp_path, bad):
     with pytest.raises(ModelFileError, match="params.json"):
         ModelConfig.from_params_json(_write(tmp_path, "params.json", dict(V01_PARAMS, **bad)))
+
+
+_TINY = {"dim": 64, "n_layers": 2, "head_dim": 16, "hidden_dim": 96, "n_heads": 4,
+         "n_kv_heads": 2, "norm_eps": 1e-6, "vocab_size": 100, "max_seq_len": 256}
+# mistral-inference's TransformerArgs: the fields it requires, and how it reads the rest
+# (args.py: sliding_window defaults to None; transformer.py: `rope_theta or 1000000.0`).
+_MISTRAL_INFERENCE_REQUIRED = ("dim", "n_layers", "head_dim", "hidden_dim", "n_heads",
+                               "n_kv_heads", "norm_eps", "vocab_size")
+
+
+@pytest.mark.parametrize("cfg", [
+    PRESETS["mistral-7b-v0.1"],                                       # window, untied
+    PRESETS["mistral-7b-v0.3"],                                       # no window, untied
+    ModelConfig(**_TINY, rope_theta=1e4, sliding_window=8, tied_embeddings=True),
+    ModelConfig(**_TINY, rope_theta=5e5, sliding_window=None, tied_embeddings=True),
+], ids=["v0.1", "v0.3", "tiny-window-tied", "tiny-tied"])
+def test_to_params_json_reads_back_the_same_config(tmp_path, cfg):
+    params = cfg.to_params_json()
+    path = _write(tmp_path, "params.json", params)
+    assert ModelConfig.from_params_json(path) == cfg
+    raw = json.loads(path.read_text())
+    assert all(key in raw for key in _MISTRAL_INFERENCE_REQUIRED)
+    assert (raw.get("rope_theta") or 1e6) == cfg.rope_theta
+    assert raw.get("sliding_window") == cfg.sliding_window
+    assert None not in raw.values()  # the one rule: a None field is left out
+
+
+def test_to_params_json_of_v01_is_the_published_file_made_explicit():
+    params = PRESETS["mistral-7b-v0.1"].to_params_json()
+    assert params == {**V01_PARAMS, "rope_theta": 10000.0, "max_seq_len": 32768,
+                      "tied_embeddings": False}

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from sampling_reference import min_p_filter, top_k_filter, top_p_filter
 
 from mistral7b import sampling
 from mistral7b.errors import InputError
@@ -16,13 +17,10 @@ from mistral7b.sampling import (
     apply_temperature,
     greedy,
     make_generator,
-    min_p_filter,
     sample_batch,
     sample_token,
     token_counts,
     token_logprobs,
-    top_k_filter,
-    top_p_filter,
 )
 
 INF = float("inf")

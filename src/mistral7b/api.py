@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, overload
 
 import torch
 
@@ -16,6 +16,11 @@ from mistral7b.request import Output
 from mistral7b.sampling import SamplingParams
 from mistral7b.scheduler import run_batch
 from mistral7b.sequence import Completion, GenerationStats, TokenLogprob
+
+if TYPE_CHECKING:
+    from mistral7b.model import Transformer
+    from mistral7b.tokenizer.base import Tokenizer
+    from mistral7b.weights.base import CheckpointReader
 
 # On CPU, models up to this many parameters run in float32 by default (exact, and fast
 # enough); bigger ones in bfloat16 (a 7B model in float32 would need 29 GB).
@@ -98,14 +103,15 @@ def load(model: str | Path = "default", *, device: str | torch.device | None = N
     return llm
 
 
-def _load_tokenizer(reader: Any) -> Any:
+def _load_tokenizer(reader: CheckpointReader) -> Tokenizer | None:
     """The checkpoint's own tokenizer; for a Mistral folder without one, the mistral-common
     file of its vocabulary size; None when there is none (the model still takes token ids)."""
     from mistral7b.errors import TokenizerError
     from mistral7b.tokenizer import load_tokenizer
+    from mistral7b.weights.gguf_file import GGUFReader
 
     try:
-        if reader.format == "gguf":  # reuse the open file: parsing GGUF metadata is not free
+        if isinstance(reader, GGUFReader):  # reuse the open file: parsing GGUF metadata is not free
             from mistral7b.tokenizer.gguf import GGUFTokenizer
 
             return GGUFTokenizer.from_reader(reader.gguf, reader.path)
@@ -126,8 +132,8 @@ def _load_tokenizer(reader: Any) -> Any:
 class LLM:
     """A loaded model with its tokenizer. Thread-compatible, not thread-safe."""
 
-    def __init__(self, model: Any, config: ModelConfig, tokenizer: Any, path: Path,
-                 kv_cache_memory: int | None = None) -> None:
+    def __init__(self, model: Transformer, config: ModelConfig, tokenizer: Tokenizer | None,
+                 path: Path, kv_cache_memory: int | None = None) -> None:
         self.model = model
         self.config = config
         self.tokenizer = tokenizer
@@ -136,22 +142,35 @@ class LLM:
         self.load_seconds = 0.0
         self._stats = GenerationStats()
 
-    @property
-    def device(self) -> torch.device:
-        return self.engine.device
-
-    def check_ids(self, ids: Sequence[int]) -> None:
-        """InputError unless every id is in the vocabulary (the engine's rule and message)."""
-        self.engine.check_ids(ids)
-
     def __repr__(self) -> str:
         return (f"LLM({str(self.path)!r}, {self.config.n_params / 1e9:.2f}B params, "
                 f"{self.engine.dtype}, {self.engine.device})")
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are (and where inputs to `model` go)."""
+        return self.engine.device
+
+    def check_ids(self, ids: Sequence[int]) -> None:
+        """InputError unless every id is in the vocabulary (the rule generate() applies)."""
+        self.engine.check_ids(ids)
 
     def logits(self, ids: Sequence[int], chunk_size: int | None = None) -> torch.Tensor:
         """Float32 logits [len(ids), vocab] computed through the cache in chunks of chunk_size
         tokens (None = the window W); 1 = token by token, the decode path."""
         return self.engine.logits(_as_ids(ids), chunk_size)
+
+    @overload
+    def generate(self, prompt_or_prompts: str | Sequence[int], *,
+                 max_context: int | None = None, **sampling: Any) -> Completion: ...
+
+    @overload
+    def generate(self, prompt_or_prompts: list[str] | list[list[int]], *,
+                 max_context: int | None = None, **sampling: Any) -> list[Completion]: ...
+
+    @overload
+    def generate(self, prompt_or_prompts: torch.Tensor, *, max_context: int | None = None,
+                 **sampling: Any) -> Completion | list[Completion]: ...
 
     def generate(self, prompt_or_prompts: Any, *, max_context: int | None = None,
                  **sampling: Any) -> Completion | list[Completion]:
@@ -197,7 +216,7 @@ class LLM:
 
     # ---------------------------------------------------------------- helpers
 
-    def require_tokenizer(self) -> Any:
+    def require_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
             raise Mistral7BError(f"{self.path}: this checkpoint has no tokenizer; pass token "
                                  "ids instead of text, or add tokenizer files to the folder")
@@ -222,7 +241,7 @@ class LLM:
                          "of those")
 
     def _events(self, prompts: list[list[int]], params: SamplingParams,
-                max_context: int | None) -> Iterator[tuple[int, Output]]:
+                max_context: int | None) -> Generator[tuple[int, Output], None, None]:
         """The one step loop (scheduler.run_batch) over these prompts. The KV of earlier
         calls stays cached, so a prompt that extends an earlier one (the next chat turn)
         computes only its new tokens."""
@@ -265,7 +284,7 @@ class _CompletionBuilder:
 class TextStream:
     """An iterator of text deltas; `.completion` is set when the generation has finished."""
 
-    def __init__(self, events: Iterator[tuple[int, Output]], prompt_tokens: int,
+    def __init__(self, events: Generator[tuple[int, Output], None, None], prompt_tokens: int,
                  params: SamplingParams) -> None:
         self._events = events
         self._builder = _CompletionBuilder(prompt_tokens, params.logprobs)

@@ -62,6 +62,18 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def to_params_json(self) -> dict[str, Any]:
+        """This config as a Mistral `params.json`, which `from_params_json` and
+        mistral-inference (`TransformerArgs.from_dict`) both read back as this model.
+
+        The rule: every field is written except those that are None, left out as Mistral's
+        own files leave them (v0.2/v0.3 have no `sliding_window`); both readers take a missing
+        key as None. `rope_theta` is never left to a default, as the readers' defaults differ
+        (here 10000 with a window, in mistral-inference 1e6 always). `max_seq_len` and
+        `tied_embeddings` are ours: mistral-inference drops keys it does not know.
+        """
+        return {key: value for key, value in asdict(self).items() if value is not None}
+
     def with_(self, **changes: Any) -> ModelConfig:
         return replace(self, **changes)
 
@@ -223,8 +235,9 @@ def _build(path: str | Path, **fields: Any) -> ModelConfig:
         raise ModelFileError(path, f"inconsistent model configuration: {exc}") from None
 
 
-_MISTRAL_7B = {"dim": 4096, "n_layers": 32, "head_dim": 128, "hidden_dim": 14336,
-               "n_heads": 32, "n_kv_heads": 8, "norm_eps": 1e-5}
+_MISTRAL_7B: dict[str, Any] = {"dim": 4096, "n_layers": 32, "head_dim": 128,
+                               "hidden_dim": 14336, "n_heads": 32, "n_kv_heads": 8,
+                               "norm_eps": 1e-5}
 
 PRESETS: dict[str, ModelConfig] = {
     "mistral-7b-v0.1": ModelConfig(**_MISTRAL_7B, vocab_size=32000, rope_theta=10_000.0,

@@ -15,8 +15,9 @@ order of vLLM's v0 sampler; llama.cpp's default chain puts temperature last inst
 Top-k is unaffected by temperature; top-p and min-p see the tempered distribution (after
 top-k, top-p measures mass within the k kept tokens, as vLLM does). sample_token runs
 steps 3-7 on the surviving tokens only, so a 32k row with top_k=40 costs ~0.2 ms on CPU, not a full sort.
-Filters never change the argmax, so greedy ignores them. Every filter works on the last
-dimension of a ``[..., V]`` tensor, returns a new tensor and masks with ``-inf``.
+Filters never change the argmax, so greedy ignores them. Steps 4-6 have no full-row
+functions here: tests/sampling_reference.py writes each as a plain mask over ``[..., V]``,
+the oracle that `_filtered_distribution` is checked against.
 
 :func:`sample_batch` is the engine's entry point: when every row is greedy without penalties
 (the common decode case) it is one vectorised ``argmax``; other rows go through
@@ -299,49 +300,6 @@ def _exactly_top(logits: torch.Tensor, k: int) -> torch.Tensor:
     return above | (tied & (tied.cumsum(dim=-1) <= room))
 
 
-def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep exactly the ``k`` highest logits of each row (ties -> lowest ids), mask the rest.
-
-    ``k == 0`` or ``k >= V`` keeps everything. Keeping exactly k (as llama.cpp does, rather
-    than every token tied with the k-th) makes top_k=1 identical to greedy.
-    """
-    if k <= 0 or k >= logits.shape[-1]:
-        return logits
-    return logits.masked_fill(~_exactly_top(logits, k), float("-inf"))
-
-
-def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Nucleus filter: keep the smallest set of most likely tokens whose mass reaches ``p``.
-
-    Tokens are ranked by probability, ties by lowest id, and token r (0-based rank) is kept
-    when the mass of ranks 0..r-1 is below p; rank 0 is always kept. Example: probabilities
-    [0.5, 0.3, 0.15, 0.05] and p = 0.8 keep ids 0 and 1 (0.5 < 0.8, but 0.5 + 0.3 is not).
-    Masses within 1e-6 of p count as reaching it (float32 rounding of the logits).
-    """
-    if p >= 1.0:
-        return logits
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)
-    probs = torch.softmax(sorted_logits.double(), dim=-1)  # float64: exact enough to cumsum V
-    mass_before = probs.cumsum(dim=-1) - probs
-    keep_sorted = mass_before < p - _MASS_TOL
-    keep_sorted[..., 0] = True
-    keep = torch.empty_like(keep_sorted).scatter_(-1, order, keep_sorted)
-    return logits.masked_fill(~keep, float("-inf"))
-
-
-def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
-    """Keep tokens with ``p >= min_p * p_max``; in logits: ``l >= l_max + log(min_p)``.
-
-    Example: p_max 0.5 and min_p 0.2 keep every token with p >= 0.1. ``min_p == 0`` keeps
-    everything; the most likely token is always kept.
-    """
-    if min_p <= 0.0:
-        return logits
-    row_max = logits.amax(dim=-1, keepdim=True)
-    keep = logits >= row_max + (math.log(min_p) - _MASS_TOL)
-    return logits.masked_fill(~keep, float("-inf"))
-
-
 def greedy(logits: torch.Tensor) -> torch.Tensor:
     """Argmax over the last dimension, ties -> lowest id (torch.argmax returns the first)."""
     return logits.argmax(dim=-1)
@@ -392,8 +350,8 @@ def _filtered_distribution(
     """Temperature, top-k, top-p, min-p on one row [V], computed on the surviving tokens only.
 
     Returns (ids [n] or None for "all V, in id order", their tempered logits [n]). The result
-    is the same distribution as ``min_p_filter(top_p_filter(top_k_filter(apply_temperature(
-    row))))`` restricted to its finite entries; tests check that equivalence.
+    is the same distribution as the reference filters' ``min_p(top_p(top_k(apply_temperature(
+    row))))`` restricted to its finite entries (tests/sampling_reference.py).
     """
     logits = apply_temperature(row, params.temperature)
     ids: torch.Tensor | None = None

@@ -45,8 +45,9 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -62,7 +63,10 @@ from mistral7b.request import (
     failure,
 )
 from mistral7b.sampling import NonFiniteLogitsError, make_generator, sample_batch
-from mistral7b.sequence import GenerationStats, Sequence, TextDecoder, prompt_logprobs
+from mistral7b.sequence import GenerationStats, Sequence, TokenLogprob, prompt_logprobs
+
+if TYPE_CHECKING:
+    from mistral7b.tokenizer.base import IncrementalDecoder
 
 log = logging.getLogger("mistral7b.scheduler")
 
@@ -82,7 +86,7 @@ class _Seq:
     choice: int
     seq: Sequence
     order: int                                             # admission order (preemption)
-    prompt_lps: list | None = None                         # being filled during pre-fill
+    prompt_lps: list[TokenLogprob | None] | None = None     # being filled during pre-fill
     first_logits: torch.Tensor | None = None               # a fork samples from these
 
     @property
@@ -98,7 +102,7 @@ class Scheduler:
     """
 
     def __init__(self, engine: Engine, *, stop_ids: frozenset[int],
-                 new_decoder: Callable[[], TextDecoder], max_concurrency: int = 8,
+                 new_decoder: Callable[[], IncrementalDecoder], max_concurrency: int = 8,
                  max_queue: int = 64, max_model_len: int,
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
                  prefill_budget: int | None = None) -> None:
@@ -345,7 +349,8 @@ class Scheduler:
 
     def _pick_prefill(self) -> list[_Seq]:
         """Pre-filling rows in admission order, up to prefill_budget tokens (at least one row)."""
-        picked, total = [], 0
+        picked: list[_Seq] = []
+        total = 0
         for s in self._running:
             if s.seq.decoding or s.seq.n_pending == 0:
                 continue
@@ -371,7 +376,7 @@ class Scheduler:
                 index = {id(s): i for i, s in enumerate(seqs)}
                 last.update({index[id(s)]: logits[j] for j, s in enumerate(kept)})
         for i, s in enumerate(seqs):
-            if s.scoring and not s.req.done:   # this row needs every position's logits
+            if s.prompt_lps is not None and not s.req.done:   # needs every position's logits
                 fed = s.seq.fed
                 _, logits = self._step([s], [chunks[i]], all_logits=True)
                 if logits is None:
@@ -427,9 +432,10 @@ class Scheduler:
         for s in forks:
             if s.seq.n_pending:            # its fork failed: it is re-filled instead
                 s.first_logits = None
+        logits = [s.first_logits for s in forks if s.first_logits is not None]
         forks = [s for s in forks if s.first_logits is not None]
         if forks:
-            rows = torch.stack([s.first_logits for s in forks])
+            rows = torch.stack(logits)
             for s in forks:
                 s.first_logits = None
             self._sample(forks, rows)
@@ -572,9 +578,9 @@ _KV_FULL = ("the KV cache is full even with this request alone: raise --kv-cache
 
 
 def run_batch(engine: Engine, prompts: list[list[int]], params: list, *,
-              stop_ids: frozenset[int], new_decoder: Callable[[], TextDecoder],
+              stop_ids: frozenset[int], new_decoder: Callable[[], IncrementalDecoder],
               max_context: int | None = None, chunk_size: int | None = None,
-              stats: GenerationStats | None = None) -> Iterator[tuple[int, Output]]:
+              stats: GenerationStats | None = None) -> Generator[tuple[int, Output], None, None]:
     """Generate for a ragged batch on the caller's thread: the same loop the server runs,
     every prompt admitted at once. Yields (prompt index, Output) as they come; raises the
     first failure. Closing the iterator stops the batch and frees its blocks."""

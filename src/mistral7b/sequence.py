@@ -12,7 +12,7 @@ so pre-fill, decode and a re-fill after preemption are one rule:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,13 +20,8 @@ from mistral7b.cache import BlockTable
 from mistral7b.sampling import NonFiniteLogitsError, SamplingParams, TokenHistory, token_logprobs
 from mistral7b.stops import StopMatcher
 
-
-class TextDecoder(Protocol):
-    """A streaming detokenizer (tokenizer.base.IncrementalDecoder is the real one)."""
-
-    def push(self, token: int) -> str: ...
-
-    def flush(self) -> str: ...
+if TYPE_CHECKING:
+    from mistral7b.tokenizer.base import IncrementalDecoder
 
 
 @dataclass
@@ -95,7 +90,7 @@ class Sequence:
     prompt: list[int]
     params: SamplingParams
     stop_ids: frozenset[int]
-    decoder: TextDecoder
+    decoder: IncrementalDecoder
     max_tokens: int
     generator: torch.Generator | None = None
     table: BlockTable = field(default_factory=BlockTable)

@@ -112,7 +112,6 @@ def test_quantize_on_load_peak_memory_stays_under_the_float_size(tmp_path):
     from safetensors.torch import save_file
 
     from mistral7b.config import ModelConfig
-    from mistral7b.quant.checkpoint import params_json
     from mistral7b.weights.names import expected_shapes
 
     config = ModelConfig(dim=1536, n_layers=12, head_dim=64, hidden_dim=4096, n_heads=24,
@@ -130,7 +129,7 @@ def test_quantize_on_load_peak_memory_stays_under_the_float_size(tmp_path):
     # pages: make the file like any checkpoint on disk before measuring.
     with (folder / "consolidated.safetensors").open("rb+") as f:
         os.fsync(f.fileno())
-    (folder / "params.json").write_text(json.dumps(params_json(config)))
+    (folder / "params.json").write_text(json.dumps(config.to_params_json()))
 
     def peak(how: str) -> int:
         out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(folder), how],

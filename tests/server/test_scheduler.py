@@ -13,14 +13,14 @@ import torch
 from mistral7b.config import ModelConfig
 from mistral7b.engine import Engine
 from mistral7b.model import Transformer
-from mistral7b.sampling import SamplingParams
-from mistral7b.scheduler import (
+from mistral7b.request import (
     GenerationRequest,
     QueueFullError,
-    Scheduler,
     ShuttingDownError,
     choice_params,
 )
+from mistral7b.sampling import SamplingParams
+from mistral7b.scheduler import Scheduler, run_batch
 
 EOS = 2
 NAN = [95, 95]      # a pre-fill chunk starting with these gets NaN logits (FaultyEngine)
@@ -38,10 +38,10 @@ class Decoder:
 
 
 class FaultyEngine(Engine):
-    def step(self, cache, rows, chunks, all_logits=False):
+    def step(self, tables, chunks, all_logits=False):
         if any(c[:2] == CRASH for c in chunks):
             raise RuntimeError("injected failure")
-        logits = super().step(cache, rows, chunks, all_logits)
+        logits = super().step(tables, chunks, all_logits)
         for b, chunk in enumerate(chunks):
             if chunk[:2] == NAN:
                 logits[b] = float("nan")
@@ -59,7 +59,7 @@ def engine():
         for p in model.parameters():
             if p.dim() == 2:
                 p.copy_(torch.randn_like(p) * (1.5 / p.shape[1] ** 0.5))
-    return FaultyEngine(model, config)
+    return FaultyEngine(model, config, kv_cache_memory=2**24, kv_block_size=4)
 
 
 def make(engine, **kw) -> Scheduler:
@@ -108,10 +108,13 @@ class Client:
 
 
 def alone(engine, prompt, max_tokens, **sampling):
+    """The same request alone, through the Python API's driver, on an engine of its own
+    (the same weights, a cold cache of its own: the scheduler's thread owns the other)."""
+    solo = Engine(engine.model, engine.config, kv_cache_memory=2**24, kv_block_size=4)
     params = SamplingParams(max_tokens=max_tokens, **sampling)
-    events = engine.generate([list(prompt)], [params], stop_ids=frozenset({EOS}),
-                             decoders=[Decoder()], chunk_size=8)
-    return next(e for e in events if e.completion).completion.token_ids
+    outs = run_batch(solo, [list(prompt)], [params], stop_ids=frozenset({EOS}),
+                     new_decoder=Decoder, chunk_size=8)
+    return [out.token_id for _, out in outs if out.token_id is not None]
 
 
 def wait_idle(sched: Scheduler, timeout: float = 10.0) -> None:

@@ -14,7 +14,7 @@ from tokenizer_cases import (
     stream,
 )
 
-from mistral7b.tokenizer import IncrementalDecoder
+from mistral7b.tokenizer import StreamDecoder
 
 TOKENIZERS = {
     "mistral-v1": lambda: mistral_tokenizer(32000),
@@ -90,7 +90,7 @@ def test_cost_per_token_does_not_grow():
         return tok.decode(ids)
 
     ids = tok.encode(" ".join(STREAM_TEXTS) * 40, bos=True)
-    decoder = IncrementalDecoder(counting_decode, tok.encode("a", bos=False))
+    decoder = StreamDecoder(counting_decode, tok.encode("a", bos=False))
     text = "".join(decoder.push(i) for i in ids) + decoder.flush()
     assert len(ids) > 1000
     assert text == tok.decode(ids)

@@ -21,10 +21,13 @@ import argparse
 import importlib
 import importlib.util
 import sys
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from mistral7b.cli import common
 from mistral7b.errors import Mistral7BError
+
+if TYPE_CHECKING:
+    from mistral7b.api import LLM
 
 DEFAULT_MAX_TOKENS = 1024
 PROMPT = ">>> "
@@ -76,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
 class ChatSession:
     """The conversation, the input loop and one streamed answer per user message."""
 
-    def __init__(self, llm: Any, sampling: dict[str, Any], *, system: str | None = None,
+    def __init__(self, llm: LLM, sampling: dict[str, Any], *, system: str | None = None,
                  safe: bool = False, ctx: int | None = None, verbose: bool = False,
                  interactive: bool = False, stdin: TextIO | None = None,
                  stdout: TextIO | None = None) -> None:
@@ -182,8 +185,8 @@ class ChatSession:
         return system + self.turns
 
     def encode(self) -> list[int]:
-        return self.llm.tokenizer.encode_chat(self.messages(), add_generation_prompt=True,
-                                              safe_prompt=self.safe)
+        return self.llm.require_tokenizer().encode_chat(
+            self.messages(), add_generation_prompt=True, safe_prompt=self.safe)
 
     def fit_context(self) -> list[int]:
         """The prompt ids of the conversation, after dropping the oldest turns that would

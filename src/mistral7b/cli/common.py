@@ -11,10 +11,13 @@ import argparse
 import dataclasses
 import resource
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mistral7b.errors import InputError
 from mistral7b.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from mistral7b.api import LLM
 
 EXIT_USAGE = 2          # a user's mistake (argparse uses 2 too)
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
@@ -108,7 +111,7 @@ def _flag_message(message: str) -> str:
     return message
 
 
-def load_model(args: argparse.Namespace, *, quiet: bool = False) -> Any:
+def load_model(args: argparse.Namespace, *, quiet: bool = False) -> LLM:
     """Load the model the flags name; say what is loading on stderr unless quiet."""
     import mistral7b
 
@@ -140,7 +143,7 @@ def peak_memory() -> dict[str, float]:
     return out
 
 
-def timings(llm: Any) -> dict[str, float]:
+def timings(llm: LLM) -> dict[str, float]:
     """Figures of the last generation, for `--json` and the summary line."""
     s = llm.stats
     return {

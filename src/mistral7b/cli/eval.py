@@ -16,10 +16,13 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mistral7b.cli import common
 from mistral7b.errors import InputError
+
+if TYPE_CHECKING:
+    from mistral7b.api import LLM
 
 DEFAULT_PPL_WINDOW = 1024
 DEFAULT_MAX_LENGTH = 4096
@@ -84,12 +87,23 @@ def add_parser(subparsers: Any) -> None:
         description="Run MMLU 5-shot, HellaSwag, WinoGrande, PIQA, ARC-e and ARC-c 0-shot with "
                     "lm-evaluation-harness (datasets from the HF hub or its local cache) and "
                     "print the results beside the paper's.")
-    from mistral7b.eval.paper import add_arguments
-
-    add_arguments(paper)
+    _add_paper_arguments(paper)
     _add_common(paper, json_flag=False)
     paper.set_defaults(run=run_paper)
     p.set_defaults(run=lambda args: _missing_evaluation(p))
+
+
+def _add_paper_arguments(p: argparse.ArgumentParser) -> None:
+    from mistral7b.eval.paper import PAPER_TABLE
+
+    p.add_argument("--tasks", metavar="LIST",
+                   help="comma-separated subset: " + ",".join(r.task for r in PAPER_TABLE))
+    p.add_argument("--limit", type=int, metavar="N",
+                   help="score only the first N questions of each task (a quick check)")
+    p.add_argument("--batch-size", type=int, default=8, metavar="B",
+                   help="rows per forward (default: %(default)s)")
+    p.add_argument("--include-path", metavar="DIR",
+                   help="extra lm-eval task folder (e.g. tasks reading local dataset copies)")
 
 
 def _add_common(p: argparse.ArgumentParser, *, json_flag: bool = True) -> None:
@@ -108,7 +122,7 @@ def _missing_evaluation(p: argparse.ArgumentParser) -> int:
     return common.EXIT_USAGE
 
 
-def _load(args: argparse.Namespace) -> Any:
+def _load(args: argparse.Namespace) -> LLM:
     llm = common.load_model(args, quiet=args.quiet)
     if args.lora:
         from mistral7b.lora import apply_lora_file
@@ -139,8 +153,8 @@ def run_ppl(args: argparse.Namespace) -> int:
     llm = _load(args)
     window = args.window or min(llm.config.max_seq_len, DEFAULT_PPL_WINDOW)
     stride = args.stride or max(1, window // 2)
-    ids = llm.tokenizer.encode(text, bos=True)
-    result = perplexity(llm.engine.model, ids, window=window, stride=stride,
+    ids = llm.require_tokenizer().encode(text, bos=True)
+    result = perplexity(llm.model, ids, window=window, stride=stride,
                         batch_size=args.batch_size, sliding_window=llm.config.sliding_window)
     if args.json:
         print(json.dumps({"perplexity": result.perplexity, "nll": result.nll,
@@ -164,7 +178,7 @@ def run_mc(args: argparse.Namespace) -> int:
     fewshot = read_items(args.fewshot_data) if args.fewshot_data else None
     llm = _load(args)
     max_len = args.max_length or min(llm.config.max_seq_len, DEFAULT_MAX_LENGTH)
-    result = evaluate(llm.engine.model, llm.tokenizer, items, shots=args.shots, fewshot=fewshot,
+    result = evaluate(llm.model, llm.require_tokenizer(), items, shots=args.shots, fewshot=fewshot,
                       style=args.style, max_len=max_len, batch_size=args.batch_size,
                       window=llm.config.sliding_window)
     if args.json:
@@ -189,8 +203,13 @@ def run_paper(args: argparse.Namespace) -> int:
     _positive("--batch-size", args.batch_size)
     _positive("--limit", args.limit)
     rows = paper.select_rows(args.tasks)  # check the names before loading the model
-    del rows
-    return paper.run(args, _load(args))
+    measured = paper.evaluate(_load(args), rows, limit=args.limit, batch_size=args.batch_size,
+                              include_path=args.include_path)
+    print(paper.format_table(measured, rows, label="mistral7b"))
+    if args.limit:
+        print(f"(--limit {args.limit}: a quick check on part of each task, not comparable "
+              "with the paper's figures)")
+    return 0
 
 
 def _lora_note(args: argparse.Namespace) -> str:

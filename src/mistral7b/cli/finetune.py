@@ -135,10 +135,11 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(f"--resume: no {CHECKPOINT} in {out}")
 
     llm = common.load_model(args, quiet=args.quiet)
-    train, cut = tokenize(train_records, llm.tokenizer, max_len=config.seq_len, path=args.data)
+    tokenizer = llm.require_tokenizer()
+    train, cut = tokenize(train_records, tokenizer, max_len=config.seq_len, path=args.data)
     evals = None
     if eval_records is not None:
-        evals, _ = tokenize(eval_records, llm.tokenizer, max_len=config.seq_len,
+        evals, _ = tokenize(eval_records, tokenizer, max_len=config.seq_len,
                             path=args.eval_data)
     stats = _data_stats(train, cut, config.seq_len)
     if not args.quiet or args.check:

@@ -11,10 +11,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mistral7b.cli import common
 from mistral7b.errors import InputError
+
+if TYPE_CHECKING:
+    from mistral7b.tokenizer.base import Tokenizer
 
 DEFAULT_MAX_TOKENS = 256
 
@@ -46,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     text = read_prompt(args)
     sampling = common.sampling_kwargs(args)
     llm = common.load_model(args, quiet=args.quiet)
-    ids = encode_prompt(llm.tokenizer, text, chat=args.chat or args.system is not None,
+    ids = encode_prompt(llm.require_tokenizer(), text, chat=args.chat or args.system is not None,
                         system=args.system)
 
     if args.json:
@@ -98,7 +101,7 @@ def read_prompt(args: argparse.Namespace) -> str:
     return args.prompt
 
 
-def encode_prompt(tokenizer: Any, text: str, *, chat: bool, system: str | None) -> list[int]:
+def encode_prompt(tokenizer: Tokenizer, text: str, *, chat: bool, system: str | None) -> list[int]:
     if chat:
         messages = [{"role": "system", "content": system}] if system else []
         messages.append({"role": "user", "content": text})

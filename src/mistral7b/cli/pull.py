@@ -105,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
         if not weights:
             raise PullError(_no_weights_message(repo, list(siblings)))
         sizes = [siblings[f] for f in files]
-        size = f", {_size(sum(sizes))}" if all(s is not None for s in sizes) else ""
+        known = [s for s in sizes if s is not None]
+        size = f", {_size(sum(known))}" if len(known) == len(sizes) else ""
         common.log(f"pulling {repo} ({args.revision}): {len(files)} files{size}")
         folder = snapshot_download(
             repo, revision=args.revision, local_dir=args.dir, token=token,

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 try:
     from lm_eval.api.model import LM
@@ -36,7 +36,12 @@ except ImportError as exc:  # only this module needs the harness
     raise ImportError("mistral7b.eval.lm_eval_model needs lm-evaluation-harness: "
                       "pip install lm-eval") from exc
 
-from mistral7b.eval.scoring import encode_pair, prefix_token, score_continuations
+from mistral7b.eval.scoring import Score, encode_pair, prefix_token, score_continuations
+
+if TYPE_CHECKING:
+    import torch
+
+    from mistral7b.api import LLM
 
 NAME = "mistral7b"
 DEFAULT_MAX_GEN_TOKS = 256
@@ -57,7 +62,8 @@ class Mistral7BLM(LM):
     def __init__(self, model: str = "default", device: str | None = None,
                  dtype: str | None = None, batch_size: int | str = DEFAULT_BATCH_SIZE,
                  max_length: int | str | None = None, lora: str | None = None,
-                 lora_merge: bool | str = True, llm: Any = None, **_ignored: Any) -> None:
+                 lora_merge: bool | str = True, llm: LLM | None = None,
+                 **_ignored: Any) -> None:
         super().__init__()
         if llm is None:
             import mistral7b
@@ -75,11 +81,11 @@ class Mistral7BLM(LM):
                                                                   MAX_LENGTH_CAP)
 
     @property
-    def device(self) -> Any:
-        return self.llm.engine.device
+    def device(self) -> torch.device:
+        return self.llm.device
 
-    def _score(self, pairs: Sequence[tuple[list[int], list[int]]]) -> list[Any]:
-        return score_continuations(self.llm.engine.model, pairs, max_len=self.max_length,
+    def _score(self, pairs: Sequence[tuple[list[int], list[int]]]) -> list[Score]:
+        return score_continuations(self.llm.model, pairs, max_len=self.max_length,
                                    batch_size=self.batch_size,
                                    window=self.llm.config.sliding_window)
 

@@ -33,12 +33,15 @@ import string
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from mistral7b.errors import InputError
 from mistral7b.eval.scoring import encode_pair, score_continuations
+
+if TYPE_CHECKING:
+    from mistral7b.tokenizer.base import Tokenizer
 
 STYLES = ("cloze", "letters")
 LETTERS = string.ascii_uppercase
@@ -153,14 +156,15 @@ def pick_shots(item: MCItem, k: int, pool: Sequence[MCItem]) -> list[MCItem]:
     return chosen
 
 
-def evaluate(model: torch.nn.Module, tokenizer: Any, items: Sequence[MCItem], *, shots: int = 0,
-             fewshot: Sequence[MCItem] | None = None, style: str = "cloze", max_len: int = 2048,
-             batch_size: int = 8, window: int | None = None) -> MCResult:
+def evaluate(model: torch.nn.Module, tokenizer: Tokenizer, items: Sequence[MCItem], *,
+             shots: int = 0, fewshot: Sequence[MCItem] | None = None, style: str = "cloze",
+             max_len: int = 2048, batch_size: int = 8, window: int | None = None) -> MCResult:
     """Score every choice of every item; see the module docstring."""
     if style not in STYLES:
         raise InputError(f"unknown prompt style {style!r}: use one of {', '.join(STYLES)}")
     pool = list(fewshot) if fewshot is not None else list(items)
-    requests, spans = [], []
+    requests: list[tuple[list[int], list[int]]] = []
+    spans = []
     for item in items:
         context = build_prompt(item, pick_shots(item, shots, pool), style)
         _, conts = prompt_and_continuations(item, style)

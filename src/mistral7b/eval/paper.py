@@ -1,8 +1,8 @@
 """The Mistral 7B paper's table (Jiang et al. 2023, Table 2), re-run with lm-evaluation-harness
 and printed beside the paper's figures.
 
-    python -m mistral7b.eval.paper -m /models/Mistral-7B-v0.1 [--limit 200] [--batch-size 8]
-    mistral7b eval paper -m /models/Mistral-7B-v0.1                    (the same)
+    mistral7b eval paper -m /models/Mistral-7B-v0.1 [--limit 200] [--batch-size 8]
+    paper.evaluate(llm, limit=200)        # from Python: {row name: percent}
 
 The datasets come from the HF hub through lm-eval's task definitions, or from the local HF
 cache (set HF_DATASETS_OFFLINE=1 to forbid downloads). The harness's prompts are not the
@@ -13,11 +13,14 @@ questions of each task (a quick check, not a comparable figure).
 
 from __future__ import annotations
 
-import argparse
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from mistral7b.errors import InputError
+
+if TYPE_CHECKING:
+    from mistral7b.api import LLM
 
 
 @dataclass(frozen=True)
@@ -88,46 +91,20 @@ def select_rows(names: str | None) -> list[PaperRow]:
     for name in names.split(","):
         row = by_key.get(name.strip().lower())
         if row is None:
-            from mistral7b.errors import InputError
-
             raise InputError(f"unknown task {name!r}: choose from "
                              f"{', '.join(r.task for r in PAPER_TABLE)}")
         rows.append(row)
     return rows
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tasks", metavar="LIST",
-                   help="comma-separated subset: " + ",".join(r.task for r in PAPER_TABLE))
-    p.add_argument("--limit", type=int, metavar="N",
-                   help="score only the first N questions of each task (a quick check)")
-    p.add_argument("--batch-size", type=int, default=8, metavar="B",
-                   help="rows per forward (default: %(default)s)")
-    p.add_argument("--include-path", metavar="DIR",
-                   help="extra lm-eval task folder (e.g. tasks reading local dataset copies)")
-
-
-def run(args: argparse.Namespace, llm: Any) -> int:
+def evaluate(llm: LLM, rows: Sequence[PaperRow] = PAPER_TABLE, *, limit: int | None = None,
+             batch_size: int = 8, include_path: str | None = None) -> dict[str, float]:
+    """Run `rows` on a loaded model through lm-eval; {row name: percent}. `include_path`: an
+    extra lm-eval task folder (e.g. tasks that read local copies of the datasets)."""
     from lm_eval.tasks import TaskManager
 
     from mistral7b.eval.lm_eval_model import Mistral7BLM
 
-    rows = select_rows(args.tasks)
-    lm = Mistral7BLM(llm=llm, batch_size=args.batch_size)
-    manager = TaskManager(include_path=args.include_path) if args.include_path else None
-    measured = run_table(lm, rows, limit=args.limit, task_manager=manager)
-    print(format_table(measured, rows, label="mistral7b"))
-    if args.limit:
-        print(f"(--limit {args.limit}: a quick check on part of each task, not comparable "
-              "with the paper's figures)")
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from mistral7b.cli.eval import main as eval_main
-
-    return eval_main(["paper", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    lm = Mistral7BLM(llm=llm, batch_size=batch_size)
+    manager = TaskManager(include_path=include_path) if include_path else None
+    return run_table(lm, rows, limit=limit, task_manager=manager)

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from mistral7b.cache import uncached_plan
 from mistral7b.errors import InputError
+
+if TYPE_CHECKING:
+    from mistral7b.tokenizer.base import Tokenizer
 
 
 @dataclass
@@ -82,7 +85,8 @@ def score_continuations(model: torch.nn.Module, requests: Sequence[tuple[list[in
     return out  # type: ignore[return-value]
 
 
-def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
+def encode_pair(tokenizer: Tokenizer, context: str,
+                continuation: str) -> tuple[list[int], list[int]]:
     """Token ids of (context, continuation), split where the text splits.
 
     Trailing whitespace of the context moves to the continuation (" Paris" is one token in
@@ -106,7 +110,7 @@ def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[i
     return ctx, cont
 
 
-def prefix_token(tokenizer: Any) -> int:
+def prefix_token(tokenizer: Tokenizer) -> int:
     """What an empty context starts from: BOS when the model uses one, else EOS (as
     lm-evaluation-harness does)."""
     return tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id

@@ -13,13 +13,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from mistral7b.finetune.data import DataError, Example, Record, read_records, tokenize
 from mistral7b.finetune.trainer import StepInfo, TrainConfig, Trainer, TrainResult, lr_factor
 
+if TYPE_CHECKING:
+    from mistral7b.tokenizer.base import Tokenizer
 
-def load_examples(path: str | Path, tokenizer: Any, *, max_len: int) -> tuple[list[Example], int]:
+
+def load_examples(path: str | Path, tokenizer: Tokenizer, *,
+                  max_len: int) -> tuple[list[Example], int]:
     """Validate and tokenize a JSONL file: (examples, number cut to max_len)."""
     return tokenize(read_records(path), tokenizer, max_len=max_len, path=path)
 

@@ -123,13 +123,11 @@ def packed_plan(positions: torch.Tensor, segment: torch.Tensor,
     mask = visible(positions[:, :, None], k_pos, window) & same
     mask |= ~valid[:, :, None]  # padding queries see everything (no all-masked softmax row)
     empty = torch.zeros(0, dtype=torch.long)
-    B, T = positions.shape
-    return AttentionPlan(slice(0, B), False, T, mask[:, None], empty, empty, empty, empty)
+    return AttentionPlan(mask[:, None], empty, empty, empty)
 
 
 def _plan_to(plan: AttentionPlan, device: torch.device | str) -> AttentionPlan:
     if torch.device(device) == plan.mask.device:
         return plan
-    return AttentionPlan(plan.rows, plan.write_first, plan.n_keys, plan.mask.to(device),
-                         plan.write_b.to(device), plan.write_t.to(device),
-                         plan.write_row.to(device), plan.write_slot.to(device))
+    return AttentionPlan(plan.mask.to(device), plan.write_b.to(device),
+                         plan.write_t.to(device), plan.write_slot.to(device))

@@ -21,9 +21,12 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mistral7b.errors import InputError, Mistral7BError
+
+if TYPE_CHECKING:
+    from mistral7b.tokenizer.base import Tokenizer
 
 ROLES = ("system", "user", "assistant")
 
@@ -72,8 +75,8 @@ def read_records(path: str | Path) -> list[Record]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise DataError(path, line, "not UTF-8 text") from None
+        line_no = raw[: exc.start].count(b"\n") + 1
+        raise DataError(path, line_no, "not UTF-8 text") from None
     records = []
     for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -126,7 +129,7 @@ def validate_record(obj: Any, path: str | Path, line: int) -> Record:
     return Record(line, messages=out)
 
 
-def tokenize(records: Sequence[Record], tokenizer: Any, *, max_len: int,
+def tokenize(records: Sequence[Record], tokenizer: Tokenizer, *, max_len: int,
              path: str | Path = "") -> tuple[list[Example], int]:
     """Examples of `records`, cut to max_len tokens. Returns (examples, number truncated).
 
@@ -135,11 +138,12 @@ def tokenize(records: Sequence[Record], tokenizer: Any, *, max_len: int,
     """
     examples, truncated = [], 0
     for rec in records:
-        if rec.text is not None:
+        if rec.messages is not None:
+            items = _chat_examples(rec.messages, rec.line, tokenizer, path)
+        else:
+            assert rec.text is not None  # validate_record gives every record one of the two
             ids = tokenizer.encode(rec.text, bos=True) + [tokenizer.eos_id]
             items = [Example(ids, [False] + [True] * (len(ids) - 1), rec.line)]
-        else:
-            items = _chat_examples(rec, tokenizer, path)
         for ex in items:
             if len(ex) > max_len:
                 truncated += 1
@@ -151,8 +155,8 @@ def tokenize(records: Sequence[Record], tokenizer: Any, *, max_len: int,
     return examples, truncated
 
 
-def _chat_examples(rec: Record, tokenizer: Any, path: str | Path) -> list[Example]:
-    msgs = rec.messages
+def _chat_examples(msgs: list[dict[str, str]], line: int, tokenizer: Tokenizer,
+                   path: str | Path) -> list[Example]:
     try:
         full = tokenizer.encode_chat(msgs, add_generation_prompt=False)
         turns = []
@@ -162,18 +166,18 @@ def _chat_examples(rec: Record, tokenizer: Any, path: str | Path) -> list[Exampl
                 through = tokenizer.encode_chat(msgs[: k + 1], add_generation_prompt=False)
                 turns.append((prompt, through))
     except Mistral7BError as exc:  # TokenizerError for a conversation the format refuses
-        raise DataError(path, rec.line, f"the chat format rejects it: {exc}") from None
+        raise DataError(path, line, f"the chat format rejects it: {exc}") from None
     for prompt, through in turns:
         if through[: len(prompt)] != prompt or len(through) <= len(prompt):
-            raise DataError(path, rec.line, "the chat format does not end a reply's prompt "
-                                            "where the reply starts; cannot mask its loss")
+            raise DataError(path, line, "the chat format does not end a reply's prompt "
+                                        "where the reply starts; cannot mask its loss")
     stable = all(full[: len(t)] == t for _, t in turns)
     if stable:
         targets = [False] * len(full)
         for prompt, through in turns:
             targets[len(prompt): len(through)] = [True] * (len(through) - len(prompt))
-        return [Example(full, targets, rec.line)]
-    return [Example(t, [False] * len(p) + [True] * (len(t) - len(p)), rec.line)
+        return [Example(full, targets, line)]
+    return [Example(t, [False] * len(p) + [True] * (len(t) - len(p)), line)
             for p, t in turns]
 
 

@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +58,9 @@ from mistral7b.lora import (
     save_peft,
     wrap_quantized_outside_lora,
 )
+
+if TYPE_CHECKING:
+    from mistral7b.api import LLM
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -155,7 +158,7 @@ class TrainResult:
 class Trainer:
     """Fine-tunes an LLM (from `mistral7b.load`) with LoRA; see the module docstring."""
 
-    def __init__(self, llm: Any, config: TrainConfig, out_dir: str | Path, *,
+    def __init__(self, llm: LLM, config: TrainConfig, out_dir: str | Path, *,
                  progress: bool = True) -> None:
         config.check()
         self.llm = llm
@@ -163,7 +166,7 @@ class Trainer:
         self.config = config
         self.out_dir = Path(out_dir)
         self.progress = progress
-        self.device = llm.engine.device
+        self.device = llm.device
         self.window = llm.config.sliding_window
         torch.manual_seed(config.seed)
         _refuse_slow_int4(self.model)

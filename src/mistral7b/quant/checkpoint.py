@@ -2,7 +2,7 @@
 
 A consolidated folder that the consolidated reader opens unchanged:
 
-    params.json                 the model config (rope_theta and sliding_window explicit)
+    params.json                 the model config (ModelConfig.to_params_json)
     consolidated.safetensors    metadata {"format": "mistral7b-quantized", "version": "1",
                                 "quant": "int4" | "int8", "group": "32", "source": ...}
     tokenizer files             copied from a source folder; from a GGUF source its tokenizer
@@ -29,16 +29,20 @@ from __future__ import annotations
 import json
 import shutil
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from mistral7b.config import ModelConfig
 from mistral7b.errors import ModelFileError
+from mistral7b.quant.convert import QuantWeight, check_mode, linear_names, source_weight
+from mistral7b.quant.gguf_import import EXACT_INT4_TYPES
+from mistral7b.quant.layers import Int4Weight, Int8Weight, int4_group_for
+from mistral7b.quant.memory import release
 from mistral7b.weights.base import CheckpointReader
-from mistral7b.weights.gguf_file import FLOAT_TYPES
+from mistral7b.weights.gguf_file import FLOAT_TYPES, GGUFReader
+from mistral7b.weights.names import expected_shapes
 
 FORMAT = "mistral7b-quantized"
 VERSION = "1"
@@ -63,10 +67,8 @@ def stored_quant(reader: CheckpointReader) -> str | None:
     return meta["quant"]
 
 
-def read_stored_weight(reader: CheckpointReader, name: str, quant: str):
+def read_stored_weight(reader: CheckpointReader, name: str, quant: str) -> QuantWeight:
     """The portable weight of linear `name` from one of our quantized checkpoints."""
-    from mistral7b.quant.layers import Int4Weight, Int8Weight
-
     q = reader.tensor(name)
     scale = reader.tensor(name + "_scale")
     if q.dtype == torch.int8:
@@ -107,12 +109,9 @@ class _Entry:
 
 
 def write_quantized(reader: CheckpointReader, out_dir: str | Path, quant: str, *,
-                    group: int = 32, progress=None) -> Path:
+                    group: int = 32,
+                    progress: Callable[[str], object] | None = None) -> Path:
     """Quantize `reader`'s checkpoint into `out_dir` (created; must not hold a checkpoint)."""
-    from mistral7b.quant.load import check_mode, linear_names, source_weight
-    from mistral7b.quant.memory import release
-    from mistral7b.weights.names import expected_shapes
-
     check_mode(quant)
     if stored_quant(reader) is not None:
         raise ModelFileError(reader.path, "this checkpoint is already quantized")
@@ -128,7 +127,7 @@ def write_quantized(reader: CheckpointReader, out_dir: str | Path, quant: str, *
             source = name if name in present else "tok_embeddings.weight"
             w = source_weight(reader, source, quant, group)
             parts = {name: w.q, name + "_scale": w.scale}
-            if hasattr(w, "min"):
+            if isinstance(w, Int4Weight):
                 parts[name + "_min"] = w.min
             yield name, parts
         for name in floats:
@@ -153,23 +152,20 @@ def write_quantized(reader: CheckpointReader, out_dir: str | Path, quant: str, *
                 release(t)
             if progress is not None:
                 progress(name)
-    (out / "params.json").write_text(json.dumps(params_json(config), indent=2) + "\n")
+    (out / "params.json").write_text(json.dumps(config.to_params_json(), indent=2) + "\n")
     _copy_tokenizer(reader, out)
     return out
 
 
 def _plan(reader: CheckpointReader, quant: str, group: int, linears: list[str],
           floats: list[str]) -> Iterator[_Entry]:
-    from mistral7b.quant.gguf_import import EXACT_INT4_TYPES
-    from mistral7b.quant.layers import int4_group_for
-
     present = reader.names()
     for name in linears:
         source = name if name in present else "tok_embeddings.weight"
         out_f, in_f = reader.shape(source)
         g = int4_group_for(in_f, group) if quant == "int4" else None
-        int8_scales = (out_f,)
-        if reader.format == "gguf":
+        int8_scales: tuple[int, ...] = (out_f,)
+        if isinstance(reader, GGUFReader):
             qtype = reader.raw(source).qtype.name
             if quant == "int4" and qtype in EXACT_INT4_TYPES:
                 g = 32
@@ -189,7 +185,7 @@ def _plan(reader: CheckpointReader, quant: str, group: int, linears: list[str],
 
 
 def _float_dtype(reader: CheckpointReader, name: str) -> torch.dtype:
-    if reader.format == "gguf":
+    if isinstance(reader, GGUFReader):
         qtype = reader.raw(name).qtype.name
         return {"F16": torch.float16, "BF16": torch.bfloat16}.get(qtype, torch.float32)
     return reader.tensor(name).dtype  # memory-mapped: no data is read
@@ -216,7 +212,7 @@ def _header(entries: list[_Entry], meta: dict[str, str]) -> bytes:
 
 def _bytes(t: torch.Tensor) -> memoryview:
     t = t.detach().cpu().contiguous()
-    return memoryview(t.view(torch.uint8).reshape(-1).numpy())
+    return t.view(torch.uint8).reshape(-1).numpy().data
 
 
 def _metadata(path: Path) -> dict[str, str]:
@@ -234,19 +230,9 @@ def _metadata(path: Path) -> dict[str, str]:
     return meta if isinstance(meta, dict) else {}
 
 
-def params_json(config: ModelConfig) -> dict[str, object]:
-    """mistral-inference's params.json fields, with nothing left to defaults."""
-    c = config
-    return {"dim": c.dim, "n_layers": c.n_layers, "head_dim": c.head_dim,
-            "hidden_dim": c.hidden_dim, "n_heads": c.n_heads, "n_kv_heads": c.n_kv_heads,
-            "norm_eps": c.norm_eps, "vocab_size": c.vocab_size, "rope_theta": c.rope_theta,
-            "sliding_window": c.sliding_window, "max_seq_len": c.max_seq_len,
-            "tied_embeddings": c.tied_embeddings}
-
-
 def _copy_tokenizer(reader: CheckpointReader, out: Path) -> None:
     src = Path(reader.path)
-    if reader.format == "gguf":
+    if isinstance(reader, GGUFReader):
         _write_tokenizer_gguf(reader, out / TOKENIZER_GGUF)
         return
     for file in sorted(src.iterdir()):
@@ -255,7 +241,7 @@ def _copy_tokenizer(reader: CheckpointReader, out: Path) -> None:
             shutil.copyfile(file, out / file.name)
 
 
-def _write_tokenizer_gguf(reader: CheckpointReader, path: Path) -> None:
+def _write_tokenizer_gguf(reader: GGUFReader, path: Path) -> None:
     """The `tokenizer.*` metadata of a GGUF source (plus its architecture name) in a GGUF of
     its own, so the quantized folder keeps the vocabulary, merges and chat template."""
     import gguf

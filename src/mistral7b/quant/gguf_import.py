@@ -34,7 +34,7 @@ _BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q4_K": 144}
 EXACT_INT4_TYPES = frozenset(_BLOCK_BYTES)
 
 
-def import_int4(qtype_name: str, data: np.ndarray, shape: tuple[int, int]) -> Int4Weight:
+def import_int4(qtype_name: str, data: np.ndarray, shape: tuple[int, ...]) -> Int4Weight:
     """The GGUF tensor `data` (uint8 block bytes, any shape) of logical (rows, cols) shape."""
     rows, cols = shape
     size = _BLOCK_BYTES[qtype_name]
@@ -52,7 +52,7 @@ def import_int4(qtype_name: str, data: np.ndarray, shape: tuple[int, int]) -> In
                       torch.from_numpy(d), torch.from_numpy(mins), 32)
 
 
-def import_q8_0(data: np.ndarray, shape: tuple[int, int]) -> Int8Weight:
+def import_q8_0(data: np.ndarray, shape: tuple[int, ...]) -> Int8Weight:
     """A GGUF Q8_0 tensor of logical (rows, cols) shape, bit for bit."""
     rows, cols = shape
     blocks = np.asarray(data, dtype=np.uint8).reshape(rows, cols // 32, 34)

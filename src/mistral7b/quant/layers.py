@@ -48,7 +48,7 @@ class Int8Weight:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return tuple(self.q.shape)
+        return (self.q.shape[0], self.q.shape[1])
 
     @property
     def group(self) -> int:
@@ -86,8 +86,8 @@ class Int4Weight:
 
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
     """(out, in) values 0..15 -> (out, in // 2) uint8, low nibble = even column."""
-    q = q.to(torch.uint8).numpy()
-    return torch.from_numpy(q[:, 0::2] | (q[:, 1::2] << 4))
+    a = q.to(torch.uint8).numpy()
+    return torch.from_numpy(a[:, 0::2] | (a[:, 1::2] << 4))
 
 
 # ------------------------------------------------------------------------------ quantizers
@@ -168,6 +168,18 @@ def use_native(device: torch.device, n_out: int, n_in: int, group: int) -> bool:
 class _NativeLinear(nn.Module):
     """The part of Int8Linear / Int4Linear that runs on our kernel: the weight as panels
     (native.Panels) in buffers `qweight`, `scales` and `mins` (None for symmetric weights)."""
+
+    # Set by the subclasses; declared so type checkers do not read them as submodules.
+    in_features: int
+    out_features: int
+    bits: int
+    group: int
+    offset: float
+    kernel: str
+    dtype: torch.dtype
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    mins: torch.Tensor | None
 
     def _hold(self, p: native.Panels) -> None:
         self.kernel = "native"
@@ -270,6 +282,8 @@ class Int4Linear(_NativeLinear):
     the layer's dtype (the kernel wants them in the activations' dtype). Other devices keep
     the portable tensors ([scale, min] pairs) and dequantize on the fly (correct, not fast).
     """
+
+    scales_and_zeros: torch.Tensor  # a buffer, on the kernels other than ours
 
     def __init__(self, weight: Int4Weight, *, dtype: torch.dtype,
                  device: torch.device | str = "cpu") -> None:

@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse, Response
 
+from mistral7b.api import LLM
 from mistral7b.server.errors import APIError
 from mistral7b.server.middleware import APIKey, BodyLimit, RequestMetrics
 from mistral7b.server.routes import router
@@ -33,15 +34,16 @@ log = logging.getLogger("mistral7b.server")
 OPEN_PATHS = frozenset({"/health"})
 
 
-def create_app(llm_or_loader: Any, settings: ServerSettings | None = None, *,
+def create_app(llm_or_loader: LLM | Callable[[], LLM],
+               settings: ServerSettings | None = None, *,
                on_load_error: Callable[[BaseException], None] | None = None) -> FastAPI:
     """An OpenAI-compatible app around a loaded LLM, or a zero-argument loader of one."""
     settings = settings or ServerSettings()
     state = ServerState(settings)
 
-    def load() -> None:
+    def load(loader: Callable[[], LLM]) -> None:
         try:
-            state.install(llm_or_loader())
+            state.install(loader())
         except BaseException as exc:  # noqa: BLE001 - reported to the operator, not raised
             state.load_error = str(exc) or type(exc).__name__
             log.error("the model failed to load: %s", state.load_error)
@@ -50,10 +52,11 @@ def create_app(llm_or_loader: Any, settings: ServerSettings | None = None, *,
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if hasattr(llm_or_loader, "engine"):
+        if isinstance(llm_or_loader, LLM):
             state.install(llm_or_loader)
         else:
-            threading.Thread(target=load, name="mistral7b-load", daemon=True).start()
+            threading.Thread(target=load, args=(llm_or_loader,), name="mistral7b-load",
+                             daemon=True).start()
         yield
         state.close()
 

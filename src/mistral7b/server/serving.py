@@ -16,7 +16,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -52,6 +52,7 @@ from mistral7b.server.protocol import (
     DeltaMessage,
     DetokenizeRequest,
     DetokenizeResponse,
+    FinishReason,
     ModelCard,
     ModelList,
     SamplingFields,
@@ -61,6 +62,9 @@ from mistral7b.server.protocol import (
     Usage,
 )
 from mistral7b.server.settings import ServerSettings
+
+if TYPE_CHECKING:
+    from mistral7b.api import LLM
 
 COMPLETIONS_DEFAULT_TEMPERATURE = 1.0   # OpenAI's default for both endpoints
 _FAILURE_STATUS = {"timeout": 504, "shutdown": 503, "model": 500, "internal": 500}
@@ -76,7 +80,7 @@ class Choice:
 
     text: list[str] = dataclasses.field(default_factory=list)
     logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     completion_tokens: int = 0
 
 
@@ -153,10 +157,10 @@ async def wait_for_disconnect(request: Request) -> None:
 
 
 class Serving:
-    def __init__(self, llm: Any, scheduler: Scheduler, settings: ServerSettings,
+    def __init__(self, llm: LLM, scheduler: Scheduler, settings: ServerSettings,
                  metrics: Metrics, max_model_len: int) -> None:
         self.llm = llm
-        self.tok = llm.tokenizer
+        self.tok = llm.require_tokenizer()
         self.scheduler = scheduler
         self.settings = settings
         self.metrics = metrics
@@ -281,6 +285,7 @@ class Serving:
         if body.messages is not None:
             ids = self._chat_ids(body.messages, body.add_generation_prompt)
         else:
+            assert body.prompt is not None  # exactly one of the two, checked above
             ids = self.tok.encode(body.prompt, bos=body.add_special_tokens)
         return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=self.max_model_len)
 
@@ -315,7 +320,7 @@ class Serving:
                                  prompts: list[tuple[list[int], str]], request_ids: list[int],
                                  rid: str, created: int) -> AsyncIterator[str]:
         def chunk(index: int, text: str, lps: CompletionLogprobs | None = None,
-                  finish: str | None = None) -> str:
+                  finish: FinishReason | None = None) -> str:
             choice = CompletionChoice(index=index, text=text, logprobs=lps, finish_reason=finish)
             return _event(CompletionResponse(id=rid, created=created,
                                              model=self.settings.model_name, choices=[choice]))
@@ -339,19 +344,20 @@ class Serving:
             k = request_ids[k]
             if out.prompt_logprobs is not None:
                 ids, text = prompts[k]
-                lps = self._completion_logprobs(ids, out.prompt_logprobs)
+                prompt_lps = self._completion_logprobs(ids, out.prompt_logprobs)
                 for j in range(n):
-                    yield chunk(k * n + j, text, lps)
+                    yield chunk(k * n + j, text, prompt_lps)
                     offsets[k, j] = len(text)
                 continue
             c = choices[k, out.choice]
             _accumulate(c, out)
-            lps = None
+            lps: CompletionLogprobs | None = None
             if body.logprobs is not None and out.logprob is not None:
                 lps = self._completion_logprobs([], [out.logprob], offsets[k, out.choice])
             offsets[k, out.choice] += len(out.text)
             if out.text or out.finish_reason or lps is not None:
-                yield chunk(k * n + out.choice, out.text, lps, out.finish_reason)
+                yield chunk(k * n + out.choice, out.text, lps,
+                            _finish_reason(out.finish_reason))
         self._record(job, choices.values())
         if body.stream_options is not None and body.stream_options.include_usage:
             usage = _usage(sum(len(ids) for ids, _ in prompts),
@@ -380,7 +386,7 @@ class Serving:
             if out.text or out.finish_reason or lps is not None:
                 delta = DeltaMessage(content=out.text or None)
                 yield chunk([ChatChunkChoice(index=out.choice, delta=delta, logprobs=lps,
-                                             finish_reason=out.finish_reason)])
+                                             finish_reason=_finish_reason(out.finish_reason))])
         self._record(job, choices)
         if body.stream_options is not None and body.stream_options.include_usage:
             usage = _usage(n_prompt, sum(c.completion_tokens for c in choices))
@@ -426,7 +432,7 @@ class Serving:
 
     def _check_ids(self, ids: list[int], param: str) -> None:
         try:
-            self.llm.engine.check_ids(ids)  # the engine's own rule and message
+            self.llm.check_ids(ids)  # the rule and message of generate()
         except InputError as exc:
             raise bad_request(str(exc), param, "invalid_token_id") from None
 
@@ -494,7 +500,7 @@ class Serving:
                 frequency_penalty=pick(body.frequency_penalty, 0.0),
                 presence_penalty=pick(body.presence_penalty, 0.0),
                 seed=body.seed,
-                stop=body.stop,
+                stop=(body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ()),
                 logprobs=logprobs,
                 top_logprobs=top_logprobs,
                 ignore_eos=body.ignore_eos,
@@ -520,8 +526,12 @@ class Serving:
         With an echoed prompt, `prompt` holds its ids and `entries` starts with their
         prompt logprobs (entry 0 None: the first token has no context).
         """
-        tokens, token_lps, tops, offsets = [], [], [], []
-        ids = list(prompt) + [e.token_id for e in entries[len(prompt):]]
+        tokens: list[str] = []
+        token_lps: list[float | None] = []
+        tops: list[dict[str, float] | None] = []
+        offsets: list[int] = []
+        # only the first prompt entry is None: generated tokens always have their logprob
+        ids = list(prompt) + [e.token_id for e in entries[len(prompt):] if e is not None]
         for token_id, entry in zip(ids, entries):
             text = self.token_text(token_id)
             tokens.append(text)
@@ -560,8 +570,19 @@ def _accumulate(c: Choice, out: Output) -> None:
     if out.logprob is not None:
         c.logprobs.append(out.logprob)
     if out.finish_reason:
-        c.finish_reason = out.finish_reason
+        c.finish_reason = _finish_reason(out.finish_reason)
         c.completion_tokens = out.completion_tokens
+
+
+def _finish_reason(reason: str | None) -> FinishReason | None:
+    """The scheduler's reason under OpenAI's type (the engine has exactly these two)."""
+    if reason is None:
+        return None
+    if reason == "stop":
+        return "stop"
+    if reason == "length":
+        return "length"
+    raise ValueError(f"unknown finish reason {reason!r}")
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> Usage:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 from mistral7b.errors import InputError
 from mistral7b.scheduler import Scheduler
@@ -18,6 +18,9 @@ from mistral7b.server.metrics import Metrics
 from mistral7b.server.serving import Serving
 from mistral7b.server.settings import ServerSettings
 
+if TYPE_CHECKING:
+    from mistral7b.api import LLM
+
 log = logging.getLogger("mistral7b.server")
 
 
@@ -25,14 +28,14 @@ class ServerState:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self.metrics = Metrics(lambda: self.scheduler)
-        self.llm: Any = None
+        self.llm: LLM | None = None
         self.scheduler: Scheduler | None = None
         self.serving: Serving | None = None
         self.load_error: str | None = None
         self.draining = False
         self.stop_server: Callable[[], None] = lambda: None   # set by the runner
 
-    def install(self, llm: Any) -> None:
+    def install(self, llm: LLM) -> None:
         """Put a loaded model behind the API: build its scheduler and start the step loop."""
         if llm.tokenizer is None:
             raise InputError(f"{llm.path}: the model has no tokenizer; the server needs one")
@@ -46,8 +49,11 @@ class ServerState:
                               max_concurrency=self.settings.max_concurrency,
                               max_queue=self.settings.max_queue, max_model_len=max_len,
                               prefill_chunk=self.settings.prefill_chunk)
-        log.info("KV cache: %d rows x %d tokens, %.1f MiB", self.settings.max_concurrency,
-                 max_len, scheduler.cache.nbytes / 2**20)
+        pool = scheduler.pool
+        log.info("KV cache: budget %.2f GiB (%d tokens at %d KiB each; --kv-cache-memory), "
+                 "taken as sequences advance; up to %d sequences together",
+                 pool.nbytes / 2**30, pool.capacity_blocks * pool.block_size,
+                 pool.slot_bytes // 1024, self.settings.max_concurrency)
         self.llm = llm
         self.serving = Serving(llm, scheduler, self.settings, self.metrics, max_len)
         self.scheduler = scheduler

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from mistral7b.errors import TokenizerError
-from mistral7b.tokenizer.base import SAFE_PROMPT, IncrementalDecoder, Tokenizer
+from mistral7b.tokenizer.base import SAFE_PROMPT, IncrementalDecoder, StreamDecoder, Tokenizer
 from mistral7b.tokenizer.gguf import GGUFTokenizer
 from mistral7b.tokenizer.hf import HFTokenizer
 from mistral7b.tokenizer.mistral import MistralTokenizer, find_mistral_file
@@ -23,6 +23,7 @@ __all__ = [
     "HFTokenizer",
     "IncrementalDecoder",
     "MistralTokenizer",
+    "StreamDecoder",
     "Tokenizer",
     "load_tokenizer",
 ]

@@ -2,14 +2,16 @@
 
 Three implementations sit beside this module: `MistralTokenizer` (mistral-common, the ground
 truth for Mistral's instruct format), `HFTokenizer` (a `tokenizer.json` folder) and
-`GGUFTokenizer` (the tokenizer embedded in a GGUF file's metadata).
+`GGUFTokenizer` (the tokenizer embedded in a GGUF file's metadata). They subclass `Tokenizer`
+for its `decoder()`; the engine, server, trainer and evaluators depend only on the protocols
+`Tokenizer` and `IncrementalDecoder`, so any object with these methods will do.
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from mistral7b.errors import TokenizerError
 
@@ -23,7 +25,19 @@ SAFE_PROMPT = (
 _ROLES = ("system", "user", "assistant", "tool")
 
 
-class Tokenizer(ABC):
+class IncrementalDecoder(Protocol):
+    """Generated ids in, text deltas out: what the engine needs of a tokenizer per sequence."""
+
+    def push(self, token_id: int) -> str:
+        """Add one generated id; return the text it completes ("" while a character is open)."""
+        ...
+
+    def flush(self) -> str:
+        """Text still held back at the end of the stream."""
+        ...
+
+
+class Tokenizer(Protocol):
     """Text <-> token ids, chat encoding and streaming detokenization for one model."""
 
     @abstractmethod
@@ -79,11 +93,12 @@ class Tokenizer(ABC):
 
     def decoder(self) -> IncrementalDecoder:
         """A fresh streaming detokenizer: feed it generated ids one by one."""
-        return IncrementalDecoder(self.decode, self.encode("a", bos=False))
+        return StreamDecoder(self.decode, self.encode("a", bos=False))
 
 
-class IncrementalDecoder:
-    """Turns a stream of token ids into text deltas whose concatenation is `decode(all_ids)`.
+class StreamDecoder:
+    """The `IncrementalDecoder` of every tokenizer here: turns a stream of token ids into text
+    deltas whose concatenation is `decode(all_ids)`.
 
     Two things make this harder than decoding each token alone:
 

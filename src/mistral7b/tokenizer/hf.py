@@ -142,8 +142,9 @@ class HFTokenizer(Tokenizer):
 
     def encode(self, text: str, bos: bool = True) -> list[int]:
         ids = self._plain.encode(text, add_special_tokens=False).ids
-        if bos and self._add_bos:
-            return [self._bos_token_id, *ids]
+        bos_id = self.bos_id
+        if bos and bos_id is not None:
+            return [bos_id, *ids]
         return ids
 
     def decode(self, ids: Sequence[int]) -> str:

@@ -211,7 +211,8 @@ class MistralTokenizer(Tokenizer):
         from pydantic import ValidationError
 
         try:
-            request = ChatCompletionRequest(messages=messages)
+            request: ChatCompletionRequest[Any] = ChatCompletionRequest.model_validate(
+                {"messages": messages})
             return list(mc.encode_chat_completion(request).tokens)
         except (MistralCommonException, ValidationError, ValueError, AssertionError) as e:
             raise TokenizerError(

@@ -38,6 +38,12 @@ _PER_LAYER = [
 _PREFIX = {"ours": "layers.{i}.", "hf": "model.layers.{i}.", "gguf": "blk.{i}."}
 _COLUMN = {"ours": 0, "hf": 1, "gguf": 2}
 
+# A block's seven linear layers, as module paths inside `layers.{i}`: what LoRA adapts and
+# quantization replaces (with `output`, outside the blocks). Their other names are their rows
+# of _PER_LAYER.
+LINEAR_LAYERS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
+                 "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
+
 
 def _build_map(fmt: str) -> dict[str, str]:
     """Our name pattern -> the format's name pattern (with {i})."""
@@ -50,6 +56,7 @@ def _build_map(fmt: str) -> dict[str, str]:
 
 _TO_FORMAT = {fmt: _build_map(fmt) for fmt in ("hf", "gguf")}
 _LAYER_RE = re.compile(r"(\d+)")
+_BLOCK_WEIGHT_RE = re.compile(r"layers\.\d+\.(.+)\.weight")
 
 
 def format_name(ours: str, fmt: str) -> str:
@@ -60,6 +67,18 @@ def format_name(ours: str, fmt: str) -> str:
     target = _TO_FORMAT[fmt][pattern]
     match = _LAYER_RE.search(ours)
     return target.format(i=match.group(1)) if match else target
+
+
+def is_linear_weight(name: str) -> bool:
+    """`layers.3.attention.wq.weight` and `output.weight` are; norms and embeddings are not."""
+    match = _BLOCK_WEIGHT_RE.fullmatch(name)
+    return name == "output.weight" or (match is not None and match[1] in LINEAR_LAYERS)
+
+
+def hf_module(path: str) -> str:
+    """The last HF module name of a linear layer: `attention.wq` -> `q_proj` (PEFT's
+    `target_modules` names)."""
+    return format_name(f"layers.0.{path}.weight", "hf").split(".")[-2]
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
