@@ -209,6 +209,10 @@ class LLM:
                                                    safe_prompt=safe_prompt)
         return self.stream(ids, max_context=max_context, **sampling)
 
+    def clear_cache(self) -> None:
+        """Forget the KV of earlier calls (kept to be reused by prompts that extend them)."""
+        self.engine.pool.clear_prefixes()
+
     @property
     def stats(self) -> GenerationStats:
         """What the last generation did: tokens computed and reused, timings."""

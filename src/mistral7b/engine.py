@@ -8,6 +8,7 @@ scheduler's; the pool is sized here, once, from the memory budget.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from collections.abc import Sequence
@@ -64,6 +65,7 @@ class Engine:
         self.kv_cache_memory = kv_cache_memory
         self.kv_block_size = kv_block_size
         self._pool: KVPool | None = None
+        self._weights_stamp: int | None = None
 
     @property
     def device(self) -> torch.device:
@@ -89,6 +91,21 @@ class Engine:
                      self._pool.capacity_blocks * self._pool.block_size,
                      self._pool.slot_bytes // 1024)
         return self._pool
+
+    def forget_stale_prefixes(self) -> None:
+        """Drop the cached prefixes if the weights changed since they were computed (a LoRA
+        applied or merged, a training step, a module swapped): their KV would be wrong.
+        Each tensor's version counter moves with every in-place change; ids catch swaps."""
+        stamp = 0
+        for t in itertools.chain(self.model.parameters(), self.model.buffers()):
+            try:
+                version = t._version
+            except RuntimeError:        # an inference tensor: it cannot change in place
+                version = 0
+            stamp = hash((stamp, id(t), version))
+        if stamp != self._weights_stamp and self._pool is not None:
+            self._pool.clear_prefixes()
+        self._weights_stamp = stamp
 
     def default_chunk(self) -> int:
         return self.config.sliding_window or DEFAULT_CHUNK_NO_WINDOW

@@ -105,7 +105,7 @@ class Scheduler:
                  new_decoder: Callable[[], IncrementalDecoder], max_concurrency: int = 8,
                  max_queue: int = 64, max_model_len: int,
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                 prefill_budget: int | None = None) -> None:
+                 prefill_budget: int | None = None, prefix_cache: bool = True) -> None:
         if max_concurrency < 1 or max_queue < 0 or max_model_len < 2 or prefill_chunk < 1:
             raise ValueError("max_concurrency >= 1, max_queue >= 0, max_model_len >= 2 and "
                              "prefill_chunk >= 1 are required")
@@ -118,6 +118,7 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.prefill_chunk = prefill_chunk
         self.prefill_budget = prefill_budget or prefill_chunk
+        self.prefix_cache = prefix_cache
         self._running: list[_Seq] = []
         self._waiting: collections.deque[GenerationRequest] = collections.deque()
         self._ready: collections.deque[_Seq] = collections.deque()   # forks, preempted
@@ -320,16 +321,14 @@ class Scheduler:
             params = req.params[0]
             seq = Sequence(req.prompt, params, self.stop_ids, self.new_decoder(),
                            max(req.max_tokens, 1), make_generator(params.seed))
+            # scoring needs the logits of every prompt position
+            reuse = self.prefix_cache and req.prompt_logprobs is None
             scoring = req.prompt_logprobs is not None
-            if not scoring:            # scoring needs the logits of every prompt position
+            if reuse:
                 seq.cached_tokens = self.pool.reuse(seq.table, seq.tokens)
             if not self._fits(seq):
                 self.pool.release(seq.table)
-                if self._running:
-                    return              # wait for memory to come back
-                # nothing runs, so the cached prefixes are what holds the memory
-                self.pool.clear_prefixes()
-                seq.cached_tokens = 0 if scoring else self.pool.reuse(seq.table, seq.tokens)
+                return                  # wait for memory to come back
             with self._cond:
                 if req.cancelled or not self._waiting or self._waiting[0] is not req:
                     self.pool.release(seq.table)
@@ -343,6 +342,11 @@ class Scheduler:
                                       [None] if scoring else None))
 
     def _fits(self, seq: Sequence) -> bool:
+        """Blocks for the rest of its tokens, and one of headroom per running sequence. Alone
+        anything fits: submit() refused what the whole pool cannot hold, and cached prefixes
+        are evicted as blocks are taken."""
+        if not self._running:
+            return True
         held = sum(1 for b in seq.table.blocks if b > 0)
         need = max(self.pool.blocks_for(len(seq.tokens) + 1) - held, 1)
         return self.pool.available_blocks >= need + len(self._running)
@@ -600,6 +604,7 @@ def run_batch(engine: Engine, prompts: list[list[int]], params: list, *,
     chunk = chunk_size or engine.default_chunk()
     if chunk < 1:
         raise InputError(f"chunk_size must be >= 1, got {chunk_size}")
+    engine.forget_stale_prefixes()
     sched = Scheduler(engine, stop_ids=stop_ids, new_decoder=new_decoder,
                       max_concurrency=len(requests), max_queue=len(requests),
                       max_model_len=context, prefill_chunk=chunk,

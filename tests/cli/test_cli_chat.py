@@ -104,3 +104,24 @@ def test_input_parsing_commands_and_blocks():
         ("message", "inline block"),
         ("message", "start\nend"),
     ]
+
+
+def test_the_second_turn_prefills_only_the_new_turn(llm):
+    """The REPL's timing summary (--verbose): the second turn takes the first turn's prompt
+    and answer from the cache and computes only what is new."""
+    import re
+
+    n = 8
+    result = run_cli("chat", "-n", str(n), "--verbose", input="Hello\nWhat is your name?\n")
+    assert result.returncode == 0, result.stderr
+    found = re.findall(r"prompt (\d+) tok(?: \((\d+) cached\))?", result.stderr)
+    assert len(found) == 2, result.stderr
+    (p1, c1), (p2, c2) = [(int(p), int(c or 0)) for p, c in found]
+    first = [msg(USER, "Hello")]
+    r1 = llm.chat(first, max_tokens=n)
+    ids1 = llm.tokenizer.encode_chat(first)
+    ids2 = llm.tokenizer.encode_chat(first + [msg(ASSISTANT, r1.text),
+                                              msg(USER, "What is your name?")])
+    assert (p1, c1) == (len(ids1), 0)
+    fed = len(ids1) + len(r1.token_ids) - (r1.finish_reason == "length")
+    assert (p2, c2) == (len(ids2), fed)              # computed: only the new turn's tokens

@@ -10,8 +10,9 @@ from cli_helpers import assert_user_error, run_cli
 
 from mistral7b.cli.main import main
 
-SUMMARY = re.compile(r"load \d+\.\d\d s \| prompt (\d+) tok, [\d.]+ tok/s \| generated (\d+) tok, "
-                     r"[\d.]+ tok/s \| peak RSS \d+ MiB")
+SUMMARY = re.compile(r"load \d+\.\d\d s \| prompt (\d+) tok(?: \((\d+) cached\))?, [\d.]+ tok/s \| "
+                     r"first token \d+\.\d\d s \| generated (\d+) tok, [\d.]+ tok/s \| "
+                     r"peak RSS \d+ MiB")
 
 
 def test_greedy_streams_llamacpp_answer(reference, tokenizer):

@@ -194,3 +194,36 @@ def test_metrics(client, http):
     assert metric(http, "mistral7b_prompt_tokens_total") >= 1
     assert metric(http, "mistral7b_queue_depth") == 0
     assert metric(http, "mistral7b_generation_tokens_per_second") >= 0
+
+
+def test_a_repeated_prompt_reports_its_cached_tokens(client, http):
+    """The second identical request takes the first one's prompt from the prefix cache (all
+    but its last token, whose logits are needed); usage and /metrics say so."""
+    msgs = [{"role": "user", "content": "Describe a quiet harbour at dawn in two sentences."}]
+    hits = metric(http, "mistral7b_prefix_cache_hit_tokens_total")
+    first = client.chat.completions.create(model="default", messages=msgs, max_tokens=4,
+                                           **GREEDY)
+    # (the template's default system prompt may already be cached by earlier tests)
+    assert first.usage.prompt_tokens_details.cached_tokens < first.usage.prompt_tokens - 1
+    second = client.chat.completions.create(model="default", messages=msgs, max_tokens=4,
+                                            **GREEDY)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached == second.usage.prompt_tokens - 1
+    assert second.choices[0].message.content == first.choices[0].message.content
+    stream = client.chat.completions.create(model="default", messages=msgs, max_tokens=4,
+                                            stream=True, stream_options={"include_usage": True},
+                                            **GREEDY)
+    usage = [c.usage for c in stream if c.usage is not None][-1]
+    assert usage.prompt_tokens_details.cached_tokens == cached
+    assert metric(http, "mistral7b_prefix_cache_hit_tokens_total") - hits == (
+        first.usage.prompt_tokens_details.cached_tokens + 2 * cached)
+
+
+def test_n_choices_prefill_the_prompt_once(client, http):
+    msgs = [{"role": "user", "content": "Invent a name for a small red boat, then explain it."}]
+    before = metric(http, "mistral7b_prompt_tokens_total")
+    out = client.chat.completions.create(model="default", messages=msgs, max_tokens=3, n=4,
+                                         temperature=1.0, seed=5)
+    assert len(out.choices) == 4
+    computed = out.usage.prompt_tokens - out.usage.prompt_tokens_details.cached_tokens
+    assert metric(http, "mistral7b_prompt_tokens_total") - before == computed

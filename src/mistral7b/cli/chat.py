@@ -133,9 +133,11 @@ class ChatSession:
             common.log(HELP)
         elif name == "/clear":
             self.turns.clear()
+            self.llm.clear_cache()       # the old conversation's KV is of no more use
             common.log("(conversation cleared)")
         elif name == "/system":
             self.system = rest or None
+            self.llm.clear_cache()       # every later prompt starts differently
             common.log("(system prompt set)" if rest else "(system prompt removed)")
         else:
             common.log(f"unknown command {name!r}: /help lists the commands")

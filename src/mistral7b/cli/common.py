@@ -53,6 +53,29 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="quantize the weights on load")
     g.add_argument("-t", "--threads", type=int, metavar="N",
                    help="CPU threads for PyTorch (default: PyTorch's choice)")
+    g.add_argument("--kv-cache-memory", type=parse_bytes, metavar="SIZE",
+                   help="most memory the KV cache may take, e.g. 4GiB or 512MB (default: half "
+                        "the memory available at start-up; 80%% of free GPU memory); memory "
+                        "is taken as sequences advance, not reserved")
+
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6,
+          "mib": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12,
+          "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """'4GiB' -> 4294967296, '512MB' -> 512000000, '1e9' -> 1000000000."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*", text.lower())
+    if m is None or m.group(2) not in _UNITS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a size: use bytes or a unit, e.g. 4GiB, 512MB")
+    value = int(float(m.group(1)) * _UNITS[m.group(2)])
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: the size must be positive")
+    return value
 
 
 def add_sampling_args(p: argparse.ArgumentParser, *, max_tokens: int) -> None:
@@ -123,7 +146,8 @@ def load_model(args: argparse.Namespace, *, quiet: bool = False) -> LLM:
         torch.set_num_threads(args.threads)
     if not quiet:
         log(f"loading {args.model} ...")
-    llm = mistral7b.load(args.model, device=args.device, dtype=args.dtype, quant=args.quant)
+    llm = mistral7b.load(args.model, device=args.device, dtype=args.dtype, quant=args.quant,
+                         kv_cache_memory=args.kv_cache_memory)
     llm.require_tokenizer()
     return llm
 
@@ -149,7 +173,9 @@ def timings(llm: LLM) -> dict[str, float]:
     return {
         "load_s": round(llm.load_seconds, 3),
         "prompt_tokens": s.prompt_tokens,
+        "cached_tokens": s.cached_tokens,
         "prompt_s": round(s.prefill_seconds, 3),
+        "first_token_s": round(s.first_token_seconds or 0.0, 3),
         "prompt_tps": round(s.prompt_tps, 1),
         "generated_tokens": s.generated_tokens,
         "generation_s": round(s.decode_seconds, 3),
@@ -161,7 +187,9 @@ def timings(llm: LLM) -> dict[str, float]:
 def summary_line(t: dict[str, float], *, load: bool = True) -> str:
     """'load 1.23 s | prompt 41 tok, 278.1 tok/s | generated 64 tok, 52.3 tok/s | peak RSS 512 MiB'"""
     parts = [f"load {t['load_s']:.2f} s"] if load else []
-    parts.append(f"prompt {t['prompt_tokens']} tok, {t['prompt_tps']:.1f} tok/s")
+    cached = f" ({t['cached_tokens']} cached)" if t.get("cached_tokens") else ""
+    parts.append(f"prompt {t['prompt_tokens']} tok{cached}, {t['prompt_tps']:.1f} tok/s")
+    parts.append(f"first token {t['first_token_s']:.2f} s")
     parts.append(f"generated {t['generated_tokens']} tok, {t['generation_tps']:.1f} tok/s")
     parts.append(f"peak RSS {t['peak_rss_mib']:.0f} MiB")
     if "peak_cuda_mib" in t:

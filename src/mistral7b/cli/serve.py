@@ -73,6 +73,10 @@ def add_parser(subparsers: Any) -> None:
     g.add_argument("--prefill-chunk", type=int, default=d.prefill_chunk, metavar="N",
                    help="prompt tokens fed per step, so running streams keep flowing while "
                         "a long prompt loads (default: %(default)s)")
+    g.add_argument("--no-prefix-cache", action="store_true",
+                   help="compute every prompt in full (by default the KV of earlier requests' "
+                        "prompts and answers is kept within --kv-cache-memory and reused by "
+                        "requests that start with the same tokens)")
     g.add_argument("--shutdown-grace", type=float, default=d.shutdown_grace, metavar="S",
                    help="on SIGTERM, seconds running requests get to finish "
                         "(default: %(default)s)")
@@ -94,6 +98,7 @@ def settings_from_args(args: argparse.Namespace) -> Any:
             max_model_len=args.max_model_len, max_n=args.max_n,
             max_body_bytes=args.max_body_bytes, timeout=args.timeout or None,
             cors_origins=tuple(args.cors_origin), prefill_chunk=args.prefill_chunk,
+            prefix_cache=not args.no_prefix_cache,
             shutdown_grace=args.shutdown_grace)
     except ValueError as exc:
         raise InputError(f"{exc} (see 'mistral7b serve --help')") from None

@@ -39,6 +39,21 @@ class SchedulerCollector(Collector):
                                 value=s.throughput())
         yield CounterMetricFamily("mistral7b_prompt_tokens", "Prompt tokens pre-filled",
                                   value=s.prompt_tokens)
+        yield CounterMetricFamily("mistral7b_prefix_cache_hit_tokens",
+                                  "Prompt tokens taken from the prefix cache instead of computed",
+                                  value=s.cached_tokens)
+        yield CounterMetricFamily("mistral7b_preemptions",
+                                  "Sequences preempted when the KV cache ran out (re-filled)",
+                                  value=s.preemptions)
+        pool = s.pool
+        yield GaugeMetricFamily("mistral7b_kv_cache_budget_bytes",
+                                "The KV cache's budget (--kv-cache-memory)", value=pool.nbytes)
+        yield GaugeMetricFamily("mistral7b_kv_cache_used_bytes",
+                                "KV blocks held by sequences or kept as cached prefixes",
+                                value=pool.used_bytes)
+        yield GaugeMetricFamily("mistral7b_kv_cache_prefix_bytes",
+                                "KV blocks kept only as cached prefixes (reclaimable)",
+                                value=pool.cached_bytes)
         yield CounterMetricFamily("mistral7b_generation_tokens", "Tokens generated",
                                   value=s.generated_tokens)
         yield CounterMetricFamily("mistral7b_model_steps", "Forward steps run", value=s.steps)

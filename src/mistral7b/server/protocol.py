@@ -136,10 +136,15 @@ class DetokenizeRequest(_Request):
 # ----------------------------------------------------------------------------- responses
 
 
+class PromptTokensDetails(_Response):
+    cached_tokens: int = 0          # prompt tokens whose KV came from the prefix cache
+
+
 class Usage(_Response):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class CompletionLogprobs(_Response):

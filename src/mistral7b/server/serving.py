@@ -55,6 +55,7 @@ from mistral7b.server.protocol import (
     FinishReason,
     ModelCard,
     ModelList,
+    PromptTokensDetails,
     SamplingFields,
     TokenizeRequest,
     TokenizeResponse,
@@ -82,6 +83,7 @@ class Choice:
     logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
     finish_reason: FinishReason | None = None
     completion_tokens: int = 0
+    cached_tokens: int = 0
 
 
 class Job:
@@ -239,7 +241,7 @@ class Serving:
             result.append(CompletionChoice(index=k * body.n + j, text=out_text, logprobs=lps,
                                            finish_reason=c.finish_reason))
         usage = _usage(sum(len(ids) for ids, _ in prompts),
-                       sum(c.completion_tokens for c in choices.values()))
+                       sum(c.completion_tokens for c in choices.values()), _cached(choices))
         self._record(job, choices.values())
         return _json(CompletionResponse(id=rid, created=created, model=self.settings.model_name,
                                         choices=result, usage=usage))
@@ -272,7 +274,8 @@ class Serving:
                        logprobs=self._chat_logprobs(c.logprobs) if body.logprobs else None,
                        finish_reason=c.finish_reason)
             for j, c in enumerate(choices)]
-        usage = _usage(len(ids), sum(c.completion_tokens for c in choices))
+        usage = _usage(len(ids), sum(c.completion_tokens for c in choices),
+                       max(c.cached_tokens for c in choices))
         self._record(job, choices)
         return _json(ChatCompletionResponse(id=rid, created=created,
                                             model=self.settings.model_name, choices=result,
@@ -361,7 +364,7 @@ class Serving:
         self._record(job, choices.values())
         if body.stream_options is not None and body.stream_options.include_usage:
             usage = _usage(sum(len(ids) for ids, _ in prompts),
-                           sum(c.completion_tokens for c in choices.values()))
+                           sum(c.completion_tokens for c in choices.values()), _cached(choices))
             yield _event(CompletionResponse(id=rid, created=created,
                                             model=self.settings.model_name, choices=[],
                                             usage=usage))
@@ -389,7 +392,8 @@ class Serving:
                                              finish_reason=_finish_reason(out.finish_reason))])
         self._record(job, choices)
         if body.stream_options is not None and body.stream_options.include_usage:
-            usage = _usage(n_prompt, sum(c.completion_tokens for c in choices))
+            usage = _usage(n_prompt, sum(c.completion_tokens for c in choices),
+                           max(c.cached_tokens for c in choices))
             yield chunk([], usage)
         yield "data: [DONE]\n\n"
 
@@ -567,6 +571,7 @@ def _refuse_unsupported(body: SamplingFields) -> None:
 
 def _accumulate(c: Choice, out: Output) -> None:
     c.text.append(out.text)
+    c.cached_tokens = max(c.cached_tokens, out.cached_tokens)
     if out.logprob is not None:
         c.logprobs.append(out.logprob)
     if out.finish_reason:
@@ -585,9 +590,18 @@ def _finish_reason(reason: str | None) -> FinishReason | None:
     raise ValueError(f"unknown finish reason {reason!r}")
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> Usage:
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Usage:
     return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                 total_tokens=prompt_tokens + completion_tokens)
+                 total_tokens=prompt_tokens + completion_tokens,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens))
+
+
+def _cached(choices: dict[tuple[int, int], Choice]) -> int:
+    """Prompt tokens taken from the prefix cache, once per prompt (its n choices share it)."""
+    per_prompt: dict[int, int] = {}
+    for (k, _), c in choices.items():
+        per_prompt[k] = max(per_prompt.get(k, 0), c.cached_tokens)
+    return sum(per_prompt.values())
 
 
 def _json(model: Any) -> JSONResponse:

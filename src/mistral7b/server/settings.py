@@ -19,6 +19,7 @@ class ServerSettings:
     timeout: float | None = 600.0            # seconds a request may take; None = no limit
     cors_origins: tuple[str, ...] = ()       # empty: CORS off
     prefill_chunk: int = 256                 # prompt tokens fed per step
+    prefix_cache: bool = True                # reuse the KV of earlier requests' prefixes
     shutdown_grace: float = 10.0             # seconds in-flight requests get on SIGTERM
     retry_after: int = 1                     # seconds, in 503 answers
 

@@ -48,7 +48,8 @@ class ServerState:
                               new_decoder=llm.tokenizer.decoder,
                               max_concurrency=self.settings.max_concurrency,
                               max_queue=self.settings.max_queue, max_model_len=max_len,
-                              prefill_chunk=self.settings.prefill_chunk)
+                              prefill_chunk=self.settings.prefill_chunk,
+                              prefix_cache=self.settings.prefix_cache)
         pool = scheduler.pool
         log.info("KV cache: budget %.2f GiB (%d tokens at %d KiB each; --kv-cache-memory), "
                  "taken as sequences advance; up to %d sequences together",

@@ -1,0 +1,166 @@
+"""KV memory on demand within a budget, the scheduler's side: admission by memory, requests
+that can never fit, preemption that resumes exactly, `n` choices pre-filled once, and a churn
+of requests with cancellations that leaves nothing behind but the prefix cache."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+import torch
+from test_scheduler import EOS, Client, Decoder, wait_idle
+
+from mistral7b.config import ModelConfig
+from mistral7b.engine import Engine, default_kv_budget
+from mistral7b.model import Transformer
+from mistral7b.sampling import SamplingParams
+from mistral7b.scheduler import KVCacheTooSmall, Scheduler, run_batch
+
+BS = 4
+
+
+def _model(window: int | None, max_seq_len: int = 256) -> tuple[Transformer, ModelConfig]:
+    config = ModelConfig(dim=64, n_layers=2, head_dim=16, hidden_dim=96, n_heads=4,
+                         n_kv_heads=2, norm_eps=1e-5, vocab_size=96, rope_theta=10000.0,
+                         sliding_window=window, max_seq_len=max_seq_len)
+    torch.manual_seed(0)
+    model = Transformer(config).float().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn_like(p) * (1.5 / p.shape[1] ** 0.5))
+    return model, config
+
+
+def _slot_bytes(config: ModelConfig) -> int:
+    return 2 * config.n_layers * config.n_kv_heads * config.head_dim * 4
+
+
+def _engine(tokens: int, window: int | None = None) -> Engine:
+    model, config = _model(window)
+    return Engine(model, config, kv_cache_memory=tokens * _slot_bytes(config), kv_block_size=BS)
+
+
+def _alone(engine: Engine, prompt: list[int], max_tokens: int, **sampling) -> list[int]:
+    solo = Engine(engine.model, engine.config, kv_cache_memory=2**24, kv_block_size=BS)
+    outs = run_batch(solo, [prompt], [SamplingParams(max_tokens=max_tokens, **sampling)],
+                     stop_ids=frozenset({EOS}), new_decoder=Decoder, chunk_size=8)
+    return [o.token_id for _, o in outs if o.token_id is not None]
+
+
+def _sched(engine: Engine, **kw) -> Scheduler:
+    kw = {"max_concurrency": 4, "max_queue": 64, "max_model_len": 200, "prefill_chunk": 8,
+          **kw}
+    s = Scheduler(engine, stop_ids=frozenset({EOS}), new_decoder=Decoder, **kw)
+    s.start()
+    return s
+
+
+def test_a_long_context_model_reserves_nothing_at_start_up():
+    """A no-window model with a 32768-token context and the default budget: the pool counts
+    no more than the budget, and the process's resident memory does not grow by it."""
+    import resource
+
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+
+    model, config = _model(None, max_seq_len=32768)
+    engine = Engine(model, config)
+    before = rss()
+    budget = default_kv_budget(engine.device)
+    sched = Scheduler(engine, stop_ids=frozenset({EOS}), new_decoder=Decoder,
+                      max_model_len=32768)
+    assert 0 < sched.pool.nbytes <= budget
+    assert sched.pool.used_bytes == 0
+    assert rss() - before < 64 * 2**20
+
+
+def test_a_request_that_does_not_fit_now_waits_and_one_that_never_fits_is_refused():
+    engine = _engine(tokens=64)                     # 16 blocks of 4
+    sched = _sched(engine)
+    try:
+        with pytest.raises(KVCacheTooSmall, match="--kv-cache-memory"):
+            Client(sched, list(range(3, 40)), max_tokens=60)      # 97 tokens > 64
+        first = Client(sched, list(range(3, 30)), max_tokens=20, ignore_eos=True)
+        second = Client(sched, list(range(40, 70)), max_tokens=20, ignore_eos=True)
+        assert first.result()[0][0] == _alone(engine, list(range(3, 30)), 20, ignore_eos=True)
+        assert second.result()[0][0] == _alone(engine, list(range(40, 70)), 20, ignore_eos=True)
+        wait_idle(sched)
+    finally:
+        sched.close()
+
+
+@pytest.mark.parametrize("window", [None, 8])
+def test_preempted_sequences_resume_with_the_same_tokens(window):
+    """Four sequences that together outgrow the pool: the newest ones are preempted and
+    re-filled from their tokens; every result equals the sequence run alone."""
+    engine = _engine(tokens=96, window=window)      # 24 blocks; 4 x 45 tokens do not fit
+    sched = _sched(engine)
+    prompts = [list(range(3 + i, 18 + i)) for i in range(4)]
+    try:
+        clients = [Client(sched, p, max_tokens=30, ignore_eos=True) for p in prompts]
+        results = [c.result(timeout=60) for c in clients]
+        for p, r in zip(prompts, results):
+            assert r[0][0] == _alone(engine, p, 30, ignore_eos=True)
+        if window is None:
+            assert sched.preemptions > 0            # with a window each holds <= 3 blocks
+        wait_idle(sched)
+    finally:
+        sched.close()
+
+
+def test_n_choices_prefill_the_prompt_once():
+    engine = _engine(tokens=1024)
+    sched = _sched(engine, max_concurrency=2)       # fewer rows than choices: forks wait
+    prompt = list(range(3, 30))                     # 27 tokens: a partial last block
+    try:
+        tokens, finish, _ = Client(sched, prompt, max_tokens=5, n=4, temperature=1.0,
+                                   seed=77).result()
+        assert sched.prompt_tokens == len(prompt)
+        for i in range(4):
+            assert tokens[i] == _alone(engine, prompt, 5, temperature=1.0, seed=77 + i)
+        assert set(finish) == {0, 1, 2, 3}
+    finally:
+        sched.close()
+
+
+def test_a_repeated_prompt_reuses_the_cached_prefix():
+    engine = _engine(tokens=1024, window=8)
+    sched = _sched(engine)
+    prompt = list(range(3, 40))
+    try:
+        want = _alone(engine, prompt, 6)
+        assert Client(sched, prompt, max_tokens=6).result()[0][0] == want
+        before = sched.prompt_tokens
+        assert Client(sched, prompt, max_tokens=6).result()[0][0] == want
+        assert sched.cached_tokens == len(prompt) - 1       # all but the last token
+        assert sched.prompt_tokens - before == 1
+    finally:
+        sched.close()
+
+
+def test_a_churn_of_requests_leaves_only_the_prefix_cache_behind():
+    """200 requests of random lengths, a third of them cancelled at a random moment: after
+    they end, no block is held by a sequence and the pool's count is within its budget."""
+    engine = _engine(tokens=400)
+    sched = _sched(engine, max_concurrency=6, max_queue=256)
+    rng = random.Random(0)
+    try:
+        clients = []
+        for i in range(200):
+            prompt = [rng.randrange(3, 96) for _ in range(rng.randrange(1, 60))]
+            clients.append(Client(sched, prompt, max_tokens=rng.randrange(1, 40)))
+            if rng.random() < 0.33:
+                victim = rng.choice(clients)
+                if rng.random() < 0.5:
+                    time.sleep(0.002)
+                sched.cancel(victim.req)
+        wait_idle(sched, timeout=120)
+        pool = sched.pool
+        assert pool.used_bytes == pool.cached_bytes          # held by no sequence
+        assert pool.used_bytes <= pool.nbytes
+        assert pool.available_blocks == pool.capacity_blocks
+    finally:
+        sched.close()
