@@ -43,7 +43,8 @@ def test_the_second_chat_turn_prefills_only_the_new_turn(llm):
 def test_reuse_gives_the_logits_of_a_cold_prefill(llm):
     """Generate over a prompt, then score its extension: the reused part is not computed
     again, and the logits of the rest equal a cold computation (DESIGN §2.8)."""
-    ids = llm.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 3, bos=True)
+    ids = llm.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 6, bos=True)
+    assert len(ids) > 50
     cold = llm.logits(ids)                     # through a cache of its own, not registered
     out = llm.generate(ids[:40], max_tokens=1)
     assert out.cached_tokens == 0

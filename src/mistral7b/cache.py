@@ -34,7 +34,10 @@ more it stays in the pool as cached (least recently used first to go when blocks
 A new sequence whose tokens start with registered blocks takes them instead of computing
 them again: `reuse` finds the longest such prefix, leaving at least one token to feed (its
 logits are needed). With a window only the blocks the next query can see must still be
-there. `fork` gives `n` choices of one prompt the same full blocks and a copy of the
+there. Reuse is then made exact to the token: the leading slots of a cached block that
+follows that prefix (a full one, or the partial last block a finished sequence left) are
+copied when its first tokens are the next ones, e.g. a chat turn that resends the previous
+prompt and answer. `fork` gives `n` choices of one prompt the same full blocks and a copy of the
 partial last one.
 """
 
@@ -127,7 +130,8 @@ class KVPool:
         self._ref = [0] * n_blocks                      # the pages touched stay compact
         self._block_of: dict[bytes, int] = {}
         self._digest_of: dict[int, bytes] = {}
-        self._tails: dict[bytes, dict[tuple[int, ...], int]] = {}   # partial last blocks
+        # blocks by the digest of the prefix before them, then by their tokens
+        self._tails: dict[bytes, dict[tuple[int, ...], int]] = {}
         self._tail_of: dict[int, tuple[bytes, tuple[int, ...]]] = {}
         self._lru: OrderedDict[int, None] = OrderedDict()   # cached, held by no sequence
         self.hits = 0                                   # tokens reused, for /metrics
@@ -178,10 +182,8 @@ class KVPool:
             b = table.blocks[full]
             key = table.digests[-1] if full else b""
             tail_tokens = tuple(tokens[full * bs: table.length])
-            if (b > 0 and self._ref[b] == 1 and b not in self._digest_of
-                    and tail_tokens not in self._tails.get(key, {})):
-                self._tails.setdefault(key, {})[tail_tokens] = b
-                self._tail_of[b] = (key, tail_tokens)
+            if b > 0 and self._ref[b] == 1 and b not in self._digest_of:
+                self._index_tail(b, key, tail_tokens)
         for b in table.blocks:
             if b > 0:
                 self._drop(b)
@@ -207,16 +209,24 @@ class KVPool:
         return table.length
 
     def _reuse_tail(self, table: BlockTable, tokens: list[int]) -> None:
-        """Extend a table that ends on a block boundary by a cached partial block (copied,
-        so that it stays cached for others), the longest that leaves a token to feed."""
+        """Extend a table that ends on a block boundary by the first n slots of a cached block
+        that follows the same prefix (a full block, or the partial last block of a released
+        sequence) whose first n tokens are the next ones: the longest such n that leaves a
+        token to feed. The slots are copied, so the block stays cached for others."""
         key = table.digests[-1] if table.digests else b""
         start = table.length
-        best = max((t for t in self._tails.get(key, {})
-                    if start + len(t) < len(tokens) and tuple(tokens[start: start + len(t)]) == t),
-                   key=len, default=None)
-        if best is None:
+        room = len(tokens) - 1 - start
+        best, src = 0, -1
+        for cached, b in self._tails.get(key, {}).items():
+            n = 0
+            for x, y in zip(cached[:room], tokens[start: start + room]):
+                if x != y:
+                    break
+                n += 1
+            if n > best:
+                best, src = n, b
+        if best == 0:
             return
-        src = self._tails[key][best]
         self._hold(src)                     # so that taking a block cannot evict it
         try:
             new = self._take()
@@ -224,9 +234,9 @@ class KVPool:
             return
         finally:
             self._drop(src)
-        self._copy_slots(src, new, len(best))
+        self._copy_slots(src, new, best)
         table.blocks.append(new)
-        table.length += len(best)
+        table.length += best
 
     def fork(self, table: BlockTable) -> BlockTable:
         """A second table with the same cached tokens: full blocks shared, the partial last
@@ -258,6 +268,8 @@ class KVPool:
             if b > 0 and prev not in self._block_of and b not in self._digest_of:
                 self._block_of[prev] = b
                 self._digest_of[b] = prev
+                self._index_tail(b, table.digests[-2] if j else b"",
+                                 tuple(tokens[j * bs: (j + 1) * bs]))
 
     def trim(self, table: BlockTable) -> None:
         """Give back the blocks no future query of the table can see (window only)."""
@@ -349,6 +361,12 @@ class KVPool:
         return keys, values
 
     # ----------------------------------------------------------------- blocks
+
+    def _index_tail(self, b: int, key: bytes, tokens: tuple[int, ...]) -> None:
+        """Let `reuse` copy the leading slots of block b, which follows the prefix `key`."""
+        if tokens not in self._tails.get(key, {}) and b not in self._tail_of:
+            self._tails.setdefault(key, {})[tokens] = b
+            self._tail_of[b] = (key, tokens)
 
     @torch.no_grad()
     def _copy_slots(self, src: int, dst: int, n: int) -> None:
