@@ -190,23 +190,38 @@ class KVPool:
         table.blocks, table.length, table.digests = [], 0, []
 
     def reuse(self, table: BlockTable, tokens: list[int]) -> int:
-        """Point an empty table at the longest registered prefix of `tokens` that leaves at
-        least one token to feed; returns the number of tokens reused (a multiple of BS)."""
-        assert not table.blocks and table.length == 0
-        bs = self.block_size
-        digests = _chain(tokens[: (len(tokens) - 1) // bs * bs], bs)
+        """Extend a table (empty, or one that ends on a block boundary) by the cached KV of
+        its next tokens: the longest run of registered blocks, then the leading slots of a
+        cached block, leaving at least one token to feed. Returns the tokens gained.
+
+        Called at admission and again before each pre-fill chunk, so that requests admitted
+        together with the same system prompt share it: the first computes a chunk, the
+        others take it instead of computing it too."""
+        bs, start = self.block_size, table.length
+        j0 = start // bs
+        if start % bs or len(table.blocks) != j0 or len(table.digests) != j0:
+            return 0                        # a partial block of its own: nothing to add
+        prev = table.digests[-1] if table.digests else b""
+        digests = _chain(tokens[j0 * bs: (len(tokens) - 1) // bs * bs], bs, prev)
         present = np.array([d in self._block_of for d in digests], dtype=bool)
-        missing_before = np.concatenate([[0], np.cumsum(~present)])   # missing in [0, j)
+        missing_before = np.concatenate([[0], np.cumsum(~present)])   # missing in [j0, j0+i)
         m = next((m for m in range(len(digests), 0, -1)
-                  if missing_before[m] == missing_before[self._first_needed(m * bs)]), 0)
-        first = self._first_needed(m * bs)
-        table.blocks = [-1] * first + [self._block_of[d] for d in digests[first:m]]
-        for b in table.blocks[first:]:
+                  if missing_before[m] == missing_before[self._needed_from(j0, m)]), 0)
+        first = self._needed_from(j0, m)
+        taken = [self._block_of[d] for d in digests[first:m]]
+        for b in taken:
             self._hold(b)
-        table.length, table.digests = m * bs, digests[:m]
+        table.blocks += [-1] * first + taken
+        table.digests += digests[:m]
+        table.length = (j0 + m) * bs
         self._reuse_tail(table, tokens)
-        self.hits += table.length
-        return table.length
+        self.hits += table.length - start
+        return table.length - start
+
+    def _needed_from(self, j0: int, m: int) -> int:
+        """Of the m blocks after the table's j0, the index of the first one the query after
+        them can see (0 without a window)."""
+        return max(self._first_needed((j0 + m) * self.block_size) - j0, 0)
 
     def _reuse_tail(self, table: BlockTable, tokens: list[int]) -> None:
         """Extend a table that ends on a block boundary by the first n slots of a cached block
@@ -422,8 +437,8 @@ def _digest(prev: bytes, tokens: list[int]) -> bytes:
     return hashlib.blake2b(prev + data, digest_size=16).digest()
 
 
-def _chain(tokens: list[int], bs: int) -> list[bytes]:
-    out, prev = [], b""
+def _chain(tokens: list[int], bs: int, prev: bytes = b"") -> list[bytes]:
+    out = []
     for j in range(len(tokens) // bs):
         prev = _digest(prev, tokens[j * bs: (j + 1) * bs])
         out.append(prev)

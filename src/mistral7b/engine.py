@@ -86,7 +86,7 @@ class Engine:
             with torch.inference_mode(False):
                 self._pool = KVPool(self.config, budget, dtype=self.dtype, device=self.device,
                                     block_size=self.kv_block_size)
-            log.info("KV cache: budget %.2f GiB = %d tokens (%d KiB per token), memory taken "
+            log.debug("KV cache: budget %.2f GiB = %d tokens (%d KiB per token), memory taken "
                      "as sequences advance", self._pool.nbytes / 2**30,
                      self._pool.capacity_blocks * self._pool.block_size,
                      self._pool.slot_bytes // 1024)

@@ -371,6 +371,13 @@ class Scheduler:
         return self.prefill_chunk - (s.seq.fed - start) % self.prefill_chunk
 
     def _prefill(self, seqs: list[_Seq]) -> None:
+        if self.prefix_cache:           # what other rows computed since this one was admitted
+            for s in seqs:
+                if not s.scoring and not s.seq.output:
+                    gained = self.pool.reuse(s.seq.table, s.seq.tokens)
+                    s.seq.cached_tokens += gained
+                    self.cached_tokens += gained
+                    self.stats.cached_tokens += gained
         chunks = [s.seq.pending(self._chunk_len(s)) for s in seqs]
         plain = [i for i, s in enumerate(seqs) if not s.scoring]
         last: dict[int, torch.Tensor] = {}

@@ -164,3 +164,20 @@ def test_a_churn_of_requests_leaves_only_the_prefix_cache_behind():
         assert pool.available_blocks == pool.capacity_blocks
     finally:
         sched.close()
+
+
+def test_requests_admitted_together_compute_a_shared_prompt_once():
+    """Four requests with the same 26-token preamble arrive at once: the first computes it,
+    the others take its blocks when their turn to pre-fill comes."""
+    engine = _engine(tokens=1024, window=8)
+    sched = _sched(engine)
+    shared = list(range(10, 36))
+    tails = [[50 + i, 60 + i, 70 + i] for i in range(4)]
+    try:
+        clients = [Client(sched, shared + t, max_tokens=4) for t in tails]
+        results = [c.result() for c in clients]
+        for t, r in zip(tails, results):
+            assert r[0][0] == _alone(engine, shared + t, 4)
+        assert sched.prompt_tokens == len(shared) + sum(len(t) for t in tails)
+    finally:
+        sched.close()
