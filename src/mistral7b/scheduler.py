@@ -2,7 +2,8 @@
 
 The server submits `GenerationRequest`s and runs the loop on a thread (`start`), so torch work
 never blocks the asyncio event loop; `LLM.generate` / `stream` / `chat` drive the very same
-loop without a thread (`generate`). Every choice of a request (`n` of them) is one
+loop without a thread (`run_batch`). The request side (queue, thread, cancellation, timeouts,
+draining, how a request ends) is `queueing.RequestQueue`; this module is what a step does. Every choice of a request (`n` of them) is one
 `Sequence` with its own block table. At each step boundary the loop:
 
     1. drops cancelled requests and fails expired ones (their blocks go back to the pool);
@@ -43,10 +44,8 @@ import collections
 import functools
 import itertools
 import logging
-import threading
 import time
 from collections.abc import Callable, Generator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -54,16 +53,10 @@ import torch
 from mistral7b.cache import KVCacheFull
 from mistral7b.engine import Engine
 from mistral7b.errors import InputError
-from mistral7b.request import (
-    GenerationRequest,
-    Output,
-    QueueFullError,
-    RequestFailed,
-    ShuttingDownError,
-    failure,
-)
+from mistral7b.queueing import THROUGHPUT_WINDOW_S, ChoiceSeq, RequestQueue
+from mistral7b.request import GenerationRequest, Output, RequestFailed
 from mistral7b.sampling import NonFiniteLogitsError, make_generator, sample_batch
-from mistral7b.sequence import GenerationStats, Sequence, TokenLogprob, prompt_logprobs
+from mistral7b.sequence import GenerationStats, Sequence, prompt_logprobs
 
 if TYPE_CHECKING:
     from mistral7b.tokenizer.base import IncrementalDecoder
@@ -71,30 +64,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("mistral7b.scheduler")
 
 DEFAULT_PREFILL_CHUNK = 256
-THROUGHPUT_WINDOW_S = 10.0
 
 
 class KVCacheTooSmall(InputError):
     """A request that can never fit the KV cache budget (HTTP 400)."""
 
 
-@dataclass(eq=False)
-class _Seq:
-    """One choice of a request, running or waiting to be (re-)admitted."""
-
-    req: GenerationRequest
-    choice: int
-    seq: Sequence
-    order: int                                             # admission order (preemption)
-    prompt_lps: list[TokenLogprob | None] | None = None     # being filled during pre-fill
-    first_logits: torch.Tensor | None = None               # a fork samples from these
-
-    @property
-    def scoring(self) -> bool:
-        return self.prompt_lps is not None
-
-
-class Scheduler:
+class Scheduler(RequestQueue):
     """Owns the step loop over an engine's KV pool (and, for the server, its thread).
 
     `stop_ids` and `new_decoder` come from the tokenizer (EOS/end-of-turn ids; a fresh
@@ -109,25 +85,16 @@ class Scheduler:
         if max_concurrency < 1 or max_queue < 0 or max_model_len < 2 or prefill_chunk < 1:
             raise ValueError("max_concurrency >= 1, max_queue >= 0, max_model_len >= 2 and "
                              "prefill_chunk >= 1 are required")
+        super().__init__(max_concurrency=max_concurrency, max_queue=max_queue)
         self.engine = engine
         self.pool = engine.pool
         self.stop_ids = stop_ids
         self.new_decoder = new_decoder
-        self.max_concurrency = max_concurrency
-        self.max_queue = max_queue
         self.max_model_len = max_model_len
         self.prefill_chunk = prefill_chunk
         self.prefill_budget = prefill_budget or prefill_chunk
         self.prefix_cache = prefix_cache
-        self._running: list[_Seq] = []
-        self._waiting: collections.deque[GenerationRequest] = collections.deque()
-        self._ready: collections.deque[_Seq] = collections.deque()   # forks, preempted
         self._order = itertools.count()
-        self._cond = threading.Condition()
-        self._accepting = True
-        self._abort_at: float | None = None     # running requests fail after this time
-        self._stop = False
-        self._thread: threading.Thread | None = None
         # figures for /metrics and the CLI, written by the loop only
         self.stats = GenerationStats()
         self.generated_tokens = 0
@@ -135,22 +102,11 @@ class Scheduler:
         self.cached_tokens = 0                  # reused from the prefix cache
         self.preemptions = 0
         self.steps = 0
-        self.failed = 0
-        self._recent: collections.deque[tuple[float, int]] = collections.deque()
         self._t0 = time.perf_counter()
 
-    # ------------------------------------------------------------ public API
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="mistral7b-scheduler",
-                                        daemon=True)
-        self._thread.start()
-
     def submit(self, req: GenerationRequest) -> None:
-        """Queue a request; raises QueueFullError, ShuttingDownError or KVCacheTooSmall
-        (nothing is queued)."""
-        if not req.params or (req.max_tokens < 1 and req.prompt_logprobs is None):
-            raise ValueError("a request needs choices and max_tokens >= 1 (or prompt_logprobs)")
+        """Queue a request; raises QueueFullError, ShuttingDownError, or KVCacheTooSmall when
+        even the whole KV budget could not hold it (nothing is queued)."""
         if not req.prompt or len(req.prompt) + max(req.max_tokens, 1) > self.max_model_len + 1:
             raise ValueError("prompt + max_tokens exceed max_model_len")
         need = self.pool.blocks_for(len(req.prompt) + req.max_tokens)
@@ -162,95 +118,7 @@ class Scheduler:
                 f"({per_token // 1024} KiB per token) but its budget is "
                 f"{self.pool.nbytes / 2**20:.0f} MiB: raise --kv-cache-memory "
                 f"(kv_cache_memory= in Python) or ask for fewer tokens")
-        with self._cond:
-            if not self._accepting:
-                raise ShuttingDownError("the server is shutting down")
-            # Requests the loop has not admitted yet may still have a free row waiting for
-            # them: only those beyond the free rows count against max_queue.
-            if len(self._waiting) - self._free_rows() >= self.max_queue:
-                raise QueueFullError(f"the queue is full ({self.max_queue} requests waiting)")
-            req._open = req.n
-            self._waiting.append(req)
-            self._cond.notify()
-
-    def cancel(self, req: GenerationRequest) -> None:
-        """The client went away: stop the request; its blocks are free within one step."""
-        with self._cond:
-            if req.done:
-                return
-            req.cancelled = True
-            if req._admitted == 0 and req in self._waiting:
-                self._waiting.remove(req)
-                req.done = True
-            self._cond.notify()
-
-    def drain(self, grace: float) -> None:
-        """Stop admitting: waiting requests fail now, running ones get `grace` seconds."""
-        with self._cond:
-            self._accepting = False
-            deadline = time.monotonic() + grace
-            self._abort_at = deadline if self._abort_at is None else min(self._abort_at, deadline)
-            self._cond.notify()
-
-    def close(self, timeout: float | None = None) -> None:
-        """Abort everything still running and stop the thread."""
-        self.drain(0.0)
-        with self._cond:
-            self._stop = True
-            self._cond.notify()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    def run_once(self) -> None:
-        """One iteration of the loop, on the caller's thread (the Python API's driver)."""
-        self._iteration()
-
-    def abort(self) -> None:
-        """Drop every request and give their blocks back (the caller stopped reading)."""
-        for req in {s.req for s in self._running} | {s.req for s in self._ready} | set(
-                self._waiting):
-            self._drop(req)
-
-    @property
-    def accepting(self) -> bool:
-        return self._accepting
-
-    @property
-    def queue_depth(self) -> int:
-        return len(self._waiting) + len(self._ready)
-
-    @property
-    def running(self) -> int:
-        return len(self._running)
-
-    def idle(self) -> bool:
-        return not self._waiting and not self._running and not self._ready
-
-    def throughput(self) -> float:
-        """Generated tokens per second over the last THROUGHPUT_WINDOW_S seconds."""
-        now = time.monotonic()
-        recent = list(self._recent)
-        return sum(n for t, n in recent if now - t <= THROUGHPUT_WINDOW_S) / THROUGHPUT_WINDOW_S
-
-    # -------------------------------------------------------------- the loop
-
-    def _free_rows(self) -> int:
-        return self.max_concurrency - len(self._running)
-
-    def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while self.idle() and not self._stop:
-                    self._cond.wait()
-                if self._stop and self.idle():
-                    return
-            try:
-                self._iteration()
-            except Exception:  # a bug in the loop itself: fail what runs, keep serving
-                log.exception("scheduler iteration failed")
-                for s in list(self._running):
-                    self._fail(s.req, RequestFailed("internal", "internal error in the "
-                                                    "scheduler; see the server log"))
+        super().submit(req)
 
     @torch.inference_mode()
     def _iteration(self) -> None:
@@ -271,33 +139,8 @@ class Scheduler:
             self._prefill(prefill)
             self.stats.prefill_seconds += time.perf_counter() - t0
 
-    def _reap(self) -> None:
-        """Drop cancelled requests; fail expired ones and, when draining, everything left."""
-        now = time.monotonic()
-        abort = self._abort_at is not None and now >= self._abort_at
-        with self._cond:
-            keep: collections.deque[GenerationRequest] = collections.deque()
-            doomed = []
-            for req in self._waiting:
-                if req.cancelled:       # its running choices, if any, are dropped below
-                    req.done = True
-                elif not self._accepting or req.expired(now):
-                    doomed.append(req)
-                else:
-                    keep.append(req)
-            self._waiting = keep
-        for req in doomed:
-            self._fail(req, failure("timeout" if req.expired(now) else "shutdown"))
-        for s in [*self._running, *self._ready]:
-            req = s.req
-            if req.done:                # dropped with another choice of its request
-                continue
-            if req.cancelled:
-                self._drop(req)
-            elif req.expired(now):
-                self._fail(req, failure("timeout"))
-            elif abort:
-                self._fail(req, failure("shutdown"))
+    def _free(self, s: ChoiceSeq) -> None:
+        self.pool.release(s.seq.table, s.seq.tokens)
 
     def _admit(self) -> None:
         """Forks and preempted sequences first, then new requests, while rows and memory
@@ -338,7 +181,7 @@ class Scheduler:
             self.cached_tokens += seq.cached_tokens
             self.stats.cached_tokens += seq.cached_tokens
             self.stats.prompt_tokens += len(req.prompt)
-            self._running.append(_Seq(req, 0, seq, next(self._order),
+            self._running.append(ChoiceSeq(req, 0, seq, next(self._order),
                                       [None] if scoring else None))
 
     def _fits(self, seq: Sequence) -> bool:
@@ -351,9 +194,9 @@ class Scheduler:
         need = max(self.pool.blocks_for(len(seq.tokens) + 1) - held, 1)
         return self.pool.available_blocks >= need + len(self._running)
 
-    def _pick_prefill(self) -> list[_Seq]:
+    def _pick_prefill(self) -> list[ChoiceSeq]:
         """Pre-filling rows in admission order, up to prefill_budget tokens (at least one row)."""
-        picked: list[_Seq] = []
+        picked: list[ChoiceSeq] = []
         total = 0
         for s in self._running:
             if s.seq.decoding or s.seq.n_pending == 0:
@@ -365,12 +208,12 @@ class Scheduler:
             total += n
         return picked
 
-    def _chunk_len(self, s: _Seq) -> int:
+    def _chunk_len(self, s: ChoiceSeq) -> int:
         """Up to the next multiple of prefill_chunk after the reused prefix."""
         start = s.seq.cached_tokens
         return self.prefill_chunk - (s.seq.fed - start) % self.prefill_chunk
 
-    def _prefill(self, seqs: list[_Seq]) -> None:
+    def _prefill(self, seqs: list[ChoiceSeq]) -> None:
         if self.prefix_cache:           # what other rows computed since this one was admitted
             for s in seqs:
                 if not s.scoring and not s.seq.output:
@@ -422,7 +265,7 @@ class Scheduler:
         if sampled:
             self._sample([seqs[i] for i in sampled], torch.stack([last[i] for i in sampled]))
 
-    def _fork(self, s: _Seq, logits_row: torch.Tensor) -> None:
+    def _fork(self, s: ChoiceSeq, logits_row: torch.Tensor) -> None:
         """Choices 1..n-1 of s's request start from s's pre-filled prompt (module docstring)."""
         req = s.req
         for choice in range(1, req.n):
@@ -434,7 +277,7 @@ class Scheduler:
                 seq.table = self.pool.fork(s.seq.table)
             except KVCacheFull:
                 pass                       # re-filled from its tokens when admitted
-            self._ready.append(_Seq(req, choice, seq, -1, first_logits=logits_row.clone()))
+            self._ready.append(ChoiceSeq(req, choice, seq, -1, first_logits=logits_row.clone()))
         req._admitted = req.n
 
     def _sample_forks(self) -> None:
@@ -451,8 +294,8 @@ class Scheduler:
                 s.first_logits = None
             self._sample(forks, rows)
 
-    def _step(self, seqs: list[_Seq], chunks: list[list[int]], all_logits: bool = False
-              ) -> tuple[list[_Seq], torch.Tensor | None]:
+    def _step(self, seqs: list[ChoiceSeq], chunks: list[list[int]], all_logits: bool = False
+              ) -> tuple[list[ChoiceSeq], torch.Tensor | None]:
         """One forward; on KVCacheFull preempt the newest sequences until it fits. Returns
         the sequences that were stepped (a preempted one is left out) and their logits."""
         while True:
@@ -485,7 +328,7 @@ class Scheduler:
             self.steps += 1
             return seqs, logits
 
-    def _preempt(self) -> _Seq | None:
+    def _preempt(self) -> ChoiceSeq | None:
         """Free the blocks of the most recently admitted sequence (not a scoring one)."""
         if len(self._running) < 2:
             return None             # alone, it cannot make room for itself
@@ -501,7 +344,7 @@ class Scheduler:
                  len(victim.seq.tokens))
         return victim
 
-    def _sample(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
+    def _sample(self, seqs: list[ChoiceSeq], logits: torch.Tensor) -> None:
         live = [i for i, s in enumerate(seqs) if not s.req.done]
         tokens: list[int] = []
         while live:
@@ -548,41 +391,6 @@ class Scheduler:
             self._recent.append((now, len(tokens)))
             while self._recent and now - self._recent[0][0] > THROUGHPUT_WINDOW_S:
                 self._recent.popleft()
-
-    # ------------------------------------------------------------ bookkeeping
-
-    def _release(self, s: _Seq) -> None:
-        if s in self._running:
-            self._running.remove(s)
-        elif s in self._ready:
-            self._ready.remove(s)
-        self.pool.release(s.seq.table, s.seq.tokens)
-
-    def _finish(self, s: _Seq, out: Output) -> None:
-        self._release(s)
-        s.req._open -= 1
-        if s.req._open == 0:
-            s.req.done = True
-        s.req.emit(out)
-
-    def _drop(self, req: GenerationRequest) -> None:
-        """Free every block of a request and forget it (it stays out of the queue)."""
-        with self._cond:
-            req.done = True
-            if req in self._waiting:
-                self._waiting.remove(req)
-        for s in [s for s in [*self._running, *self._ready] if s.req is req]:
-            self._release(s)
-
-    def _fail(self, req: GenerationRequest, error: RequestFailed) -> None:
-        if req.done:
-            return
-        self._drop(req)
-        self.failed += 1
-        if error.kind in ("model", "internal"):
-            log.warning("request failed: %s", error)
-        req.emit(Output(-1, error=error))
-
 
 _KV_FULL = ("the KV cache is full even with this request alone: raise --kv-cache-memory "
             "(kv_cache_memory= in Python) or shorten the request")
