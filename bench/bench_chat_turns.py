@@ -65,7 +65,13 @@ def main() -> None:
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    llm = mistral7b.load(args.model, quant=args.quant)
+    if args.model.startswith("random-int4:"):        # e.g. random-int4:mistral-7b-v0.3
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from random_int4 import random_int4_llm
+
+        llm = random_int4_llm(args.model.split(":", 1)[1])
+    else:
+        llm = mistral7b.load(args.model, quant=args.quant)
     llm.chat([{"role": "user", "content": "Hi"}], max_tokens=2)          # warm-up
     warm = run(llm, args.turns, args.answer, cold=False)
     cold = run(llm, args.turns, args.answer, cold=True)

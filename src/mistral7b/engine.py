@@ -81,16 +81,25 @@ class Engine:
         the memory available then)."""
         if self._pool is None:
             budget = self.kv_cache_memory or default_kv_budget(self.device)
-            # Normal tensors even when first needed inside a step: inference tensors could not
-            # be written outside inference mode (reuse copies a partial block, tests fill it).
-            with torch.inference_mode(False):
-                self._pool = KVPool(self.config, budget, dtype=self.dtype, device=self.device,
-                                    block_size=self.kv_block_size)
-            log.debug("KV cache: budget %.2f GiB = %d tokens (%d KiB per token), memory taken "
-                     "as sequences advance", self._pool.nbytes / 2**30,
-                     self._pool.capacity_blocks * self._pool.block_size,
-                     self._pool.slot_bytes // 1024)
+            for attempt in range(5):
+                try:
+                    self._pool = self._new_pool(budget)
+                    break
+                except InputError:
+                    # The default is a share of what looked free; where the system will not
+                    # reserve that much (strict overcommit, a busy GPU), take less.
+                    if self.kv_cache_memory is not None or attempt == 4:
+                        raise
+                    budget //= 2
+        assert self._pool is not None
         return self._pool
+
+    def _new_pool(self, budget: int) -> KVPool:
+        # Normal tensors even when first needed inside a step: inference tensors could not be
+        # written outside inference mode (reuse copies a partial block, tests fill it).
+        with torch.inference_mode(False):
+            return KVPool(self.config, budget, dtype=self.dtype, device=self.device,
+                          block_size=self.kv_block_size)
 
     def forget_stale_prefixes(self) -> None:
         """Drop the cached prefixes if the weights changed since they were computed (a LoRA
