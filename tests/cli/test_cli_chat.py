@@ -118,6 +118,7 @@ def test_the_second_turn_prefills_only_the_new_turn(llm):
     assert len(found) == 2, result.stderr
     (p1, c1), (p2, c2) = [(int(p), int(c or 0)) for p, c in found]
     first = [msg(USER, "Hello")]
+    llm.clear_cache()                   # a cold first turn, as the CLI's
     r1 = llm.chat(first, max_tokens=n)
     ids1 = llm.tokenizer.encode_chat(first)
     ids2 = llm.tokenizer.encode_chat(first + [msg(ASSISTANT, r1.text),

@@ -5,10 +5,13 @@ of requests with cancellations that leaves nothing behind but the prefix cache."
 from __future__ import annotations
 
 import random
+import re
 import time
 
+import httpx
 import pytest
 import torch
+from conftest import ServerProcess
 from test_scheduler import EOS, Client, Decoder, wait_idle
 
 from mistral7b.config import ModelConfig
@@ -181,3 +184,21 @@ def test_requests_admitted_together_compute_a_shared_prompt_once():
         assert sched.prompt_tokens == len(shared) + sum(len(t) for t in tails)
     finally:
         sched.close()
+
+
+def test_the_server_answers_400_for_a_request_beyond_its_kv_budget(tmp_path):
+    """`serve --kv-cache-memory`: the start-up log names the budget; a request whose prompt
+    and max_tokens could never fit gets a 400 naming the flag; one that fits is served."""
+    srv = ServerProcess(["--kv-cache-memory", "8MiB"], tmp_path / "server.log").wait_ready()
+    try:
+        assert re.search(r"KV cache: budget 0\.01 GiB \((\d+) tokens", srv.log())
+        hello = [{"role": "user", "content": "Hi"}]
+        ok = httpx.post(f"{srv.url}/v1/chat/completions", timeout=60,
+                        json={"messages": hello, "max_tokens": 8})
+        assert ok.status_code == 200, ok.text
+        big = httpx.post(f"{srv.url}/v1/chat/completions", timeout=60,
+                         json={"messages": hello, "max_tokens": 4000})
+        assert big.status_code == 400
+        assert "--kv-cache-memory" in big.json()["error"]["message"]
+    finally:
+        assert srv.stop() == 0
