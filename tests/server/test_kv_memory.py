@@ -10,30 +10,15 @@ import time
 
 import httpx
 import pytest
-import torch
 from conftest import ServerProcess
-from test_scheduler import EOS, Client, Decoder, wait_idle
+from test_scheduler import EOS, Client, Decoder, tiny_model, wait_idle
 
 from mistral7b.config import ModelConfig
 from mistral7b.engine import Engine, default_kv_budget
-from mistral7b.model import Transformer
 from mistral7b.sampling import SamplingParams
 from mistral7b.scheduler import KVCacheTooSmall, Scheduler, run_batch
 
 BS = 4
-
-
-def _model(window: int | None, max_seq_len: int = 256) -> tuple[Transformer, ModelConfig]:
-    config = ModelConfig(dim=64, n_layers=2, head_dim=16, hidden_dim=96, n_heads=4,
-                         n_kv_heads=2, norm_eps=1e-5, vocab_size=96, rope_theta=10000.0,
-                         sliding_window=window, max_seq_len=max_seq_len)
-    torch.manual_seed(0)
-    model = Transformer(config).float().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.copy_(torch.randn_like(p) * (1.5 / p.shape[1] ** 0.5))
-    return model, config
 
 
 def _slot_bytes(config: ModelConfig) -> int:
@@ -41,7 +26,7 @@ def _slot_bytes(config: ModelConfig) -> int:
 
 
 def _engine(tokens: int, window: int | None = None) -> Engine:
-    model, config = _model(window)
+    model, config = tiny_model(window)
     return Engine(model, config, kv_cache_memory=tokens * _slot_bytes(config), kv_block_size=BS)
 
 
@@ -69,7 +54,7 @@ def test_a_long_context_model_reserves_nothing_at_start_up():
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * resource.getpagesize()
 
-    model, config = _model(None, max_seq_len=32768)
+    model, config = tiny_model(None, max_seq_len=32768)
     engine = Engine(model, config)
     before = rss()
     budget = default_kv_budget(engine.device)

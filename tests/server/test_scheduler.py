@@ -48,17 +48,24 @@ class FaultyEngine(Engine):
         return logits
 
 
-@pytest.fixture(scope="module")
-def engine():
+def tiny_model(window: int | None = 16,
+               max_seq_len: int = 256) -> tuple[Transformer, ModelConfig]:
+    """A random float32 decoder small enough to step in milliseconds (vocab 96)."""
     config = ModelConfig(dim=64, n_layers=2, head_dim=16, hidden_dim=96, n_heads=4,
                          n_kv_heads=2, norm_eps=1e-5, vocab_size=96, rope_theta=10000.0,
-                         sliding_window=16, max_seq_len=256)
+                         sliding_window=window, max_seq_len=max_seq_len)
     torch.manual_seed(0)
     model = Transformer(config).float().eval()
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
                 p.copy_(torch.randn_like(p) * (1.5 / p.shape[1] ** 0.5))
+    return model, config
+
+
+@pytest.fixture(scope="module")
+def engine():
+    model, config = tiny_model()
     return FaultyEngine(model, config, kv_cache_memory=2**24, kv_block_size=4)
 
 
