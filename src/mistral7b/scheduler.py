@@ -97,12 +97,25 @@ class Scheduler(RequestQueue):
         self._order = itertools.count()
         # figures for /metrics and the CLI, written by the loop only
         self.stats = GenerationStats()
-        self.generated_tokens = 0
-        self.prompt_tokens = 0                  # computed by pre-fill (not reused)
-        self.cached_tokens = 0                  # reused from the prefix cache
         self.preemptions = 0
         self.steps = 0
         self._t0 = time.perf_counter()
+
+    # Lifetime figures for /metrics: the scheduler's own stats (run_batch gives each call a
+    # scheduler of its own, so there they are the call's).
+    @property
+    def generated_tokens(self) -> int:
+        return self.stats.generated_tokens
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Prompt tokens computed by pre-fill (not taken from the prefix cache)."""
+        return self.stats.prefill_tokens
+
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens taken from the prefix cache."""
+        return self.stats.cached_tokens
 
     def submit(self, req: GenerationRequest) -> None:
         """Queue a request; raises QueueFullError, ShuttingDownError, or KVCacheTooSmall when
@@ -178,7 +191,6 @@ class Scheduler(RequestQueue):
                     continue
                 self._waiting.popleft()
                 req._admitted = 1
-            self.cached_tokens += seq.cached_tokens
             self.stats.cached_tokens += seq.cached_tokens
             self.stats.prompt_tokens += len(req.prompt)
             self._running.append(ChoiceSeq(req, 0, seq, next(self._order),
@@ -219,7 +231,6 @@ class Scheduler(RequestQueue):
                 if not s.scoring and not s.seq.output:
                     gained = self.pool.reuse(s.seq.table, s.seq.tokens)
                     s.seq.cached_tokens += gained
-                    self.cached_tokens += gained
                     self.stats.cached_tokens += gained
         chunks = [s.seq.pending(self._chunk_len(s)) for s in seqs]
         plain = [i for i, s in enumerate(seqs) if not s.scoring]
@@ -246,7 +257,6 @@ class Scheduler(RequestQueue):
         for i, s in enumerate(seqs):
             if i not in last or s.req.done:
                 continue
-            self.prompt_tokens += len(chunks[i])
             self.stats.prefill_tokens += len(chunks[i])
             if s.seq.n_pending == 0:
                 done.append(i)
@@ -374,7 +384,6 @@ class Scheduler(RequestQueue):
                 log.exception("accepting a token failed")
                 self._fail(s.req, RequestFailed("internal", f"decoding failed: {exc}"))
                 continue
-            self.generated_tokens += 1
             self.stats.generated_tokens += 1
             if self.stats.first_token_seconds is None:
                 self.stats.first_token_seconds = time.perf_counter() - self._t0
