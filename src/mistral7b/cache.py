@@ -302,7 +302,6 @@ class KVPool:
             self._forget(b)
             heapq.heappush(self._free, b)
 
-
     # -------------------------------------------------------------------- steps
 
     def plan(self, tables: list[BlockTable], n_new: list[int]) -> tuple[AttentionPlan,

@@ -9,7 +9,6 @@ scheduler's; the pool is sized here, once, from the memory budget.
 from __future__ import annotations
 
 import itertools
-import logging
 import os
 from collections.abc import Sequence
 
@@ -19,8 +18,6 @@ from mistral7b.cache import BLOCK_SIZE, BlockTable, KVPool
 from mistral7b.config import ModelConfig
 from mistral7b.errors import InputError
 from mistral7b.model import Transformer
-
-log = logging.getLogger("mistral7b.engine")
 
 # Chunk length for pre-fill when the model has no window (with one, the default is W):
 # bounds the (T, T + cached) attention mask and activations for long prompts.
