@@ -117,4 +117,4 @@ def test_bf16_and_f16_tensors(tmp_path):
     assert torch.equal(v, torch.from_numpy(w).to(torch.bfloat16))
     o = reader.tensor("layers.1.attention.wo.weight")
     assert o.dtype == torch.float16 and o.shape == (64, 64)
-    assert reader.raw("layers.1.attention.wv.weight").qtype == QT.BF16
+    assert reader.raw("layers.1.attention.wv.weight").qtype.name == "BF16"

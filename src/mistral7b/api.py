@@ -65,24 +65,34 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device,
 def load(model: str | Path = "default", *, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, quant: str | None = None,
          lora: str | Path | None = None, lora_merge: bool = True,
-         kv_cache_memory: int | None = None) -> LLM:
+         kv_cache_memory: int | None = None, speculate: int = 0) -> LLM:
     """Load a model: a checkpoint folder (consolidated or HF), a .gguf file, or "default".
 
+    quant: None keeps float weights (a quantized GGUF is dequantized); "int8" / "int4"
+    quantize on load; "auto" runs a quantized GGUF on its own blocks (Q4_* as int4, Q8_0 as
+    int8), as the CLI and server do by default, and anything else in float.
     lora: a PEFT adapter folder or a Mistral lora.safetensors, merged into the weights
     (lora_merge=True) or kept as separate low-rank modules.
+    speculate: draft tokens per decode step by prompt lookup (speculate.py; 0 = off), the
+    `speculate` attribute of the returned LLM: same output, fewer steps where the answer
+    repeats its context.
     kv_cache_memory: the KV cache's budget in bytes (default: half the memory available when
     it is first needed, or 80% of free GPU memory); memory is taken as sequences advance.
     """
     from mistral7b.default_model import default_model_path
-    from mistral7b.quant import check_mode, load_quantized, stored_quant
+    from mistral7b.quant import AUTO, QUANT_MODES, file_mode, load_quantized, stored_quant
+    from mistral7b.speculate import check_speculate
     from mistral7b.weights import open_checkpoint
     from mistral7b.weights.loader import build_model
 
-    if quant is not None:
-        check_mode(quant)  # InputError unless "int8" / "int4"
+    if quant is not None and quant != AUTO and quant not in QUANT_MODES:
+        raise InputError(f"unknown quant {quant!r}: use 'int8', 'int4', 'auto' (a quantized "
+                         "GGUF on its own blocks) or None (float weights)")
     t0 = time.perf_counter()
     path = default_model_path() if str(model) == "default" else Path(model).expanduser()
     reader = open_checkpoint(path)
+    if quant == AUTO:
+        quant = file_mode(reader)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev, reader.config)
     if quant is None and stored_quant(reader) is None:
@@ -91,6 +101,7 @@ def load(model: str | Path = "default", *, device: str | torch.device | None = N
         net = load_quantized(reader, quant, dtype=dt, device=dev)
     tokenizer = _load_tokenizer(reader)
     llm = LLM(net, reader.config, tokenizer, path, kv_cache_memory)
+    llm.speculate = check_speculate(speculate)
     if lora is not None:
         from mistral7b.lora import apply_lora_file
 
@@ -114,7 +125,7 @@ def _load_tokenizer(reader: CheckpointReader) -> Tokenizer | None:
         if isinstance(reader, GGUFReader):  # reuse the open file: parsing GGUF metadata is not free
             from mistral7b.tokenizer.gguf import GGUFTokenizer
 
-            return GGUFTokenizer.from_reader(reader.gguf, reader.path)
+            return GGUFTokenizer.from_metadata(reader.header.metadata, reader.path)
         saved_gguf = Path(reader.path) / "tokenizer.gguf"  # `mistral7b quantize` of a GGUF
         if saved_gguf.is_file():
             from mistral7b.tokenizer.gguf import GGUFTokenizer
@@ -140,6 +151,7 @@ class LLM:
         self.path = path
         self.engine = Engine(model, config, kv_cache_memory)
         self.load_seconds = 0.0
+        self.speculate = 0          # prompt-lookup draft tokens per decode step (0 = off)
         self._stats = GenerationStats()
 
     def __repr__(self) -> str:
@@ -252,7 +264,8 @@ class LLM:
         tok = self.require_tokenizer()  # generated text is decoded with it
         self._stats = GenerationStats()
         return run_batch(self.engine, prompts, [params] * len(prompts), stop_ids=tok.stop_ids,
-                         new_decoder=tok.decoder, max_context=max_context, stats=self._stats)
+                         new_decoder=tok.decoder, max_context=max_context, stats=self._stats,
+                         speculate=self.speculate)
 
 
 class _CompletionBuilder:

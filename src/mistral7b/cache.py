@@ -272,7 +272,8 @@ class KVPool:
         """Name the table's newly filled blocks by digest (tokens: at least its first
         `length`), so that later sequences can reuse them."""
         bs = self.block_size
-        full = table.length // bs
+        # min: a speculative step writes draft tokens that are not (yet) the sequence's own
+        full = min(table.length, len(tokens)) // bs
         if len(table.digests) >= full:
             return
         prev = table.digests[-1] if table.digests else b""
@@ -285,6 +286,21 @@ class KVPool:
                 self._digest_of[b] = prev
                 self._index_tail(b, table.digests[-2] if j else b"",
                                  tuple(tokens[j * bs: (j + 1) * bs]))
+
+    def truncate(self, table: BlockTable, length: int) -> None:
+        """Forget positions >= length (rejected speculative draft tokens): blocks past the
+        new end go back; slots past it in the last block are overwritten by later writes.
+        Those positions were never registered (register names only the sequence's own
+        tokens), and no block past the new end can be shared."""
+        if length >= table.length:
+            return
+        keep = -(-length // self.block_size)
+        for b in table.blocks[keep:]:
+            if b > 0:
+                self._drop(b)
+        del table.blocks[keep:]
+        del table.digests[length // self.block_size:]
+        table.length = length
 
     def trim(self, table: BlockTable) -> None:
         """Give back the blocks no future query of the table can see (window only)."""

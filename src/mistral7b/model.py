@@ -93,7 +93,11 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        # Built on the meta device (every loader) there is nothing to initialise: skip
+        # Embedding's normal_, whose meta version imports torch._dynamo (1.5 s of a load).
+        on_meta = torch.empty(0).is_meta
+        table = torch.empty(config.vocab_size, config.dim) if on_meta else None
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim, _weight=table)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)

@@ -11,7 +11,8 @@ draining, how a request ends) is `queueing.RequestQueue`; this module is what a 
        and memory are free: a new prompt first takes the longest cached prefix of its
        tokens (`KVPool.reuse`), then needs blocks for the rest plus one of headroom for
        each running sequence; one that does not fit waits;
-    3. decodes: one forward feeds every decoding sequence its last token (B_d x 1);
+    3. decodes: one forward feeds every decoding sequence its last token (B_d x 1), or with
+       `speculate` its last token and a prompt-lookup draft (speculate.py), verified at once;
     4. pre-fills: one forward feeds waiting prompts their next chunk (B_p x T), up to
        `prefill_budget` prompt tokens per step, so running streams are never starved;
     5. samples each row with its own parameters and generator (one place, `_sample`, which
@@ -57,6 +58,7 @@ from mistral7b.queueing import THROUGHPUT_WINDOW_S, ChoiceSeq, RequestQueue
 from mistral7b.request import GenerationRequest, Output, RequestFailed
 from mistral7b.sampling import NonFiniteLogitsError, make_generator, sample_batch
 from mistral7b.sequence import GenerationStats, Sequence, prompt_logprobs
+from mistral7b.speculate import check_speculate, propose
 
 if TYPE_CHECKING:
     from mistral7b.tokenizer.base import IncrementalDecoder
@@ -81,7 +83,8 @@ class Scheduler(RequestQueue):
                  new_decoder: Callable[[], IncrementalDecoder], max_concurrency: int = 8,
                  max_queue: int = 64, max_model_len: int,
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                 prefill_budget: int | None = None, prefix_cache: bool = True) -> None:
+                 prefill_budget: int | None = None, prefix_cache: bool = True,
+                 speculate: int = 0) -> None:
         if max_concurrency < 1 or max_queue < 0 or max_model_len < 2 or prefill_chunk < 1:
             raise ValueError("max_concurrency >= 1, max_queue >= 0, max_model_len >= 2 and "
                              "prefill_chunk >= 1 are required")
@@ -94,6 +97,7 @@ class Scheduler(RequestQueue):
         self.prefill_chunk = prefill_chunk
         self.prefill_budget = prefill_budget or prefill_chunk
         self.prefix_cache = prefix_cache
+        self.speculate = check_speculate(speculate)   # draft tokens per decode step (0: off)
         self._order = itertools.count()
         # figures for /metrics and the CLI, written by the loop only
         self.stats = GenerationStats()
@@ -141,9 +145,13 @@ class Scheduler(RequestQueue):
         decode = [s for s in self._running if s.seq.decoding]
         if decode:
             t0 = time.perf_counter()
-            decode, logits = self._step(decode, [s.seq.pending(1) for s in decode])
-            if logits is not None:
-                self._sample(decode, logits)
+            drafts = [self._draft(s) for s in decode]
+            if any(drafts):
+                self._speculative_decode(decode, drafts)
+            else:
+                decode, logits = self._step(decode, [s.seq.pending(1) for s in decode])
+                if logits is not None:
+                    self._sample(decode, logits)
             self.stats.decode_seconds += time.perf_counter() - t0
         self._reap()            # cancellations that arrived during the decode step
         prefill = self._pick_prefill()
@@ -151,6 +159,39 @@ class Scheduler(RequestQueue):
             t0 = time.perf_counter()
             self._prefill(prefill)
             self.stats.prefill_seconds += time.perf_counter() - t0
+
+    def _draft(self, s: ChoiceSeq) -> list[int]:
+        """Prompt-lookup draft tokens for a decoding row (speculate.py); at most what the row
+        may still emit, less the token the step samples anyway."""
+        room = min(self.speculate, s.seq.max_tokens - len(s.seq.output) - 1)
+        return propose(s.seq.tokens, room) if room > 0 else []
+
+    def _speculative_decode(self, seqs: list[ChoiceSeq], drafts: list[list[int]]) -> None:
+        """Feed each row its last token and its draft in one step, then emit tokens position
+        by position while they match the draft (speculate.py's verification rule)."""
+        draft_of = {id(s): d for s, d in zip(seqs, drafts)}
+        seqs, logits = self._step(seqs, [s.seq.pending(1) + d for s, d in zip(seqs, drafts)],
+                                  all_logits=True)
+        if logits is None:
+            return
+        drafts = [draft_of[id(s)] for s in seqs]
+        base = [s.seq.fed - 1 - len(d) for s, d in zip(seqs, drafts)]   # position of x
+        self.stats.draft_tokens += sum(map(len, drafts))
+        active, pos = list(range(len(seqs))), 0
+        while active:
+            for i in active:     # the cache holds x and the drafts accepted so far
+                self.pool.truncate(seqs[i].seq.table, base[i] + 1 + pos)
+            emitted = [len(seqs[i].seq.output) for i in active]
+            self._sample([seqs[i] for i in active], logits[active, pos])
+            kept = []
+            for i, before in zip(active, emitted):
+                seq, draft = seqs[i].seq, drafts[i]
+                if seqs[i].req.done or seq.finish_reason or len(seq.output) == before:
+                    continue
+                if pos < len(draft) and seq.output[-1] == draft[pos]:
+                    self.stats.accepted_tokens += 1
+                    kept.append(i)
+            active, pos = kept, pos + 1
 
     def _free(self, s: ChoiceSeq) -> None:
         self.pool.release(s.seq.table, s.seq.tokens)
@@ -408,7 +449,8 @@ _KV_FULL = ("the KV cache is full even with this request alone: raise --kv-cache
 def run_batch(engine: Engine, prompts: list[list[int]], params: list, *,
               stop_ids: frozenset[int], new_decoder: Callable[[], IncrementalDecoder],
               max_context: int | None = None, chunk_size: int | None = None,
-              stats: GenerationStats | None = None) -> Generator[tuple[int, Output], None, None]:
+              stats: GenerationStats | None = None,
+              speculate: int = 0) -> Generator[tuple[int, Output], None, None]:
     """Generate for a ragged batch on the caller's thread: the same loop the server runs,
     every prompt admitted at once. Yields (prompt index, Output) as they come; raises the
     first failure. Closing the iterator stops the batch and frees its blocks."""
@@ -432,7 +474,7 @@ def run_batch(engine: Engine, prompts: list[list[int]], params: list, *,
     sched = Scheduler(engine, stop_ids=stop_ids, new_decoder=new_decoder,
                       max_concurrency=len(requests), max_queue=len(requests),
                       max_model_len=context, prefill_chunk=chunk,
-                      prefill_budget=chunk * len(requests))
+                      prefill_budget=chunk * len(requests), speculate=speculate)
     if stats is not None:
         sched.stats = stats
     for req in requests:

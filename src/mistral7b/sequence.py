@@ -62,6 +62,12 @@ class GenerationStats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     first_token_seconds: float | None = None     # from the call to its first token
+    draft_tokens: int = 0                        # speculative tokens proposed ...
+    accepted_tokens: int = 0                     # ... and accepted (speculate.py)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
 
     @property
     def prompt_tps(self) -> float:

@@ -25,8 +25,17 @@ def tokenizer():
 
 
 @pytest.fixture(scope="session")
-def llm():
-    """The default model in this process: what the command line must agree with."""
+def _default_llm():
     import mistral7b
 
-    return mistral7b.load("default")
+    return mistral7b.load("default", quant="auto")
+
+
+@pytest.fixture
+def llm(_default_llm):
+    """The default model in this process as the command line loads it by default (its own
+    Q4_1 blocks, quant="auto"): what the command line must agree with. Its prefix cache
+    starts empty, as a new CLI process's does: the int4 kernel's pre-fill and decode round
+    activations differently, so KV reused from another test's turns could flip a near tie."""
+    _default_llm.clear_cache()
+    return _default_llm

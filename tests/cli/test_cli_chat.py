@@ -20,7 +20,7 @@ def test_piped_conversation_with_commands_matches_api(llm):
     n = 8
     script = ("Hello\n"
               "/system You are a pirate.\n"
-              "Hello\n"
+              "Who are you?\n"
               "/clear\n"
               "Hello\n")                       # no /bye: end of input ends the session
     result = run_cli("chat", "-n", str(n), input=script)
@@ -30,8 +30,12 @@ def test_piped_conversation_with_commands_matches_api(llm):
         return llm.chat(messages, max_tokens=n).text
 
     pirate = msg("system", "You are a pirate.")
+    # The REPL drops its cached KV at /system and /clear (README): so does the reference,
+    # since the int4 kernel's results may differ in the last bits with and without reuse.
     r1 = answer([msg(USER, "Hello")])
-    r2 = answer([pirate, msg(USER, "Hello"), msg(ASSISTANT, r1), msg(USER, "Hello")])
+    llm.clear_cache()
+    r2 = answer([pirate, msg(USER, "Hello"), msg(ASSISTANT, r1), msg(USER, "Who are you?")])
+    llm.clear_cache()
     r3 = answer([pirate, msg(USER, "Hello")])   # /clear keeps the system prompt
     assert r1 != r2 and r2 != r3                   # the commands changed the conversation
     assert result.stdout == f"{r1}\n{r2}\n{r3}\n"  # replies only: no prompt, no notices

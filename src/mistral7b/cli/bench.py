@@ -1,7 +1,8 @@
 """`mistral7b bench`: pre-fill tok/s, decode tok/s, time to first token and peak memory, and
 with `--vs-llama-cpp` the same measurement of llama.cpp on the same GGUF, in the same run.
 
-    mistral7b bench -m model.Q4_0.gguf --quant int4 --vs-llama-cpp
+    mistral7b bench -m model.Q4_0.gguf --vs-llama-cpp      # the file's own blocks (--quant auto)
+    mistral7b bench --quant none                            # float weights
     mistral7b bench --quant int8 --prompt-tokens 256 --gen-tokens 64 --repeat 3
 
 Each engine runs in a fresh subprocess (so its peak RSS is its own): it loads the model once,
@@ -153,22 +154,9 @@ def _ours(args: argparse.Namespace):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.quant:
-        from mistral7b.api import resolve_device, resolve_dtype
-        from mistral7b.default_model import default_model_path
-        from mistral7b.quant import load_quantized
-        from mistral7b.weights import open_checkpoint
-
-        path = default_model_path() if args.model == "default" else args.model
-        reader = open_checkpoint(path)
-        dev = resolve_device(args.device)
-        model = load_quantized(reader, args.quant, device=dev,
-                               dtype=resolve_dtype(args.dtype, dev, reader.config))
-        config = reader.config
-        del reader
-    else:
-        llm = mistral7b.load(args.model, device=args.device, dtype=args.dtype)
-        model, config = llm.model, llm.config
+    llm = mistral7b.load(args.model, device=args.device, dtype=args.dtype,
+                         quant=None if args.quant == "none" else args.quant)
+    model, config = llm.model, llm.config
     engine = Engine(model, config)
     state: dict[str, Any] = {"table": BlockTable()}
 

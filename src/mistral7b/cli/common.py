@@ -39,7 +39,12 @@ SAMPLING_FLAGS = {
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(SamplingParams)}
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
+QUANT_CHOICES = ("auto", "none", "int8", "int4")
+
+
+def add_model_args(p: argparse.ArgumentParser, quant_default: str = "auto") -> None:
+    """The model flags. `quant_default`: "auto" (run a quantized GGUF on its own blocks, as
+    llama.cpp does) for inference commands; "none" where float is the point (fine-tuning)."""
     g = p.add_argument_group("model")
     g.add_argument("-m", "--model", default="default", metavar="PATH",
                    help="a checkpoint folder (consolidated or HF), a .gguf file, or 'default' "
@@ -49,8 +54,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", metavar="TYPE",
                    help="float32, bfloat16 or float16 (default: bfloat16/float16 on CUDA; on "
                         "CPU float32 for small models, bfloat16 for 7B)")
-    g.add_argument("--quant", choices=("int8", "int4"),
-                   help="quantize the weights on load")
+    g.add_argument("--quant", choices=QUANT_CHOICES, default=quant_default,
+                   help="auto: a quantized GGUF runs on its own 4/8-bit blocks, anything else "
+                        "in float; none: float weights (a GGUF is dequantized); int8/int4: "
+                        "quantize on load (default: %(default)s)")
     g.add_argument("-t", "--threads", type=int, metavar="N",
                    help="CPU threads for PyTorch (default: PyTorch's choice)")
     g.add_argument("--kv-cache-memory", type=parse_bytes, metavar="SIZE",
@@ -146,7 +153,8 @@ def load_model(args: argparse.Namespace, *, quiet: bool = False) -> LLM:
         torch.set_num_threads(args.threads)
     if not quiet:
         log(f"loading {args.model} ...")
-    llm = mistral7b.load(args.model, device=args.device, dtype=args.dtype, quant=args.quant,
+    quant = None if args.quant == "none" else args.quant
+    llm = mistral7b.load(args.model, device=args.device, dtype=args.dtype, quant=quant,
                          kv_cache_memory=args.kv_cache_memory)
     llm.require_tokenizer()
     return llm

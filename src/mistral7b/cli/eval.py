@@ -110,7 +110,7 @@ def _add_common(p: argparse.ArgumentParser, *, json_flag: bool = True) -> None:
     if json_flag:
         p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("-q", "--quiet", action="store_true", help="no load message on stderr")
-    common.add_model_args(p)
+    common.add_model_args(p, quant_default="none")
     p.add_argument("--lora", metavar="PATH",
                    help="apply a LoRA adapter: a PEFT folder or a Mistral lora.safetensors")
     p.add_argument("--lora-separate", action="store_true",

@@ -95,7 +95,7 @@ def add_parser(subparsers: Any) -> None:
     g.add_argument("--json", action="store_true",
                    help="print a JSON summary on stdout at the end")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar or messages")
-    common.add_model_args(p)
+    common.add_model_args(p, quant_default="none")
     p.set_defaults(run=run)
 
 
@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
 
     # Everything that can be checked without the model is checked before loading it.
     config = config_from_args(args)
-    if args.quant and args.qlora:
+    if args.quant != "none" and args.qlora:
         raise InputError("--quant quantizes at load, --qlora after it: give one of them")
     train_records = read_records(args.data)
     eval_records = read_records(args.eval_data) if args.eval_data else None

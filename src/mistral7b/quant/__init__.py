@@ -16,7 +16,7 @@ model.py knows nothing of this package.
 """
 
 from mistral7b.quant.checkpoint import stored_quant, write_quantized
-from mistral7b.quant.convert import QUANT_MODES, check_mode
+from mistral7b.quant.convert import AUTO, QUANT_MODES, check_mode, file_mode
 from mistral7b.quant.layers import (
     Int4Linear,
     Int4Weight,
@@ -28,12 +28,14 @@ from mistral7b.quant.layers import (
 from mistral7b.quant.load import load_quantized, quantize_model
 
 __all__ = [
+    "AUTO",
     "QUANT_MODES",
     "Int4Linear",
     "Int4Weight",
     "Int8Linear",
     "Int8Weight",
     "check_mode",
+    "file_mode",
     "load_quantized",
     "quantize_int4",
     "quantize_int8",

@@ -246,18 +246,16 @@ def _write_tokenizer_gguf(reader: GGUFReader, path: Path) -> None:
     its own, so the quantized folder keeps the vocabulary, merges and chat template."""
     import gguf
 
-    src = reader.gguf
-    arch = src.fields["general.architecture"].contents()
-    writer = gguf.GGUFWriter(str(path), arch)
-    for key, field in src.fields.items():
+    header = reader.header
+    writer = gguf.GGUFWriter(str(path), header.metadata.get("general.architecture", "llama"))
+    for key, value in header.metadata.items():
         if not key.startswith("tokenizer."):
             continue
-        vtype = field.types[0]
-        value = field.contents()
-        if vtype == gguf.GGUFValueType.ARRAY:
+        kind, _ = header.types[key]
+        if kind == gguf.GGUFValueType.ARRAY:
             writer.add_array(key, value)
         else:
-            writer.add_key_value(key, value, vtype)
+            writer.add_key_value(key, value, gguf.GGUFValueType(kind))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -32,9 +32,32 @@ from mistral7b.weights.gguf_file import FLOAT_TYPES, GGUFReader
 from mistral7b.weights.names import expected_shapes, is_linear_weight
 
 QUANT_MODES = ("int8", "int4")
+AUTO = "auto"  # load(quant="auto"): the file's own blocks where it has them (file_mode)
 DEFAULT_INT4_GROUP = 32
 
 QuantWeight = Int8Weight | Int4Weight
+
+
+def file_mode(reader: CheckpointReader) -> str | None:
+    """What `quant="auto"` runs a checkpoint as: a GGUF whose linear layers are mostly
+    quantized on its own blocks ("int8" when they are Q8_0, else "int4": 4-bit types copied,
+    wider ones kept as int8 by the table above), as llama.cpp and Ollama run it; float files
+    stay float. By parameter count, so a Q4_K_M's Q6_K output layer does not decide."""
+    if not isinstance(reader, GGUFReader):
+        return None
+    count: dict[str, int] = {}
+    for name in linear_names(reader.config):
+        if name not in reader.names():
+            continue
+        rows, cols = reader.shape(name)
+        kind = reader.raw(name).qtype.name
+        count[kind] = count.get(kind, 0) + rows * cols
+    if not count:
+        return None
+    main = max(count, key=lambda kind: count[kind])
+    if main in FLOAT_TYPES or main in ("F64", "I8", "I16", "I32", "I64"):
+        return None
+    return "int8" if main == "Q8_0" else "int4"
 
 
 def check_mode(quant: str) -> str:

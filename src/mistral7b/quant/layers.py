@@ -180,6 +180,8 @@ class _NativeLinear(nn.Module):
     qweight: torch.Tensor
     scales: torch.Tensor
     mins: torch.Tensor | None
+    on_cpu: bool
+    compute_dtype: torch.dtype
 
     def _hold(self, p: native.Panels) -> None:
         self.kernel = "native"
@@ -187,6 +189,19 @@ class _NativeLinear(nn.Module):
         self.register_buffer("qweight", p.w)
         self.register_buffer("scales", p.scale)
         self.register_buffer("mins", p.mins)
+
+    @classmethod
+    def from_panels(cls, p: native.Panels, *, dtype: torch.dtype) -> _NativeLinear:
+        """A CPU layer on our kernel straight from its panels (GGUF blocks read as they are,
+        native.gguf_panels): what `cls(weight, ...)` builds from the portable form."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.out_features, layer.in_features, layer.dtype = p.n_out, p.n_in, dtype
+        layer.on_cpu = True
+        # as the constructors choose for the PyTorch kernels (unused by ours, kept consistent)
+        layer.compute_dtype = torch.bfloat16 if p.bits == 8 or dtype == torch.float32 else dtype
+        layer._hold(p)
+        return layer
 
     def panels(self) -> native.Panels:
         return native.Panels(self.qweight, self.scales, self.mins, self.bits, self.group,

@@ -19,6 +19,7 @@ from torch import nn
 from mistral7b.errors import InputError, ModelFileError
 from mistral7b.model import Transformer
 from mistral7b.modules import set_parameter, swap_module
+from mistral7b.quant import native
 from mistral7b.quant.checkpoint import read_stored_weight, stored_quant
 from mistral7b.quant.convert import (
     DEFAULT_INT4_GROUP,
@@ -31,11 +32,15 @@ from mistral7b.quant.convert import (
 from mistral7b.quant.layers import Int4Linear, Int4Weight, Int8Linear, Int8Weight
 from mistral7b.quant.memory import release, trim_heap
 from mistral7b.weights.base import CheckpointReader
+from mistral7b.weights.gguf_file import GGUFReader
 from mistral7b.weights.names import expected_shapes, is_linear_weight
 
 
-def make_linear(weight: QuantWeight, *, dtype: torch.dtype,
+def make_linear(weight: QuantWeight | native.Panels, *, dtype: torch.dtype,
                 device: torch.device | str) -> Int8Linear | Int4Linear:
+    if isinstance(weight, native.Panels):
+        cls = Int8Linear if weight.bits == 8 else Int4Linear
+        return cls.from_panels(weight, dtype=dtype)  # type: ignore[return-value]
     if isinstance(weight, Int8Weight):
         return Int8Linear(weight, dtype=dtype, device=device)
     return Int4Linear(weight, dtype=dtype, device=device)
@@ -62,13 +67,16 @@ def load_quantized(reader: CheckpointReader, quant: str | None, *, dtype: torch.
         model = Transformer(config)
     for name in linear_names(config):
         source = name if name in present else "tok_embeddings.weight"
+        weight: QuantWeight | native.Panels
         if stored is not None:
             weight = read_stored_weight(reader, source, mode)
         else:
-            weight = source_weight(reader, source, mode, group)
+            weight = gguf_panels(reader, source, mode, device) \
+                or source_weight(reader, source, mode, group)
         linear = make_linear(weight, dtype=dtype, device=device)
         swap_module(model, name.removesuffix(".weight"), linear)
-        if stored is not None and (isinstance(weight, Int4Weight) or linear.kernel == "native"):
+        if stored is not None and not isinstance(weight, native.Panels) and (
+                isinstance(weight, Int4Weight) or linear.kernel == "native"):
             # repacked into the kernel's layout: the mapped values are not needed again
             # (PyTorch's int8 kernel uses them in place from the map, zero-copy)
             release(weight.q, unmodified=True)
@@ -87,6 +95,23 @@ def load_quantized(reader: CheckpointReader, quant: str | None, *, dtype: torch.
         set_parameter(model, name, t)
     model.requires_grad_(False)
     return model.eval()
+
+
+def gguf_panels(reader: CheckpointReader, name: str, quant: str,
+                device: torch.device | str) -> native.Panels | None:
+    """A GGUF tensor whose blocks our kernel takes as they are (Q4_0 / Q4_1 in int4 mode,
+    Q8_0 in either), repacked in one C++ pass; None for everything else (source_weight)."""
+    if not isinstance(reader, GGUFReader) or torch.device(device).type != "cpu":
+        return None
+    raw = reader.raw(name)
+    kind = raw.qtype.name
+    if kind != "Q8_0" and (quant != "int4" or kind not in native.GGUF_PANEL_TYPES):
+        return None
+    n_out, n_in = raw.shape
+    panels = native.gguf_panels(kind, torch.from_numpy(raw.data), n_out, n_in)
+    if panels is not None and name != "tok_embeddings.weight":  # a tied table is still read
+        release(raw.data, unmodified=True)
+    return panels
 
 
 def quantize_model(model: Transformer, quant: str,

@@ -211,3 +211,28 @@ def pack_int8(q: torch.Tensor, scale: torch.Tensor) -> Panels:
     dtype = torch.float16 if scale.shape[1] > 1 and _exact_half(scale) else torch.float32
     return Panels(ops().pack8(q), panel(scale.to(dtype)), None, 8, k // scale.shape[1], 128.0,
                   n, k)
+
+
+# GGUF block types the kernel takes as they are (csrc/qmm.cpp gguf_panels): name -> type id.
+GGUF_PANEL_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8}
+_F16_SAFE = 65000.0  # pack_int4 keeps scales / mins in float16 only below this
+
+
+def gguf_panels(qtype_name: str, data: torch.Tensor, n_out: int, n_in: int) -> Panels | None:
+    """A GGUF Q4_0 / Q4_1 / Q8_0 tensor (its block bytes, uint8) straight into panels, equal
+    bit for bit to importing it (gguf_import.py) and packing it (pack_int4 / pack_int8); None
+    where that rule would pick float32 scales (values beyond float16's safe range)."""
+    namespace = ops()
+    if namespace is None or qtype_name not in GGUF_PANEL_TYPES or not fits(n_out, n_in, 32):
+        return None
+    w, scale, mins = namespace.gguf_panels(data, GGUF_PANEL_TYPES[qtype_name], n_out, n_in)
+    if qtype_name == "Q8_0":  # one group per row is per-channel int8: float32, as pack_int8
+        return Panels(w, scale if n_in > 32 else scale.float(), None, 8, 32, 128.0, n_out, n_in)
+    if not bool(scale.abs().max() < _F16_SAFE):
+        return None
+    if qtype_name == "Q4_1":
+        if not bool(mins.abs().max() < _F16_SAFE):
+            return None
+        if not torch.equal(mins.float(), scale.float() * -8.0):
+            return Panels(w, scale, mins, 4, 32, 8.0, n_out, n_in)
+    return Panels(w, scale, None, 4, 32, 8.0, n_out, n_in)

@@ -53,27 +53,6 @@ _PRE_TOKENIZERS: dict[str, tuple[tuple[str, ...], bool]] = {
 }
 
 
-def read_metadata(reader: Any, key: str, default: Any = None) -> Any:
-    """A GGUF metadata value as Python: str, int/float/bool, or a list of those."""
-    from gguf import GGUFValueType
-
-    field = reader.fields.get(key)
-    if field is None or not field.types:
-        return default
-    main = field.types[0]
-
-    def value(part: Any, kind: Any) -> Any:
-        if kind == GGUFValueType.STRING:
-            return bytes(part).decode("utf-8")
-        item = part.tolist()[0]
-        return bool(item) if kind == GGUFValueType.BOOL else item
-
-    if main == GGUFValueType.ARRAY:
-        kind = field.types[-1]
-        return [value(field.parts[i], kind) for i in field.data]
-    return value(field.parts[field.data[0]], main)
-
-
 class GGUFTokenizer(HFTokenizer):
     """The tokenizer of a GGUF file.
 
@@ -95,22 +74,23 @@ class GGUFTokenizer(HFTokenizer):
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> GGUFTokenizer:
         """Read the tokenizer metadata of the GGUF file at `path`."""
-        from gguf import GGUFReader
+        from mistral7b.errors import ModelFileError
+        from mistral7b.weights.gguf_parse import open_gguf
 
         path = Path(path)
         if not path.is_file():
             raise TokenizerError(f"{path}: GGUF file not found")
         try:
-            reader = GGUFReader(str(path))
-        except Exception as e:  # gguf raises ValueError/struct errors/... for a bad file
+            _, header = open_gguf(path)
+        except ModelFileError as e:
             raise TokenizerError(f"{path}: not a readable GGUF file ({e})") from e
-        return cls.from_reader(reader, path)
+        return cls.from_metadata(header.metadata, path)
 
     @classmethod
-    def from_reader(cls, reader: Any, path: str | os.PathLike[str]) -> GGUFTokenizer:
-        """From an open `gguf.GGUFReader` (the weight loader's, to read the file once)."""
+    def from_metadata(cls, metadata: dict[str, Any], path: str | os.PathLike[str]) -> GGUFTokenizer:
+        """From a parsed header's metadata (the weight loader's, to read the file once)."""
         path = Path(path)
-        meta = _tokenizer_metadata(reader, path)
+        meta = _tokenizer_metadata(metadata, path)
         tokens, types, model = meta["tokens"], meta["token_type"], meta["model"]
         try:
             if model == "llama":
@@ -158,7 +138,7 @@ class GGUFTokenizer(HFTokenizer):
         return super().encode_chat(messages, add_generation_prompt, safe_prompt)
 
 
-def _tokenizer_metadata(reader: Any, path: Path) -> dict[str, Any]:
+def _tokenizer_metadata(metadata: dict[str, Any], path: Path) -> dict[str, Any]:
     """The `tokenizer.*` metadata by short name ("tokens", "eos_token_id", "chat_template"),
     checked for what building the tokenizer needs."""
     names = [
@@ -178,10 +158,10 @@ def _tokenizer_metadata(reader: Any, path: Path) -> dict[str, Any]:
     keys["chat_template"] = "tokenizer.chat_template"
     meta = {}
     for name, key in keys.items():
-        try:
-            value = read_metadata(reader, key)
-        except UnicodeDecodeError as e:
-            raise TokenizerError(f"{path}: {key} holds a string that is not UTF-8 ({e})") from e
+        value = metadata.get(key)
+        if isinstance(value, bytes) or (isinstance(value, list) and value
+                                        and any(isinstance(v, bytes) for v in value)):
+            raise TokenizerError(f"{path}: {key} holds a string that is not UTF-8")
         if value is not None:
             meta[name] = value
     model, tokens = meta.get("model"), meta.get("tokens")

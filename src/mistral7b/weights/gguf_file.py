@@ -1,20 +1,14 @@
-"""GGUF checkpoints, read with the `gguf` package over a memory map.
+"""GGUF checkpoints, read over a memory map (the header by our own parser, gguf_parse.py).
 
 GGUF keeps q/k rows in the interleaved rotary layout (llama.cpp's converter undoes HF's
 permutation), so only names change. Quantized tensors are handed over raw (`raw()`: the block
 bytes and their type) for quantized kernels, or dequantized to float (`tensor()`).
-
-The header is checked before `gguf.GGUFReader` walks it, so a file that claims more tensors
-or metadata than it could hold fails at once with a clear message instead of a long walk.
 """
 
 from __future__ import annotations
 
-import re
-import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -22,6 +16,7 @@ import torch
 from mistral7b.config import ModelConfig
 from mistral7b.errors import ModelFileError
 from mistral7b.weights.base import CheckpointReader
+from mistral7b.weights.gguf_parse import GGMLType, open_gguf, tensor_view
 from mistral7b.weights.names import expected_shapes, format_name
 
 # Values dequantized at a time by tensor_as (16 MB of float32).
@@ -29,20 +24,13 @@ _DEQUANT_VALUES = 1 << 22
 # GGUF tensor types that hold plain floats (everything else is quantized blocks).
 FLOAT_TYPES = frozenset({"F32", "F16", "BF16"})
 
-GGUF_MAGIC = b"GGUF"
-SUPPORTED_VERSIONS = (2, 3)
-# Smallest possible encodings: a key/value (key length u64, 1-byte key, type u32, 1-byte value)
-# and a tensor info (name length u64, 1-byte name, n_dims u32, one dim u64, type u32, offset u64).
-_MIN_KV_BYTES = 8 + 1 + 4 + 1
-_MIN_TENSOR_INFO_BYTES = 8 + 1 + 4 + 8 + 4 + 8
-
 
 @dataclass(frozen=True)
 class RawTensor:
     """A GGUF tensor as stored: `data` is a uint8 (or float) view into the memory map."""
 
     name: str
-    qtype: Any                 # gguf.GGMLQuantizationType
+    qtype: GGMLType
     shape: tuple[int, ...]     # logical (rows, cols) in PyTorch order
     data: np.ndarray
 
@@ -55,32 +43,15 @@ class GGUFReader(CheckpointReader):
     format = "gguf"
 
     def __init__(self, path: Path) -> None:
-        import gguf  # the reader is only needed for GGUF files
-
         self.path = path
-        size = _check_header(path)
-        try:
-            reader = gguf.GGUFReader(str(path), mode="c")  # copy-on-write: writable, never written
-        except (ValueError, IndexError, KeyError, OverflowError, struct.error) as exc:
-            unknown = re.search(r"(\d+)\)? is not a valid GGMLQuantizationType", str(exc))
-            if unknown:
-                raise ModelFileError(path, f"unknown quantization type {unknown.group(1)}; this "
-                                           "reader knows the types of gguf "
-                                           f"{_gguf_version()}") from None
-            raise ModelFileError(path, f"corrupt GGUF metadata ({exc})") from None
-        self._gguf = gguf
-        self._reader = reader
-        by_name = {t.name: t for t in reader.tensors}
-        for t in reader.tensors:
-            end = int(t.data_offset) + int(t.n_bytes)
-            if end > size:
-                raise ModelFileError(path, f"tensor {t.name!r} needs bytes up to {end} but the "
-                                           f"file has {size}: the file is truncated")
-        meta = _metadata(reader)
+        self._data, header = open_gguf(path)
+        self.header = header
+        by_name = header.tensors
+        meta = {k: v for k, v in header.metadata.items() if not k.startswith("tokenizer.")}
         tied = "output.weight" not in by_name
         vocab = None
         if "token_embd.weight" in by_name:
-            vocab = int(by_name["token_embd.weight"].shape[-1])
+            vocab = int(by_name["token_embd.weight"].dims[-1])
         self.metadata = meta
         self.config = ModelConfig.from_gguf_metadata(meta, path, vocab, tied)
         self._tensors = {}
@@ -89,21 +60,16 @@ class GGUFReader(CheckpointReader):
             if name in by_name:
                 self._tensors[ours] = by_name[name]
 
-    @property
-    def gguf(self) -> Any:
-        """The open `gguf.GGUFReader` (the tokenizer reads its metadata from the same map)."""
-        return self._reader
-
     def names(self) -> set[str]:
         return set(self._tensors)
 
     def shape(self, name: str) -> tuple[int, ...]:
         # GGUF lists dimensions fastest-first (ne[0] = columns); PyTorch wants (rows, cols).
-        return tuple(int(d) for d in reversed(self._tensors[name].shape.tolist()))
+        return self._tensors[name].shape
 
     def raw(self, name: str) -> RawTensor:
         t = self._tensors[name]
-        return RawTensor(name, t.tensor_type, self.shape(name), t.data)
+        return RawTensor(name, t.type, t.shape, tensor_view(self._data, t))
 
     def tensor_as(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         raw = self.raw(name)
@@ -118,66 +84,39 @@ class GGUFReader(CheckpointReader):
             out[r: r + step] = torch.from_numpy(floats).reshape(-1, cols)
         return out
 
-    def _dequantize(self, name: str, data: np.ndarray, qtype: Any) -> np.ndarray:
+    def _dequantize(self, name: str, data: np.ndarray, qtype: GGMLType) -> np.ndarray:
+        rows = data.size // (self._tensors[name].dims[0] // qtype.block_size * qtype.type_size)
+        cols = data.size // rows // qtype.type_size * qtype.block_size
+        own = _dequantize_own(qtype.name, data, (rows, cols))
+        if own is not None:
+            return own
+        import gguf  # its numpy dequantizers, for the types we do not read ourselves
+
         try:
-            floats = self._gguf.quants.dequantize(data, qtype)
-        except NotImplementedError:
+            floats = gguf.quants.dequantize(data, gguf.GGMLQuantizationType(qtype.id))
+        except (NotImplementedError, ValueError):
             raise ModelFileError(self.path, f"tensor {name!r}: quantization type "
                                             f"{qtype.name} is not supported") from None
         return np.ascontiguousarray(floats, dtype=np.float32)
 
     def tensor(self, name: str) -> torch.Tensor:
-        gguf = self._gguf
         raw = self.raw(name)
-        qt = gguf.GGMLQuantizationType
-        if raw.qtype in (qt.F32, qt.F16):
-            return torch.from_numpy(raw.data).reshape(raw.shape)
-        if raw.qtype == qt.BF16:
-            return torch.from_numpy(raw.data.view(np.int16)).view(torch.bfloat16).reshape(raw.shape)
+        kind = raw.qtype.name
+        if kind in ("F32", "F16"):
+            return torch.from_numpy(raw.data)
+        if kind == "BF16":
+            return torch.from_numpy(raw.data.view(np.int16)).view(torch.bfloat16)
         return torch.from_numpy(self._dequantize(name, raw.data, raw.qtype)).reshape(raw.shape)
 
 
-def _gguf_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
+def _dequantize_own(kind: str, data: np.ndarray, shape: tuple[int, int]) -> np.ndarray | None:
+    """The 4- and 8-bit types the quantized loader imports (quant/gguf_import.py), in float32
+    by the same arithmetic as gguf's dequantizer (tests check it bit for bit); None for the
+    others."""
+    from mistral7b.quant.gguf_import import EXACT_INT4_TYPES, import_int4, import_q8_0
 
-    try:
-        return version("gguf")
-    except PackageNotFoundError:
-        return "(unknown version)"
-
-
-def _check_header(path: Path) -> int:
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            head = f.read(24)
-    except FileNotFoundError:
-        raise ModelFileError(path, "file not found") from None
-    except OSError as exc:
-        raise ModelFileError(path, f"cannot read: {exc.strerror or exc}") from None
-    if len(head) < 4 or head[:4] != GGUF_MAGIC:
-        raise ModelFileError(path, f"not a GGUF file (magic {head[:4]!r}, expected {GGUF_MAGIC!r})")
-    if len(head) < 24:
-        raise ModelFileError(path, f"truncated GGUF header ({size} bytes)")
-    version, n_tensors, n_kv = struct.unpack("<IQQ", head[4:24])
-    if version not in SUPPORTED_VERSIONS:
-        raise ModelFileError(path, f"unsupported GGUF version {version} (supported: "
-                                   f"{', '.join(map(str, SUPPORTED_VERSIONS))})")
-    room = size - 24
-    if n_kv * _MIN_KV_BYTES > room or n_tensors * _MIN_TENSOR_INFO_BYTES > room:
-        raise ModelFileError(path, f"header claims {n_tensors} tensors and {n_kv} metadata "
-                                   f"entries, more than a {size}-byte file can hold")
-    return size
-
-
-def _metadata(reader: Any) -> dict[str, Any]:
-    """Plain Python values of the metadata, skipping the (large) tokenizer arrays."""
-    meta = {}
-    for key, field in reader.fields.items():
-        if key.startswith("tokenizer."):
-            continue
-        try:
-            meta[key] = field.contents()
-        except (ValueError, IndexError, UnicodeDecodeError):
-            continue
-    return meta
+    if kind == "Q8_0":
+        return import_q8_0(data, shape).dequantize().numpy()
+    if kind in EXACT_INT4_TYPES:
+        return import_int4(kind, data, shape).dequantize().numpy()
+    return None

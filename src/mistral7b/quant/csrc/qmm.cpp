@@ -29,6 +29,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -418,6 +419,58 @@ at::Tensor pack8(const at::Tensor& q) {
   });
 }
 
+// GGUF blocks (rows of `blocks`, each row K / 32 blocks) -> panels, scales and mins in one
+// pass, without the portable form (quant/gguf_import.py's rules give the same values).
+// kind 2 = Q4_0 (18-byte block: f16 d, 16 bytes), 3 = Q4_1 (20: f16 d, f16 m, 16 bytes),
+// 8 = Q8_0 (34: f16 d, 32 int8). A Q4 block's byte i holds element i in its low nibble and
+// element 16 + i in its high one: exactly the panel byte (chunk j, byte t) for i = 4j + t,
+// so the 4-bit repack is a transpose of 4-byte words. Scales and mins keep their float16
+// bits; Q4_0's min (-8 d) is not stored (offset 8), as pack_int4 does.
+std::vector<at::Tensor> gguf_panels(const at::Tensor& blocks, int64_t kind, int64_t N,
+                                    int64_t K) {
+  TORCH_CHECK(kind == 2 || kind == 3 || kind == 8, "gguf_panels: type must be Q4_0, Q4_1 or Q8_0");
+  TORCH_CHECK(N % kRows == 0 && K % kBlock == 0, "N must be a multiple of 16, K of 32");
+  const int64_t block_bytes = kind == 2 ? 18 : kind == 3 ? 20 : 34;
+  const int64_t nb = K / kBlock;
+  at::Tensor src = blocks.contiguous();
+  TORCH_CHECK(src.scalar_type() == at::kByte && src.numel() == N * nb * block_bytes,
+              "gguf_panels: blocks must be N * K / 32 blocks of uint8");
+  const uint8_t* s = src.data_ptr<uint8_t>();
+  const int bits = kind == 8 ? 8 : 4;
+  at::Tensor w = at::empty({N * K * bits / 8}, src.options());
+  at::Tensor scale = at::empty({N / kRows, nb, kRows}, src.options().dtype(at::kHalf));
+  // Q4_0 / Q8_0 store no mins: an empty tensor (an op's Tensor[] cannot hold an undefined one)
+  at::Tensor mins = at::empty({kind == 3 ? N / kRows : 0, nb, kRows}, src.options().dtype(at::kHalf));
+  uint8_t* o = w.data_ptr<uint8_t>();
+  uint16_t* sc = reinterpret_cast<uint16_t*>(scale.data_ptr());
+  uint16_t* mn = kind == 3 ? reinterpret_cast<uint16_t*>(mins.data_ptr()) : nullptr;
+  const int64_t data_at = kind == 3 ? 4 : 2;
+  // At least 1 MB of panels per thread: a small tensor is copied faster than a parallel
+  // region starts, and on a busy machine a region waits for its slowest thread.
+  const int64_t grain = std::max<int64_t>(1, (1 << 20) / (nb * bits * 64));
+  at::parallel_for(0, N / kRows, grain, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p)
+      for (int64_t b = 0; b < nb; ++b) {
+        uint8_t* ob = o + (p * nb + b) * bits * 64;
+        const int64_t at_scale = (p * nb + b) * kRows;
+        for (int64_t r = 0; r < kRows; ++r) {
+          const uint8_t* blk = s + ((p * kRows + r) * nb + b) * block_bytes;
+          std::memcpy(sc + at_scale + r, blk, 2);
+          if (mn) std::memcpy(mn + at_scale + r, blk + 2, 2);
+          const uint8_t* q = blk + data_at;
+          for (int j = 0; j < bits; ++j) {
+            if (bits == 4) {
+              std::memcpy(ob + 64 * j + 4 * r, q + 4 * j, 4);
+            } else {
+              for (int t = 0; t < 4; ++t) ob[64 * j + 4 * r + t] = q[4 * j + t] ^ 0x80;
+            }
+          }
+        }
+      }
+  });
+  return {w, scale, mins};
+}
+
 }  // namespace
 
 // Schemas here, kernels under the CPU dispatch key: that lets torch.compile trace the ops
@@ -430,6 +483,7 @@ TORCH_LIBRARY(mistral7b_qmm, m) {
   m.def("bf16_gemv(Tensor x, Tensor w) -> Tensor");
   m.def("pack4(Tensor q) -> Tensor");
   m.def("pack8(Tensor q) -> Tensor");
+  m.def("gguf_panels(Tensor blocks, int kind, int n, int k) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(mistral7b_qmm, CPU, m) {
@@ -437,4 +491,5 @@ TORCH_LIBRARY_IMPL(mistral7b_qmm, CPU, m) {
   m.impl("bf16_gemv", &bf16_gemv);
   m.impl("pack4", &pack4);
   m.impl("pack8", &pack8);
+  m.impl("gguf_panels", &gguf_panels);
 }
