@@ -126,3 +126,27 @@ def test_read_prompt_sources(tmp_path, monkeypatch):
     path.write_text("line 1\nline 2\n\n", encoding="utf-8")      # only one newline is dropped
     assert read_prompt(_prompt_args(file=str(path))) == "line 1\nline 2\n"
     assert read_prompt(_prompt_args("as given\n")) == "as given\n"
+
+
+SPEC_PROMPT = ("Copy this list exactly: red, green, blue, yellow, red, green, blue, yellow, red, "
+               "green, blue, yellow, red,")
+
+
+def test_speculate_gives_the_same_answer_and_reports_acceptance():
+    """--speculate: the greedy answer of plain decoding (float weights: the invariant is exact
+    there), and the drafts it accepted in --json and on stderr."""
+    common = ["generate", SPEC_PROMPT, "-n", "24", "--json", "--quant", "none"]
+    plain = run_cli(*common, "-q")
+    spec = run_cli(*common, "--speculate", "4")
+    assert plain.returncode == 0 and spec.returncode == 0, spec.stderr
+    want, got = json.loads(plain.stdout), json.loads(spec.stdout)
+    assert got["token_ids"] == want["token_ids"] and got["text"] == want["text"]
+    assert want["timings"]["draft_tokens"] == 0
+    assert 0 < got["timings"]["accepted_tokens"] <= got["timings"]["draft_tokens"]
+    assert "drafts accepted" in spec.stderr
+
+
+def test_speculate_out_of_range_is_one_line_error():
+    result = run_cli("generate", "hi", "-n", "2", "--speculate", "99")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: speculate must be")

@@ -58,6 +58,11 @@ def add_model_args(p: argparse.ArgumentParser, quant_default: str = "auto") -> N
                    help="auto: a quantized GGUF runs on its own 4/8-bit blocks, anything else "
                         "in float; none: float weights (a GGUF is dequantized); int8/int4: "
                         "quantize on load (default: %(default)s)")
+    g.add_argument("--speculate", type=int, default=0, metavar="N",
+                   help="speculative decoding: up to N draft tokens per step, looked up in the "
+                        "prompt and answer so far and checked in one step (same output; "
+                        "faster when the answer repeats its input: summaries, edits, "
+                        "extraction; 0 = off, the default)")
     g.add_argument("-t", "--threads", type=int, metavar="N",
                    help="CPU threads for PyTorch (default: PyTorch's choice)")
     g.add_argument("--kv-cache-memory", type=parse_bytes, metavar="SIZE",
@@ -155,6 +160,7 @@ def load_model(args: argparse.Namespace, *, quiet: bool = False) -> LLM:
         log(f"loading {args.model} ...")
     quant = None if args.quant == "none" else args.quant
     llm = mistral7b.load(args.model, device=args.device, dtype=args.dtype, quant=quant,
+                         speculate=getattr(args, "speculate", 0),
                          kv_cache_memory=args.kv_cache_memory)
     llm.require_tokenizer()
     return llm
@@ -188,6 +194,8 @@ def timings(llm: LLM) -> dict[str, float]:
         "generated_tokens": s.generated_tokens,
         "generation_s": round(s.decode_seconds, 3),
         "generation_tps": round(s.decode_tps, 1),
+        "draft_tokens": s.draft_tokens,
+        "accepted_tokens": s.accepted_tokens,
         **{k: round(v, 1) for k, v in peak_memory().items()},
     }
 
@@ -199,6 +207,9 @@ def summary_line(t: dict[str, float], *, load: bool = True) -> str:
     parts.append(f"prompt {t['prompt_tokens']} tok{cached}, {t['prompt_tps']:.1f} tok/s")
     parts.append(f"first token {t['first_token_s']:.2f} s")
     parts.append(f"generated {t['generated_tokens']} tok, {t['generation_tps']:.1f} tok/s")
+    if t.get("draft_tokens"):
+        parts.append(f"speculative {t['accepted_tokens']}/{t['draft_tokens']} drafts accepted "
+                     f"({100 * t['accepted_tokens'] / t['draft_tokens']:.0f}%)")
     parts.append(f"peak RSS {t['peak_rss_mib']:.0f} MiB")
     if "peak_cuda_mib" in t:
         parts.append(f"peak CUDA {t['peak_cuda_mib']:.0f} MiB")

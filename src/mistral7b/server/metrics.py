@@ -42,6 +42,12 @@ class SchedulerCollector(Collector):
         yield CounterMetricFamily("mistral7b_prefix_cache_hit_tokens",
                                   "Prompt tokens taken from the prefix cache instead of computed",
                                   value=s.cached_tokens)
+        yield CounterMetricFamily("mistral7b_spec_draft_tokens",
+                                  "Speculative draft tokens proposed (serve --speculate)",
+                                  value=s.stats.draft_tokens)
+        yield CounterMetricFamily("mistral7b_spec_accepted_tokens",
+                                  "Speculative draft tokens accepted",
+                                  value=s.stats.accepted_tokens)
         yield CounterMetricFamily("mistral7b_preemptions",
                                   "Sequences preempted when the KV cache ran out (re-filled)",
                                   value=s.preemptions)

@@ -49,7 +49,8 @@ class ServerState:
                               max_concurrency=self.settings.max_concurrency,
                               max_queue=self.settings.max_queue, max_model_len=max_len,
                               prefill_chunk=self.settings.prefill_chunk,
-                              prefix_cache=self.settings.prefix_cache)
+                              prefix_cache=self.settings.prefix_cache,
+                              speculate=llm.speculate)
         pool = scheduler.pool
         log.info("KV cache: budget %.2f GiB (%d tokens at %d KiB each; --kv-cache-memory), "
                  "taken as sequences advance; up to %d sequences together",
