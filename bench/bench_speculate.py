@@ -67,7 +67,7 @@ def main() -> None:
         ratio = result["spec"][0] / result["plain"][0]
         ratios.append(ratio)
         print(f"{task['task']:<11} {result['plain'][0]:>11.1f} {result['spec'][0]:>10.1f} "
-              f"{ratio:>5.2f}x {100 * rate:>8.0f}% {str(result['spec'][1] == result['plain'][1]):>5}")
+              f"{ratio:>5.2f}x {100 * rate:>8.0f}% {result['spec'][1] == result['plain'][1]!s:>5}")
     plain = totals["plain"][0] / totals["plain"][1]
     spec = totals["spec"][0] / totals["spec"][1]
     print(f"{'all':<11} {plain:>11.1f} {spec:>10.1f} {spec / plain:>5.2f}x "

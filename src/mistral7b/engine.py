@@ -18,6 +18,7 @@ from mistral7b.cache import BLOCK_SIZE, BlockTable, KVPool
 from mistral7b.config import ModelConfig
 from mistral7b.errors import InputError
 from mistral7b.model import Transformer
+from mistral7b.threads import ThreadGovernor
 
 # Chunk length for pre-fill when the model has no window (with one, the default is W):
 # bounds the (T, T + cached) attention mask and activations for long prompts.
@@ -63,6 +64,10 @@ class Engine:
         self.kv_block_size = kv_block_size
         self._pool: KVPool | None = None
         self._weights_stamp: int | None = None
+        # Decode thread count chosen by measurement (threads.py) on the CPU, unless the user
+        # fixed it (OMP_NUM_THREADS, or the CLI's -t, which turns this off).
+        self.adaptive_threads = "OMP_NUM_THREADS" not in os.environ
+        self._governor: ThreadGovernor | None = None
 
     @property
     def device(self) -> torch.device:
@@ -97,6 +102,15 @@ class Engine:
         with torch.inference_mode(False):
             return KVPool(self.config, budget, dtype=self.dtype, device=self.device,
                           block_size=self.kv_block_size)
+
+    def governor(self) -> ThreadGovernor | None:
+        """The decode-step thread governor (made with the thread count torch has the first
+        time), or None where threads are fixed or the model is not on the CPU."""
+        if not self.adaptive_threads or self.device.type != "cpu":
+            return None
+        if self._governor is None:
+            self._governor = ThreadGovernor(torch.get_num_threads())
+        return self._governor
 
     def forget_stale_prefixes(self) -> None:
         """Drop the cached prefixes if the weights changed since they were computed (a LoRA

@@ -152,7 +152,11 @@ class Scheduler(RequestQueue):
                 decode, logits = self._step(decode, [s.seq.pending(1) for s in decode])
                 if logits is not None:
                     self._sample(decode, logits)
-            self.stats.decode_seconds += time.perf_counter() - t0
+            elapsed = time.perf_counter() - t0
+            self.stats.decode_seconds += elapsed
+            governor = self.engine.governor()
+            if governor is not None:
+                governor.record(elapsed)   # the thread count for the next steps
         self._reap()            # cancellations that arrived during the decode step
         prefill = self._pick_prefill()
         if prefill:
@@ -479,6 +483,10 @@ def run_batch(engine: Engine, prompts: list[list[int]], params: list, *,
         sched.stats = stats
     for req in requests:
         sched.submit(req)
+    governor = engine.governor()
+    saved_threads = torch.get_num_threads()
+    if governor is not None:    # its choice holds for our steps only: restored on return
+        torch.set_num_threads(governor.threads)
     try:
         while not all(r.done for r in requests):
             sched.run_once()
@@ -489,3 +497,4 @@ def run_batch(engine: Engine, prompts: list[list[int]], params: list, *,
                 yield i, out
     finally:
         sched.abort()
+        torch.set_num_threads(saved_threads)

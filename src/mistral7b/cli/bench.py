@@ -56,6 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed of the random prompt ids")
     g.add_argument("--vs-llama-cpp", action="store_true",
                    help="also run llama.cpp (llama-cpp-python) on the same .gguf file")
+    g.add_argument("--busy", action="store_true",
+                   help="run a CPU-bound neighbour process (one core) beside each engine: "
+                        "speed on a machine that is doing something else too")
     g.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
     g.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
 
@@ -67,13 +70,23 @@ def run(args: argparse.Namespace) -> int:
         return 0
     threads = args.threads or 2
     engines = ["mistral7b"] + (["llama.cpp"] if args.vs_llama_cpp else [])
+    if args.model == "default":     # a file both engines read
+        from mistral7b.default_model import default_model_path
+
+        args.model = str(default_model_path())
     if args.vs_llama_cpp and not str(args.model).endswith(".gguf"):
         from mistral7b.errors import InputError
 
         raise InputError("--vs-llama-cpp needs a .gguf model (-m FILE.gguf)")
     results = {}
     for engine in engines:
-        results[engine] = _spawn(args, engine, threads)
+        neighbour = _start_neighbour() if args.busy else None
+        try:
+            results[engine] = _spawn(args, engine, threads)
+        finally:
+            if neighbour is not None:
+                neighbour.kill()
+                neighbour.wait()
     _print_table(args, results)
     if args.json:
         print(json.dumps(results, indent=2))
@@ -98,6 +111,13 @@ def _spawn(args: argparse.Namespace, engine: str, threads: int) -> dict[str, Any
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _start_neighbour() -> subprocess.Popen:
+    """A CPU-bound process that keeps one core busy (pure Python: one thread, no OpenMP)."""
+    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    time.sleep(0.5)  # running before the engine starts
+    return proc
+
+
 def prompt_ids(n: int, vocab: int, seed: int) -> list[int]:
     import random
 
@@ -108,7 +128,7 @@ def prompt_ids(n: int, vocab: int, seed: int) -> list[int]:
 def _measure(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     step_fns = _llama_cpp(args) if args.worker == "llama.cpp" else _ours(args)
-    vocab, reset, prefill, decode = step_fns
+    vocab, reset, prefill, decode, weight_bytes = step_fns
     load_s = time.perf_counter() - t0
     ids = prompt_ids(args.prompt_tokens, vocab, args.seed)
     runs = []
@@ -127,6 +147,8 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
         runs.append({"prefill_tps": len(ids) / ttft, "ttft_s": ttft,
                      "decode_tps": (args.gen_tokens - 1) / dec if dec else 0.0})
     med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    # weights read per generated token (every linear layer and norm; one embedding row)
+    med["bandwidth_gbs"] = weight_bytes * med["decode_tps"] / 1e9
     return {"engine": args.worker, "model": str(args.model), "quant": args.quant,
             "threads": args.threads, "load_s": load_s, **med, "runs": runs,
             "peak_rss_gb": _peak_rss() / 1e9,
@@ -158,6 +180,9 @@ def _ours(args: argparse.Namespace):
                          quant=None if args.quant == "none" else args.quant)
     model, config = llm.model, llm.config
     engine = Engine(model, config)
+    # decode steps pick their thread count up to -t by measurement, as generate/serve do
+    engine.adaptive_threads = True
+    governor = engine.governor()
     state: dict[str, Any] = {"table": BlockTable()}
 
     def reset() -> None:
@@ -167,9 +192,25 @@ def _ours(args: argparse.Namespace):
         return int(engine.step([state["table"]], [ids])[0].argmax())
 
     def decode(tok: int) -> int:
-        return int(engine.step([state["table"]], [[tok]])[0].argmax())
+        if governor is None:
+            return int(engine.step([state["table"]], [[tok]])[0].argmax())
+        with governor.timed():
+            return int(engine.step([state["table"]], [[tok]])[0].argmax())
 
-    return config.vocab_size, reset, prefill, decode
+    return config.vocab_size, reset, prefill, decode, _weight_bytes(model)
+
+
+def _weight_bytes(model: Any) -> int:
+    """Bytes a decode step reads: every parameter and buffer but the embedding table (one
+    row of it)."""
+    table = model.tok_embeddings.weight
+    seen = {table.data_ptr()}
+    total = table[0].nbytes
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.nbytes
+    return total
 
 
 def _llama_cpp(args: argparse.Namespace):
@@ -200,7 +241,20 @@ def _llama_cpp(args: argparse.Namespace):
         llm.eval([tok])
         return last()
 
-    return n_vocab, reset, prefill, decode
+    return n_vocab, reset, prefill, decode, _gguf_weight_bytes(str(args.model))
+
+
+def _gguf_weight_bytes(path: str) -> int:
+    """The same figure for llama.cpp from the file: every tensor but the embedding table."""
+    from pathlib import Path
+
+    from mistral7b.weights.gguf_parse import open_gguf
+
+    _, header = open_gguf(Path(path))
+    total = 0
+    for name, info in header.tensors.items():
+        total += info.n_bytes // info.dims[-1] if name == "token_embd.weight" else info.n_bytes
+    return total
 
 
 def _print_table(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> None:
@@ -209,11 +263,11 @@ def _print_table(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -
     rows = [("prefill tok/s", "prefill_tps", "{:.1f}"), ("decode tok/s", "decode_tps", "{:.2f}"),
             ("time to first token s", "ttft_s", "{:.3f}"), ("peak RSS GB", "peak_rss_gb",
                                                             "{:.2f}"),
-            ("load s", "load_s", "{:.1f}")]
+            ("decode bandwidth GB/s", "bandwidth_gbs", "{:.1f}"), ("load s", "load_s", "{:.2f}")]
     head = f"{'':24s}{'mistral7b':>12s}" + (f"{'llama.cpp':>12s}{'ratio':>8s}" if peer else "")
     print(f"{args.model} quant={args.quant} threads={args.threads or 2} prompt="
-          f"{args.prompt_tokens} gen={args.gen_tokens} repeat={args.repeat} (medians)",
-          file=sys.stderr)
+          f"{args.prompt_tokens} gen={args.gen_tokens} repeat={args.repeat} (medians)"
+          + (" busy: a CPU-bound neighbour on one core" if args.busy else ""), file=sys.stderr)
     print(head, file=sys.stderr)
     for label, key, fmt in rows:
         line = f"{label:24s}{fmt.format(ours[key]):>12s}"

@@ -64,7 +64,10 @@ def add_model_args(p: argparse.ArgumentParser, quant_default: str = "auto") -> N
                         "faster when the answer repeats its input: summaries, edits, "
                         "extraction; 0 = off, the default)")
     g.add_argument("-t", "--threads", type=int, metavar="N",
-                   help="CPU threads for PyTorch (default: PyTorch's choice)")
+                   help="CPU threads for PyTorch, every step (default: PyTorch's count, "
+                        "lowered while measured steps show fewer threads are faster, as on "
+                        "a machine where other processes keep cores busy; OMP_NUM_THREADS "
+                        "also fixes it)")
     g.add_argument("--kv-cache-memory", type=parse_bytes, metavar="SIZE",
                    help="most memory the KV cache may take, e.g. 4GiB or 512MB (default: half "
                         "the memory available at start-up; 80%% of free GPU memory); memory "
@@ -163,6 +166,8 @@ def load_model(args: argparse.Namespace, *, quiet: bool = False) -> LLM:
                          speculate=getattr(args, "speculate", 0),
                          kv_cache_memory=args.kv_cache_memory)
     llm.require_tokenizer()
+    if args.threads is not None:
+        llm.engine.adaptive_threads = False    # the user's count, every step
     return llm
 
 
