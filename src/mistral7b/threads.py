@@ -23,8 +23,8 @@ from __future__ import annotations
 import statistics
 import time
 from collections import deque
-from collections.abc import Callable
-from typing import Self
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 PROBE_STEPS = 3          # steps timed per candidate
 REPROBE_AFTER = 256      # steps held before probing again anyway
@@ -92,19 +92,9 @@ class ThreadGovernor:
         if slow or self._held >= REPROBE_AFTER:
             self._start_probe()
 
-    def timed(self) -> _Timer:
-        return _Timer(self)
-
-
-class _Timer:
-    def __init__(self, governor: ThreadGovernor) -> None:
-        self.governor = governor
-        self.t0 = 0.0
-
-    def __enter__(self) -> Self:
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if exc[0] is None:
-            self.governor.record(time.perf_counter() - self.t0)
+    @contextmanager
+    def timed(self) -> Iterator[None]:
+        """Time the step in the `with` block and record it (not when it raised)."""
+        t0 = time.perf_counter()
+        yield
+        self.record(time.perf_counter() - t0)
