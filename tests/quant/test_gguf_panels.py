@@ -94,3 +94,20 @@ def test_a_gguf_model_loads_to_the_same_buffers_either_way(tmp_path, monkeypatch
     for name in ("w1", "w3"):
         layer = getattr(fast.layers[0].feed_forward, name)
         assert layer.kernel == "native" and layer.bits == 4
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
+def test_fast_dequantize_equals_gguf_bit_for_bit(kind):
+    rows, cols = 40, 320
+    blocks = _blocks(QT[kind], rows, cols, seed=7)
+    want = gguf.quants.dequantize(blocks, QT[kind]).reshape(rows, cols)
+    got = native.gguf_dequantize(kind, torch.from_numpy(blocks.reshape(-1)), rows, cols)
+    assert got is not None and got.dtype == torch.float32
+    assert np.array_equal(got.numpy(), want)
+
+
+def test_q4_1_mins_beyond_float16_safe_range_take_the_general_path():
+    rows, cols = 16, 32
+    blocks = _blocks(QT.Q4_1, rows, cols, seed=3).reshape(rows, 1, 20).copy()
+    blocks[3, 0, 2:4] = np.array([-65504.0], dtype=np.float16).view(np.uint8)
+    assert native.gguf_panels("Q4_1", torch.from_numpy(blocks.reshape(-1)), rows, cols) is None

@@ -215,7 +215,6 @@ def pack_int8(q: torch.Tensor, scale: torch.Tensor) -> Panels:
 
 # GGUF block types the kernel takes as they are (csrc/qmm.cpp gguf_panels): name -> type id.
 GGUF_PANEL_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8}
-_F16_SAFE = 65000.0  # pack_int4 keeps scales / mins in float16 only below this
 
 
 def gguf_panels(qtype_name: str, data: torch.Tensor, n_out: int, n_in: int) -> Panels | None:
@@ -225,14 +224,23 @@ def gguf_panels(qtype_name: str, data: torch.Tensor, n_out: int, n_in: int) -> P
     namespace = ops()
     if namespace is None or qtype_name not in GGUF_PANEL_TYPES or not fits(n_out, n_in, 32):
         return None
-    w, scale, mins = namespace.gguf_panels(data, GGUF_PANEL_TYPES[qtype_name], n_out, n_in)
+    w, scale, mins, flags = namespace.gguf_panels(data, GGUF_PANEL_TYPES[qtype_name], n_out,
+                                                  n_in)
+    scales_ok, mins_ok, symmetric = flags.tolist()
     if qtype_name == "Q8_0":  # one group per row is per-channel int8: float32, as pack_int8
         return Panels(w, scale if n_in > 32 else scale.float(), None, 8, 32, 128.0, n_out, n_in)
-    if not bool(scale.abs().max() < _F16_SAFE):
+    if not scales_ok or (qtype_name == "Q4_1" and not mins_ok):
         return None
-    if qtype_name == "Q4_1":
-        if not bool(mins.abs().max() < _F16_SAFE):
-            return None
-        if not torch.equal(mins.float(), scale.float() * -8.0):
-            return Panels(w, scale, mins, 4, 32, 8.0, n_out, n_in)
+    if qtype_name == "Q4_1" and not symmetric:
+        return Panels(w, scale, mins, 4, 32, 8.0, n_out, n_in)
     return Panels(w, scale, None, 4, 32, 8.0, n_out, n_in)
+
+
+def gguf_dequantize(qtype_name: str, data: torch.Tensor, n_out: int, n_in: int
+                    ) -> torch.Tensor | None:
+    """GGUF Q4_0 / Q4_1 / Q8_0 blocks -> float32 (n_out, n_in) in one C++ pass, bit for bit
+    gguf's dequantizer; None where the kernel library does not run (numpy does it then)."""
+    namespace = ops()
+    if namespace is None or qtype_name not in GGUF_PANEL_TYPES or n_in % 32:
+        return None
+    return namespace.gguf_dequantize(data, GGUF_PANEL_TYPES[qtype_name], n_out, n_in)

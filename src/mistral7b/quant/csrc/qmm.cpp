@@ -30,6 +30,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -425,7 +426,9 @@ at::Tensor pack8(const at::Tensor& q) {
 // 8 = Q8_0 (34: f16 d, 32 int8). A Q4 block's byte i holds element i in its low nibble and
 // element 16 + i in its high one: exactly the panel byte (chunk j, byte t) for i = 4j + t,
 // so the 4-bit repack is a transpose of 4-byte words. Scales and mins keep their float16
-// bits; Q4_0's min (-8 d) is not stored (offset 8), as pack_int4 does.
+// bits; Q4_0's min (-8 d) is not stored (offset 8), as pack_int4 does. The fourth tensor
+// holds three flags for the caller's choice of form: every scale finite and below 65000,
+// every min so, and every min exactly -8 times its scale (then they need not be stored).
 std::vector<at::Tensor> gguf_panels(const at::Tensor& blocks, int64_t kind, int64_t N,
                                     int64_t K) {
   TORCH_CHECK(kind == 2 || kind == 3 || kind == 8, "gguf_panels: type must be Q4_0, Q4_1 or Q8_0");
@@ -445,6 +448,9 @@ std::vector<at::Tensor> gguf_panels(const at::Tensor& blocks, int64_t kind, int6
   uint16_t* sc = reinterpret_cast<uint16_t*>(scale.data_ptr());
   uint16_t* mn = kind == 3 ? reinterpret_cast<uint16_t*>(mins.data_ptr()) : nullptr;
   const int64_t data_at = kind == 3 ? 4 : 2;
+  // f16 bit patterns: magnitude <= 64992 (the largest below 65000), and finite
+  auto small = [](uint16_t h) { return (h & 0x7FFF) <= 0x7BEF; };
+  std::atomic<bool> scales_ok{true}, mins_ok{true}, symmetric{true};
   // At least 1 MB of panels per thread: a small tensor is copied faster than a parallel
   // region starts, and on a busy machine a region waits for its slowest thread.
   const int64_t grain = std::max<int64_t>(1, (1 << 20) / (nb * bits * 64));
@@ -455,8 +461,18 @@ std::vector<at::Tensor> gguf_panels(const at::Tensor& blocks, int64_t kind, int6
         const int64_t at_scale = (p * nb + b) * kRows;
         for (int64_t r = 0; r < kRows; ++r) {
           const uint8_t* blk = s + ((p * kRows + r) * nb + b) * block_bytes;
-          std::memcpy(sc + at_scale + r, blk, 2);
-          if (mn) std::memcpy(mn + at_scale + r, blk + 2, 2);
+          uint16_t d, m;
+          std::memcpy(&d, blk, 2);
+          sc[at_scale + r] = d;
+          if (!small(d)) scales_ok = false;
+          if (mn) {
+            std::memcpy(&m, blk + 2, 2);
+            mn[at_scale + r] = m;
+            if (!small(m)) mins_ok = false;
+            if (static_cast<float>(c10::Half(m, c10::Half::from_bits())) !=
+                -8.0f * static_cast<float>(c10::Half(d, c10::Half::from_bits())))
+              symmetric = false;
+          }
           const uint8_t* q = blk + data_at;
           for (int j = 0; j < bits; ++j) {
             if (bits == 4) {
@@ -468,7 +484,59 @@ std::vector<at::Tensor> gguf_panels(const at::Tensor& blocks, int64_t kind, int6
         }
       }
   });
-  return {w, scale, mins};
+  at::Tensor flags = at::empty({3}, src.options().dtype(at::kBool));
+  flags[0] = scales_ok.load();
+  flags[1] = mins_ok.load();
+  flags[2] = kind == 3 && symmetric.load();
+  return {w, scale, mins, flags};
+}
+
+// GGUF Q4_0 / Q4_1 / Q8_0 blocks -> float32 (N, K), by gguf's own arithmetic so the result
+// is bit for bit its dequantizer's: Q4_0 d * (q - 8), Q4_1 d * q + m, Q8_0 d * q, each a
+// float32 product (and sum) rounded separately (no fused multiply-add).
+__attribute__((optimize("fp-contract=off")))
+at::Tensor gguf_dequantize(const at::Tensor& blocks, int64_t kind, int64_t N, int64_t K) {
+  TORCH_CHECK(kind == 2 || kind == 3 || kind == 8, "gguf_dequantize: Q4_0, Q4_1 or Q8_0");
+  TORCH_CHECK(K % kBlock == 0, "K must be a multiple of 32");
+  const int64_t block_bytes = kind == 2 ? 18 : kind == 3 ? 20 : 34;
+  const int64_t nb = K / kBlock;
+  at::Tensor src = blocks.contiguous();
+  TORCH_CHECK(src.scalar_type() == at::kByte && src.numel() == N * nb * block_bytes,
+              "gguf_dequantize: blocks must be N * K / 32 blocks of uint8");
+  const uint8_t* s = src.data_ptr<uint8_t>();
+  at::Tensor out = at::empty({N, K}, src.options().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, (1 << 18) / K);
+  at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* blk = s + (r * nb + b) * block_bytes;
+        float* y = o + r * K + b * kBlock;
+        uint16_t dh;
+        std::memcpy(&dh, blk, 2);
+        const float d = static_cast<float>(c10::Half(dh, c10::Half::from_bits()));
+        if (kind == 8) {
+          const int8_t* q = reinterpret_cast<const int8_t*>(blk + 2);
+          for (int i = 0; i < 32; ++i) y[i] = d * static_cast<float>(q[i]);
+        } else if (kind == 2) {
+          const uint8_t* q = blk + 2;
+          for (int i = 0; i < 16; ++i) {
+            y[i] = d * static_cast<float>(static_cast<int>(q[i] & 0x0F) - 8);
+            y[16 + i] = d * static_cast<float>(static_cast<int>(q[i] >> 4) - 8);
+          }
+        } else {
+          uint16_t mh;
+          std::memcpy(&mh, blk + 2, 2);
+          const float m = static_cast<float>(c10::Half(mh, c10::Half::from_bits()));
+          const uint8_t* q = blk + 4;
+          for (int i = 0; i < 16; ++i) {
+            y[i] = d * static_cast<float>(q[i] & 0x0F) + m;
+            y[16 + i] = d * static_cast<float>(q[i] >> 4) + m;
+          }
+        }
+      }
+  });
+  return out;
 }
 
 }  // namespace
@@ -484,6 +552,7 @@ TORCH_LIBRARY(mistral7b_qmm, m) {
   m.def("pack4(Tensor q) -> Tensor");
   m.def("pack8(Tensor q) -> Tensor");
   m.def("gguf_panels(Tensor blocks, int kind, int n, int k) -> Tensor[]");
+  m.def("gguf_dequantize(Tensor blocks, int kind, int n, int k) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mistral7b_qmm, CPU, m) {
@@ -492,4 +561,5 @@ TORCH_LIBRARY_IMPL(mistral7b_qmm, CPU, m) {
   m.impl("pack4", &pack4);
   m.impl("pack8", &pack8);
   m.impl("gguf_panels", &gguf_panels);
+  m.impl("gguf_dequantize", &gguf_dequantize);
 }

@@ -1,0 +1,101 @@
+"""A Mistral-7B-shaped GGUF with random but valid blocks (Q4_0, Q4_1 or Q8_0 matrices, F32
+norms, the v1 SentencePiece vocabulary), written straight from random bytes in a minute:
+what load-time benchmarks need, where only the file's layout and size matter.
+
+    python bench/random_gguf.py /tmp/m7b.Q4_0.gguf --type Q4_0
+    mistral7b bench -m /tmp/m7b.Q4_0.gguf --vs-llama-cpp --repeat 1 --gen-tokens 8
+
+Each block's f16 scale is drawn small and finite (|d| ~ 1e-3), so logits stay finite; the
+text the model writes is noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from write_gguf import spm_tokenizer_file  # noqa: E402
+
+from mistral7b.config import PRESETS  # noqa: E402
+from mistral7b.tokenizer.gguf import add_sentencepiece_metadata  # noqa: E402
+from mistral7b.weights.gguf_parse import TYPE_BY_NAME  # noqa: E402
+from mistral7b.weights.names import expected_shapes, format_name  # noqa: E402
+
+FILE_TYPE = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7}   # llama_ftype of an all-Q4_0 / Q4_1 / Q8_0 file
+
+
+def random_blocks(rows: int, cols: int, kind: str, rng: np.random.Generator) -> np.ndarray:
+    t = TYPE_BY_NAME[kind]
+    blocks = rng.integers(0, 256, size=(rows, cols // t.block_size, t.type_size), dtype=np.uint8)
+    scales = (2 if kind == "Q4_1" else 1)
+    d = rng.uniform(5e-4, 2e-3, size=(rows, cols // t.block_size, scales)).astype(np.float16)
+    if kind == "Q4_1":
+        d[..., 1] *= -8                                   # m: a min near -8 d, as real files
+    blocks[..., : 2 * scales] = d.view(np.uint8).reshape(rows, cols // t.block_size, 2 * scales)
+    return blocks.reshape(rows, -1)
+
+
+def main() -> None:
+    import gguf
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("out", type=Path)
+    p.add_argument("--type", choices=sorted(FILE_TYPE), default="Q4_0")
+    p.add_argument("--preset", default="mistral-7b-v0.1")
+    args = p.parse_args()
+    c = PRESETS[args.preset]
+    rng = np.random.default_rng(0)
+    w = gguf.GGUFWriter(str(args.out), "llama")
+    w.add_name(f"random-{args.preset}")
+    w.add_file_type(FILE_TYPE[args.type])
+    w.add_block_count(c.n_layers)
+    w.add_context_length(c.max_seq_len)
+    w.add_embedding_length(c.dim)
+    w.add_feed_forward_length(c.hidden_dim)
+    w.add_head_count(c.n_heads)
+    w.add_head_count_kv(c.n_kv_heads)
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
+    w.add_rope_dimension_count(c.head_dim)
+    w.add_rope_freq_base(c.rope_theta)
+    w.add_layer_norm_rms_eps(c.norm_eps)
+    w.add_vocab_size(c.vocab_size)
+    if c.sliding_window:
+        w.add_sliding_window(c.sliding_window)
+    add_sentencepiece_metadata(w, spm_tokenizer_file())
+    qtype = gguf.GGMLQuantizationType[args.type]
+    plan = []
+    for ours, shape in expected_shapes(c).items():
+        name = format_name(ours, "gguf")
+        if len(shape) == 1:
+            plan.append((name, shape, None))
+            w.add_tensor_info(name, shape, np.dtype(np.float32), shape[0] * 4)
+        else:
+            t = TYPE_BY_NAME[args.type]
+            nbytes = shape[0] * shape[1] // t.block_size * t.type_size
+            plan.append((name, shape, qtype))
+            byte_shape = (shape[0], nbytes // shape[0])    # gguf-py takes quantized shapes in bytes
+            w.add_tensor_info(name, byte_shape, np.dtype(np.uint8), nbytes, raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    t0 = time.perf_counter()
+    for name, shape, kind in plan:
+        if kind is None:
+            w.write_tensor_data(np.ones(shape, dtype=np.float32))
+        else:
+            w.write_tensor_data(random_blocks(shape[0], shape[1], args.type, rng))
+    w.close()
+    size = args.out.stat().st_size
+    print(f"{args.out}: {size / 1e9:.2f} GB in {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
