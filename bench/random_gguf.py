@@ -21,12 +21,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from write_gguf import spm_tokenizer_file  # noqa: E402
+from write_gguf import spm_tokenizer_file
 
-from mistral7b.config import PRESETS  # noqa: E402
-from mistral7b.tokenizer.gguf import add_sentencepiece_metadata  # noqa: E402
-from mistral7b.weights.gguf_parse import TYPE_BY_NAME  # noqa: E402
-from mistral7b.weights.names import expected_shapes, format_name  # noqa: E402
+from mistral7b.config import PRESETS
+from mistral7b.tokenizer.gguf import add_sentencepiece_metadata
+from mistral7b.weights.gguf_parse import TYPE_BY_NAME
+from mistral7b.weights.names import expected_shapes, format_name
 
 FILE_TYPE = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7}   # llama_ftype of an all-Q4_0 / Q4_1 / Q8_0 file
 
