@@ -4,8 +4,9 @@ GGUF keeps q/k rows in the interleaved rotary layout (llama.cpp's converter undo
 permutation), so only names change. Quantized tensors are handed over raw (`raw()`: the block
 bytes and their type) for quantized kernels, or dequantized to float (`tensor()`).
 
-The header is checked before `gguf.GGUFReader` walks it, so a file that claims more tensors
-or metadata than it could hold fails at once with a clear message instead of a long walk.
+The header is walked and checked first (gguf_header.py: every length bounded by the bytes
+left, tensor offsets as llama.cpp requires them), so `gguf.GGUFReader` only ever walks a
+header whose counts fit the file.
 """
 
 from __future__ import annotations
@@ -22,19 +23,15 @@ import torch
 from mistral7b.config import ModelConfig
 from mistral7b.errors import ModelFileError
 from mistral7b.weights.base import CheckpointReader
+from mistral7b.weights.gguf_header import gguf_version, read_header
 from mistral7b.weights.names import expected_shapes, format_name
+from mistral7b.weights.validate import check_fits, check_quantized, check_values
 
 # Values dequantized at a time by tensor_as (16 MB of float32).
 _DEQUANT_VALUES = 1 << 22
 # GGUF tensor types that hold plain floats (everything else is quantized blocks).
 FLOAT_TYPES = frozenset({"F32", "F16", "BF16"})
 
-GGUF_MAGIC = b"GGUF"
-SUPPORTED_VERSIONS = (2, 3)
-# Smallest possible encodings: a key/value (key length u64, 1-byte key, type u32, 1-byte value)
-# and a tensor info (name length u64, 1-byte name, n_dims u32, one dim u64, type u32, offset u64).
-_MIN_KV_BYTES = 8 + 1 + 4 + 1
-_MIN_TENSOR_INFO_BYTES = 8 + 1 + 4 + 8 + 4 + 8
 
 
 @dataclass(frozen=True)
@@ -58,7 +55,7 @@ class GGUFReader(CheckpointReader):
         import gguf  # the reader is only needed for GGUF files
 
         self.path = path
-        size = _check_header(path)
+        header = read_header(path)
         try:
             reader = gguf.GGUFReader(str(path), mode="c")  # copy-on-write: writable, never written
         except (ValueError, IndexError, KeyError, OverflowError, struct.error) as exc:
@@ -66,16 +63,12 @@ class GGUFReader(CheckpointReader):
             if unknown:
                 raise ModelFileError(path, f"unknown quantization type {unknown.group(1)}; this "
                                            "reader knows the types of gguf "
-                                           f"{_gguf_version()}") from None
+                                           f"{gguf_version()}") from None
             raise ModelFileError(path, f"corrupt GGUF metadata ({exc})") from None
         self._gguf = gguf
         self._reader = reader
         by_name = {t.name: t for t in reader.tensors}
-        for t in reader.tensors:
-            end = int(t.data_offset) + int(t.n_bytes)
-            if end > size:
-                raise ModelFileError(path, f"tensor {t.name!r} needs bytes up to {end} but the "
-                                           f"file has {size}: the file is truncated")
+        self.header = header
         meta = _metadata(reader)
         tied = "output.weight" not in by_name
         vocab = None
@@ -83,6 +76,8 @@ class GGUFReader(CheckpointReader):
             vocab = int(by_name["token_embd.weight"].shape[-1])
         self.metadata = meta
         self.config = ModelConfig.from_gguf_metadata(meta, path, vocab, tied)
+        check_fits(self.config, path, header.n_tensors, sum(t.n_bytes for t in header.tensors))
+        self._checked: set[str] = set()
         self._tensors = {}
         for ours in expected_shapes(self.config):
             name = format_name(ours, "gguf")
@@ -102,8 +97,22 @@ class GGUFReader(CheckpointReader):
         return tuple(int(d) for d in reversed(self._tensors[name].shape.tolist()))
 
     def raw(self, name: str) -> RawTensor:
+        """The tensor as stored; its values (floats) or block scales are checked on first use."""
         t = self._tensors[name]
-        return RawTensor(name, t.tensor_type, self.shape(name), t.data)
+        raw = RawTensor(name, t.tensor_type, self.shape(name), t.data)
+        if name not in self._checked:
+            if raw.qtype.name in FLOAT_TYPES:
+                check_values(name, self._float_view(raw), self.path)
+            else:
+                check_quantized(name, raw.qtype, raw.data, self.path, self._gguf.quants.dequantize)
+            self._checked.add(name)
+        return raw
+
+    @staticmethod
+    def _float_view(raw: RawTensor) -> torch.Tensor:
+        if raw.qtype.name == "BF16":
+            return torch.from_numpy(raw.data.view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(raw.data)
 
     def tensor_as(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         raw = self.raw(name)
@@ -133,41 +142,8 @@ class GGUFReader(CheckpointReader):
         if raw.qtype in (qt.F32, qt.F16):
             return torch.from_numpy(raw.data).reshape(raw.shape)
         if raw.qtype == qt.BF16:
-            return torch.from_numpy(raw.data.view(np.int16)).view(torch.bfloat16).reshape(raw.shape)
+            return self._float_view(raw).reshape(raw.shape)
         return torch.from_numpy(self._dequantize(name, raw.data, raw.qtype)).reshape(raw.shape)
-
-
-def _gguf_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("gguf")
-    except PackageNotFoundError:
-        return "(unknown version)"
-
-
-def _check_header(path: Path) -> int:
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            head = f.read(24)
-    except FileNotFoundError:
-        raise ModelFileError(path, "file not found") from None
-    except OSError as exc:
-        raise ModelFileError(path, f"cannot read: {exc.strerror or exc}") from None
-    if len(head) < 4 or head[:4] != GGUF_MAGIC:
-        raise ModelFileError(path, f"not a GGUF file (magic {head[:4]!r}, expected {GGUF_MAGIC!r})")
-    if len(head) < 24:
-        raise ModelFileError(path, f"truncated GGUF header ({size} bytes)")
-    version, n_tensors, n_kv = struct.unpack("<IQQ", head[4:24])
-    if version not in SUPPORTED_VERSIONS:
-        raise ModelFileError(path, f"unsupported GGUF version {version} (supported: "
-                                   f"{', '.join(map(str, SUPPORTED_VERSIONS))})")
-    room = size - 24
-    if n_kv * _MIN_KV_BYTES > room or n_tensors * _MIN_TENSOR_INFO_BYTES > room:
-        raise ModelFileError(path, f"header claims {n_tensors} tensors and {n_kv} metadata "
-                                   f"entries, more than a {size}-byte file can hold")
-    return size
 
 
 def _metadata(reader: Any) -> dict[str, Any]:
