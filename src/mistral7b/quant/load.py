@@ -66,7 +66,12 @@ def load_quantized(reader: CheckpointReader, quant: str | None, *, dtype: torch.
             weight = read_stored_weight(reader, source, mode)
         else:
             weight = source_weight(reader, source, mode, group)
-        linear = make_linear(weight, dtype=dtype, device=device)
+        try:
+            linear = make_linear(weight, dtype=dtype, device=device)
+        except ValueError as exc:  # a shape the kernel cannot take (int4: out % 16)
+            raise InputError(f"{reader.path}: {name} cannot be quantized to {mode} ({exc}); "
+                             "load it with quant='int8' (CLI: --quant int8) or unquantized"
+                             ) from None
         swap_module(model, name.removesuffix(".weight"), linear)
         if stored is not None and (isinstance(weight, Int4Weight) or linear.kernel == "native"):
             # repacked into the kernel's layout: the mapped values are not needed again
