@@ -263,8 +263,8 @@ class _Fields:
         """An integer in [lo, hi] (an integral float such as 32.0 counts); `default` when
         absent or null."""
         value = self.get(key, default)
-        if value is None or value is default:
-            return value
+        if value is None and default is not ...:
+            return default
         if isinstance(value, float) and math.isfinite(value) and value.is_integer():
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
@@ -274,8 +274,8 @@ class _Fields:
     def number(self, key: str, default: Any = ..., *, lo: float, hi: float) -> Any:
         """A finite number in [lo, hi]; `default` when absent or null."""
         value = self.get(key, default)
-        if value is None or value is default:
-            return value
+        if value is None and default is not ...:
+            return default
         if (isinstance(value, bool) or not isinstance(value, (int, float))
                 or not lo <= value <= hi):
             raise self._fail(key, f"a number from {lo:g} to {hi:g}", value)

@@ -49,8 +49,9 @@ def vocabulary() -> tuple[list[str], list[int], list[str]]:
     from tokenizers import pre_tokenizers
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tokens = SPECIALS + alphabet + [a + b for a, b in _MERGES]
-    types = [3] * len(SPECIALS) + [1] * (len(tokens) - len(SPECIALS))
+    unused = [f"<unused{i}>" for i in range(8)]  # 272 tokens: int4 wants rows % 16 == 0
+    tokens = SPECIALS + alphabet + [a + b for a, b in _MERGES] + unused
+    types = [3] * len(SPECIALS) + [1] * (len(tokens) - len(SPECIALS) - len(unused)) + [5] * 8
     return tokens, types, [f"{a} {b}" for a, b in _MERGES]
 
 
