@@ -294,7 +294,7 @@ class _Fields:
         value = self.get(key, None)
         if value == 0 and not isinstance(value, bool):
             return None
-        return self.integer(key, None, hi=MAX_SEQ_LEN)  # type: ignore[no-any-return]
+        return self.integer(key, None, hi=MAX_SEQ_LEN)
 
     def string(self, key: str) -> str | None:
         value = self.get(key, None)

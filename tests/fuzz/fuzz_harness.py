@@ -93,14 +93,26 @@ def _vm_size() -> int:
     return 0
 
 
-def run_one(target: str, index: int, fn: Callable[[], Any], *, timeout_s: float,
-            memory_mb: int) -> Result:
-    """Run `fn` in a forked child; its return value is ignored, its exception classified."""
+@dataclass
+class _Child:
+    target: str
+    index: int
+    pid: int
+    fd: int
+    started: float
+    deadline: float
+    parent_rss_kb: int
+    chunks: list[bytes] = field(default_factory=list)
+
+
+def _spawn(target: str, index: int, fn: Callable[[], Any], *, timeout_s: float,
+           memory_mb: int) -> _Child:
+    """Fork a child that runs `fn` and writes its outcome to a pipe as JSON."""
     from mistral7b.errors import Mistral7BError
 
     parent_rss = _rss_kb()
     read_fd, write_fd = os.pipe()
-    start = time.perf_counter()
+    started = time.perf_counter()
     pid = os.fork()
     if pid == 0:  # the child
         os.close(read_fd)
@@ -128,36 +140,57 @@ def run_one(target: str, index: int, fn: Callable[[], Any], *, timeout_s: float,
         finally:
             os._exit(code)
     os.close(write_fd)
-    chunks: list[bytes] = []
-    deadline = time.monotonic() + timeout_s
-    hung = False
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            hung = True
-            os.kill(pid, signal.SIGKILL)
-            break
-        ready, _, _ = select.select([read_fd], [], [], left)
-        if ready:
-            data = os.read(read_fd, 1 << 16)
-            if not data:
-                break
-            chunks.append(data)
-    os.close(read_fd)
-    _, status, usage = os.wait4(pid, 0)
-    seconds = time.perf_counter() - start
-    growth = max(0.0, (usage.ru_maxrss - parent_rss) / 1024)
+    return _Child(target, index, pid, read_fd, started, time.monotonic() + timeout_s,
+                  parent_rss)
+
+
+def _finish(child: _Child, hung: bool, timeout_s: float) -> Result:
     if hung:
-        return Result(target, index, DEFECT, f"hang: no answer within {timeout_s} s",
-                      seconds, growth)
+        os.kill(child.pid, signal.SIGKILL)
+    os.close(child.fd)
+    _, status, usage = os.wait4(child.pid, 0)
+    seconds = time.perf_counter() - child.started
+    growth = max(0.0, (usage.ru_maxrss - child.parent_rss_kb) / 1024)
+    if hung:
+        return Result(child.target, child.index, DEFECT,
+                      f"hang: no answer within {timeout_s} s", seconds, growth)
     try:
-        payload = json.loads(b"".join(chunks))
+        payload = json.loads(b"".join(child.chunks))
     except ValueError:
         why = (f"killed by signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
                else f"exited with {os.WEXITSTATUS(status)} without an answer")
-        return Result(target, index, DEFECT, f"crash: {why}", seconds, growth)
-    return Result(target, index, payload["outcome"], payload["detail"], payload["seconds"],
-                  growth)
+        return Result(child.target, child.index, DEFECT, f"crash: {why}", seconds, growth)
+    return Result(child.target, child.index, payload["outcome"], payload["detail"],
+                  payload["seconds"], growth)
+
+
+def _wait_any(children: dict[int, _Child], timeout_s: float) -> list[Result]:
+    """Wait until at least one child answered, ended or overran; return those results."""
+    now = time.monotonic()
+    expired = [c for c in children.values() if c.deadline <= now]
+    done = [_finish(children.pop(c.fd), True, timeout_s) for c in expired]
+    if done or not children:
+        return done
+    wait = max(0.0, min(c.deadline for c in children.values()) - now)
+    ready, _, _ = select.select(list(children), [], [], wait)
+    for fd in ready:
+        data = os.read(fd, 1 << 16)
+        if data:
+            children[fd].chunks.append(data)
+        else:
+            done.append(_finish(children.pop(fd), False, timeout_s))
+    return done
+
+
+def run_one(target: str, index: int, fn: Callable[[], Any], *, timeout_s: float,
+            memory_mb: int) -> Result:
+    """Run `fn` in a forked child; its return value is ignored, its exception classified."""
+    child = _spawn(target, index, fn, timeout_s=timeout_s, memory_mb=memory_mb)
+    children = {child.fd: child}
+    while True:
+        done = _wait_any(children, timeout_s)
+        if done:
+            return done[0]
 
 
 # --------------------------------------------------------------------------- targets
@@ -377,18 +410,26 @@ def _chat_and_check(llm: Any, messages: Any) -> None:
 
 
 def run(targets: Targets, counts: dict[str, int], *, timeout_s: float = 10.0,
-        memory_mb: int = 1024, save_defects: Path | None = None,
+        memory_mb: int = 1024, jobs: int = 1, save_defects: Path | None = None,
         progress: Callable[[Result], None] | None = None) -> Summary:
-    """`counts[target]` mutants of each target, one child each, in a fixed order."""
+    """`counts[target]` mutants of each target, one child each, `jobs` at a time. Mutant i
+    of a target is the same whatever `jobs` is (its generator is seeded by target and i)."""
+    from collections import deque
+
     summary = Summary()
-    for target, n in counts.items():
-        for i in range(n):
+    pending = deque((t, i) for t, n in counts.items() for i in range(n))
+    children: dict[int, _Child] = {}
+    while pending or children:
+        while pending and len(children) < jobs:
+            target, i = pending.popleft()
             fn = targets.make(target, i)
-            result = run_one(target, i, fn, timeout_s=timeout_s, memory_mb=memory_mb)
+            child = _spawn(target, i, fn, timeout_s=timeout_s, memory_mb=memory_mb)
+            children[child.fd] = child
+        for result in _wait_any(children, timeout_s):
             summary.add(result)
             if result.outcome == DEFECT and save_defects is not None:
-                _save(targets.workdir / "mutants" / target / str(i % 64),
-                      save_defects / target / str(i))
+                _save(targets.workdir / "mutants" / result.target / str(result.index % 64),
+                      save_defects / result.target / str(result.index))
             if progress is not None:
                 progress(result)
     return summary

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-DIM, N_LAYERS, N_HEADS, N_KV, HEAD_DIM, HIDDEN, WINDOW, CONTEXT = 32, 2, 4, 2, 8, 64, 16, 256
+DIM, N_LAYERS, N_HEADS, N_KV, HEAD_DIM, HIDDEN, WINDOW, CONTEXT = 32, 2, 4, 2, 8, 64, 16, 8192
 CHATML = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"

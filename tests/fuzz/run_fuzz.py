@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per mutant")
     parser.add_argument("--memory-mb", type=int, default=1024,
                         help="address space a mutant may add (RLIMIT_AS)")
+    parser.add_argument("--jobs", type=int, default=1, help="mutants run at a time")
     parser.add_argument("--out", type=Path, help="folder for the saved defect mutants")
     args = parser.parse_args(argv)
 
@@ -51,15 +52,17 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"... {done} mutants, {time.perf_counter() - t0:.0f} s", flush=True)
 
         summary = fuzz_harness.run(targets, counts, timeout_s=args.timeout,
-                                   memory_mb=args.memory_mb, save_defects=args.out,
+                                   memory_mb=args.memory_mb, jobs=args.jobs,
+                                   save_defects=args.out,
                                    progress=progress)
         elapsed = time.perf_counter() - t0
     print(summary.table())
     for target, r in summary.slowest_rejection.items():
         print(f"slowest rejection, {target}: {r.seconds:.3f} s: {r.detail[:160]}")
     total = sum(sum(c.values()) for c in summary.counts.values())
-    print(f"{total} mutants in {elapsed:.0f} s; {len(summary.defects)} defects "
-          f"(timeout {args.timeout} s, +{args.memory_mb} MB address space per mutant)")
+    print(f"{total} mutants in {elapsed:.0f} s ({args.jobs} at a time); "
+          f"{len(summary.defects)} defects (timeout {args.timeout} s, +{args.memory_mb} MB "
+          "address space per mutant)")
     return 1 if summary.defects else 0
 
 

@@ -20,7 +20,7 @@ def targets(tmp_path_factory):
 
 
 def test_short_fuzz_run_has_no_defects(targets):
-    summary = fuzz_harness.run(targets, COUNTS, timeout_s=20.0, memory_mb=1024)
+    summary = fuzz_harness.run(targets, COUNTS, timeout_s=20.0, memory_mb=1024, jobs=2)
     report = "\n".join(f"{d.target}#{d.index}: {d.detail}" for d in summary.defects)
     assert not summary.defects, f"{summary.table()}\n{report}"
     for target, n in COUNTS.items():

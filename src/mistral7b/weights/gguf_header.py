@@ -86,7 +86,7 @@ class _Cursor:
         self.need(size, what)
         value = struct.unpack_from(fmt, self.buf, self.at)[0]
         self.at += size
-        return value  # type: ignore[no-any-return]
+        return value
 
     def u32(self, what: str) -> int:
         return int(self.scalar("<I", 4, what))
