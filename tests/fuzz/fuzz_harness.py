@@ -32,6 +32,9 @@ from pathlib import Path
 from typing import Any
 
 OK, REJECTED, DEFECT = "ok", "rejected", "defect"
+# A small KV cache for the models the children run: the default budget (half the host's
+# memory) would not fit the children's address-space limit.
+KV_BYTES = 32 << 20
 
 
 class Defect(Exception):
@@ -217,7 +220,8 @@ class Targets:
         self.hf_config = fuzz_seeds.hf_config()
         self.params = fuzz_seeds.params_json()
         # The chat and JSONL targets share one model, loaded before the children fork.
-        self.llm = mistral7b.load(self.seeds["gguf_f32"], dtype="float32")
+        self.llm = mistral7b.load(self.seeds["gguf_f32"], dtype="float32",
+                                  kv_cache_memory=KV_BYTES)
 
     def rng(self, target: str, i: int) -> random.Random:
         return random.Random(f"{self.seed}/{target}/{i}")
@@ -385,7 +389,7 @@ def _load_and_check(path: Path, quant: str | None = None, chat: bool = False) ->
 
     import mistral7b
 
-    llm = mistral7b.load(path, dtype="float32", quant=quant)
+    llm = mistral7b.load(path, dtype="float32", quant=quant, kv_cache_memory=KV_BYTES)
     tok = llm.tokenizer
     ids = tok.encode("The sky is blue 🦙", bos=True) if tok is not None else [1, 2, 3]
     if not ids:
