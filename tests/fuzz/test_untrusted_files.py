@@ -267,3 +267,17 @@ def test_chat_template_that_would_exhaust_memory_or_time(tmp_path):
         with pytest.raises(TokenizerError, match="sandbox"):
             llm.chat([{"role": "user", "content": "hi"}], max_tokens=1)
         assert time.perf_counter() - t0 < 30
+
+
+def test_tokenizer_only_gguf_is_walked_with_the_same_bounds(tmp_path):
+    """`load_tokenizer(x.gguf)` (and a quantized folder's tokenizer.gguf) reads the header
+    through the same bounded walk as the weights."""
+    from mistral7b.tokenizer import load_tokenizer
+
+    path = fuzz_seeds.write_gguf(tmp_path / "m.gguf")
+    data = bytearray(path.read_bytes())
+    at, _ = _field(bytes(data), "count")
+    data[at: at + 8] = struct.pack("<Q", 2**40)
+    path.write_bytes(bytes(data))
+    with pytest.raises(TokenizerError, match="1099511627776 strings"):
+        load_tokenizer(path)

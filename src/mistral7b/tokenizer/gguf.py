@@ -98,9 +98,16 @@ class GGUFTokenizer(HFTokenizer):
         """Read the tokenizer metadata of the GGUF file at `path`."""
         from gguf import GGUFReader
 
+        from mistral7b.errors import ModelFileError
+        from mistral7b.weights.gguf_header import read_header
+
         path = Path(path)
         if not path.is_file():
             raise TokenizerError(f"{path}: GGUF file not found")
+        try:
+            read_header(path)  # every length bounded by the file before gguf walks it
+        except ModelFileError as e:
+            raise TokenizerError(str(e)) from None
         try:
             reader = GGUFReader(str(path))
         except Exception as e:  # gguf raises ValueError/struct errors/... for a bad file
