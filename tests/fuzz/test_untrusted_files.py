@@ -281,3 +281,18 @@ def test_tokenizer_only_gguf_is_walked_with_the_same_bounds(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(TokenizerError, match="1099511627776 strings"):
         load_tokenizer(path)
+
+
+@pytest.mark.parametrize("quant", [None, "int8", "int4"])
+def test_last_tensor_shape_changed_in_a_quantized_gguf(tmp_path, quant):
+    """The last tensor has no follower to betray a smaller size: its shape is checked
+    against the config on the quantized load path as on the float one (found by the fuzzer:
+    the int8 kernel failed at the first forward)."""
+    path = fuzz_seeds.write_gguf(tmp_path / "m.gguf", quantized=True)
+    data = bytearray(path.read_bytes())
+    dims = [at for at, _, what in fuzz_mutate.gguf_fields(bytes(data))[0] if what == "dim"]
+    at = dims[-1]                                   # the last tensor's row count
+    data[at: at + 8] = struct.pack("<Q", 33)
+    path.write_bytes(bytes(data))
+    with pytest.raises(ModelFileError, match="has shape"):
+        mistral7b.load(path, quant=quant)

@@ -31,6 +31,7 @@ from mistral7b.quant.convert import (
 from mistral7b.quant.layers import Int4Linear, Int4Weight, Int8Linear, Int8Weight
 from mistral7b.quant.memory import release, trim_heap
 from mistral7b.weights.base import CheckpointReader
+from mistral7b.weights.loader import check_tensors
 from mistral7b.weights.names import expected_shapes, is_linear_weight
 
 
@@ -55,6 +56,8 @@ def load_quantized(reader: CheckpointReader, quant: str | None, *, dtype: torch.
                          f"quant={stored!r} or None")
     mode = check_mode(quant or stored or "")
     present = reader.names()
+    if stored is None:
+        check_tensors(reader)  # every tensor there, with the shape the config needs
     for name in expected_shapes(config):
         if name not in present:
             raise ModelFileError(reader.path, f"tensor {name!r} is missing from the checkpoint")
