@@ -184,8 +184,8 @@ def check_text(text: str, param: str = "text") -> str:
         char = text[e.start]
         raise InputError(
             f"{param} is not valid Unicode: it holds a lone surrogate U+{ord(char):04X} at "
-            f"character {e.start}; send valid UTF-8 text (a JSON string may not contain an "
-            "unpaired \\ud800-\\udfff escape)"
+            f"character {e.start}; send valid UTF-8 text (it came from invalid bytes, or from "
+            "an unpaired \\ud800-\\udfff escape in JSON)"
         ) from None
     return text
 
