@@ -52,7 +52,7 @@ import numpy as np
 import torch
 
 from mistral7b.config import ModelConfig
-from mistral7b.errors import InputError, Mistral7BError
+from mistral7b.errors import InputError, Mistral7BError, ResourceError
 
 BLOCK_SIZE = 32
 
@@ -120,9 +120,12 @@ class KVPool:
             self.k = torch.empty(shape, dtype=dtype, device=device)
             self.v = torch.empty(shape, dtype=dtype, device=device)
         except (RuntimeError, MemoryError) as exc:
-            raise InputError(
-                f"could not reserve a KV cache of {2 * n_blocks * self.block_bytes / 2**30:.2f}"
-                f" GiB on {device} ({exc}): lower --kv-cache-memory / kv_cache_memory") from None
+            total = 2 * n_blocks * self.block_bytes
+            raise ResourceError(
+                f"could not allocate the KV cache: k and v of shape {list(shape)} in {dtype}, "
+                f"{total} bytes ({total / 2**30:.2f} GiB) on {device} (the allocator said: "
+                f"{str(exc).strip()[:200]}); lower kv_cache_memory= (CLI: --kv-cache-memory)"
+            ) from None
         self.k[:, :, :bs] = 0
         self.v[:, :, :bs] = 0
         self.device = torch.device(device)

@@ -23,3 +23,11 @@ class TokenizerError(Mistral7BError):
 
 class InputError(Mistral7BError):
     """A request the model cannot serve: empty or over-long prompt, bad sampling value, ..."""
+
+
+class ResourceError(InputError):
+    """Memory for the weights or the KV cache could not be allocated.
+
+    The message says what was being allocated, how many bytes, and the option (Python) and
+    flag (CLI) that change it.
+    """

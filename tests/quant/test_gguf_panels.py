@@ -76,9 +76,9 @@ def test_a_gguf_model_loads_to_the_same_buffers_either_way(tmp_path, monkeypatch
 
     model = hf_mistral(dim=64, n_layers=2)
     raw = {}
-    for i, (name, rows, cols) in enumerate([("blk.0.ffn_gate.weight", 128, 64),
-                                            ("blk.0.ffn_up.weight", 128, 64),
-                                            ("blk.1.ffn_down.weight", 64, 128),
+    for i, (name, rows, cols) in enumerate([("blk.0.ffn_gate.weight", 96, 64),
+                                            ("blk.0.ffn_up.weight", 96, 64),
+                                            ("blk.1.ffn_down.weight", 64, 96),
                                             ("blk.1.attn_q.weight", 64, 64)]):
         kind = [QT.Q4_0, QT.Q4_1, QT.Q8_0, QT.Q4_1][i]
         raw[name] = (_blocks(kind, rows, cols, seed=i), kind)

@@ -86,6 +86,9 @@ def read_records(path: str | Path) -> list[Record]:
         except json.JSONDecodeError as exc:
             raise DataError(path, n, f"not valid JSON ({exc.msg} at column {exc.colno})") \
                 from None
+        except (ValueError, RecursionError) as exc:  # 4300+ digit integers, deep nesting
+            raise DataError(path, n, f"not usable JSON ({type(exc).__name__}: "
+                                     f"{str(exc)[:100]})") from None
         records.append(validate_record(obj, path, n))
     if not records:
         raise InputError(f"{path}: no examples (the file is empty)")

@@ -33,6 +33,7 @@ from mistral7b.quant.layers import Int4Linear, Int4Weight, Int8Linear, Int8Weigh
 from mistral7b.quant.memory import release, trim_heap
 from mistral7b.weights.base import CheckpointReader
 from mistral7b.weights.gguf_file import GGUFReader
+from mistral7b.weights.loader import check_tensors
 from mistral7b.weights.names import expected_shapes, is_linear_weight
 
 
@@ -60,6 +61,8 @@ def load_quantized(reader: CheckpointReader, quant: str | None, *, dtype: torch.
                          f"quant={stored!r} or None")
     mode = check_mode(quant or stored or "")
     present = reader.names()
+    if stored is None:
+        check_tensors(reader)  # every tensor there, with the shape the config needs
     for name in expected_shapes(config):
         if name not in present:
             raise ModelFileError(reader.path, f"tensor {name!r} is missing from the checkpoint")
@@ -73,7 +76,12 @@ def load_quantized(reader: CheckpointReader, quant: str | None, *, dtype: torch.
         else:
             weight = gguf_panels(reader, source, mode, device) \
                 or source_weight(reader, source, mode, group)
-        linear = make_linear(weight, dtype=dtype, device=device)
+        try:
+            linear = make_linear(weight, dtype=dtype, device=device)
+        except ValueError as exc:  # a shape the kernel cannot take (int4: out % 16)
+            raise InputError(f"{reader.path}: {name} cannot be quantized to {mode} ({exc}); "
+                             "load it with quant='int8' (CLI: --quant int8) or unquantized"
+                             ) from None
         swap_module(model, name.removesuffix(".weight"), linear)
         if stored is not None and not isinstance(weight, native.Panels) and (
                 isinstance(weight, Int4Weight) or linear.kernel == "native"):

@@ -108,7 +108,9 @@ def validation_message(errors: Any) -> tuple[str, str | None]:
     """One readable line for the first validation error, and the parameter it is about."""
     if not errors:
         return "invalid request", None
-    err = errors[0]
+    # A union reports one error per member; a validator's own message (e.g. a lone
+    # surrogate in a content part) says more than "Input should be a valid string".
+    err = next((e for e in errors if e.get("type") == "value_error"), errors[0])
     if err.get("type") == "json_invalid":
         ctx = err.get("ctx") or {}
         return f"the body is not valid JSON: {ctx.get('error', err.get('msg'))}", None

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from mistral7b.errors import InputError
 from mistral7b.sampling import MAX_TOP_LOGPROBS
+from mistral7b.tokenizer.base import check_strings as _check_strings
 
 MAX_STOP_STRINGS = 16
 
@@ -27,6 +29,17 @@ FinishReason = Literal["stop", "length"]
 
 class _Request(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
+
+    @field_validator("*")
+    @classmethod
+    def _valid_unicode(cls, value: Any, info: ValidationInfo) -> Any:
+        """Every string of a request is valid Unicode (a JSON "\\ud800" escape is valid
+        JSON but no text): a 400 naming the field, by the tokenizer's own rule."""
+        try:
+            _check_strings(value, info.field_name or "value")
+        except InputError as exc:
+            raise ValueError(str(exc)) from None
+        return value
 
 
 class _Response(BaseModel):

@@ -13,7 +13,7 @@ from abc import abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from mistral7b.errors import TokenizerError
+from mistral7b.errors import InputError, TokenizerError
 
 # The guardrail system prompt of the Mistral 7B paper (section 5.1).
 SAFE_PROMPT = (
@@ -166,6 +166,42 @@ class StreamDecoder:
         return self._emit(self._pending_text())
 
 
+def check_text(text: str, param: str = "text") -> str:
+    """`text` unchanged, or InputError naming `param` when it is not valid Unicode.
+
+    A Python str can hold what no UTF-8 text can: a lone UTF-16 surrogate (U+D800..U+DFFF),
+    from a JSON escape such as "\\ud800" (valid JSON) or from invalid bytes in a command
+    line (decoded with surrogateescape). Every tokenizer's `encode` and every chat message
+    passes here, and so does the server's request validation, so such text is a clear
+    InputError (HTTP 400 naming the parameter) on every surface, never a failure deep inside
+    a tokenizer.
+    """
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        char = text[e.start]
+        raise InputError(
+            f"{param} is not valid Unicode: it holds a lone surrogate U+{ord(char):04X} at "
+            f"character {e.start}; send valid UTF-8 text (it came from invalid bytes, or from "
+            "an unpaired \\ud800-\\udfff escape in JSON)"
+        ) from None
+    return text
+
+
+def check_strings(value: Any, param: str) -> None:
+    """check_text on every string inside a message field (tool calls nest them)."""
+    if isinstance(value, str):
+        check_text(value, param)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_strings(item, f"{param}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            check_strings(item, f"{param}[{i}]")
+
+
 def normalize_messages(messages: Any) -> list[dict[str, Any]]:
     """Check a conversation and return copies of its messages with `content` as a string.
 
@@ -206,7 +242,9 @@ def normalize_messages(messages: Any) -> list[dict[str, Any]]:
             raise TokenizerError(
                 f"chat message {i} content is a {type(content).__name__}, not a string"
             )
-        out.append({**message, "content": content})
+        for key, value in message.items():
+            check_strings(value, f"messages[{i}].{key}")
+        out.append({**message, "content": check_text(content, f"messages[{i}].content")})
     return out
 
 

@@ -1,7 +1,11 @@
 """Rendering a model's own Jinja chat template (HF `tokenizer_config.json`, GGUF metadata).
 
 Templates come with downloaded files, so they run in Jinja's immutable sandbox: no attribute
-starting with "_", no mutation of lists or dicts, no access to Python internals. The
+starting with "_", no mutation of lists or dicts, no access to Python internals. A template
+is also bounded in what it may cost: `*` and `**` may not build a string or list longer than
+MAX_REPEAT items nor a number of more than MAX_POWER_BITS bits, and rendering stops after
+MAX_RENDER_SECONDS (checked at every call, attribute and item access the template makes, so
+nested `range` loops are caught too). The
 environment mirrors what transformers' `apply_chat_template` gives a template (trim_blocks,
 lstrip_blocks, loop controls, `raise_exception`, `strftime_now`, a `tojson` that keeps
 non-ASCII characters) so that templates written for HF render the same text here.
@@ -12,6 +16,9 @@ from __future__ import annotations
 import datetime
 import functools
 import json
+import operator
+import threading
+import time
 from typing import Any
 
 from mistral7b.errors import TokenizerError
@@ -27,6 +34,12 @@ CHATML_TEMPLATE = (
 # End-of-turn markers of common chat formats. When one of them is a token of the vocabulary
 # and appears in the model's template, generation stops on it as well as on EOS.
 END_OF_TURN_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
+
+MAX_REPEAT = 1 << 20          # items a `*` may make ("-" * 80 is fine, "x" * 10**9 is not)
+MAX_POWER_BITS = 4096         # bits of a `**` result
+MAX_RENDER_SECONDS = 5.0      # a conversation renders in milliseconds
+
+_deadline = threading.local()  # when the render running on this thread must stop
 
 
 def _raise_exception(message: str) -> None:
@@ -80,7 +93,42 @@ def _environment() -> Any:
             self._check()
             return super().__bool__()
 
-    env = ImmutableSandboxedEnvironment(
+    class BoundedSandbox(ImmutableSandboxedEnvironment):
+        """The sandbox with a bound on time and on what `*` and `**` may build."""
+
+        intercepted_binops = frozenset(["*", "**"])
+
+        def _tick(self) -> None:
+            if time.monotonic() > getattr(_deadline, "at", float("inf")):
+                raise SecurityError(f"the template ran for more than {MAX_RENDER_SECONDS} s")
+
+        def call_binop(self, context: Any, op: str, left: Any, right: Any) -> Any:
+            self._tick()
+            if op == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if (isinstance(seq, (str, list, tuple)) and isinstance(n, int)
+                            and len(seq) * n > MAX_REPEAT):
+                        raise SecurityError(f"the template tried to repeat a sequence of "
+                                            f"{len(seq)} items {n} times")
+                return operator.mul(left, right)
+            if (isinstance(left, int) and isinstance(right, int) and right > 0
+                    and left.bit_length() * right > MAX_POWER_BITS):
+                raise SecurityError(f"the template tried to compute {left} ** {right}")
+            return operator.pow(left, right)
+
+        def call(self, context: Any, obj: Any, *args: Any, **kwargs: Any) -> Any:
+            self._tick()
+            return super().call(context, obj, *args, **kwargs)
+
+        def getattr(self, obj: Any, attribute: str) -> Any:
+            self._tick()
+            return super().getattr(obj, attribute)
+
+        def getitem(self, obj: Any, argument: Any) -> Any:
+            self._tick()
+            return super().getitem(obj, argument)
+
+    env = BoundedSandbox(
         trim_blocks=True,
         lstrip_blocks=True,
         extensions=[loopcontrols],
@@ -118,6 +166,7 @@ def render_chat_template(
     from jinja2.sandbox import SecurityError
 
     compiled = _compile(template)
+    _deadline.at = time.monotonic() + MAX_RENDER_SECONDS
     try:
         return compiled.render(
             messages=messages, add_generation_prompt=add_generation_prompt, **variables
@@ -128,10 +177,13 @@ def render_chat_template(
         ) from e
     except TemplateError as e:
         raise TokenizerError(f"the chat template rejected the conversation: {e}") from e
-    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, OverflowError,
+            RecursionError, MemoryError, ZeroDivisionError) as e:
         raise TokenizerError(
-            f"the chat template failed on this conversation: {type(e).__name__}: {e}"
+            f"the chat template failed on this conversation: {type(e).__name__}: {str(e)[:200]}"
         ) from e
+    finally:
+        _deadline.at = float("inf")
 
 
 def end_of_turn_markers(template: str | None, vocab_lookup: Any) -> set[int]:

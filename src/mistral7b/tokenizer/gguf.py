@@ -16,6 +16,7 @@ Token types (llama.cpp): 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unuse
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from pathlib import Path
@@ -138,6 +139,28 @@ class GGUFTokenizer(HFTokenizer):
         return super().encode_chat(messages, add_generation_prompt, safe_prompt)
 
 
+# short name -> (type of the value or of each item, is a list)
+_METADATA_TYPES: dict[str, tuple[type, bool]] = {
+    "model": (str, False), "pre": (str, False), "tokens": (str, True), "scores": (float, True),
+    "token_type": (int, True), "merges": (str, True), "bos_token_id": (int, False),
+    "eos_token_id": (int, False), "unknown_token_id": (int, False),
+    "add_bos_token": (bool, False), "add_space_prefix": (bool, False),
+    "chat_template": (str, False),
+}
+
+
+def _is(value: Any, kind: type) -> bool:
+    """`value` is of GGUF value kind `kind`: bools are not ints; ints count as floats (scores
+    of 0), floats must be finite."""
+    if kind is bool:
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    if kind is float:
+        return isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
+    return isinstance(value, kind)
+
+
 def _tokenizer_metadata(metadata: dict[str, Any], path: Path) -> dict[str, Any]:
     """The `tokenizer.*` metadata by short name ("tokens", "eos_token_id", "chat_template"),
     checked for what building the tokenizer needs."""
@@ -162,8 +185,15 @@ def _tokenizer_metadata(metadata: dict[str, Any], path: Path) -> dict[str, Any]:
         if isinstance(value, bytes) or (isinstance(value, list) and value
                                         and any(isinstance(v, bytes) for v in value)):
             raise TokenizerError(f"{path}: {key} holds a string that is not UTF-8")
-        if value is not None:
-            meta[name] = value
+        if value is None:
+            continue
+        kind, is_list = _METADATA_TYPES[name]
+        ok = (isinstance(value, list) and all(_is(v, kind) for v in value)) if is_list \
+            else _is(value, kind)
+        if not ok:
+            want = f"a list of {kind.__name__}" if is_list else kind.__name__
+            raise TokenizerError(f"{path}: {key} must be {want}, found {str(value)[:60]!r}")
+        meta[name] = value
     model, tokens = meta.get("model"), meta.get("tokens")
     if model is None or not tokens:
         raise TokenizerError(

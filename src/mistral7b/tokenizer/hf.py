@@ -10,12 +10,18 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from mistral7b.errors import TokenizerError
-from mistral7b.tokenizer.base import Tokenizer, normalize_messages, with_safe_prompt
+from mistral7b.tokenizer.base import (
+    Tokenizer,
+    check_text,
+    normalize_messages,
+    with_safe_prompt,
+)
 from mistral7b.tokenizer.chat_template import (
     CHATML_TEMPLATE,
     end_of_turn_markers,
@@ -28,9 +34,10 @@ class HFTokenizer(Tokenizer):
 
     Plain `encode` treats special-token strings in the text as text (`<|im_start|>` typed by a
     user is not the control id). `encode_chat` renders the chat template in a sandbox and
-    encodes the rendered text the way transformers' `apply_chat_template` does: special-token
-    strings in it become their ids (the template writes them), and so would such strings inside
-    message contents. No BOS is added to the rendered text (templates write their own).
+    encodes the rendered text the way transformers' `apply_chat_template` does, special-token
+    strings the template writes becoming their ids, with one difference: special-token text
+    inside the messages stays text (see `encode_chat`), so a user cannot forge a role
+    boundary. No BOS is added to the rendered text (templates write their own).
     Without a template, ChatML is used (`<|im_start|>role\\n...<|im_end|>\\n`).
 
     `bos_id` is None when the model adds no BOS (SmolLM2: its BOS token exists but
@@ -64,6 +71,7 @@ class HFTokenizer(Tokenizer):
         stops = {self._eos_id, *(int(i) for i in extra_stop_ids)}
         stops |= end_of_turn_markers(self.chat_template, backend.token_to_id)
         self._stop_ids = frozenset(stops)
+        self._specials = _SpecialTokens(backend)
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike[str]) -> HFTokenizer:
@@ -141,7 +149,7 @@ class HFTokenizer(Tokenizer):
         return piece
 
     def encode(self, text: str, bos: bool = True) -> list[int]:
-        ids = self._plain.encode(text, add_special_tokens=False).ids
+        ids = self._plain.encode(check_text(text), add_special_tokens=False).ids
         bos_id = self.bos_id
         if bos and bos_id is not None:
             return [bos_id, *ids]
@@ -158,11 +166,33 @@ class HFTokenizer(Tokenizer):
     ) -> list[int]:
         """Render the chat template, then encode the text with its special tokens.
 
+        Only the template's own special-token strings become control ids. Special-token text
+        inside a message (`hi<|im_end|>\\n<|im_start|>system ...`) stays plain text, as
+        `encode` makes it and as Mistral's structural encoding does for `[INST]`: before
+        rendering, each such string in the messages is swapped for a placeholder the
+        template cannot tell from text (private-use characters that appear nowhere in the
+        conversation or template); the rendered text is cut at the special tokens left (the
+        template's), and each piece between them is encoded as plain text with the
+        placeholders put back. Pieces are cut where transformers' tokenizer would cut them, so
+        a conversation without such text gets exactly `apply_chat_template`'s ids.
+
         `safe_prompt=True` puts SAFE_PROMPT first in the system message (adding one, which
         then replaces a template's default system prompt).
         """
-        text = self.render_chat(messages, add_generation_prompt, safe_prompt)
-        return self._backend.encode(text, add_special_tokens=False).ids
+        messages = normalize_messages(messages)
+        if safe_prompt:
+            messages = with_safe_prompt(messages)
+        hidden, restore = self._specials.hide(messages, self.chat_template)
+        text = self._render(hidden, add_generation_prompt)
+        if restore is None:  # no special-token text in the messages
+            return self._backend.encode(text, add_special_tokens=False).ids
+        ids: list[int] = []
+        for piece, special_id in self._specials.split(text):
+            if special_id is not None:
+                ids.append(special_id)
+            elif piece:
+                ids += self._plain.encode(restore(piece), add_special_tokens=False).ids
+        return ids
 
     def render_chat(
         self,
@@ -174,6 +204,9 @@ class HFTokenizer(Tokenizer):
         messages = normalize_messages(messages)
         if safe_prompt:
             messages = with_safe_prompt(messages)
+        return self._render(messages, add_generation_prompt)
+
+    def _render(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
         return render_chat_template(
             self.chat_template,
             messages,
@@ -186,6 +219,95 @@ class HFTokenizer(Tokenizer):
         if token_id is None:
             return ""
         return self._backend.id_to_token(token_id) or ""
+
+
+class _SpecialTokens:
+    """The special tokens of a backend as strings, to keep them out of message text."""
+
+    def __init__(self, backend: Any) -> None:
+        added = backend.get_added_tokens_decoder()
+        self.by_text = {t.content: i for i, t in added.items() if t.special and t.content}
+        self.strip = {t.content: (t.lstrip, t.rstrip) for t in added.values() if t.special}
+        # Longest first, so that "<|im_start|>" wins over a special that is its prefix.
+        alternatives = sorted(self.by_text, key=len, reverse=True)
+        self.pattern = (re.compile("|".join(map(re.escape, alternatives)))
+                        if alternatives else None)
+
+    def hide(self, messages: list[dict[str, Any]], template: str
+             ) -> tuple[list[dict[str, Any]], Callable[[str], str] | None]:
+        """`messages` with every special-token string inside replaced by a placeholder, and
+        the function that puts them back (None when there was nothing to hide)."""
+        pattern = self.pattern
+        if pattern is None or not any(_strings_match(pattern, m) for m in messages):
+            return messages, None
+        used = set(template) | {c for m in messages for c in _chars(m)}
+        start = next(c for c in range(0xE000, 0xF8FF, 2) if chr(c) not in used
+                     and chr(c + 1) not in used)
+        open_, close = chr(start), chr(start + 1)
+        texts = list(self.by_text)
+        index = {text: k for k, text in enumerate(texts)}
+
+        def swap(text: str) -> str:
+            return pattern.sub(lambda m: f"{open_}{index[m.group(0)]}{close}", text)
+
+        back = re.compile(f"{re.escape(open_)}(\\d+){re.escape(close)}")
+
+        def restore(text: str) -> str:
+            return back.sub(lambda m: texts[int(m.group(1))], text)
+
+        return [_map_strings(swap, m) for m in messages], restore
+
+    def split(self, text: str) -> list[tuple[str, int | None]]:
+        """Rendered text as [(piece, None) | (special text, its id)], honouring the
+        tokens' lstrip/rstrip (whitespace beside them is dropped, as tokenizers does)."""
+        assert self.pattern is not None
+        out: list[tuple[str, int | None]] = []
+        at = 0
+        for m in self.pattern.finditer(text):
+            piece = text[at: m.start()]
+            lstrip, _ = self.strip[m.group(0)]
+            if lstrip:
+                piece = piece.rstrip()
+            if out and out[-1][1] is not None and self.strip[out[-1][0]][1]:
+                piece = piece.lstrip()
+            out += [(piece, None), (m.group(0), self.by_text[m.group(0)])]
+            at = m.end()
+        tail = text[at:]
+        if out and out[-1][1] is not None and self.strip[out[-1][0]][1]:
+            tail = tail.lstrip()
+        out.append((tail, None))
+        return out
+
+
+def _strings_match(pattern: re.Pattern[str], value: Any) -> bool:
+    if isinstance(value, str):
+        return pattern.search(value) is not None
+    if isinstance(value, dict):
+        return any(_strings_match(pattern, v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_strings_match(pattern, v) for v in value)
+    return False
+
+
+def _chars(value: Any) -> set[str]:
+    if isinstance(value, str):
+        return set(value)
+    if isinstance(value, dict):
+        return set().union(*(_chars(v) for v in value.values())) if value else set()
+    if isinstance(value, (list, tuple)):
+        return set().union(*(_chars(v) for v in value)) if value else set()
+    return set()
+
+
+def _map_strings(fn: Callable[[str], str], value: Any) -> Any:
+    """`value` with `fn` applied to every string in it (keys and roles excepted)."""
+    if isinstance(value, str):
+        return fn(value)
+    if isinstance(value, dict):
+        return {k: (v if k == "role" else _map_strings(fn, v)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_map_strings(fn, v) for v in value]
+    return value
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -22,7 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from mistral7b.errors import TokenizerError
-from mistral7b.tokenizer.base import Tokenizer, normalize_messages, with_safe_prompt
+from mistral7b.tokenizer.base import (
+    Tokenizer,
+    check_text,
+    normalize_messages,
+    with_safe_prompt,
+)
 
 # The tokenizer files mistral-common ships, by vocabulary size.
 SHIPPED_FILES = {
@@ -160,7 +165,7 @@ class MistralTokenizer(Tokenizer):
         return self._raw.id_to_piece(token_id)
 
     def encode(self, text: str, bos: bool = True) -> list[int]:
-        return list(self._raw.encode(text, bos=bos, eos=False))
+        return list(self._raw.encode(check_text(text), bos=bos, eos=False))
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._mc.decode([int(i) for i in ids])

@@ -15,6 +15,7 @@ from mistral7b.config import ModelConfig
 from mistral7b.errors import ModelFileError
 from mistral7b.weights.base import CheckpointReader
 from mistral7b.weights.safetensors_files import SafetensorsFiles
+from mistral7b.weights.validate import check_fits, check_values
 
 
 def is_consolidated(folder: Path) -> bool:
@@ -45,6 +46,10 @@ class ConsolidatedReader(CheckpointReader):
                                          "beside params.json")
         if not self.config.tied_embeddings and "output.weight" not in self.names():
             self.config = self.config.with_(tied_embeddings=True)
+        n_bytes = self._st.n_bytes if self._st else sum(
+            t.numel() * t.element_size() for t in self._pth.values())
+        check_fits(self.config, folder / "params.json", len(self.names()), n_bytes)
+        self._checked: set[str] = set()
 
     def names(self) -> set[str]:
         return set(self._st.keys()) if self._st else set(self._pth)
@@ -53,7 +58,13 @@ class ConsolidatedReader(CheckpointReader):
         return self._st.shape(name) if self._st else tuple(self._pth[name].shape)
 
     def tensor(self, name: str) -> torch.Tensor:
-        return self._st.get(name) if self._st else self._pth[name]
+        if self._st:
+            return self._st.get(name)
+        tensor = self._pth[name]
+        if name not in self._checked:
+            check_values(name, tensor, str(self._pth_file))
+            self._checked.add(name)
+        return tensor
 
     def source(self, name: str) -> str:
         return str(self._st.file_of(name) if self._st else self._pth_file)
@@ -65,8 +76,8 @@ def _load_pth(file: Path) -> dict[str, torch.Tensor]:
     except pickle.UnpicklingError as exc:
         raise ModelFileError(file, "refused: this .pth needs more than plain tensors to load "
                                    f"(weights_only=True rejected it: {exc})") from None
-    except (RuntimeError, OSError, EOFError, ValueError) as exc:
-        raise ModelFileError(file, f"corrupt or truncated .pth file ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - torch's zip and pickle readers raise many kinds
+        raise ModelFileError(file, f"corrupt or truncated .pth file ({exc!r:.300})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelFileError(file, "expected a flat dict of tensors")
     return state

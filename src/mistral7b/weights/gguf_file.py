@@ -18,6 +18,7 @@ from mistral7b.errors import ModelFileError
 from mistral7b.weights.base import CheckpointReader
 from mistral7b.weights.gguf_parse import GGMLType, open_gguf, tensor_view
 from mistral7b.weights.names import expected_shapes, format_name
+from mistral7b.weights.validate import check_fits, check_quantized, check_values
 
 # Values dequantized at a time by tensor_as (16 MB of float32).
 _DEQUANT_VALUES = 1 << 22
@@ -54,6 +55,8 @@ class GGUFReader(CheckpointReader):
             vocab = int(by_name["token_embd.weight"].dims[-1])
         self.metadata = meta
         self.config = ModelConfig.from_gguf_metadata(meta, path, vocab, tied)
+        check_fits(self.config, path, len(by_name), sum(t.n_bytes for t in by_name.values()))
+        self._checked: set[str] = set()
         self._tensors = {}
         for ours in expected_shapes(self.config):
             name = format_name(ours, "gguf")
@@ -68,8 +71,23 @@ class GGUFReader(CheckpointReader):
         return self._tensors[name].shape
 
     def raw(self, name: str) -> RawTensor:
+        """The tensor as stored; its values (floats) or block scales are checked on first use."""
         t = self._tensors[name]
-        return RawTensor(name, t.type, t.shape, tensor_view(self._data, t))
+        raw = RawTensor(name, t.type, t.shape, tensor_view(self._data, t))
+        if name not in self._checked:
+            if raw.qtype.name in FLOAT_TYPES:
+                check_values(name, self._float_view(raw), self.path)
+            else:
+                check_quantized(name, raw.qtype, raw.data, self.path,
+                                lambda data, qtype: self._dequantize(name, data, qtype))
+            self._checked.add(name)
+        return raw
+
+    @staticmethod
+    def _float_view(raw: RawTensor) -> torch.Tensor:
+        if raw.qtype.name == "BF16":
+            return torch.from_numpy(raw.data.view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(raw.data)
 
     def tensor_as(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         raw = self.raw(name)
@@ -105,7 +123,7 @@ class GGUFReader(CheckpointReader):
         if kind in ("F32", "F16"):
             return torch.from_numpy(raw.data)
         if kind == "BF16":
-            return torch.from_numpy(raw.data.view(np.int16)).view(torch.bfloat16)
+            return self._float_view(raw)
         return torch.from_numpy(self._dequantize(name, raw.data, raw.qtype)).reshape(raw.shape)
 
 

@@ -17,7 +17,21 @@ one slice each; the whole header of the default model parses in ~30 ms.
 
 Every length is checked against the bytes left before it is used, so a crafted count can
 neither allocate nor loop beyond the file's size (llama.cpp's CVE-2024-21802 and
-CVE-2025-53630 were such counts).
+CVE-2025-53630 were such counts). What is checked is what llama.cpp's `gguf_init_from_file`
+checks:
+
+    header     magic, version 2 or 3, tensor and key counts the file could hold
+    key/value  unique keys of at most 64 KiB, known value types, string and array lengths,
+               arrays nested at most MAX_NESTING deep; `general.alignment` a u32 power of two
+    tensors    unique UTF-8 names of at most 256 bytes, 1..4 dimensions, a known type whose
+               block divides the row, and the offsets llama.cpp accepts: each tensor starts
+               exactly where the one before it ends, rounded up to the alignment (so no gap,
+               overlap or unaligned start can hide a tensor whose type id was changed), the
+               last ending inside the file
+
+Worked example, alignment 32: tensors of 100 and 64 bytes must sit at offsets 0 and 128
+(100 rounded up); the data section starts at the header's end rounded up to 32, and needs
+128 + 64 bytes.
 """
 
 from __future__ import annotations
@@ -36,7 +50,9 @@ MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4          # GGML_MAX_DIMS
-MAX_NESTING = 4       # arrays of arrays: deeper is refused, never recursed into
+MAX_NESTING = 1       # arrays of arrays, one level (llama.cpp writes none deeper)
+MAX_KEY_BYTES = 65535
+MAX_NAME_BYTES = 256  # tensor names (llama.cpp: 64)
 
 
 @dataclass(frozen=True)
@@ -105,7 +121,8 @@ class _Cursor:
 
     def take(self, n: int, what: str) -> int:
         if n < 0 or n > self.end - self.pos:
-            raise self.fail(f"{what} needs {n} bytes but only {self.end - self.pos} are left")
+            raise self.fail(f"{what} needs {n} bytes but only {self.end - self.pos} are left: "
+                            "it runs past the end of the file")
         start = self.pos
         self.pos += n
         return start
@@ -174,12 +191,12 @@ def _strings(cur: _Cursor, count: int, key: str) -> list[str | bytes]:
     for _ in range(count):
         if end - pos < 8:
             cur.pos = pos
-            raise cur.fail(f"{key} string length needs 8 bytes but only {end - pos} are left")
+            raise cur.fail(f"{key}: the array runs past the end of the file")
         n = length(buf, pos)[0]
         pos += 8
         if n > end - pos:
             cur.pos = pos
-            raise cur.fail(f"{key} needs {n} bytes but only {end - pos} are left")
+            raise cur.fail(f"{key}: a string of {n} bytes runs past the end of the file")
         raw = buf[pos:pos + n]
         pos += n
         try:
@@ -221,48 +238,74 @@ def parse_header(buf: Any, path: Path) -> GGUFHeader:
     metadata: dict[str, Any] = {}
     types: dict[str, tuple[int, int | None]] = {}
     for _ in range(n_kv):
-        key = cur.string("metadata key")
+        key = _name(cur, "a metadata key", MAX_KEY_BYTES)
+        if key in metadata:
+            raise cur.fail(f"metadata key {key[:80]!r} appears twice")
         kind = cur.u32(f"{key} type")
+        if key == "general.alignment" and kind != 4:
+            raise cur.fail(f"general.alignment has value type {kind}, expected 4 (u32)")
         item = None
         if kind == _ARRAY and cur.end - cur.pos >= 4:
             item = int(struct.unpack_from("<I", buf, cur.pos)[0])
         metadata[key] = _value(cur, kind, key)
         types[key] = (kind, item)
-    infos = [_tensor_info(cur) for _ in range(n_tensors)]
     alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
-    if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0 \
-            or alignment & (alignment - 1) or alignment > 1 << 20:
-        raise ModelFileError(path, f"general.alignment = {alignment!r}: expected a power of "
-                                   "two (default 32)")
-    data_offset = -(-cur.pos // alignment) * alignment
+    if alignment <= 0 or alignment & (alignment - 1):
+        raise cur.fail(f"general.alignment {alignment} is not a power of two")
     tensors: dict[str, TensorInfo] = {}
-    for name, kind, dims, rel in infos:
+    for i in range(n_tensors):
+        name, t, dims, rel, n_bytes = _tensor_info(cur, i)
         if name in tensors:
-            raise ModelFileError(path, f"tensor {name!r} is listed twice")
-        if kind not in GGML_TYPES:
-            raise ModelFileError(path, f"tensor {name!r} has unknown quantization type {kind}")
-        t = GGML_TYPES[kind]
-        if dims[0] % t.block_size:
-            raise ModelFileError(path, f"tensor {name!r}: {dims[0]} columns is not a whole "
-                                       f"number of {t.name} blocks of {t.block_size}")
-        n_bytes = int(np.prod(dims, dtype=object)) // t.block_size * t.type_size
-        start = data_offset + rel
-        if start + n_bytes > len(buf):
-            raise ModelFileError(path, f"tensor {name!r} needs bytes up to {start + n_bytes} "
-                                       f"but the file has {len(buf)}: the file is truncated")
-        tensors[name] = TensorInfo(name, t, dims, start, n_bytes)
+            raise cur.fail(f"tensor {name!r} appears twice")
+        tensors[name] = TensorInfo(name, t, dims, rel, n_bytes)   # offset made absolute below
+    data_offset = -(-cur.pos // alignment) * alignment
+    expected = 0
+    for name, info in tensors.items():
+        if info.offset != expected:
+            why = "is not aligned" if info.offset % alignment else "leaves a gap or overlaps"
+            raise ModelFileError(
+                path, f"tensor {name!r} starts at data offset {info.offset}, expected {expected}:"
+                      f" it {why} (each tensor must follow the one before it, aligned to "
+                      f"{alignment} bytes)")
+        end = data_offset + info.offset + info.n_bytes
+        if end > len(buf):
+            raise ModelFileError(path, f"tensor {name!r} needs bytes up to {end} but the "
+                                       f"file has {len(buf)}: the file is truncated")
+        expected = -(-(info.offset + info.n_bytes) // alignment) * alignment
+        tensors[name] = TensorInfo(name, info.type, info.dims, data_offset + info.offset,
+                                   info.n_bytes)
     return GGUFHeader(version, metadata, types, tensors, data_offset, len(buf))
 
 
-def _tensor_info(cur: _Cursor) -> tuple[str, int, tuple[int, ...], int]:
-    name = cur.string("tensor name")
-    n_dims = cur.u32(f"{name} dimension count")
+def _name(cur: _Cursor, what: str, limit: int) -> str:
+    n = cur.u64(f"{what}'s length")
+    if n > limit:
+        raise cur.fail(f"{what} claims {n} bytes (at most {limit})")
+    cur.pos -= 8
+    return cur.string(what)
+
+
+def _tensor_info(cur: _Cursor, i: int) -> tuple[str, GGMLType, tuple[int, ...], int, int]:
+    name = _name(cur, f"tensor {i}'s name", MAX_NAME_BYTES)
+    n_dims = cur.u32(f"tensor {name!r}'s dimension count")
     if not 1 <= n_dims <= MAX_DIMS:
-        raise cur.fail(f"tensor {name!r} has {n_dims} dimensions (1 to {MAX_DIMS} allowed)")
-    dims = tuple(cur.u64(f"{name} dimension") for _ in range(n_dims))
-    if any(d == 0 or d >= 1 << 40 for d in dims):
-        raise cur.fail(f"tensor {name!r} has dimensions {list(dims)}")
-    return name, cur.u32(f"{name} type"), dims, cur.u64(f"{name} offset")
+        raise cur.fail(f"tensor {name!r} has {n_dims} dimensions (1 to {MAX_DIMS})")
+    dims = tuple(cur.u64(f"tensor {name!r}'s shape") for _ in range(n_dims))
+    kind = cur.u32(f"tensor {name!r}'s type")
+    rel = cur.u64(f"tensor {name!r}'s offset")
+    if kind not in GGML_TYPES:
+        raise ModelFileError(cur.path, f"tensor {name!r}: unknown quantization type {kind}")
+    t = GGML_TYPES[kind]
+    if any(d < 1 for d in dims):
+        raise cur.fail(f"tensor {name!r} has shape {list(dims)}: a dimension of 0")
+    if dims[0] % t.block_size:
+        raise cur.fail(f"tensor {name!r}: rows of {dims[0]} values are not whole {t.name} "
+                       f"blocks of {t.block_size}")
+    n_bytes = int(np.prod(dims, dtype=object)) // t.block_size * t.type_size
+    if n_bytes > cur.end:
+        raise cur.fail(f"tensor {name!r} of shape {list(dims)} needs {n_bytes} bytes, more "
+                       f"than the whole file ({cur.end})")
+    return name, t, dims, rel, n_bytes
 
 
 def open_gguf(path: Path) -> tuple[np.ndarray, GGUFHeader]:

@@ -15,6 +15,7 @@ from mistral7b.errors import ModelFileError
 from mistral7b.weights.base import CheckpointReader
 from mistral7b.weights.names import expected_shapes, format_name, hf_to_interleaved, rotary_heads
 from mistral7b.weights.safetensors_files import SafetensorsFiles
+from mistral7b.weights.validate import check_fits
 
 INDEX = "model.safetensors.index.json"
 
@@ -33,6 +34,7 @@ class HFReader(CheckpointReader):
         present = set(self._files.keys())
         if not self.config.tied_embeddings and "lm_head.weight" not in present:
             self.config = self.config.with_(tied_embeddings=True)
+        check_fits(self.config, folder / "config.json", len(present), self._files.n_bytes)
         # Our name -> HF name, for the tensors the model needs.
         self._hf = {ours: format_name(ours, "hf") for ours in expected_shapes(self.config)}
         self._hf = {ours: hf for ours, hf in self._hf.items() if hf in present}
@@ -72,8 +74,13 @@ def _weight_files(folder: Path) -> list[Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
-            raise ModelFileError(index, f"not a valid safetensors index ({exc})") from None
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
+            raise ModelFileError(index, f"not a valid safetensors index ({exc!r:.200})") from None
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(v, str) and v == Path(v).name and v not in ("", ".", "..")
+                for v in weight_map.values()):
+            raise ModelFileError(index, "weight_map must map tensor names to file names in "
+                                        "this folder (no paths)")
         files = sorted({folder / name for name in weight_map.values()})
         missing = [f.name for f in files if not f.is_file()]
         if missing:

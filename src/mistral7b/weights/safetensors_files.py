@@ -8,6 +8,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from mistral7b.errors import ModelFileError
+from mistral7b.weights.validate import check_values
 
 
 class SafetensorsFiles:
@@ -16,6 +17,8 @@ class SafetensorsFiles:
     def __init__(self, files: list[Path]) -> None:
         self._handles = {}
         self._where: dict[str, Path] = {}
+        self._checked: set[str] = set()
+        self.n_bytes = sum(file.stat().st_size for file in files if file.is_file())
         for file in files:
             handle = _open(file)
             self._handles[file] = handle
@@ -33,11 +36,16 @@ class SafetensorsFiles:
         return tuple(handle.get_slice(name).get_shape())
 
     def get(self, name: str) -> torch.Tensor:
+        """The tensor, memory-mapped; float values are checked on first read (validate.py)."""
         file = self._where[name]
         try:
-            return self._handles[file].get_tensor(name)
+            tensor = self._handles[file].get_tensor(name)
         except (SafetensorError, RuntimeError, OSError) as exc:
             raise ModelFileError(file, f"cannot read tensor {name!r}: {exc}") from None
+        if name not in self._checked:
+            check_values(name, tensor, file)
+            self._checked.add(name)
+        return tensor
 
 
 def _open(file: Path):
