@@ -5,7 +5,7 @@ its own :class:`SamplingParams`. For a row, :func:`sample_token` applies, in thi
 order of vLLM's v0 sampler; llama.cpp's default chain puts temperature last instead):
 
     1. repetition penalty        (HF/CTRL; tokens of prompt + output)
-    2. frequency/presence        (OpenAI; tokens of the output only)
+    2. frequency/presence        (OpenAI; tokens of the output only), then logit_bias
     3. temperature               (0 -> greedy argmax, steps 4-7 skipped)
     4. top-k                     (exactly k tokens; ties -> lowest ids)
     5. top-p                     (smallest nucleus with mass >= p; ties -> lowest ids)
@@ -31,7 +31,7 @@ import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -101,6 +101,38 @@ def _normalise_stop(stop: object) -> tuple[str, ...]:
     return tuple(stop)
 
 
+def _normalise_bias(bias: object) -> tuple[tuple[int, float], ...]:
+    """OpenAI's logit_bias ({token id: bias}; JSON keys are strings) as sorted pairs. A bias of
+    -100 bans the token and +100 all but forces it, as OpenAI describes."""
+    if not bias:
+        return ()
+    items: Any = bias.items() if isinstance(bias, dict) else bias
+    out = {}
+    try:
+        for key, value in items:
+            token = int(key) if isinstance(key, str) and key.strip().isdigit() else key
+            token = _check_int("logit_bias", token)
+            value = _check_real("logit_bias", value)
+            if token < 0 or not -100 <= value <= 100:
+                raise InputError(f"logit_bias maps token ids >= 0 to biases in [-100, 100], "
+                                 f"got {key!r}: {value}", param="logit_bias")
+            out[token] = value
+    except (TypeError, ValueError):
+        raise InputError("logit_bias must map token ids to numbers, e.g. {\"50256\": -100}",
+                         param="logit_bias") from None
+    return tuple(sorted(out.items()))
+
+
+def apply_logit_bias(row: torch.Tensor, bias: Sequence[tuple[int, float]]) -> torch.Tensor:
+    """``row[id] += b`` for each (id, b); -100 bans a token outright (-inf)."""
+    if not bias:
+        return row
+    ids = _as_ids([i for i, _ in bias], row.shape[-1], row.device)
+    values = torch.tensor([float("-inf") if b <= -100 else b for _, b in bias],
+                          dtype=row.dtype, device=row.device)
+    return row.index_add(-1, ids, values)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one sequence picks its tokens. Ranges follow the OpenAI API; checked on creation.
@@ -123,6 +155,7 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     ignore_eos: bool = False
+    logit_bias: tuple[tuple[int, float], ...] = ()   # OpenAI's {token id: bias in [-100, 100]}
 
     def __post_init__(self) -> None:
         self.validate()
@@ -191,6 +224,7 @@ class SamplingParams:
         if top_logprobs and not self.logprobs:
             raise InputError("top_logprobs needs logprobs=True", param="top_logprobs")
         put(self, "top_logprobs", top_logprobs)
+        put(self, "logit_bias", _normalise_bias(self.logit_bias))
 
     @property
     def greedy(self) -> bool:
@@ -202,6 +236,7 @@ class SamplingParams:
             self.repetition_penalty != 1.0
             or self.frequency_penalty != 0.0
             or self.presence_penalty != 0.0
+            or bool(self.logit_bias)
         )
 
 
@@ -321,20 +356,22 @@ def _float_row(logits_row: torch.Tensor) -> torch.Tensor:
 def _apply_penalties(
     row: torch.Tensor, params: SamplingParams, history: TokenHistory | None
 ) -> torch.Tensor:
-    if history is None or not params.has_penalties:
+    if not params.has_penalties:
         return row
-    prompt_ids, output_ids = history
-    vocab = row.shape[-1]
-    if params.repetition_penalty != 1.0:
-        prompt = _as_ids(prompt_ids, vocab, row.device).reshape(-1)
-        output = _as_ids(output_ids, vocab, row.device).reshape(-1)
-        row = apply_repetition_penalty(row, torch.cat([prompt, output]), params.repetition_penalty)
-    if params.frequency_penalty != 0.0 or params.presence_penalty != 0.0:
-        counts = token_counts(output_ids, vocab, row.device)
-        row = apply_frequency_presence(
-            row, counts, params.frequency_penalty, params.presence_penalty
-        )
-    return row
+    if history is not None:
+        prompt_ids, output_ids = history
+        vocab = row.shape[-1]
+        if params.repetition_penalty != 1.0:
+            prompt = _as_ids(prompt_ids, vocab, row.device).reshape(-1)
+            output = _as_ids(output_ids, vocab, row.device).reshape(-1)
+            row = apply_repetition_penalty(row, torch.cat([prompt, output]),
+                                           params.repetition_penalty)
+        if params.frequency_penalty != 0.0 or params.presence_penalty != 0.0:
+            counts = token_counts(output_ids, vocab, row.device)
+            row = apply_frequency_presence(
+                row, counts, params.frequency_penalty, params.presence_penalty
+            )
+    return apply_logit_bias(row, params.logit_bias)
 
 
 def _nucleus_candidates(logits: torch.Tensor, log_z: torch.Tensor, p: float) -> torch.Tensor | None:
