@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
+from mistral7b import __version__
 from mistral7b.server.metrics import CONTENT_TYPE
 from mistral7b.server.protocol import (
     ChatCompletionRequest,
@@ -15,6 +16,7 @@ from mistral7b.server.protocol import (
     ModelList,
     TokenizeRequest,
     TokenizeResponse,
+    VersionResponse,
 )
 from mistral7b.server.state import ServerState
 
@@ -29,6 +31,12 @@ def _state(request: Request) -> ServerState:
 async def health(request: Request) -> JSONResponse:
     _state(request).require()
     return JSONResponse({"status": "ok"})
+
+
+@router.get("/version")
+async def version() -> VersionResponse:
+    """The package version (vLLM's and llama.cpp's servers answer this path too)."""
+    return VersionResponse(version=__version__)
 
 
 @router.get("/metrics")

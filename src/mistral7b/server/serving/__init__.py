@@ -45,6 +45,7 @@ class Serving:
     def build(cls, llm: LLM, scheduler: Scheduler, settings: ServerSettings,
               metrics: Metrics, max_model_len: int) -> Serving:
         models = ServingModels(settings, max_model_len)
+        # the vocabulary is adapted for structured output here, at start-up, not mid-request
         ctx = ServingContext(llm, scheduler, settings, metrics, max_model_len, models,
-                             LogprobFormatter(llm.require_tokenizer()))
+                             LogprobFormatter(llm.require_tokenizer()), llm.grammar_compiler)
         return cls(models, ServingCompletions(ctx), ServingChat(ctx), ServingTokenization(ctx))

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
+from mistral7b.grammar import Grammar
 from mistral7b.request import (
     GenerationRequest,
     Output,
@@ -44,9 +45,11 @@ class Job:
     and raises APIError when the scheduler fails the request.
     """
 
-    def __init__(self, scheduler: Scheduler, settings: ServerSettings) -> None:
+    def __init__(self, scheduler: Scheduler, settings: ServerSettings,
+                 grammar: Grammar | None = None) -> None:
         self.scheduler = scheduler
         self.settings = settings
+        self.grammar = grammar
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[tuple[int, Output]] = asyncio.Queue()
         self.requests: list[GenerationRequest] = []
@@ -65,7 +68,7 @@ class Job:
 
         self.requests.append(GenerationRequest(prompt, params, emit, max_tokens,
                                                prompt_logprobs, self.settings.timeout,
-                                               arrival=self.arrival))
+                                               arrival=self.arrival, grammar=self.grammar))
 
     def submit(self) -> None:
         try:
@@ -134,15 +137,21 @@ async def collect(job: Job, request: Request, metrics: Metrics
         job.cancel()
 
 
-def sse(events: AsyncIterator[str], job: Job, metrics: Metrics) -> StreamingResponse:
+def sse(events: AsyncIterator[str], job: Job, metrics: Metrics,
+        keepalive: float | None = None) -> StreamingResponse:
     """A server-sent-event response over `events`; a failure mid-stream becomes an error
-    event, and the job is cancelled however the stream ends (a disconnect frees its rows)."""
+    event, and the job is cancelled however the stream ends (a disconnect frees its rows).
+
+    With `keepalive` seconds, a comment line (": keep-alive") goes out whenever no event has
+    for that long, e.g. during a long pre-fill, so that proxies and clients with read
+    timeouts keep the connection; SSE readers (the openai client too) skip comments.
+    """
 
     async def guarded() -> AsyncIterator[str]:
         ended = False
         try:
-            async for event in events:
-                yield event
+            async for item in _with_keepalive(events, keepalive):
+                yield item
             ended = True
         except APIError as exc:
             ended = True
@@ -156,3 +165,30 @@ def sse(events: AsyncIterator[str], job: Job, metrics: Metrics) -> StreamingResp
 
     return StreamingResponse(guarded(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+KEEPALIVE_COMMENT = ": keep-alive\n\n"
+
+
+async def _with_keepalive(events: AsyncIterator[str], every: float | None
+                          ) -> AsyncIterator[str]:
+    if not every:
+        async for item in events:
+            yield item
+        return
+    it = events.__aiter__()
+    nxt: asyncio.Future[str] = asyncio.ensure_future(it.__anext__())
+    try:
+        while True:
+            done, _ = await asyncio.wait({nxt}, timeout=every)
+            if not done:
+                yield KEEPALIVE_COMMENT
+                continue
+            try:
+                item = nxt.result()
+            except StopAsyncIteration:
+                return
+            yield item
+            nxt = asyncio.ensure_future(it.__anext__())
+    finally:
+        nxt.cancel()

@@ -28,7 +28,6 @@ from mistral7b.server.serving.base import (
     event,
     finish_reason,
     json_response,
-    refuse_unsupported,
     usage,
 )
 from mistral7b.server.serving.bridge import Job, collect, sse
@@ -37,7 +36,6 @@ from mistral7b.server.serving.bridge import Job, collect, sse
 class ServingCompletions(ServingBase):
     async def create(self, body: CompletionRequest, request: Request) -> Response:
         self.models.check(body.model)
-        refuse_unsupported(body)
         if body.suffix:
             raise bad_request("suffix is not supported", "suffix")
         if body.best_of is not None and body.best_of != body.n:
@@ -51,7 +49,7 @@ class ServingCompletions(ServingBase):
             raise bad_request(f"{len(prompts)} prompts x n={body.n} is more than this server "
                               "can queue; send fewer prompts per request", "prompt")
         want_prompt_lps = body.echo and body.logprobs is not None
-        job = self.new_job()
+        job = self.new_job(self.grammar(body))
         skipped: set[int] = set()
         for k, (ids, _) in enumerate(prompts):
             max_tokens = self.budget(len(ids), body.max_tokens, "prompt")
@@ -67,7 +65,7 @@ class ServingCompletions(ServingBase):
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             return sse(self._stream(job, body, prompts, request_ids, rid, created), job,
-                       self.metrics)
+                       self.metrics, self.settings.sse_keepalive)
         choices = {(k, j): Choice() for k in range(len(prompts)) for j in range(body.n)}
         prompt_lps: dict[int, list[TokenLogprob | None]] = {}
         async for k, out in collect(job, request, self.metrics):

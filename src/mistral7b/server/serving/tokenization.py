@@ -18,7 +18,7 @@ class ServingTokenization(ServingBase):
         if (body.prompt is None) == (body.messages is None):
             raise bad_request("give exactly one of prompt and messages", "prompt")
         if body.messages is not None:
-            ids = self.chat_ids(body.messages, body.add_generation_prompt)
+            ids = self.chat_ids(body.messages, body.add_generation_prompt, body.tools)
         else:
             assert body.prompt is not None  # exactly one of the two, checked above
             ids = self.tok.encode(body.prompt, bos=body.add_special_tokens)
