@@ -82,7 +82,8 @@ def tool_format(tok: Any) -> ToolFormat | None:
 
 def check_tools(tools: Any) -> list[dict[str, Any]]:
     """OpenAI `tools`: a list of {"type": "function", "function": {"name", "description"?,
-    "parameters"?}}. Returns them as plain dicts; InputError(param="tools") names a fault."""
+    "parameters"?}}. Returns them unchanged (a chat template renders them as given);
+    InputError(param="tools") names a fault."""
     if not isinstance(tools, list) or not tools:
         raise InputError("tools must be a non-empty list of {'type': 'function', "
                          "'function': {...}}", param="tools")
@@ -110,10 +111,7 @@ def check_tools(tools: Any) -> list[dict[str, Any]]:
         desc = fn.get("description")
         if desc is not None and not isinstance(desc, str):
             raise InputError(f"{where}.function.description must be a string", param="tools")
-        clean: dict[str, Any] = {"name": name, "parameters": params}
-        if desc is not None:
-            clean["description"] = desc
-        out.append({"type": "function", "function": clean})
+        out.append(tool)
     return out
 
 
