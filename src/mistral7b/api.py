@@ -219,8 +219,8 @@ class LLM:
 
     def chat(self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None,
              tool_choice: Any = None, response_format: dict[str, Any] | None = None,
-             safe_prompt: bool = False, max_context: int | None = None,
-             **sampling: Any) -> Completion:
+             safe_prompt: bool = False, parallel_tool_calls: bool = True,
+             max_context: int | None = None, **sampling: Any) -> Completion:
         """Answer a conversation [{"role": ..., "content": ...}] with the model's chat format.
 
         tools / tool_choice: OpenAI's function calling (see mistral7b.chat_request); calls the
@@ -228,7 +228,8 @@ class LLM:
         response_format: structured output, as in generate(). safe_prompt: the paper's
         guardrail system prompt.
         """
-        plan = self._plan_chat(messages, tools, tool_choice, response_format, safe_prompt)
+        plan = self._plan_chat(messages, tools, tool_choice, response_format, safe_prompt,
+                               parallel_tool_calls)
         params = _params(plan.sampling(sampling))
         completion = self._complete(True, [plan.ids], params, max_context, plan.grammar)
         assert isinstance(completion, Completion)
@@ -245,10 +246,11 @@ class LLM:
                           len(plan.ids), params)
 
     def _plan_chat(self, messages: list[dict[str, Any]], tools: Any, tool_choice: Any,
-                   response_format: Any, safe_prompt: bool) -> ChatPlan:
+                   response_format: Any, safe_prompt: bool,
+                   parallel_tool_calls: bool = True) -> ChatPlan:
         return plan_chat(self.require_tokenizer(), lambda: self.grammar_compiler, messages,
                          tools=tools, tool_choice=tool_choice, response_format=response_format,
-                         safe_prompt=safe_prompt)
+                         safe_prompt=safe_prompt, parallel_tool_calls=parallel_tool_calls)
 
     @property
     def grammar_compiler(self) -> GrammarCompiler:

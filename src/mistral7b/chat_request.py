@@ -7,7 +7,7 @@ tool_choice and response_format mean the same on every surface:
 |---|---|---|---|
 | "none" | tools shown | Mistral's `[TOOL_CALLS]` banned (logit bias -100) | text |
 | "auto" (default with tools) | tools shown | free | calls parsed when the model writes them |
-| "required" / a named function | tools shown | grammar: only calls, arguments valid under their schema | calls |
+| "required" / a named function | tools shown | grammar: only calls, arguments valid under their schema | calls (one for a named function or parallel_tool_calls=False) |
 
 A non-text response_format puts the whole answer under its grammar; with tools it needs
 tool_choice "none" (answer in the format) or a forced call (calls only): "auto" would have
@@ -51,7 +51,8 @@ class ChatPlan:
 
 def plan_chat(tok: Tokenizer, compiler: Callable[[], GrammarCompiler],
               messages: list[dict[str, Any]], *, tools: Any = None, tool_choice: Any = None,
-              response_format: Any = None, safe_prompt: bool = False) -> ChatPlan:
+              response_format: Any = None, safe_prompt: bool = False,
+              parallel_tool_calls: bool = True) -> ChatPlan:
     """Encode the conversation and build its constraints (module docstring). Raises
     InputError (param set) for bad tools / tool_choice / response_format, TokenizerError for
     a conversation the chat format refuses."""
@@ -75,7 +76,7 @@ def plan_chat(tok: Tokenizer, compiler: Callable[[], GrammarCompiler],
         if not text_format:
             raise InputError("a forced tool call and a response_format cannot both shape the "
                              "answer; drop one", param="response_format")
-        grammar = compiler().tool_calls(fmt, checked, choice.name)
+        grammar = compiler().tool_calls(fmt, checked, choice.name, parallel_tool_calls)
     elif not text_format:
         if choice.mode == "auto":
             raise InputError("response_format with tools needs tool_choice 'none' (answer in "

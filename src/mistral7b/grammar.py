@@ -107,19 +107,25 @@ class GrammarCompiler:
         return self._check(text, param, "JSON schema")
 
     def tool_calls(self, fmt: ToolFormat, tools: list[dict[str, Any]],
-                   name: str | None = None) -> Grammar:
+                   name: str | None = None, parallel: bool = True) -> Grammar:
         """Exactly the calls a forced tool_choice allows: Mistral's `[TOOL_CALLS]` then a JSON
-        list of calls, or Hermes' `<tool_call>` blocks; arguments follow each schema."""
+        list of calls, or Hermes' `<tool_call>` blocks; arguments follow each schema. One
+        call only for a named function or when `parallel` is False."""
+        single = name is not None or not parallel
         import llguidance
 
         schema = {**calls_schema(tools, name), "x-guidance": _JSON_DEFAULTS}
         one = json.dumps(schema)
         if fmt.marker_id is not None:
-            many = json.dumps({"type": "array", "minItems": 1, "items": calls_schema(tools, name),
-                               "x-guidance": _JSON_DEFAULTS})
+            items: dict[str, Any] = {"type": "array", "minItems": 1,
+                                     "items": calls_schema(tools, name),
+                                     "x-guidance": _JSON_DEFAULTS}
+            if single:
+                items["maxItems"] = 1
+            many = json.dumps(items)
             lark = f"start: <[{fmt.marker_id}]> %json {many}"
         else:
-            lark = (f"start: call+\ncall: {json.dumps(HERMES_OPEN + chr(10))} %json {one} "
+            lark = (f"start: call{'' if single else '+'}\ncall: {json.dumps(HERMES_OPEN + chr(10))} %json {one} "
                     f"{json.dumps(chr(10) + HERMES_CLOSE + chr(10))}")
         return self._check(llguidance.LLMatcher.grammar_from_lark(lark), "tools", "tool schema")
 

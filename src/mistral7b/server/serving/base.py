@@ -190,7 +190,7 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
                 if part.type != "text" or part.text is None:
                     raise bad_request(
                         f"messages[{i}].content[{j}] is a {part.type!r} part; this model reads "
-                        "text only (content parts of type 'text')", f"messages[{i}].content")
+                        "text only (content parts of type 'text')", f"messages.{i}.content")
                 texts.append(part.text)
             content = "".join(texts)
         message: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role,

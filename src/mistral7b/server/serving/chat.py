@@ -72,7 +72,7 @@ class ServingChat(ServingBase):
             choices[out.choice].add(out)
         result = [
             ChatChoice(index=j, message=AssistantMessage(
-                content="".join(c.text) if c.text or not c.calls else None,
+                content="".join(c.text) or (None if c.calls else ""),
                 tool_calls=_calls_out(c.calls)),
                 logprobs=self.logprobs.chat(c.logprobs) if body.logprobs else None,
                 finish_reason=c.finish_reason)
@@ -91,7 +91,8 @@ class ServingChat(ServingBase):
             return plan_chat(self.tok, lambda: self.grammars,
                              chat_messages(body.messages), tools=tools,
                              tool_choice=choice if isinstance(choice, str) or choice is None
-                             else choice.model_dump(), response_format=response_format(body))
+                             else choice.model_dump(), response_format=response_format(body),
+                             parallel_tool_calls=body.parallel_tool_calls is not False)
         except InputError as exc:
             raise bad_request(str(exc), exc.param) from None
         except TokenizerError as exc:
