@@ -57,3 +57,12 @@ def test_schema_and_grammar_together_are_refused(tmp_path):
     (tmp_path / "g.lark").write_text('start: "a"')
     assert_user_error(run_cli("generate", "hi", "--json-schema", str(tmp_path / "s.json"),
                               "--grammar", str(tmp_path / "g.lark")), "not both")
+
+
+def test_chat_answers_under_a_schema(tmp_path):
+    schema = tmp_path / "city.json"
+    schema.write_text(json.dumps(CITY))
+    result = run_cli("chat", "--json-schema", str(schema), "-n", "60",
+                     input="Name the largest city in France.\n")
+    assert result.returncode == 0, result.stderr
+    jsonschema.validate(json.loads(result.stdout), CITY)

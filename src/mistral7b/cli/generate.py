@@ -39,12 +39,7 @@ def add_parser(subparsers: Any) -> None:
                         "completion_tokens, timings) at the end instead of streaming")
     p.add_argument("-q", "--quiet", action="store_true",
                    help="no load message or timing summary on stderr")
-    g = p.add_argument_group("structured output (the completion follows it, token by token)")
-    g.add_argument("--json-schema", metavar="FILE",
-                   help="a JSON schema file: the completion is JSON valid under it")
-    g.add_argument("--grammar", metavar="FILE",
-                   help="a grammar file: Lark (llguidance's dialect, `start:` rule), or "
-                        "llama.cpp GBNF when FILE ends in .gbnf")
+    common.add_structured_args(p)
     common.add_model_args(p)
     common.add_sampling_args(p, max_tokens=DEFAULT_MAX_TOKENS)
     p.set_defaults(run=run)
@@ -54,14 +49,9 @@ def run(args: argparse.Namespace) -> int:
     # Everything that can be checked without the model is checked before loading it.
     text = read_prompt(args)
     sampling = common.sampling_kwargs(args)
-    response_format = read_response_format(args.json_schema, args.grammar)
+    response_format = common.read_response_format(args)
     llm = common.load_model(args, quiet=args.quiet)
-    if response_format is not None:
-        try:            # compiled here too, so that a bad file gives one line naming it
-            llm.grammar_compiler.response_format(response_format)
-        except InputError as exc:
-            raise InputError(f"{args.json_schema or args.grammar}: {exc}") from None
-        sampling["response_format"] = response_format
+    common.use_response_format(llm, args, response_format, sampling)
     ids = encode_prompt(llm.require_tokenizer(), text, chat=args.chat or args.system is not None,
                         system=args.system)
 
@@ -112,36 +102,6 @@ def read_prompt(args: argparse.Namespace) -> str:
     if args.prompt is None:
         raise InputError("no prompt: give it as an argument, with -f FILE, or on stdin")
     return args.prompt
-
-
-def read_response_format(schema_file: str | None, grammar_file: str | None
-                         ) -> dict[str, Any] | None:
-    """The response_format that --json-schema / --grammar ask for (checked before loading)."""
-    if schema_file and grammar_file:
-        raise InputError("give --json-schema or --grammar, not both")
-    path = schema_file or grammar_file
-    if path is None:
-        return None
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read it ({exc.strerror or exc})") from None
-    except UnicodeDecodeError:
-        raise InputError(f"{path}: not UTF-8 text") from None
-    if schema_file:
-        try:
-            schema = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path}: not valid JSON ({exc})") from None
-        return {"type": "json_schema", "json_schema": {"name": Path(path).stem, "schema": schema}}
-    if path.endswith(".gbnf"):
-        from llguidance.gbnf_to_lark import GbnfToLarkError, gbnf_to_lark
-
-        try:
-            text = gbnf_to_lark(text)
-        except GbnfToLarkError as exc:
-            raise InputError(f"{path}: not valid GBNF ({str(exc).splitlines()[0]})") from None
-    return {"type": "grammar", "grammar": text}
 
 
 def encode_prompt(tokenizer: Tokenizer, text: str, *, chat: bool, system: str | None) -> list[int]:
