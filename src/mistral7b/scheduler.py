@@ -15,7 +15,9 @@ draining, how a request ends) is `queueing.RequestQueue`; this module is what a 
     4. pre-fills: one forward feeds waiting prompts their next chunk (B_p x T), up to
        `prefill_budget` prompt tokens per step, so running streams are never starved;
     5. samples each row with its own parameters and generator (one place, `_sample`, which
-       also isolates a bad row) and hands every row's output to its request's `emit`.
+       also isolates a bad row; a row under a grammar, structured output, first has its
+       logits masked to what its `constrain.Constraint` allows next) and hands every row's
+       output to its request's `emit`.
 
 Decode rows and pre-fill rows go through separate `Engine.step` calls because a step pads
 every row to its longest chunk: 8 decode rows beside one 128-token chunk would compute
