@@ -191,3 +191,20 @@ def save_gguf(model, path: Path, raw: dict | None = None) -> Path:
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def mistral_v3_folder(folder: Path, seed: int = 0) -> Path:
+    """A tiny random model with Mistral 7B v0.3's 32768-token vocabulary and its v3 tokenizer
+    (the file mistral-common ships, as `tokenizer.model.v3`): chat, tools and structured
+    output then go through mistral-common's encoding."""
+    import shutil
+
+    import mistral_common
+
+    model = hf_mistral(vocab=32768, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16,
+                       hidden=64, window=None, theta=1e6, seed=seed)
+    save_consolidated(model, folder)
+    shipped = Path(mistral_common.__file__).parent / "data" / \
+        "mistral_instruct_tokenizer_240323.model.v3"
+    shutil.copy(shipped, folder / "tokenizer.model.v3")
+    return folder

@@ -9,9 +9,11 @@ from typing import TYPE_CHECKING, Any, overload
 
 import torch
 
+from mistral7b.chat_request import ChatPlan, plan_chat, with_tool_calls
 from mistral7b.config import ModelConfig
 from mistral7b.engine import Engine
 from mistral7b.errors import InputError, Mistral7BError
+from mistral7b.grammar import Grammar, GrammarCompiler
 from mistral7b.request import Output
 from mistral7b.sampling import SamplingParams
 from mistral7b.scheduler import run_batch
@@ -153,6 +155,7 @@ class LLM:
         self.load_seconds = 0.0
         self.speculate = 0          # prompt-lookup draft tokens per decode step (0 = off)
         self._stats = GenerationStats()
+        self._grammar_compiler: GrammarCompiler | None = None
 
     def __repr__(self) -> str:
         return (f"LLM({str(self.path)!r}, {self.config.n_params / 1e9:.2f}B params, "
@@ -185,12 +188,26 @@ class LLM:
                  **sampling: Any) -> Completion | list[Completion]: ...
 
     def generate(self, prompt_or_prompts: Any, *, max_context: int | None = None,
+                 response_format: dict[str, Any] | None = None,
                  **sampling: Any) -> Completion | list[Completion]:
-        """Complete one prompt (str or token ids) or a list of them (a ragged batch)."""
+        """Complete one prompt (str or token ids) or a list of them (a ragged batch).
+
+        response_format: structured output, OpenAI's shape ({"type": "json_object"},
+        {"type": "json_schema", "json_schema": {"schema": {...}}}) or our extensions
+        {"type": "regex", "regex": ...} / {"type": "grammar", "grammar": <Lark>}; every
+        completion then follows it (see mistral7b.grammar).
+        """
         single, prompts = self._prompts(prompt_or_prompts)
         params = _params(sampling)
+        grammar = self.grammar_compiler.response_format(response_format) \
+            if response_format is not None else None
+        return self._complete(single, prompts, params, max_context, grammar)
+
+    def _complete(self, single: bool, prompts: list[list[int]], params: SamplingParams,
+                  max_context: int | None, grammar: Grammar | None
+                  ) -> Completion | list[Completion]:
         builders = [_CompletionBuilder(len(p), params.logprobs) for p in prompts]
-        for i, out in self._events(prompts, params, max_context):
+        for i, out in self._events(prompts, params, max_context, grammar):
             builders[i].add(out)
         completions = [b.completion for b in builders]
         return completions[0] if single else completions
@@ -205,21 +222,56 @@ class LLM:
         single, prompts = self._prompts(prompt)
         if not single:
             raise InputError("stream() takes one prompt; use generate() for a batch")
+        response_format = sampling.pop("response_format", None)
         params = _params(sampling)
-        return TextStream(self._events(prompts, params, max_context), len(prompts[0]), params)
+        grammar = self.grammar_compiler.response_format(response_format) \
+            if response_format is not None else None
+        return TextStream(self._events(prompts, params, max_context, grammar),
+                          len(prompts[0]), params)
 
-    def chat(self, messages: list[dict[str, Any]], *, safe_prompt: bool = False,
+    def chat(self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None,
+             tool_choice: Any = None, response_format: dict[str, Any] | None = None,
+             safe_prompt: bool = False, parallel_tool_calls: bool = True,
              max_context: int | None = None, **sampling: Any) -> Completion:
-        """Answer a conversation [{"role": ..., "content": ...}] with the model's chat format."""
-        ids = self.require_tokenizer().encode_chat(messages, add_generation_prompt=True,
-                                                   safe_prompt=safe_prompt)
-        return self.generate(ids, max_context=max_context, **sampling)
+        """Answer a conversation [{"role": ..., "content": ...}] with the model's chat format.
+
+        tools / tool_choice: OpenAI's function calling (see mistral7b.chat_request); calls the
+        model makes come back in `Completion.tool_calls` with finish reason "tool_calls".
+        response_format: structured output, as in generate(). safe_prompt: the paper's
+        guardrail system prompt.
+        """
+        plan = self._plan_chat(messages, tools, tool_choice, response_format, safe_prompt,
+                               parallel_tool_calls)
+        params = _params(plan.sampling(sampling))
+        completion = self._complete(True, [plan.ids], params, max_context, plan.grammar)
+        assert isinstance(completion, Completion)
+        if plan.tool_format is not None:
+            completion = with_tool_calls(self.require_tokenizer(), completion, plan.tool_format)
+        return completion
 
     def stream_chat(self, messages: list[dict[str, Any]], *, safe_prompt: bool = False,
+                    response_format: dict[str, Any] | None = None,
                     max_context: int | None = None, **sampling: Any) -> TextStream:
-        ids = self.require_tokenizer().encode_chat(messages, add_generation_prompt=True,
-                                                   safe_prompt=safe_prompt)
-        return self.stream(ids, max_context=max_context, **sampling)
+        plan = self._plan_chat(messages, None, None, response_format, safe_prompt)
+        params = _params(sampling)
+        return TextStream(self._events([plan.ids], params, max_context, plan.grammar),
+                          len(plan.ids), params)
+
+    def _plan_chat(self, messages: list[dict[str, Any]], tools: Any, tool_choice: Any,
+                   response_format: Any, safe_prompt: bool,
+                   parallel_tool_calls: bool = True) -> ChatPlan:
+        return plan_chat(self.require_tokenizer(), lambda: self.grammar_compiler, messages,
+                         tools=tools, tool_choice=tool_choice, response_format=response_format,
+                         safe_prompt=safe_prompt, parallel_tool_calls=parallel_tool_calls)
+
+    @property
+    def grammar_compiler(self) -> GrammarCompiler:
+        """Compiles response formats for this model's tokenizer (built on first use: it
+        adapts the whole vocabulary, ~0.5 s)."""
+        if self._grammar_compiler is None:
+            self._grammar_compiler = GrammarCompiler(self.require_tokenizer(),
+                                                     self.config.vocab_size)
+        return self._grammar_compiler
 
     def clear_cache(self) -> None:
         """Forget the KV of earlier calls (kept to be reused by prompts that extend them)."""
@@ -257,15 +309,23 @@ class LLM:
                          "of those")
 
     def _events(self, prompts: list[list[int]], params: SamplingParams,
-                max_context: int | None) -> Generator[tuple[int, Output], None, None]:
+                max_context: int | None, grammar: Grammar | None = None
+                ) -> Generator[tuple[int, Output], None, None]:
         """The one step loop (scheduler.run_batch) over these prompts. The KV of earlier
         calls stays cached, so a prompt that extends an earlier one (the next chat turn)
         computes only its new tokens."""
         tok = self.require_tokenizer()  # generated text is decoded with it
         self._stats = GenerationStats()
+        bias_ids = [i for i, _ in params.logit_bias]
+        if bias_ids:
+            try:
+                self.check_ids(bias_ids)
+            except InputError as exc:
+                raise InputError(f"logit_bias: {exc}", param="logit_bias") from None
         return run_batch(self.engine, prompts, [params] * len(prompts), stop_ids=tok.stop_ids,
                          new_decoder=tok.decoder, max_context=max_context, stats=self._stats,
-                         speculate=self.speculate)
+                         speculate=self.speculate,
+                         grammar=grammar)
 
 
 class _CompletionBuilder:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from mistral7b.errors import Mistral7BError
+from mistral7b.grammar import Grammar
 from mistral7b.sampling import SamplingParams
 from mistral7b.sequence import TokenLogprob
 
@@ -74,6 +75,7 @@ class GenerationRequest:
     prompt_logprobs: int | None = None     # top-n per prompt position, None = not wanted
     timeout: float | None = None           # seconds from submission
     arrival: float = field(default_factory=time.monotonic)
+    grammar: Grammar | None = None         # structured output: each choice follows it
     cancelled: bool = False
     done: bool = False
     _admitted: int = 0                     # choices that have started

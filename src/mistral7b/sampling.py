@@ -5,7 +5,7 @@ its own :class:`SamplingParams`. For a row, :func:`sample_token` applies, in thi
 order of vLLM's v0 sampler; llama.cpp's default chain puts temperature last instead):
 
     1. repetition penalty        (HF/CTRL; tokens of prompt + output)
-    2. frequency/presence        (OpenAI; tokens of the output only)
+    2. frequency/presence        (OpenAI; tokens of the output only), then logit_bias
     3. temperature               (0 -> greedy argmax, steps 4-7 skipped)
     4. top-k                     (exactly k tokens; ties -> lowest ids)
     5. top-p                     (smallest nucleus with mass >= p; ties -> lowest ids)
@@ -31,7 +31,7 @@ import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -73,16 +73,16 @@ class TokenHistory(NamedTuple):
 
 def _check_real(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise InputError(f"{name} must be a number, got {value!r}")
+        raise InputError(f"{name} must be a number, got {value!r}", param=name)
     value = float(value)
     if not math.isfinite(value):
-        raise InputError(f"{name} must be a finite number, got {value}")
+        raise InputError(f"{name} must be a finite number, got {value}", param=name)
     return value
 
 
 def _check_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise InputError(f"{name} must be an integer, got {value!r}")
+        raise InputError(f"{name} must be an integer, got {value!r}", param=name)
     return int(value)
 
 
@@ -92,11 +92,45 @@ def _normalise_stop(stop: object) -> tuple[str, ...]:
     if isinstance(stop, str):
         stop = (stop,)
     if not isinstance(stop, (list, tuple)):
-        raise InputError(f"stop must be a string or a list of strings, got {stop!r}")
+        raise InputError(f"stop must be a string or a list of strings, got {stop!r}",
+                         param="stop")
     for s in stop:
         if not isinstance(s, str) or not s:
-            raise InputError(f"each stop string must be a non-empty string, got {s!r}")
+            raise InputError(f"each stop string must be a non-empty string, got {s!r}",
+                             param="stop")
     return tuple(stop)
+
+
+def _normalise_bias(bias: object) -> tuple[tuple[int, float], ...]:
+    """OpenAI's logit_bias ({token id: bias}; JSON keys are strings) as sorted pairs. A bias of
+    -100 bans the token and +100 all but forces it, as OpenAI describes."""
+    if not bias:
+        return ()
+    items: Any = bias.items() if isinstance(bias, dict) else bias
+    out = {}
+    try:
+        for key, value in items:
+            token = int(key) if isinstance(key, str) and key.strip().isdigit() else key
+            token = _check_int("logit_bias", token)
+            value = _check_real("logit_bias", value)
+            if token < 0 or not -100 <= value <= 100:
+                raise InputError(f"logit_bias maps token ids >= 0 to biases in [-100, 100], "
+                                 f"got {key!r}: {value}", param="logit_bias")
+            out[token] = value
+    except (TypeError, ValueError):
+        raise InputError("logit_bias must map token ids to numbers, e.g. {\"50256\": -100}",
+                         param="logit_bias") from None
+    return tuple(sorted(out.items()))
+
+
+def apply_logit_bias(row: torch.Tensor, bias: Sequence[tuple[int, float]]) -> torch.Tensor:
+    """``row[id] += b`` for each (id, b); -100 bans a token outright (-inf)."""
+    if not bias:
+        return row
+    ids = _as_ids([i for i, _ in bias], row.shape[-1], row.device)
+    values = torch.tensor([float("-inf") if b <= -100 else b for _, b in bias],
+                          dtype=row.dtype, device=row.device)
+    return row.index_add(-1, ids, values)
 
 
 @dataclass(frozen=True)
@@ -121,6 +155,7 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     ignore_eos: bool = False
+    logit_bias: tuple[tuple[int, float], ...] = ()   # OpenAI's {token id: bias in [-100, 100]}
 
     def __post_init__(self) -> None:
         self.validate()
@@ -130,60 +165,66 @@ class SamplingParams:
         put = object.__setattr__  # frozen: normalised values are written once, here
         max_tokens = _check_int("max_tokens", self.max_tokens)
         if max_tokens < 1:
-            raise InputError(f"max_tokens must be >= 1, got {max_tokens}")
+            raise InputError(f"max_tokens must be >= 1, got {max_tokens}", param="max_tokens")
         put(self, "max_tokens", max_tokens)
 
         temperature = _check_real("temperature", self.temperature)
         if temperature < 0:
-            raise InputError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
+            raise InputError(f"temperature must be >= 0 (0 means greedy), got {temperature}",
+                             param="temperature")
         put(self, "temperature", temperature)
 
         top_p = _check_real("top_p", self.top_p)
         if not 0 < top_p <= 1:
-            raise InputError(f"top_p must be in (0, 1] (1 disables it), got {top_p}")
+            raise InputError(f"top_p must be in (0, 1] (1 disables it), got {top_p}", param="top_p")
         put(self, "top_p", top_p)
 
         top_k = _check_int("top_k", self.top_k)
         if top_k < 0:
-            raise InputError(f"top_k must be >= 0 (0 disables it), got {top_k}")
+            raise InputError(f"top_k must be >= 0 (0 disables it), got {top_k}", param="top_k")
         put(self, "top_k", top_k)
 
         min_p = _check_real("min_p", self.min_p)
         if not 0 <= min_p <= 1:
-            raise InputError(f"min_p must be in [0, 1] (0 disables it), got {min_p}")
+            raise InputError(f"min_p must be in [0, 1] (0 disables it), got {min_p}", param="min_p")
         put(self, "min_p", min_p)
 
         rep = _check_real("repetition_penalty", self.repetition_penalty)
         if rep <= 0:
-            raise InputError(f"repetition_penalty must be > 0 (1 disables it), got {rep}")
+            raise InputError(f"repetition_penalty must be > 0 (1 disables it), got {rep}",
+                             param="repetition_penalty")
         put(self, "repetition_penalty", rep)
 
         for name in ("frequency_penalty", "presence_penalty"):
             value = _check_real(name, getattr(self, name))
             if not -2 <= value <= 2:
-                raise InputError(f"{name} must be in [-2, 2] (0 disables it), got {value}")
+                raise InputError(f"{name} must be in [-2, 2] (0 disables it), got {value}",
+                                 param=name)
             put(self, name, value)
 
         if self.seed is not None:
             seed = _check_int("seed", self.seed)
             if not _SEED_MIN <= seed <= _SEED_MAX:
-                raise InputError(f"seed must be in [{_SEED_MIN}, {_SEED_MAX}], got {seed}")
+                raise InputError(f"seed must be in [{_SEED_MIN}, {_SEED_MAX}], got {seed}",
+                                 param="seed")
             put(self, "seed", seed)
 
         put(self, "stop", _normalise_stop(self.stop))
 
         for name in ("logprobs", "ignore_eos"):
             if not isinstance(getattr(self, name), bool):
-                raise InputError(f"{name} must be true or false, got {getattr(self, name)!r}")
+                raise InputError(f"{name} must be true or false, got {getattr(self, name)!r}",
+                                 param=name)
 
         top_logprobs = _check_int("top_logprobs", self.top_logprobs)
         if not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
             raise InputError(
-                f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {top_logprobs}"
-            )
+                f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {top_logprobs}",
+                param="top_logprobs")
         if top_logprobs and not self.logprobs:
-            raise InputError("top_logprobs needs logprobs=True")
+            raise InputError("top_logprobs needs logprobs=True", param="top_logprobs")
         put(self, "top_logprobs", top_logprobs)
+        put(self, "logit_bias", _normalise_bias(self.logit_bias))
 
     @property
     def greedy(self) -> bool:
@@ -195,6 +236,7 @@ class SamplingParams:
             self.repetition_penalty != 1.0
             or self.frequency_penalty != 0.0
             or self.presence_penalty != 0.0
+            or bool(self.logit_bias)
         )
 
 
@@ -314,20 +356,22 @@ def _float_row(logits_row: torch.Tensor) -> torch.Tensor:
 def _apply_penalties(
     row: torch.Tensor, params: SamplingParams, history: TokenHistory | None
 ) -> torch.Tensor:
-    if history is None or not params.has_penalties:
+    if not params.has_penalties:
         return row
-    prompt_ids, output_ids = history
-    vocab = row.shape[-1]
-    if params.repetition_penalty != 1.0:
-        prompt = _as_ids(prompt_ids, vocab, row.device).reshape(-1)
-        output = _as_ids(output_ids, vocab, row.device).reshape(-1)
-        row = apply_repetition_penalty(row, torch.cat([prompt, output]), params.repetition_penalty)
-    if params.frequency_penalty != 0.0 or params.presence_penalty != 0.0:
-        counts = token_counts(output_ids, vocab, row.device)
-        row = apply_frequency_presence(
-            row, counts, params.frequency_penalty, params.presence_penalty
-        )
-    return row
+    if history is not None:
+        prompt_ids, output_ids = history
+        vocab = row.shape[-1]
+        if params.repetition_penalty != 1.0:
+            prompt = _as_ids(prompt_ids, vocab, row.device).reshape(-1)
+            output = _as_ids(output_ids, vocab, row.device).reshape(-1)
+            row = apply_repetition_penalty(row, torch.cat([prompt, output]),
+                                           params.repetition_penalty)
+        if params.frequency_penalty != 0.0 or params.presence_penalty != 0.0:
+            counts = token_counts(output_ids, vocab, row.device)
+            row = apply_frequency_presence(
+                row, counts, params.frequency_penalty, params.presence_penalty
+            )
+    return apply_logit_bias(row, params.logit_bias)
 
 
 def _nucleus_candidates(logits: torch.Tensor, log_z: torch.Tensor, p: float) -> torch.Tensor | None:

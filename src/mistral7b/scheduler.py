@@ -16,7 +16,9 @@ draining, how a request ends) is `queueing.RequestQueue`; this module is what a 
     4. pre-fills: one forward feeds waiting prompts their next chunk (B_p x T), up to
        `prefill_budget` prompt tokens per step, so running streams are never starved;
     5. samples each row with its own parameters and generator (one place, `_sample`, which
-       also isolates a bad row) and hands every row's output to its request's `emit`.
+       also isolates a bad row; a row under a grammar, structured output, first has its
+       logits masked to what its `constrain.Constraint` allows next) and hands every row's
+       output to its request's `emit`.
 
 Decode rows and pre-fill rows go through separate `Engine.step` calls because a step pads
 every row to its longest chunk: 8 decode rows beside one 128-token chunk would compute
@@ -61,6 +63,7 @@ from mistral7b.sequence import GenerationStats, Sequence, prompt_logprobs
 from mistral7b.speculate import check_speculate, propose
 
 if TYPE_CHECKING:
+    from mistral7b.grammar import Grammar
     from mistral7b.tokenizer.base import IncrementalDecoder
 
 log = logging.getLogger("mistral7b.scheduler")
@@ -221,7 +224,8 @@ class Scheduler(RequestQueue):
                 req = self._waiting[0]
             params = req.params[0]
             seq = Sequence(req.prompt, params, self.stop_ids, self.new_decoder(),
-                           max(req.max_tokens, 1), make_generator(params.seed))
+                           max(req.max_tokens, 1), make_generator(params.seed),
+                           constraint=req.grammar.constraint() if req.grammar else None)
             # scoring needs the logits of every prompt position
             reuse = self.prefix_cache and req.prompt_logprobs is None
             scoring = req.prompt_logprobs is not None
@@ -327,7 +331,8 @@ class Scheduler(RequestQueue):
             params = req.params[choice]
             seq = Sequence(req.prompt, params, self.stop_ids, self.new_decoder(),
                            max(req.max_tokens, 1), make_generator(params.seed),
-                           cached_tokens=s.seq.cached_tokens)
+                           cached_tokens=s.seq.cached_tokens,
+                           constraint=req.grammar.constraint() if req.grammar else None)
             try:
                 seq.table = self.pool.fork(s.seq.table)
             except KVCacheFull:
@@ -399,20 +404,44 @@ class Scheduler(RequestQueue):
                  len(victim.seq.tokens))
         return victim
 
+    def _masked(self, seqs: list[ChoiceSeq], live: list[int], logits: torch.Tensor
+                ) -> torch.Tensor:
+        """logits[live], with each constrained row masked to what its grammar allows (a copy:
+        log-probabilities are reported from the model's own logits)."""
+        rows = logits[live]
+        for j, i in enumerate(live):
+            constraint = seqs[i].seq.constraint
+            if constraint is None or seqs[i].req.done:
+                continue
+            t0 = time.perf_counter()
+            try:
+                constraint.mask_(rows[j])
+            except Exception as exc:
+                log.exception("the grammar mask failed")
+                self._fail(seqs[i].req, RequestFailed("internal", str(exc)))
+            self.stats.mask_seconds += time.perf_counter() - t0
+            self.stats.masked_tokens += 1
+        return rows
+
     def _sample(self, seqs: list[ChoiceSeq], logits: torch.Tensor) -> None:
         live = [i for i, s in enumerate(seqs) if not s.req.done]
         tokens: list[int] = []
+        rows = self._masked(seqs, live, logits)
         while live:
+            keep = [j for j, i in enumerate(live) if not seqs[i].req.done]
+            if len(keep) < len(live):          # a mask or a bad row failed its request
+                rows, live = rows[keep], [live[j] for j in keep]
+                if not live:
+                    break
             try:
                 tokens = sample_batch(
-                    logits[live], [seqs[i].seq.params for i in live],
+                    rows, [seqs[i].seq.params for i in live],
                     [seqs[i].seq.generator for i in live],
                     [seqs[i].seq.history() for i in live])
                 break
             except NonFiniteLogitsError as exc:
                 for j in exc.rows:
                     self._fail(seqs[live[j]].req, RequestFailed("model", str(exc)))
-                live = [i for i in live if not seqs[i].req.done]
             except Exception as exc:
                 log.exception("sampling failed")
                 for i in live:
@@ -453,11 +482,12 @@ _KV_FULL = ("the KV cache is full even with this request alone: raise --kv-cache
 def run_batch(engine: Engine, prompts: list[list[int]], params: list, *,
               stop_ids: frozenset[int], new_decoder: Callable[[], IncrementalDecoder],
               max_context: int | None = None, chunk_size: int | None = None,
-              stats: GenerationStats | None = None,
+              stats: GenerationStats | None = None, grammar: Grammar | None = None,
               speculate: int = 0) -> Generator[tuple[int, Output], None, None]:
     """Generate for a ragged batch on the caller's thread: the same loop the server runs,
     every prompt admitted at once. Yields (prompt index, Output) as they come; raises the
-    first failure. Closing the iterator stops the batch and frees its blocks."""
+    first failure. Closing the iterator stops the batch and frees its blocks. `grammar`
+    (structured output) constrains every prompt's completion."""
     context = max_context or engine.config.max_seq_len
     requests: list[GenerationRequest] = []
     outputs: collections.deque[tuple[int, Output]] = collections.deque()
@@ -470,7 +500,7 @@ def run_batch(engine: Engine, prompts: list[list[int]], params: list, *,
                              f"{context}: shorten the prompt or raise the context size")
         max_tokens = min(p.max_tokens, context - len(prompt))
         requests.append(GenerationRequest(list(prompt), [p], functools.partial(
-            lambda i, out: outputs.append((i, out)), i), max_tokens))
+            lambda i, out: outputs.append((i, out)), i), max_tokens, grammar=grammar))
     chunk = chunk_size or engine.default_chunk()
     if chunk < 1:
         raise InputError(f"chunk_size must be >= 1, got {chunk_size}")

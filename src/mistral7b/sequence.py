@@ -17,8 +17,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from mistral7b.cache import BlockTable
+from mistral7b.constrain import Constraint
 from mistral7b.sampling import NonFiniteLogitsError, SamplingParams, TokenHistory, token_logprobs
 from mistral7b.stops import StopMatcher
+from mistral7b.tools import ToolCall
 
 if TYPE_CHECKING:
     from mistral7b.tokenizer.base import IncrementalDecoder
@@ -33,14 +35,19 @@ class TokenLogprob:
 
 @dataclass
 class Completion:
-    """One finished sequence. `token_ids` are the generated ids (EOS excluded)."""
+    """One finished sequence. `token_ids` are the generated ids (EOS excluded).
+
+    A chat answer that called tools has them in `tool_calls` (its `text` is what came before
+    the calls) and finish reason "tool_calls".
+    """
 
     text: str
     token_ids: list[int]
-    finish_reason: str                       # "stop" (EOS or stop string) | "length"
+    finish_reason: str                       # "stop" (EOS or stop string) | "length" | "tool_calls"
     prompt_tokens: int = 0
     logprobs: list[TokenLogprob] | None = None
     cached_tokens: int = 0                   # prompt tokens reused from the prefix cache
+    tool_calls: list[ToolCall] | None = None
 
     @property
     def completion_tokens(self) -> int:
@@ -68,6 +75,8 @@ class GenerationStats:
     @property
     def acceptance_rate(self) -> float:
         return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
+    mask_seconds: float = 0.0                    # computing structured-output masks
+    masked_tokens: int = 0                       # tokens sampled under a grammar mask
 
     @property
     def prompt_tps(self) -> float:
@@ -105,6 +114,7 @@ class Sequence:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     cached_tokens: int = 0                  # prompt tokens taken from the prefix cache
+    constraint: Constraint | None = None    # structured output: the grammar's state
     stops: StopMatcher = field(init=False)
     _tokens: list[int] = field(init=False)
 
@@ -147,16 +157,20 @@ class Sequence:
             lp, top = token_logprobs(logits_row, token, self.params.top_logprobs)
             self.logprobs.append(TokenLogprob(token, lp, top))
         eos = token in self.stop_ids and not self.params.ignore_eos
+        complete = False          # the grammar allows nothing more: end without an EOS step
+        if self.constraint is not None:
+            self.constraint.advance(token)
+            complete = not eos and self.constraint.stopped
         if eos:
             text = self.decoder.flush()
         else:
             self.output.append(token)
             self._tokens.append(token)
             text = self.decoder.push(token)
-            if len(self.output) >= self.max_tokens:
+            if len(self.output) >= self.max_tokens or complete:
                 text += self.decoder.flush()
         delta, stopped = self.stops.push(text)
-        if stopped or eos:
+        if stopped or eos or complete:
             self.finish_reason = "stop"
         elif len(self.output) >= self.max_tokens:
             self.finish_reason = "length"

@@ -21,6 +21,7 @@ import pytest
 API_KEY = "test-key-123"
 ALLOWED_ORIGIN = "http://allowed.example"
 LOAD_TIMEOUT_S = 180
+KEEPALIVE_S = 0.1         # short, so a long pre-fill shows the keep-alive comments
 
 
 class ServerProcess:
@@ -94,7 +95,8 @@ def server(tmp_path_factory):
     srv = ServerProcess(["--max-concurrency", "16", "--max-queue", "64", "--max-model-len",
                          "384", "--max-n", "4", "--max-body-bytes", "65536",
                          "--cors-origin", ALLOWED_ORIGIN, "--prefill-chunk", "32",
-                         "--quant", "none"],
+                         "--quant", "none",
+                         "--sse-keepalive", str(KEEPALIVE_S)],
                         log, env={"MISTRAL7B_API_KEY": API_KEY})
     try:
         yield srv.wait_ready()

@@ -57,6 +57,7 @@ def add_parser(subparsers: Any) -> None:
                    help="add the Mistral guardrail system prompt (safe_prompt)")
     p.add_argument("--verbose", action="store_true",
                    help="print timings after each answer (stderr)")
+    common.add_structured_args(p)
     common.add_model_args(p)
     common.add_sampling_args(p, max_tokens=DEFAULT_MAX_TOKENS)
     p.set_defaults(run=run)
@@ -64,8 +65,10 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     sampling = common.sampling_kwargs(args)
+    response_format = common.read_response_format(args)
     interactive = sys.stdin is not None and sys.stdin.isatty()
     llm = common.load_model(args, quiet=not (interactive or args.verbose))
+    common.use_response_format(llm, args, response_format, sampling)
     session = ChatSession(llm, sampling, system=args.system, safe=args.safe, ctx=args.ctx,
                           verbose=args.verbose, interactive=interactive)
     if interactive:

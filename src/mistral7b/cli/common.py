@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import resource
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mistral7b.errors import InputError
@@ -219,3 +221,54 @@ def summary_line(t: dict[str, float], *, load: bool = True) -> str:
     if "peak_cuda_mib" in t:
         parts.append(f"peak CUDA {t['peak_cuda_mib']:.0f} MiB")
     return " | ".join(parts)
+
+
+def add_structured_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("structured output (each answer follows it, token by token)")
+    g.add_argument("--json-schema", metavar="FILE",
+                   help="a JSON schema file: the answer is JSON valid under it")
+    g.add_argument("--grammar", metavar="FILE",
+                   help="a grammar file: Lark (llguidance's dialect, `start:` rule), or "
+                        "llama.cpp GBNF when FILE ends in .gbnf")
+
+
+def read_response_format(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The response_format that --json-schema / --grammar ask for (read before loading)."""
+    schema_file, grammar_file = args.json_schema, args.grammar
+    if schema_file and grammar_file:
+        raise InputError("give --json-schema or --grammar, not both")
+    path = schema_file or grammar_file
+    if path is None:
+        return None
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not UTF-8 text") from None
+    if schema_file:
+        try:
+            schema = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path}: not valid JSON ({exc})") from None
+        return {"type": "json_schema", "json_schema": {"name": Path(path).stem, "schema": schema}}
+    if path.endswith(".gbnf"):
+        from llguidance.gbnf_to_lark import GbnfToLarkError, gbnf_to_lark
+
+        try:
+            text = gbnf_to_lark(text)
+        except GbnfToLarkError as exc:
+            raise InputError(f"{path}: not valid GBNF ({str(exc).splitlines()[0]})") from None
+    return {"type": "grammar", "grammar": text}
+
+
+def use_response_format(llm: LLM, args: argparse.Namespace,
+                        response_format: dict[str, Any] | None, sampling: dict[str, Any]) -> None:
+    """Compile it now, so a bad file is one error line naming it; then add it to sampling."""
+    if response_format is None:
+        return
+    try:
+        llm.grammar_compiler.response_format(response_format)
+    except InputError as exc:
+        raise InputError(f"{args.json_schema or args.grammar}: {exc}") from None
+    sampling["response_format"] = response_format

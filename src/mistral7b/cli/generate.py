@@ -39,6 +39,7 @@ def add_parser(subparsers: Any) -> None:
                         "completion_tokens, timings) at the end instead of streaming")
     p.add_argument("-q", "--quiet", action="store_true",
                    help="no load message or timing summary on stderr")
+    common.add_structured_args(p)
     common.add_model_args(p)
     common.add_sampling_args(p, max_tokens=DEFAULT_MAX_TOKENS)
     p.set_defaults(run=run)
@@ -48,7 +49,9 @@ def run(args: argparse.Namespace) -> int:
     # Everything that can be checked without the model is checked before loading it.
     text = read_prompt(args)
     sampling = common.sampling_kwargs(args)
+    response_format = common.read_response_format(args)
     llm = common.load_model(args, quiet=args.quiet)
+    common.use_response_format(llm, args, response_format, sampling)
     ids = encode_prompt(llm.require_tokenizer(), text, chat=args.chat or args.system is not None,
                         system=args.system)
 

@@ -80,6 +80,9 @@ def add_parser(subparsers: Any) -> None:
     g.add_argument("--shutdown-grace", type=float, default=d.shutdown_grace, metavar="S",
                    help="on SIGTERM, seconds running requests get to finish "
                         "(default: %(default)s)")
+    g.add_argument("--sse-keepalive", type=float, default=d.sse_keepalive, metavar="S",
+                   help="a stream that sent nothing for S seconds (a long pre-fill) gets a "
+                        "': keep-alive' comment line; 0 = never (default: %(default)s)")
     p.add_argument("--log-level", default="info",
                    choices=("critical", "error", "warning", "info", "debug"),
                    help="server log level on stderr (default: %(default)s)")
@@ -99,7 +102,7 @@ def settings_from_args(args: argparse.Namespace) -> Any:
             max_body_bytes=args.max_body_bytes, timeout=args.timeout or None,
             cors_origins=tuple(args.cors_origin), prefill_chunk=args.prefill_chunk,
             prefix_cache=not args.no_prefix_cache,
-            shutdown_grace=args.shutdown_grace)
+            shutdown_grace=args.shutdown_grace, sse_keepalive=args.sse_keepalive or None)
     except ValueError as exc:
         raise InputError(f"{exc} (see 'mistral7b serve --help')") from None
 

@@ -31,7 +31,7 @@ from mistral7b.server.state import ServerState
 
 log = logging.getLogger("mistral7b.server")
 
-OPEN_PATHS = frozenset({"/health"})
+OPEN_PATHS = frozenset({"/health", "/version"})
 
 
 def create_app(llm_or_loader: LLM | Callable[[], LLM],

@@ -3,9 +3,10 @@
 Requests are validated strictly (a string is not a number, `true` is not 1): every failure
 becomes a 400 in OpenAI's error shape (see app.py). Unknown fields are ignored, as vLLM
 does, so clients that send newer OpenAI fields keep working. Fields we cannot honour
-(`suffix`, `logit_bias`, `tools`, JSON response formats) are refused by serving.py, never
-silently dropped. Extensions that vLLM and llama.cpp also accept: `top_k`, `min_p`,
-`repetition_penalty`, `ignore_eos`.
+(`suffix`, image content parts) are refused by the serving layer, never silently dropped.
+Extensions that vLLM and llama.cpp also accept: `top_k`, `min_p`, `repetition_penalty`,
+`ignore_eos`; structured output beyond OpenAI's: response_format types "regex" and "grammar"
+(Lark), and vLLM's `guided_json` / `guided_regex` / `guided_grammar` fields.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ Probability = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)]
 
 
-# Why a choice ended: EOS or a stop string, or max_tokens / the context.
-FinishReason = Literal["stop", "length"]
+# Why a choice ended: EOS or a stop string, max_tokens / the context, or calls to tools.
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 class _Request(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
@@ -67,6 +68,23 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
+class JSONSchemaFormat(_Request):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | bool = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    """OpenAI's three types, plus our "regex" and "grammar" (a Lark grammar, llguidance's
+    dialect) extensions."""
+
+    type: Literal["text", "json_object", "json_schema", "regex", "grammar"]
+    json_schema: JSONSchemaFormat | None = None
+    regex: str | None = None
+    grammar: str | None = None
+
+
 class SamplingFields(_Request):
     """What completions and chat share. `None` means "the default" everywhere."""
 
@@ -85,7 +103,11 @@ class SamplingFields(_Request):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     user: str | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None     # vLLM's names for the same
+    guided_regex: str | None = None
+    guided_grammar: str | None = None
 
 
 class CompletionRequest(SamplingFields):
@@ -103,19 +125,53 @@ class CompletionRequest(SamplingFields):
     suffix: str | None = None
 
 
-class TextPart(_Request):
-    type: Literal["text"]
-    text: str
+class ContentPart(_Request):
+    """One part of a message's content. Only "text" is read; the serving layer answers
+    other types (image_url, input_audio, file) with a clear 400."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    type: str
+    text: str | None = None
+
+
+class FunctionCallIn(_Request):
+    name: str
+    arguments: str | dict[str, Any]
+
+
+class ToolCallIn(_Request):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
 
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
 
 
-class ResponseFormat(_Request):
-    type: Literal["text", "json_object", "json_schema"]
+class FunctionDef(_Request):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDef(_Request):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -126,9 +182,9 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    response_format: ResponseFormat | None = None
+    tools: list[ToolDef] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class TokenizeRequest(_Request):
@@ -137,6 +193,7 @@ class TokenizeRequest(_Request):
     model: str | None = None
     prompt: str | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    tools: list[ToolDef] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 
@@ -198,9 +255,21 @@ class ChatLogprobs(_Response):
     content: list[ChatTokenLogprob] | None = None
 
 
+class FunctionCallOut(_Response):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(_Response):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class AssistantMessage(_Response):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatChoice(_Response):
@@ -220,9 +289,22 @@ class ChatCompletionResponse(_Response):
     system_fingerprint: str | None = None
 
 
+class FunctionDelta(_Response):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(_Response):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionDelta
+
+
 class DeltaMessage(_Response):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(_Response):
@@ -263,3 +345,7 @@ class TokenizeResponse(_Response):
 
 class DetokenizeResponse(_Response):
     prompt: str
+
+
+class VersionResponse(_Response):
+    version: str

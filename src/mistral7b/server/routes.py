@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
+from mistral7b import __version__
 from mistral7b.server.metrics import CONTENT_TYPE
 from mistral7b.server.protocol import (
     ChatCompletionRequest,
@@ -15,6 +16,7 @@ from mistral7b.server.protocol import (
     ModelList,
     TokenizeRequest,
     TokenizeResponse,
+    VersionResponse,
 )
 from mistral7b.server.state import ServerState
 
@@ -31,6 +33,12 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
+@router.get("/version")
+async def version() -> VersionResponse:
+    """The package version (vLLM's and llama.cpp's servers answer this path too)."""
+    return VersionResponse(version=__version__)
+
+
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
     return Response(_state(request).metrics.exposition(), media_type=CONTENT_TYPE)
@@ -38,31 +46,29 @@ async def metrics(request: Request) -> Response:
 
 @router.get("/v1/models")
 async def models(request: Request) -> ModelList:
-    return _state(request).require().models()
+    return _state(request).require().models.list()
 
 
 @router.get("/v1/models/{model_id:path}")
 async def model(model_id: str, request: Request) -> ModelCard:
-    serving = _state(request).require()
-    serving.check_model(model_id)
-    return serving.model_card()
+    return _state(request).require().models.card(model_id)
 
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request) -> Response:
-    return await _state(request).require().completions(body, request)
+    return await _state(request).require().completions.create(body, request)
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-    return await _state(request).require().chat(body, request)
+    return await _state(request).require().chat.create(body, request)
 
 
 @router.post("/tokenize")
 async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
-    return _state(request).require().tokenize(body)
+    return _state(request).require().tokenization.tokenize(body)
 
 
 @router.post("/detokenize")
 async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
-    return _state(request).require().detokenize(body)
+    return _state(request).require().tokenization.detokenize(body)

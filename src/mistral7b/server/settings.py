@@ -22,6 +22,7 @@ class ServerSettings:
     prefix_cache: bool = True                # reuse the KV of earlier requests' prefixes
     shutdown_grace: float = 10.0             # seconds in-flight requests get on SIGTERM
     retry_after: int = 1                     # seconds, in 503 answers
+    sse_keepalive: float | None = 15.0       # seconds without an event before a comment
 
     def __post_init__(self) -> None:
         checks = {
@@ -33,6 +34,7 @@ class ServerSettings:
             "timeout": self.timeout is None or self.timeout > 0,
             "prefill_chunk": self.prefill_chunk >= 1,
             "shutdown_grace": self.shutdown_grace >= 0,
+            "sse_keepalive": self.sse_keepalive is None or self.sse_keepalive > 0,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:

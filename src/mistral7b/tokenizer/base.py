@@ -58,12 +58,17 @@ class Tokenizer(Protocol):
         self,
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
         safe_prompt: bool = False,
     ) -> list[int]:
         """The prompt ids of a conversation `[{"role": ..., "content": ...}, ...]`.
 
         Roles are "system", "user", "assistant" (and "tool" where the format has it).
         `add_generation_prompt=True` ends the ids where the assistant's reply starts;
+        `tools` (OpenAI's `[{"type": "function", "function": {...}}]`) are the functions the
+        model may call, written where the format puts them; assistant messages may carry
+        OpenAI `tool_calls` and "tool" messages a `tool_call_id`. A format without tool
+        calling raises TokenizerError when tools are given.
         `safe_prompt=True` adds the paper's guardrail `SAFE_PROMPT` as the system prompt.
         """
 
@@ -90,6 +95,17 @@ class Tokenizer(Protocol):
     @abstractmethod
     def id_to_piece(self, token_id: int) -> str:
         """The vocabulary entry of `token_id` as stored (`▁the`, `Ġthe`, `<0x0A>`, `</s>`)."""
+
+    @property
+    def supports_tools(self) -> bool:
+        """Whether `encode_chat` can show the model `tools` (the chat format has them)."""
+        return False
+
+    @property
+    def tool_calls_id(self) -> int | None:
+        """The control id that starts a generated tool call (Mistral's `[TOOL_CALLS]`), or
+        None when calls are written as text (or not at all)."""
+        return None
 
     def decoder(self) -> IncrementalDecoder:
         """A fresh streaming detokenizer: feed it generated ids one by one."""

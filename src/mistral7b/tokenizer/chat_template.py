@@ -186,6 +186,17 @@ def render_chat_template(
         _deadline.at = float("inf")
 
 
+def template_reads(template: str, name: str) -> bool:
+    """Whether `template` uses the variable `name` (e.g. "tools") anywhere."""
+    from jinja2 import meta
+    from jinja2.exceptions import TemplateSyntaxError
+
+    try:
+        return name in meta.find_undeclared_variables(_environment().parse(template))
+    except TemplateSyntaxError:
+        return False        # rendering reports the syntax error itself
+
+
 def end_of_turn_markers(template: str | None, vocab_lookup: Any) -> set[int]:
     """Ids of END_OF_TURN_MARKERS that `template` writes and the vocab has as one token.
 

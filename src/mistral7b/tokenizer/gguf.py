@@ -132,11 +132,25 @@ class GGUFTokenizer(HFTokenizer):
         self,
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
         safe_prompt: bool = False,
     ) -> list[int]:
         if self._mistral is not None:
-            return self._mistral.encode_chat(messages, add_generation_prompt, safe_prompt)
-        return super().encode_chat(messages, add_generation_prompt, safe_prompt)
+            return self._mistral.encode_chat(messages, add_generation_prompt, tools=tools,
+                                             safe_prompt=safe_prompt)
+        return super().encode_chat(messages, add_generation_prompt, tools=tools,
+                                   safe_prompt=safe_prompt)
+
+    @property
+    def tool_calls_id(self) -> int | None:
+        """Mistral's `[TOOL_CALLS]` id when chat goes through mistral-common (v3), else None."""
+        return self._mistral.tool_calls_id if self._mistral is not None else None
+
+    @property
+    def supports_tools(self) -> bool:
+        if self._mistral is not None:
+            return self._mistral.supports_tools
+        return super().supports_tools
 
 
 # short name -> (type of the value or of each item, is a list)

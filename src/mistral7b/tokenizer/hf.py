@@ -26,6 +26,7 @@ from mistral7b.tokenizer.chat_template import (
     CHATML_TEMPLATE,
     end_of_turn_markers,
     render_chat_template,
+    template_reads,
 )
 
 
@@ -162,6 +163,7 @@ class HFTokenizer(Tokenizer):
         self,
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
         safe_prompt: bool = False,
     ) -> list[int]:
         """Render the chat template, then encode the text with its special tokens.
@@ -176,6 +178,9 @@ class HFTokenizer(Tokenizer):
         placeholders put back. Pieces are cut where transformers' tokenizer would cut them, so
         a conversation without such text gets exactly `apply_chat_template`'s ids.
 
+        `tools` go to the template as transformers' `apply_chat_template(tools=...)` hands
+        them over; a template that never reads `tools` cannot show them to the model, so
+        tools with such a template raise TokenizerError rather than being dropped.
         `safe_prompt=True` puts SAFE_PROMPT first in the system message (adding one, which
         then replaces a template's default system prompt).
         """
@@ -183,7 +188,7 @@ class HFTokenizer(Tokenizer):
         if safe_prompt:
             messages = with_safe_prompt(messages)
         hidden, restore = self._specials.hide(messages, self.chat_template)
-        text = self._render(hidden, add_generation_prompt)
+        text = self._render(hidden, add_generation_prompt, tools)
         if restore is None:  # no special-token text in the messages
             return self._backend.encode(text, add_special_tokens=False).ids
         ids: list[int] = []
@@ -194,25 +199,45 @@ class HFTokenizer(Tokenizer):
                 ids += self._plain.encode(restore(piece), add_special_tokens=False).ids
         return ids
 
+    @property
+    def supports_tools(self) -> bool:
+        """Whether the chat template reads the `tools` variable (renders function specs)."""
+        return template_reads(self.chat_template, "tools")
+
+    @property
+    def tool_calls_id(self) -> int | None:
+        return None
+
     def render_chat(
         self,
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
         safe_prompt: bool = False,
     ) -> str:
         """The prompt text the chat template makes of `messages`."""
         messages = normalize_messages(messages)
         if safe_prompt:
             messages = with_safe_prompt(messages)
-        return self._render(messages, add_generation_prompt)
+        return self._render(messages, add_generation_prompt, tools)
 
-    def _render(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+    def _render(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
+                tools: list[dict[str, Any]] | None = None) -> str:
+        extra: dict[str, Any] = {}
+        if tools:
+            if not self.supports_tools:
+                raise TokenizerError(
+                    f"{self.name}: this model's chat template has no tool support (it never "
+                    "reads `tools`), so it cannot be given functions to call; use a model "
+                    "whose template renders tools (Mistral v0.3, Qwen, Hermes, Llama 3.1)")
+            extra["tools"] = tools
         return render_chat_template(
             self.chat_template,
             messages,
             add_generation_prompt,
             bos_token=self._token_text(self._bos_token_id),
             eos_token=self._token_text(self._eos_id),
+            **extra,
         )
 
     def _token_text(self, token_id: int | None) -> str:

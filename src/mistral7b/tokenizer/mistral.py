@@ -15,6 +15,7 @@ Mistral 7B v0.3 ship their v3 vocabulary under that name too, hence the size che
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import re
 from collections.abc import Sequence
@@ -170,10 +171,23 @@ class MistralTokenizer(Tokenizer):
     def decode(self, ids: Sequence[int]) -> str:
         return self._mc.decode([int(i) for i in ids])
 
+    @property
+    def tool_calls_id(self) -> int | None:
+        """The `[TOOL_CALLS]` control id that starts a generated call (v3 and later)."""
+        if not self.supports_tools:
+            return None
+        return int(self._raw.get_special_token("[TOOL_CALLS]"))
+
+    @property
+    def supports_tools(self) -> bool:
+        """v1 (Mistral 7B v0.1/v0.2) has no tool tokens; v3 and later have them."""
+        return self.version != "v1"
+
     def encode_chat(
         self,
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
         safe_prompt: bool = False,
     ) -> list[int]:
         """Mistral's instruct ids of `messages`, from mistral-common.
@@ -187,8 +201,17 @@ class MistralTokenizer(Tokenizer):
           finetuning validation), the full conversation as in training.
         `safe_prompt=True` puts SAFE_PROMPT first in the system prompt, as Mistral's API does
         (mistral-common itself has no such option).
+
+        `tools`, assistant `tool_calls` and tool messages go to mistral-common as they are,
+        except call ids: v3 wants 9 letters or digits, so any other id (OpenAI's
+        "call_...") is mapped to one with `mistral_call_id`, the same for a call and the
+        result that answers it.
         """
-        messages = normalize_messages(messages)
+        if tools and not self.supports_tools:
+            raise TokenizerError(
+                f"the Mistral {self.version} instruct format ({self.path.name}) has no tool "
+                "calling; tools need a v3 tokenizer (Mistral 7B v0.3)")
+        messages = [_mistral_ids(m) for m in normalize_messages(messages)]
         if safe_prompt:
             messages = with_safe_prompt(messages)
         messages = [
@@ -201,7 +224,7 @@ class MistralTokenizer(Tokenizer):
                 messages[-1] = {**messages[-1], "prefix": True}
             else:
                 mc = self._closed()
-        return self._encode_request(mc, messages)
+        return self._encode_request(mc, messages, tools)
 
     def _closed(self) -> Any:
         if self._closed_mc is None:
@@ -210,20 +233,52 @@ class MistralTokenizer(Tokenizer):
             self._closed_mc = _load_mistral_common(self.path, ValidationMode.finetuning)
         return self._closed_mc
 
-    def _encode_request(self, mc: Any, messages: list[dict[str, Any]]) -> list[int]:
+    def _encode_request(self, mc: Any, messages: list[dict[str, Any]],
+                        tools: list[dict[str, Any]] | None = None) -> list[int]:
         from mistral_common.exceptions import MistralCommonException
         from mistral_common.protocol.instruct.request import ChatCompletionRequest
         from pydantic import ValidationError
 
         try:
-            request: ChatCompletionRequest[Any] = ChatCompletionRequest.model_validate(
-                {"messages": messages})
+            body: dict[str, Any] = {"messages": messages}
+            if tools:
+                body["tools"] = tools
+            request: ChatCompletionRequest[Any] = ChatCompletionRequest.model_validate(body)
             return list(mc.encode_chat_completion(request).tokens)
         except (MistralCommonException, ValidationError, ValueError, AssertionError) as e:
             raise TokenizerError(
                 f"this conversation is not valid for the Mistral {self.version} instruct format "
                 f"({self.path.name}): {e}"
             ) from e
+
+
+_CALL_ID = re.compile(r"[a-zA-Z0-9]{9}")
+_ID_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def mistral_call_id(call_id: str) -> str:
+    """`call_id` if it keeps mistral-common's v3 rule (9 letters or digits), else a stable
+    9-character id made from its SHA-256, so a call and its result still match."""
+    if _CALL_ID.fullmatch(call_id):
+        return call_id
+    number = int.from_bytes(hashlib.sha256(call_id.encode()).digest()[:8], "big")
+    out = []
+    for _ in range(9):
+        number, digit = divmod(number, len(_ID_ALPHABET))
+        out.append(_ID_ALPHABET[digit])
+    return "".join(out)
+
+
+def _mistral_ids(message: dict[str, Any]) -> dict[str, Any]:
+    """A message whose tool-call ids follow mistral_call_id."""
+    calls = message.get("tool_calls")
+    if isinstance(calls, list):
+        message = {**message, "tool_calls": [
+            {**c, "id": mistral_call_id(c["id"])} if isinstance(c, dict)
+            and isinstance(c.get("id"), str) else c for c in calls]}
+    if isinstance(message.get("tool_call_id"), str):
+        message = {**message, "tool_call_id": mistral_call_id(message["tool_call_id"])}
+    return message
 
 
 def find_mistral_file(folder: str | os.PathLike[str]) -> Path | None:
