@@ -209,6 +209,16 @@ class LLM:
                                                    safe_prompt=safe_prompt)
         return self.stream(ids, max_context=max_context, **sampling)
 
+    def moderate(self, text_or_messages: str | list[dict[str, Any]]) -> tuple[str, float]:
+        """Self-reflection moderation (paper §5.2): (category, probability), the category one
+        of Mistral's 13 (`mistral7b.moderation.CATEGORIES`) or "not moderated". Every label's
+        probability: `mistral7b.moderation.moderate(llm.engine, llm.tokenizer, ...)`."""
+        from mistral7b.moderation import moderate
+
+        self.engine.forget_stale_prefixes()
+        result = moderate(self.engine, self.require_tokenizer(), text_or_messages)
+        return result.category, result.probability
+
     def clear_cache(self) -> None:
         """Forget the KV of earlier calls (kept to be reused by prompts that extend them)."""
         self.engine.pool.clear_prefixes()
