@@ -64,12 +64,15 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device,
 
 def load(model: str | Path = "default", *, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, quant: str | None = None,
-         lora: str | Path | None = None, lora_merge: bool = True,
+         lora: str | Path | Sequence[str | Path | tuple[str | Path, float]] | None = None,
+         lora_merge: bool = True,
          kv_cache_memory: int | None = None) -> LLM:
     """Load a model: a checkpoint folder (consolidated or HF), a .gguf file, or "default".
 
-    lora: a PEFT adapter folder or a Mistral lora.safetensors, merged into the weights
-    (lora_merge=True) or kept as separate low-rank modules.
+    lora: a PEFT adapter folder or a Mistral lora.safetensors, or a list of them and
+    (path, scale) pairs applied together; merged into the weights (lora_merge=True) or kept
+    as separate low-rank modules (always beside quantized weights). Adapters chosen per call
+    instead: `llm.add_adapter(name, path)`, then `generate(..., adapter=name)`.
     kv_cache_memory: the KV cache's budget in bytes (default: half the memory available when
     it is first needed, or 80% of free GPU memory); memory is taken as sequences advance.
     """
@@ -92,9 +95,9 @@ def load(model: str | Path = "default", *, device: str | torch.device | None = N
     tokenizer = _load_tokenizer(reader)
     llm = LLM(net, reader.config, tokenizer, path, kv_cache_memory)
     if lora is not None:
-        from mistral7b.lora import apply_lora_file
+        from mistral7b.lora.multi import apply_lora_files, lora_specs
 
-        apply_lora_file(llm, lora, merge=lora_merge)
+        apply_lora_files(llm.model, lora_specs(lora), merge=lora_merge)
     if dev.type == "cpu" and dt == torch.bfloat16:
         from mistral7b.quant.layers import swap_bf16_linears
 
@@ -141,6 +144,7 @@ class LLM:
         self.engine = Engine(model, config, kv_cache_memory)
         self.load_seconds = 0.0
         self._stats = GenerationStats()
+        self.adapters: dict[str, int] = {}      # served LoRA adapters: name -> slot
 
     def __repr__(self) -> str:
         return (f"LLM({str(self.path)!r}, {self.config.n_params / 1e9:.2f}B params, "
@@ -176,9 +180,10 @@ class LLM:
                  **sampling: Any) -> Completion | list[Completion]:
         """Complete one prompt (str or token ids) or a list of them (a ragged batch)."""
         single, prompts = self._prompts(prompt_or_prompts)
+        adapter = self._adapter_slot(sampling.pop("adapter", None))
         params = _params(sampling)
         builders = [_CompletionBuilder(len(p), params.logprobs) for p in prompts]
-        for i, out in self._events(prompts, params, max_context):
+        for i, out in self._events(prompts, params, max_context, adapter):
             builders[i].add(out)
         completions = [b.completion for b in builders]
         return completions[0] if single else completions
@@ -193,8 +198,10 @@ class LLM:
         single, prompts = self._prompts(prompt)
         if not single:
             raise InputError("stream() takes one prompt; use generate() for a batch")
+        adapter = self._adapter_slot(sampling.pop("adapter", None))
         params = _params(sampling)
-        return TextStream(self._events(prompts, params, max_context), len(prompts[0]), params)
+        return TextStream(self._events(prompts, params, max_context, adapter), len(prompts[0]),
+                          params)
 
     def chat(self, messages: list[dict[str, Any]], *, safe_prompt: bool = False,
              max_context: int | None = None, **sampling: Any) -> Completion:
@@ -218,6 +225,18 @@ class LLM:
         self.engine.forget_stale_prefixes()
         result = moderate(self.engine, self.require_tokenizer(), text_or_messages)
         return result.category, result.probability
+
+    def add_adapter(self, name: str, path: str | Path, scale: float = 1.0) -> None:
+        """Load a LoRA adapter (PEFT or Mistral file) to be chosen per call with
+        `generate(..., adapter=name)`: the base weights stay as they are, and calls (or server
+        requests) with different adapters, or none, share one batch."""
+        from mistral7b.lora.files import read_adapter
+        from mistral7b.lora.multi import add_served_adapter, scaled
+
+        if not name or name in self.adapters:
+            raise InputError(f"adapter name {name!r} is empty or already taken")
+        adapter = scaled(read_adapter(path, self.config), scale)
+        self.adapters[name] = add_served_adapter(self.model, self.engine.adapter_rows, adapter)
 
     def clear_cache(self) -> None:
         """Forget the KV of earlier calls (kept to be reused by prompts that extend them)."""
@@ -254,15 +273,25 @@ class LLM:
         raise InputError("a prompt must be a string, a list of token ids, or a non-empty list "
                          "of those")
 
+    def _adapter_slot(self, name: str | None) -> int:
+        if name is None:
+            return 0
+        if name not in self.adapters:
+            known = ", ".join(self.adapters) or "none; add one with add_adapter()"
+            raise InputError(f"no adapter named {name!r} (loaded: {known})")
+        return self.adapters[name]
+
     def _events(self, prompts: list[list[int]], params: SamplingParams,
-                max_context: int | None) -> Generator[tuple[int, Output], None, None]:
+                max_context: int | None, adapter: int = 0
+                ) -> Generator[tuple[int, Output], None, None]:
         """The one step loop (scheduler.run_batch) over these prompts. The KV of earlier
         calls stays cached, so a prompt that extends an earlier one (the next chat turn)
         computes only its new tokens."""
         tok = self.require_tokenizer()  # generated text is decoded with it
         self._stats = GenerationStats()
         return run_batch(self.engine, prompts, [params] * len(prompts), stop_ids=tok.stop_ids,
-                         new_decoder=tok.decoder, max_context=max_context, stats=self._stats)
+                         new_decoder=tok.decoder, max_context=max_context, stats=self._stats,
+                         adapter=adapter)
 
 
 class _CompletionBuilder:
