@@ -22,4 +22,12 @@ class TokenizerError(Mistral7BError):
 
 
 class InputError(Mistral7BError):
-    """A request the model cannot serve: empty or over-long prompt, bad sampling value, ..."""
+    """A request the model cannot serve: empty or over-long prompt, bad sampling value, ...
+
+    `param` names the argument at fault when there is one ("top_p", "stop", "messages"), so
+    the server reports it in OpenAI's `error.param` without parsing the message.
+    """
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param

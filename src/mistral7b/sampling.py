@@ -73,16 +73,16 @@ class TokenHistory(NamedTuple):
 
 def _check_real(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise InputError(f"{name} must be a number, got {value!r}")
+        raise InputError(f"{name} must be a number, got {value!r}", param=name)
     value = float(value)
     if not math.isfinite(value):
-        raise InputError(f"{name} must be a finite number, got {value}")
+        raise InputError(f"{name} must be a finite number, got {value}", param=name)
     return value
 
 
 def _check_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise InputError(f"{name} must be an integer, got {value!r}")
+        raise InputError(f"{name} must be an integer, got {value!r}", param=name)
     return int(value)
 
 
@@ -92,10 +92,12 @@ def _normalise_stop(stop: object) -> tuple[str, ...]:
     if isinstance(stop, str):
         stop = (stop,)
     if not isinstance(stop, (list, tuple)):
-        raise InputError(f"stop must be a string or a list of strings, got {stop!r}")
+        raise InputError(f"stop must be a string or a list of strings, got {stop!r}",
+                         param="stop")
     for s in stop:
         if not isinstance(s, str) or not s:
-            raise InputError(f"each stop string must be a non-empty string, got {s!r}")
+            raise InputError(f"each stop string must be a non-empty string, got {s!r}",
+                             param="stop")
     return tuple(stop)
 
 
@@ -130,59 +132,64 @@ class SamplingParams:
         put = object.__setattr__  # frozen: normalised values are written once, here
         max_tokens = _check_int("max_tokens", self.max_tokens)
         if max_tokens < 1:
-            raise InputError(f"max_tokens must be >= 1, got {max_tokens}")
+            raise InputError(f"max_tokens must be >= 1, got {max_tokens}", param="max_tokens")
         put(self, "max_tokens", max_tokens)
 
         temperature = _check_real("temperature", self.temperature)
         if temperature < 0:
-            raise InputError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
+            raise InputError(f"temperature must be >= 0 (0 means greedy), got {temperature}",
+                             param="temperature")
         put(self, "temperature", temperature)
 
         top_p = _check_real("top_p", self.top_p)
         if not 0 < top_p <= 1:
-            raise InputError(f"top_p must be in (0, 1] (1 disables it), got {top_p}")
+            raise InputError(f"top_p must be in (0, 1] (1 disables it), got {top_p}", param="top_p")
         put(self, "top_p", top_p)
 
         top_k = _check_int("top_k", self.top_k)
         if top_k < 0:
-            raise InputError(f"top_k must be >= 0 (0 disables it), got {top_k}")
+            raise InputError(f"top_k must be >= 0 (0 disables it), got {top_k}", param="top_k")
         put(self, "top_k", top_k)
 
         min_p = _check_real("min_p", self.min_p)
         if not 0 <= min_p <= 1:
-            raise InputError(f"min_p must be in [0, 1] (0 disables it), got {min_p}")
+            raise InputError(f"min_p must be in [0, 1] (0 disables it), got {min_p}", param="min_p")
         put(self, "min_p", min_p)
 
         rep = _check_real("repetition_penalty", self.repetition_penalty)
         if rep <= 0:
-            raise InputError(f"repetition_penalty must be > 0 (1 disables it), got {rep}")
+            raise InputError(f"repetition_penalty must be > 0 (1 disables it), got {rep}",
+                             param="repetition_penalty")
         put(self, "repetition_penalty", rep)
 
         for name in ("frequency_penalty", "presence_penalty"):
             value = _check_real(name, getattr(self, name))
             if not -2 <= value <= 2:
-                raise InputError(f"{name} must be in [-2, 2] (0 disables it), got {value}")
+                raise InputError(f"{name} must be in [-2, 2] (0 disables it), got {value}",
+                                 param=name)
             put(self, name, value)
 
         if self.seed is not None:
             seed = _check_int("seed", self.seed)
             if not _SEED_MIN <= seed <= _SEED_MAX:
-                raise InputError(f"seed must be in [{_SEED_MIN}, {_SEED_MAX}], got {seed}")
+                raise InputError(f"seed must be in [{_SEED_MIN}, {_SEED_MAX}], got {seed}",
+                                 param="seed")
             put(self, "seed", seed)
 
         put(self, "stop", _normalise_stop(self.stop))
 
         for name in ("logprobs", "ignore_eos"):
             if not isinstance(getattr(self, name), bool):
-                raise InputError(f"{name} must be true or false, got {getattr(self, name)!r}")
+                raise InputError(f"{name} must be true or false, got {getattr(self, name)!r}",
+                                 param=name)
 
         top_logprobs = _check_int("top_logprobs", self.top_logprobs)
         if not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
             raise InputError(
-                f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {top_logprobs}"
-            )
+                f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {top_logprobs}",
+                param="top_logprobs")
         if top_logprobs and not self.logprobs:
-            raise InputError("top_logprobs needs logprobs=True")
+            raise InputError("top_logprobs needs logprobs=True", param="top_logprobs")
         put(self, "top_logprobs", top_logprobs)
 
     @property

@@ -3,7 +3,7 @@
 Requests are validated strictly (a string is not a number, `true` is not 1): every failure
 becomes a 400 in OpenAI's error shape (see app.py). Unknown fields are ignored, as vLLM
 does, so clients that send newer OpenAI fields keep working. Fields we cannot honour
-(`suffix`, `logit_bias`, `tools`, JSON response formats) are refused by serving.py, never
+(`suffix`, `logit_bias`, `tools`, JSON response formats) are refused by the serving layer, never
 silently dropped. Extensions that vLLM and llama.cpp also accept: `top_k`, `min_p`,
 `repetition_penalty`, `ignore_eos`.
 """

@@ -38,31 +38,29 @@ async def metrics(request: Request) -> Response:
 
 @router.get("/v1/models")
 async def models(request: Request) -> ModelList:
-    return _state(request).require().models()
+    return _state(request).require().models.list()
 
 
 @router.get("/v1/models/{model_id:path}")
 async def model(model_id: str, request: Request) -> ModelCard:
-    serving = _state(request).require()
-    serving.check_model(model_id)
-    return serving.model_card()
+    return _state(request).require().models.card(model_id)
 
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request) -> Response:
-    return await _state(request).require().completions(body, request)
+    return await _state(request).require().completions.create(body, request)
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-    return await _state(request).require().chat(body, request)
+    return await _state(request).require().chat.create(body, request)
 
 
 @router.post("/tokenize")
 async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
-    return _state(request).require().tokenize(body)
+    return _state(request).require().tokenization.tokenize(body)
 
 
 @router.post("/detokenize")
 async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
-    return _state(request).require().detokenize(body)
+    return _state(request).require().tokenization.detokenize(body)

@@ -56,7 +56,7 @@ class ServerState:
                  pool.nbytes / 2**30, pool.capacity_blocks * pool.block_size,
                  pool.slot_bytes // 1024, self.settings.max_concurrency)
         self.llm = llm
-        self.serving = Serving(llm, scheduler, self.settings, self.metrics, max_len)
+        self.serving = Serving.build(llm, scheduler, self.settings, self.metrics, max_len)
         self.scheduler = scheduler
         scheduler.start()
         if self.draining:      # SIGTERM arrived while loading

@@ -1,0 +1,193 @@
+"""What every generating endpoint shares: checks, budgets, sampling parameters, metrics,
+and the small helpers that accumulate outputs into OpenAI's choices and usage."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from starlette.responses import JSONResponse
+
+from mistral7b.errors import InputError, TokenizerError
+from mistral7b.request import Output
+from mistral7b.sampling import SamplingParams
+from mistral7b.scheduler import Scheduler
+from mistral7b.sequence import TokenLogprob
+from mistral7b.server.errors import bad_request
+from mistral7b.server.metrics import Metrics
+from mistral7b.server.protocol import (
+    ChatMessage,
+    FinishReason,
+    PromptTokensDetails,
+    SamplingFields,
+    Usage,
+)
+from mistral7b.server.serving.bridge import Job
+from mistral7b.server.serving.logprobs import LogprobFormatter
+from mistral7b.server.serving.models import ServingModels
+from mistral7b.server.settings import ServerSettings
+
+if TYPE_CHECKING:
+    from mistral7b.api import LLM
+
+COMPLETIONS_DEFAULT_TEMPERATURE = 1.0   # OpenAI's default for both endpoints
+
+
+@dataclasses.dataclass(frozen=True)
+class ServingContext:
+    """The objects one server's endpoints share."""
+
+    llm: LLM
+    scheduler: Scheduler
+    settings: ServerSettings
+    metrics: Metrics
+    max_model_len: int
+    models: ServingModels
+    logprobs: LogprobFormatter
+
+
+@dataclasses.dataclass
+class Choice:
+    """What one choice accumulated (non-streaming) or is accumulating (streaming)."""
+
+    text: list[str] = dataclasses.field(default_factory=list)
+    logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+class ServingBase:
+    def __init__(self, ctx: ServingContext) -> None:
+        self.ctx = ctx
+        self.llm = ctx.llm
+        self.tok = ctx.llm.require_tokenizer()
+        self.scheduler = ctx.scheduler
+        self.settings = ctx.settings
+        self.metrics = ctx.metrics
+        self.max_model_len = ctx.max_model_len
+        self.models = ctx.models
+        self.logprobs = ctx.logprobs
+
+    def new_job(self) -> Job:
+        return Job(self.scheduler, self.settings)
+
+    def record(self, job: Job, choices: Iterable[Choice]) -> None:
+        now = time.monotonic()
+        if job.first_token_at is not None:
+            self.metrics.time_to_first_token.observe(job.first_token_at - job.arrival)
+        self.metrics.request_seconds.observe(now - job.arrival)
+        for c in choices:
+            self.metrics.finished.labels(c.finish_reason or "length").inc()
+
+    def check_n(self, n: int) -> None:
+        if n > self.settings.max_n:
+            raise bad_request(f"n must be <= {self.settings.max_n}, got {n}", "n")
+
+    def check_ids(self, ids: list[int], param: str) -> None:
+        try:
+            self.llm.check_ids(ids)  # the rule and message of generate()
+        except InputError as exc:
+            raise bad_request(str(exc), param, "invalid_token_id") from None
+
+    def chat_ids(self, messages: list[ChatMessage], add_generation_prompt: bool = True
+                 ) -> list[int]:
+        plain = []
+        for m in messages:
+            content = m.content
+            if isinstance(content, list):
+                content = "".join(part.text for part in content)
+            message = {"role": "system" if m.role == "developer" else m.role,
+                       "content": content or ""}
+            if m.name is not None:
+                message["name"] = m.name
+            plain.append(message)
+        try:
+            ids = self.tok.encode_chat(plain, add_generation_prompt=add_generation_prompt)
+        except TokenizerError as exc:
+            raise bad_request(str(exc), "messages") from None
+        if not ids:
+            raise bad_request("the messages encode to no tokens", "messages")
+        return ids
+
+    def budget(self, n_prompt: int, requested: int | None, param: str) -> int:
+        """max_tokens clamped to the context left; over-long prompts are refused."""
+        limit = self.max_model_len
+        if n_prompt > limit or (n_prompt == limit and requested != 0):
+            raise bad_request(
+                f"This model's maximum context length is {limit} tokens, but the prompt has "
+                f"{n_prompt} tokens; shorten the prompt (at least one token must be left for "
+                "the completion)", param, "context_length_exceeded")
+        left = limit - n_prompt
+        return left if requested is None else min(requested, left)
+
+    def sampling_params(self, body: SamplingFields, max_tokens: int, *, logprobs: bool,
+                        top_logprobs: int) -> SamplingParams:
+        def pick(value: Any, default: Any) -> Any:
+            return default if value is None else value
+
+        try:
+            return SamplingParams(
+                max_tokens=max(max_tokens, 1),
+                temperature=pick(body.temperature, COMPLETIONS_DEFAULT_TEMPERATURE),
+                top_p=pick(body.top_p, 1.0),
+                top_k=max(pick(body.top_k, 0), 0),
+                min_p=pick(body.min_p, 0.0),
+                repetition_penalty=pick(body.repetition_penalty, 1.0),
+                frequency_penalty=pick(body.frequency_penalty, 0.0),
+                presence_penalty=pick(body.presence_penalty, 0.0),
+                seed=body.seed,
+                stop=(body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ()),
+                logprobs=logprobs,
+                top_logprobs=top_logprobs,
+                ignore_eos=body.ignore_eos,
+            )
+        except InputError as exc:
+            raise bad_request(str(exc), exc.param) from None
+
+
+def refuse_unsupported(body: SamplingFields) -> None:
+    if body.logit_bias:
+        raise bad_request("logit_bias is not supported", "logit_bias")
+
+
+def accumulate(c: Choice, out: Output) -> None:
+    c.text.append(out.text)
+    c.cached_tokens = max(c.cached_tokens, out.cached_tokens)
+    if out.logprob is not None:
+        c.logprobs.append(out.logprob)
+    if out.finish_reason:
+        c.finish_reason = finish_reason(out.finish_reason)
+        c.completion_tokens = out.completion_tokens
+
+
+def finish_reason(reason: str | None) -> FinishReason | None:
+    """The scheduler's reason under OpenAI's type (the engine has exactly these two)."""
+    if reason is None:
+        return None
+    if reason == "stop":
+        return "stop"
+    if reason == "length":
+        return "length"
+    raise ValueError(f"unknown finish reason {reason!r}")
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Usage:
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                 total_tokens=prompt_tokens + completion_tokens,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens))
+
+
+def json_response(model: Any) -> JSONResponse:
+    return JSONResponse(model.model_dump(mode="json"))
+
+
+def event(model: Any) -> str:
+    """One server-sent event carrying `model` as JSON."""
+    return f"data: {json.dumps(model.model_dump(mode='json'), ensure_ascii=False)}\n\n"
+
+
+DONE_EVENT = "data: [DONE]\n\n"
