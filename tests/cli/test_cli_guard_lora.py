@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from cli_helpers import assert_user_error, run_cli
+from lora_helpers import write_default_model_adapter
 
 from mistral7b.moderation import LABELS
 from mistral7b.tokenizer import SAFE_PROMPT
@@ -29,27 +29,10 @@ def test_generate_safe_puts_the_guardrail_prompt_first(llm):
 @pytest.fixture(scope="module")
 def adapter_paths(tmp_path_factory):
     """Two small random adapters for the default model (PEFT and Mistral files)."""
-    import mistral7b
-    from mistral7b.lora import (
-        adapter_from_model,
-        apply_lora,
-        lora_parameters,
-        save_mistral,
-        save_peft,
-    )
-
-    paths = []
-    for seed, (targets, save) in enumerate([(("wq", "wv"), save_peft), (("w2",), save_mistral)]):
-        llm = mistral7b.load("default")
-        apply_lora(llm.model, rank=2, alpha=4, targets=targets, layers=range(0, 30, 3))
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in lora_parameters(llm.model):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-        path = tmp_path_factory.mktemp(f"adapter{seed}")
-        save(adapter_from_model(llm.model), path, llm.config)
-        paths.append(path)
-    return paths
+    return [write_default_model_adapter(tmp_path_factory.mktemp("a"), seed=0,
+                                        targets=("wq", "wv")),
+            write_default_model_adapter(tmp_path_factory.mktemp("b"), seed=1, targets=("w2",),
+                                        fmt="mistral")]
 
 
 def test_generate_with_two_adapters_equals_the_api(adapter_paths):

@@ -116,6 +116,7 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[Any] | None = None
     tool_choice: Any = None
     response_format: ResponseFormat | None = None
+    safe_prompt: bool = False       # Mistral's API: the guardrail system prompt goes first
 
 
 class TokenizeRequest(_Request):
@@ -235,6 +236,7 @@ class ModelCard(_Response):
     created: int
     owned_by: str = "mistral7b"
     max_model_len: int | None = None
+    parent: str | None = None       # a served LoRA adapter: the base model it runs on
 
 
 class ModelList(_Response):
@@ -250,3 +252,26 @@ class TokenizeResponse(_Response):
 
 class DetokenizeResponse(_Response):
     prompt: str
+
+
+# --------------------------------------------------------------------------- moderations
+
+
+class ModerationRequest(_Request):
+    """POST /v1/moderations: one text, a list of texts, or OpenAI's text input objects."""
+
+    input: str | Annotated[list[str], Field(min_length=1)] \
+        | Annotated[list[TextPart], Field(min_length=1)]
+    model: str | None = None
+
+
+class ModerationResult(_Response):
+    flagged: bool
+    categories: dict[str, bool]
+    category_scores: dict[str, float]
+
+
+class ModerationResponse(_Response):
+    id: str
+    model: str
+    results: list[ModerationResult]

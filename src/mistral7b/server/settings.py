@@ -22,6 +22,8 @@ class ServerSettings:
     prefix_cache: bool = True                # reuse the KV of earlier requests' prefixes
     shutdown_grace: float = 10.0             # seconds in-flight requests get on SIGTERM
     retry_after: int = 1                     # seconds, in 503 answers
+    moderate: str | None = None              # "input" | "output" | "both": screen requests
+                                             # and/or answers with self-reflection moderation
 
     def __post_init__(self) -> None:
         checks = {
@@ -33,6 +35,7 @@ class ServerSettings:
             "timeout": self.timeout is None or self.timeout > 0,
             "prefill_chunk": self.prefill_chunk >= 1,
             "shutdown_grace": self.shutdown_grace >= 0,
+            "moderate": self.moderate in (None, "input", "output", "both"),
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:

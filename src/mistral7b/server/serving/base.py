@@ -28,6 +28,7 @@ from mistral7b.server.protocol import (
 from mistral7b.server.serving.bridge import Job
 from mistral7b.server.serving.logprobs import LogprobFormatter
 from mistral7b.server.serving.models import ServingModels
+from mistral7b.server.serving.moderations import ServingModerations
 from mistral7b.server.settings import ServerSettings
 
 if TYPE_CHECKING:
@@ -47,6 +48,7 @@ class ServingContext:
     max_model_len: int
     models: ServingModels
     logprobs: LogprobFormatter
+    moderations: ServingModerations    # /v1/moderations, and serve --moderate screening
 
 
 @dataclasses.dataclass
@@ -71,6 +73,7 @@ class ServingBase:
         self.max_model_len = ctx.max_model_len
         self.models = ctx.models
         self.logprobs = ctx.logprobs
+        self.moderations = ctx.moderations
 
     def new_job(self) -> Job:
         return Job(self.scheduler, self.settings)
@@ -93,8 +96,20 @@ class ServingBase:
         except InputError as exc:
             raise bad_request(str(exc), param, "invalid_token_id") from None
 
-    def chat_ids(self, messages: list[ChatMessage], add_generation_prompt: bool = True
-                 ) -> list[int]:
+    def chat_ids(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
+                 safe_prompt: bool = False) -> list[int]:
+        plain = self.plain_messages(messages)
+        try:
+            ids = self.tok.encode_chat(plain, add_generation_prompt=add_generation_prompt,
+                                       safe_prompt=safe_prompt)
+        except TokenizerError as exc:
+            raise bad_request(str(exc), "messages") from None
+        if not ids:
+            raise bad_request("the messages encode to no tokens", "messages")
+        return ids
+
+    @staticmethod
+    def plain_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
         plain = []
         for m in messages:
             content = m.content
@@ -105,13 +120,7 @@ class ServingBase:
             if m.name is not None:
                 message["name"] = m.name
             plain.append(message)
-        try:
-            ids = self.tok.encode_chat(plain, add_generation_prompt=add_generation_prompt)
-        except TokenizerError as exc:
-            raise bad_request(str(exc), "messages") from None
-        if not ids:
-            raise bad_request("the messages encode to no tokens", "messages")
-        return ids
+        return plain
 
     def budget(self, n_prompt: int, requested: int | None, param: str) -> int:
         """max_tokens clamped to the context left; over-long prompts are refused."""

@@ -37,7 +37,7 @@ from mistral7b.server.serving.bridge import Job, collect, sse
 
 class ServingChat(ServingBase):
     async def create(self, body: ChatCompletionRequest, request: Request) -> Response:
-        self.models.check(body.model)
+        adapter = self.models.check(body.model)
         refuse_unsupported(body)
         if body.tools:
             raise bad_request("tools are not supported by this server", "tools")
@@ -45,19 +45,20 @@ class ServingChat(ServingBase):
             raise bad_request(f"response_format {body.response_format.type!r} is not "
                               "supported; only 'text'", "response_format")
         self.check_n(body.n)
-        ids = self.chat_ids(body.messages)
+        ids = self.chat_ids(body.messages, safe_prompt=body.safe_prompt)
+        await self.moderations.check_input(self.plain_messages(body.messages), "messages")
         requested = body.max_completion_tokens or body.max_tokens
         max_tokens = self.budget(len(ids), requested, "messages")
         params = self.sampling_params(body, max_tokens, logprobs=body.logprobs,
                                       top_logprobs=body.top_logprobs or 0)
         job = self.new_job()
-        job.add(ids, choice_params(params, body.n), max_tokens)
+        job.add(ids, choice_params(params, body.n), max_tokens, adapter=adapter)
         job.submit()
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             return sse(self._stream(job, body, len(ids), rid, created), job, self.metrics)
         choices = [Choice() for _ in range(body.n)]
-        async for _, out in collect(job, request, self.metrics):
+        async for _, out in self.moderations.screen(collect(job, request, self.metrics)):
             accumulate(choices[out.choice], out)
         result = [
             ChatChoice(index=j, message=AssistantMessage(content="".join(c.text)),
@@ -82,7 +83,7 @@ class ServingChat(ServingBase):
         for j in range(body.n):
             yield chunk([ChatChunkChoice(index=j, delta=DeltaMessage(role="assistant",
                                                                      content=""))])
-        async for _, out in job.outputs():
+        async for _, out in self.moderations.screen(job.outputs()):
             accumulate(choices[out.choice], out)
             lps = None
             if body.logprobs and out.logprob is not None:
