@@ -38,8 +38,8 @@ def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "serve", help="serve the model over an OpenAI-compatible HTTP API",
         description="Serve the model over the OpenAI API (/v1/completions, "
-                    "/v1/chat/completions, /v1/models) with continuous batching; also /health, "
-                    "/metrics (Prometheus), /tokenize and /detokenize.")
+                    "/v1/chat/completions, /v1/models, /v1/moderations) with continuous "
+                    "batching; also /health, /metrics (Prometheus), /tokenize and /detokenize.")
     common.add_model_args(p)
     g = p.add_argument_group("network")
     g.add_argument("--host", default="127.0.0.1",
