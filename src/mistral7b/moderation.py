@@ -163,7 +163,8 @@ def score(engine: Engine, prompt: list[int], labels: list[list[int]]) -> list[fl
             last = engine.step([table], [prompt[s: s + chunk]])[0]           # (V,)
             pool.register(table, prompt)
         first = torch.log_softmax(last.float(), dim=-1)
-        forks = [pool.fork(table) for _ in labels]
+        for _ in labels:
+            forks.append(pool.fork(table))
         # Row b feeds label b; position j's logits score label token j + 1.
         logits = engine.step(forks, [list(ids) for ids in labels], all_logits=True)
         logps = torch.log_softmax(logits.float(), dim=-1)                     # (L, T, V)

@@ -23,7 +23,7 @@ import torch
 
 from mistral7b.errors import InputError
 from mistral7b.lora.files import Adapter, apply_adapter, read_adapter
-from mistral7b.lora.layers import AdapterRows, LoRALinear, MultiLoRALinear
+from mistral7b.lora.layers import AdapterRows, MultiLoRALinear
 from mistral7b.modules import swap_module
 
 if TYPE_CHECKING:
@@ -116,10 +116,7 @@ def add_served_adapter(model: Transformer, rows: AdapterRows, adapter: Adapter) 
     slot = rows.n_slots
     for name in adapter.modules:
         module = model.get_submodule(name)
-        if isinstance(module, LoRALinear):
-            raise InputError(f"{name} has an adapter merged per token; serve adapters over "
-                             "the base model")
-        if not isinstance(module, MultiLoRALinear):
+        if not isinstance(module, MultiLoRALinear):   # over any linear, a LoRALinear too
             module = MultiLoRALinear(module, rows)
             swap_module(model, name, module)
         module.set_adapter(slot, adapter.tensors[f"{name}.lora_A.weight"],
