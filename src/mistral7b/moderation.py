@@ -163,17 +163,19 @@ def score(engine: Engine, prompt: list[int], labels: list[list[int]]) -> list[fl
             last = engine.step([table], [prompt[s: s + chunk]])[0]           # (V,)
             pool.register(table, prompt)
         first = torch.log_softmax(last.float(), dim=-1)
-        for _ in labels:
+        out = [float(first[ids[0]]) for ids in labels]
+        # Labels of several tokens: row b feeds all but the label's last token; position j's
+        # logits score token j + 1 (a one-token label needs no row).
+        longer = [i for i, ids in enumerate(labels) if len(ids) > 1]
+        for _ in longer:
             forks.append(pool.fork(table))
-        # Row b feeds label b; position j's logits score label token j + 1.
-        logits = engine.step(forks, [list(ids) for ids in labels], all_logits=True)
-        logps = torch.log_softmax(logits.float(), dim=-1)                     # (L, T, V)
-        out = []
-        for b, ids in enumerate(labels):
-            lp = float(first[ids[0]])
-            for j in range(1, len(ids)):
-                lp += float(logps[b, j - 1, ids[j]])
-            out.append(lp)
+        if longer:
+            logits = engine.step(forks, [list(labels[i][:-1]) for i in longer],
+                                 all_logits=True)
+            logps = torch.log_softmax(logits.float(), dim=-1)                 # (L, T, V)
+            for b, i in enumerate(longer):
+                ids = labels[i]
+                out[i] += sum(float(logps[b, j - 1, ids[j]]) for j in range(1, len(ids)))
         return out
     finally:
         for t in forks:
