@@ -4,6 +4,12 @@ clients, and time to first token (TTFT) under that load.
     python bench/bench_server.py                         # starts `mistral7b serve -m default`
     python bench/bench_server.py -m /models/mistral-7b-int4 -t 16 --max-tokens 128
     python bench/bench_server.py --url http://127.0.0.1:8000 --api-key KEY   # a running server
+    python bench/bench_server.py --random-adapters 2 --concurrency 8   # multi-LoRA serving
+
+With adapters (--lora NAME=PATH, or --random-adapters N: rank-16 adapters on all seven
+projections, written to a temporary folder), each level runs twice: every client on the base
+model, then the clients spread round-robin over the base and the adapters (requests for
+different adapters share the batch, each row with its own adapter).
 
 Each client streams /v1/completions requests one after another (greedy, `ignore_eos`, so
 every request generates exactly --max-tokens tokens) with its own prompt; a level runs
@@ -58,8 +64,33 @@ def parse_args() -> argparse.Namespace:
                    help="put a shared preamble of about N tokens before every prompt (a "
                         "system prompt that the prefix cache can share; compare with "
                         "--server-arg=--no-prefix-cache)")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
+                   help="serve this adapter as model NAME (repeatable)")
+    p.add_argument("--random-adapters", type=int, default=0, metavar="N",
+                   help="write N random rank-16 adapters for the model and serve them")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     return p.parse_args()
+
+
+def random_adapters(model: str, n: int, folder: Path) -> list[str]:
+    """NAME=PATH specs of n random rank-16 adapters (all seven projections) for `model`."""
+    import torch
+
+    import mistral7b
+    from mistral7b.lora import adapter_from_model, apply_lora, lora_parameters, save_peft
+
+    specs = []
+    for i in range(n):
+        llm = mistral7b.load(model)
+        apply_lora(llm.model, rank=16, alpha=32)
+        g = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for p in lora_parameters(llm.model):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+        path = folder / f"lora{i + 1}"
+        save_peft(adapter_from_model(llm.model), path, llm.config)
+        specs.append(f"lora{i + 1}={path}")
+    return specs
 
 
 PREAMBLE = ("You are a careful assistant for a public library. Answer in plain words, cite the "
@@ -77,7 +108,8 @@ def preamble(tokens: int) -> str:
 def start_server(args: argparse.Namespace, max_clients: int) -> tuple[subprocess.Popen, str]:
     log = Path(tempfile.mkstemp(prefix="bench_server_", suffix=".log")[1])
     cmd = [sys.executable, "-m", "mistral7b.cli.serve", "-m", args.model, "--port", "0",
-           "--max-concurrency", str(max_clients), "--no-access-log", *args.server_arg]
+           "--max-concurrency", str(max_clients), "--no-access-log", *args.server_arg,
+           *(f"--lora={spec}" for spec in args.lora)]
     if args.threads:
         cmd += ["-t", str(args.threads)]
     print(f"starting: {' '.join(cmd)} (log: {log})", file=sys.stderr)
@@ -101,10 +133,10 @@ def start_server(args: argparse.Namespace, max_clients: int) -> tuple[subprocess
     sys.exit("the server did not become ready")
 
 
-async def one_request(client: httpx.AsyncClient, prompt: str, max_tokens: int
-                      ) -> tuple[float, int]:
+async def one_request(client: httpx.AsyncClient, prompt: str, max_tokens: int,
+                      model: str | None = None) -> tuple[float, int]:
     """(TTFT in s, generated tokens) of one streamed completion."""
-    payload = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
+    payload = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "model": model,
                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     ttft, tokens = None, 0
@@ -125,13 +157,14 @@ async def one_request(client: httpx.AsyncClient, prompt: str, max_tokens: int
 
 
 async def level(url: str, headers: dict, clients: int, requests: int, max_tokens: int,
-                system: str = "") -> dict:
+                system: str = "", models: list[str | None] | None = None) -> dict:
+    models = models or [None]
     limits = httpx.Limits(max_connections=clients + 4)
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=3600,
                                  limits=limits) as client:
         async def worker(i: int) -> list[tuple[float, int]]:
             return [await one_request(client, system + PROMPTS[(i + k) % len(PROMPTS)],
-                                      max_tokens)
+                                      max_tokens, models[i % len(models)])
                     for k in range(requests)]
 
         t0 = time.perf_counter()
@@ -140,7 +173,8 @@ async def level(url: str, headers: dict, clients: int, requests: int, max_tokens
         wall = time.perf_counter() - t0
     ttfts = sorted(t for t, _ in results)
     tokens = sum(n for _, n in results)
-    return {"clients": clients, "requests": len(results), "tokens": tokens, "wall_s": wall,
+    return {"clients": clients, "models": "+".join(m or "base" for m in models),
+            "requests": len(results), "tokens": tokens, "wall_s": wall,
             "tok_s": tokens / wall, "ttft_p50_s": statistics.median(ttfts),
             "ttft_p90_s": ttfts[min(len(ttfts) - 1, int(0.9 * len(ttfts)))]}
 
@@ -151,16 +185,27 @@ def main() -> None:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     proc = None
     url = args.url
+    workdir = tempfile.TemporaryDirectory(prefix="bench_server_")
+    if args.random_adapters:
+        args.lora += random_adapters(args.model, args.random_adapters, Path(workdir.name))
+    mixes: list[list[str | None]] = [[None]]
+    if args.lora:
+        mixes.append([None, *(spec.split("=", 1)[0] for spec in args.lora)])
     if url is None:
         proc, url = start_server(args, max(levels))
     try:
         asyncio.run(level(url, headers, 1, 1, 8))                     # warm-up
+        for mix in mixes[1:]:
+            asyncio.run(level(url, headers, len(mix), 1, 8, models=mix))
         rows = []
         for c in levels:
-            rows.append(asyncio.run(level(url, headers, c, args.requests, args.max_tokens,
-                                          preamble(args.system_tokens))))
-            print(f"  {c} client(s): {rows[-1]['tok_s']:.1f} tok/s", file=sys.stderr)
+            for mix in mixes:
+                rows.append(asyncio.run(level(url, headers, c, args.requests, args.max_tokens,
+                                              preamble(args.system_tokens), mix)))
+                print(f"  {c} client(s) on {rows[-1]['models']}: {rows[-1]['tok_s']:.1f} "
+                      "tok/s", file=sys.stderr)
     finally:
+        workdir.cleanup()
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
@@ -171,13 +216,14 @@ def main() -> None:
         return
     print(f"model: {args.model if args.url is None else url} | {args.max_tokens} tokens per "
           f"request | {args.requests} requests per client")
-    print("| clients | requests | generated tok | wall s | aggregate tok/s | vs 1 client "
+    print("| clients | models | requests | generated tok | wall s | aggregate tok/s | vs 1 client "
           "| TTFT p50 s | TTFT p90 s |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         speedup = f"{r['tok_s'] / base:.2f}x" if base else "-"
-        print(f"| {r['clients']} | {r['requests']} | {r['tokens']} | {r['wall_s']:.1f} "
-              f"| {r['tok_s']:.1f} | {speedup} | {r['ttft_p50_s']:.3f} | {r['ttft_p90_s']:.3f} |")
+        print(f"| {r['clients']} | {r['models']} | {r['requests']} | {r['tokens']} "
+              f"| {r['wall_s']:.1f} | {r['tok_s']:.1f} | {speedup} | {r['ttft_p50_s']:.3f} "
+              f"| {r['ttft_p90_s']:.3f} |")
 
 
 if __name__ == "__main__":

@@ -66,15 +66,18 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device,
 
 def load(model: str | Path = "default", *, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, quant: str | None = None,
-         lora: str | Path | None = None, lora_merge: bool = True,
+         lora: str | Path | Sequence[str | Path | tuple[str | Path, float]] | None = None,
+         lora_merge: bool = True,
          kv_cache_memory: int | None = None, speculate: int = 0) -> LLM:
     """Load a model: a checkpoint folder (consolidated or HF), a .gguf file, or "default".
 
     quant: None keeps float weights (a quantized GGUF is dequantized); "int8" / "int4"
     quantize on load; "auto" runs a quantized GGUF on its own blocks (Q4_* as int4, Q8_0 as
     int8), as the CLI and server do by default, and anything else in float.
-    lora: a PEFT adapter folder or a Mistral lora.safetensors, merged into the weights
-    (lora_merge=True) or kept as separate low-rank modules.
+    lora: a PEFT adapter folder or a Mistral lora.safetensors, or a list of them and
+    (path, scale) pairs applied together; merged into the weights (lora_merge=True) or kept
+    as separate low-rank modules (always beside quantized weights). Adapters chosen per call
+    instead: `llm.add_adapter(name, path)`, then `generate(..., adapter=name)`.
     speculate: draft tokens per decode step by prompt lookup (speculate.py; 0 = off), the
     `speculate` attribute of the returned LLM: same output, fewer steps where the answer
     repeats its context.
@@ -105,9 +108,9 @@ def load(model: str | Path = "default", *, device: str | torch.device | None = N
     llm = LLM(net, reader.config, tokenizer, path, kv_cache_memory)
     llm.speculate = check_speculate(speculate)
     if lora is not None:
-        from mistral7b.lora import apply_lora_file
+        from mistral7b.lora.multi import apply_lora_files, lora_specs
 
-        apply_lora_file(llm, lora, merge=lora_merge)
+        apply_lora_files(llm.model, lora_specs(lora), merge=lora_merge)
     if dev.type == "cpu" and dt == torch.bfloat16:
         from mistral7b.quant.layers import swap_bf16_linears
 
@@ -156,6 +159,7 @@ class LLM:
         self.speculate = 0          # prompt-lookup draft tokens per decode step (0 = off)
         self._stats = GenerationStats()
         self._grammar_compiler: GrammarCompiler | None = None
+        self.adapters: dict[str, int] = {}      # served LoRA adapters: name -> slot
 
     def __repr__(self) -> str:
         return (f"LLM({str(self.path)!r}, {self.config.n_params / 1e9:.2f}B params, "
@@ -198,16 +202,17 @@ class LLM:
         completion then follows it (see mistral7b.grammar).
         """
         single, prompts = self._prompts(prompt_or_prompts)
+        adapter = self._adapter_slot(sampling.pop("adapter", None))
         params = _params(sampling)
         grammar = self.grammar_compiler.response_format(response_format) \
             if response_format is not None else None
-        return self._complete(single, prompts, params, max_context, grammar)
+        return self._complete(single, prompts, params, max_context, grammar, adapter)
 
     def _complete(self, single: bool, prompts: list[list[int]], params: SamplingParams,
-                  max_context: int | None, grammar: Grammar | None
+                  max_context: int | None, grammar: Grammar | None, adapter: int = 0
                   ) -> Completion | list[Completion]:
         builders = [_CompletionBuilder(len(p), params.logprobs) for p in prompts]
-        for i, out in self._events(prompts, params, max_context, grammar):
+        for i, out in self._events(prompts, params, max_context, grammar, adapter):
             builders[i].add(out)
         completions = [b.completion for b in builders]
         return completions[0] if single else completions
@@ -223,10 +228,11 @@ class LLM:
         if not single:
             raise InputError("stream() takes one prompt; use generate() for a batch")
         response_format = sampling.pop("response_format", None)
+        adapter = self._adapter_slot(sampling.pop("adapter", None))
         params = _params(sampling)
         grammar = self.grammar_compiler.response_format(response_format) \
             if response_format is not None else None
-        return TextStream(self._events(prompts, params, max_context, grammar),
+        return TextStream(self._events(prompts, params, max_context, grammar, adapter),
                           len(prompts[0]), params)
 
     def chat(self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None,
@@ -240,10 +246,11 @@ class LLM:
         response_format: structured output, as in generate(). safe_prompt: the paper's
         guardrail system prompt.
         """
+        adapter = self._adapter_slot(sampling.pop("adapter", None))
         plan = self._plan_chat(messages, tools, tool_choice, response_format, safe_prompt,
                                parallel_tool_calls)
         params = _params(plan.sampling(sampling))
-        completion = self._complete(True, [plan.ids], params, max_context, plan.grammar)
+        completion = self._complete(True, [plan.ids], params, max_context, plan.grammar, adapter)
         assert isinstance(completion, Completion)
         if plan.tool_format is not None:
             completion = with_tool_calls(self.require_tokenizer(), completion, plan.tool_format)
@@ -252,9 +259,10 @@ class LLM:
     def stream_chat(self, messages: list[dict[str, Any]], *, safe_prompt: bool = False,
                     response_format: dict[str, Any] | None = None,
                     max_context: int | None = None, **sampling: Any) -> TextStream:
+        adapter = self._adapter_slot(sampling.pop("adapter", None))
         plan = self._plan_chat(messages, None, None, response_format, safe_prompt)
         params = _params(sampling)
-        return TextStream(self._events([plan.ids], params, max_context, plan.grammar),
+        return TextStream(self._events([plan.ids], params, max_context, plan.grammar, adapter),
                           len(plan.ids), params)
 
     def _plan_chat(self, messages: list[dict[str, Any]], tools: Any, tool_choice: Any,
@@ -272,6 +280,28 @@ class LLM:
             self._grammar_compiler = GrammarCompiler(self.require_tokenizer(),
                                                      self.config.vocab_size)
         return self._grammar_compiler
+
+    def moderate(self, text_or_messages: str | list[dict[str, Any]]) -> tuple[str, float]:
+        """Self-reflection moderation (paper §5.2): (category, probability), the category one
+        of Mistral's 13 (`mistral7b.moderation.CATEGORIES`) or "not moderated". Every label's
+        probability: `mistral7b.moderation.moderate(llm.engine, llm.tokenizer, ...)`."""
+        from mistral7b.moderation import moderate
+
+        self.engine.forget_stale_prefixes()
+        result = moderate(self.engine, self.require_tokenizer(), text_or_messages)
+        return result.category, result.probability
+
+    def add_adapter(self, name: str, path: str | Path, scale: float = 1.0) -> None:
+        """Load a LoRA adapter (PEFT or Mistral file) to be chosen per call with
+        `generate(..., adapter=name)`: the base weights stay as they are, and calls (or server
+        requests) with different adapters, or none, share one batch."""
+        from mistral7b.lora.files import read_adapter
+        from mistral7b.lora.multi import add_served_adapter, scaled
+
+        if not name or name in self.adapters:
+            raise InputError(f"adapter name {name!r} is empty or already taken")
+        adapter = scaled(read_adapter(path, self.config), scale)
+        self.adapters[name] = add_served_adapter(self.model, self.engine.adapter_rows, adapter)
 
     def clear_cache(self) -> None:
         """Forget the KV of earlier calls (kept to be reused by prompts that extend them)."""
@@ -308,8 +338,16 @@ class LLM:
         raise InputError("a prompt must be a string, a list of token ids, or a non-empty list "
                          "of those")
 
+    def _adapter_slot(self, name: str | None) -> int:
+        if name is None:
+            return 0
+        if name not in self.adapters:
+            known = ", ".join(self.adapters) or "none; add one with add_adapter()"
+            raise InputError(f"no adapter named {name!r} (loaded: {known})")
+        return self.adapters[name]
+
     def _events(self, prompts: list[list[int]], params: SamplingParams,
-                max_context: int | None, grammar: Grammar | None = None
+                max_context: int | None, grammar: Grammar | None = None, adapter: int = 0
                 ) -> Generator[tuple[int, Output], None, None]:
         """The one step loop (scheduler.run_batch) over these prompts. The KV of earlier
         calls stays cached, so a prompt that extends an earlier one (the next chat turn)
@@ -324,8 +362,7 @@ class LLM:
                 raise InputError(f"logit_bias: {exc}", param="logit_bias") from None
         return run_batch(self.engine, prompts, [params] * len(prompts), stop_ids=tok.stop_ids,
                          new_decoder=tok.decoder, max_context=max_context, stats=self._stats,
-                         speculate=self.speculate,
-                         grammar=grammar)
+                         speculate=self.speculate, grammar=grammar, adapter=adapter)
 
 
 class _CompletionBuilder:

@@ -69,6 +69,9 @@ class BlockTable:
     blocks: list[int] = field(default_factory=list)
     length: int = 0
     digests: list[bytes] = field(default_factory=list)   # chain digests of its full blocks
+    # where the digest chain starts: b"" for the base weights; a served LoRA adapter's KV
+    # differs, so its sequences start from their own salt and share blocks only among them
+    salt: bytes = b""
 
 
 @dataclass
@@ -183,7 +186,7 @@ class KVPool:
         full, tail = divmod(table.length, bs)
         if tokens is not None and tail and len(table.digests) == full:
             b = table.blocks[full]
-            key = table.digests[-1] if full else b""
+            key = table.digests[-1] if full else table.salt
             tail_tokens = tuple(tokens[full * bs: table.length])
             if b > 0 and self._ref[b] == 1 and b not in self._digest_of:
                 self._index_tail(b, key, tail_tokens)
@@ -204,7 +207,7 @@ class KVPool:
         j0 = start // bs
         if start % bs or len(table.blocks) != j0 or len(table.digests) != j0:
             return 0                        # a partial block of its own: nothing to add
-        prev = table.digests[-1] if table.digests else b""
+        prev = table.digests[-1] if table.digests else table.salt
         digests = _chain(tokens[j0 * bs: (len(tokens) - 1) // bs * bs], bs, prev)
         present = np.array([d in self._block_of for d in digests], dtype=bool)
         missing_before = np.concatenate([[0], np.cumsum(~present)])   # missing in [j0, j0+i)
@@ -231,7 +234,7 @@ class KVPool:
         that follows the same prefix (a full block, or the partial last block of a released
         sequence) whose first n tokens are the next ones: the longest such n that leaves a
         token to feed. The slots are copied, so the block stays cached for others."""
-        key = table.digests[-1] if table.digests else b""
+        key = table.digests[-1] if table.digests else table.salt
         start = table.length
         room = len(tokens) - 1 - start
         best, src = 0, -1
@@ -260,7 +263,7 @@ class KVPool:
         """A second table with the same cached tokens: full blocks shared, the partial last
         block copied. Raises KVCacheFull when no block is left for the copy."""
         bs = self.block_size
-        child = BlockTable(list(table.blocks), table.length, list(table.digests))
+        child = BlockTable(list(table.blocks), table.length, list(table.digests), table.salt)
         tail = table.length % bs
         if tail:
             new = self._take()
@@ -279,7 +282,7 @@ class KVPool:
         full = min(table.length, len(tokens)) // bs
         if len(table.digests) >= full:
             return
-        prev = table.digests[-1] if table.digests else b""
+        prev = table.digests[-1] if table.digests else table.salt
         for j in range(len(table.digests), full):
             prev = _digest(prev, tokens[j * bs: (j + 1) * bs])
             table.digests.append(prev)
@@ -287,7 +290,7 @@ class KVPool:
             if b > 0 and prev not in self._block_of and b not in self._digest_of:
                 self._block_of[prev] = b
                 self._digest_of[b] = prev
-                self._index_tail(b, table.digests[-2] if j else b"",
+                self._index_tail(b, table.digests[-2] if j else table.salt,
                                  tuple(tokens[j * bs: (j + 1) * bs]))
 
     def truncate(self, table: BlockTable, length: int) -> None:

@@ -17,6 +17,7 @@ import torch
 from mistral7b.cache import BLOCK_SIZE, BlockTable, KVPool
 from mistral7b.config import ModelConfig
 from mistral7b.errors import InputError
+from mistral7b.lora.layers import AdapterRows
 from mistral7b.model import Transformer
 from mistral7b.threads import ThreadGovernor
 
@@ -68,6 +69,8 @@ class Engine:
         # fixed it (OMP_NUM_THREADS, or the CLI's -t, which turns this off).
         self.adaptive_threads = "OMP_NUM_THREADS" not in os.environ
         self._governor: ThreadGovernor | None = None
+        # which served LoRA adapter each row of a step uses (lora.multi.add_served_adapter)
+        self.adapter_rows = AdapterRows()
 
     @property
     def device(self) -> torch.device:
@@ -140,8 +143,9 @@ class Engine:
 
     @torch.inference_mode()
     def step(self, tables: list[BlockTable], chunks: list[list[int]],
-             all_logits: bool = False) -> torch.Tensor:
-        """Feed chunks[b] (non-empty) to tables[b] in one forward.
+             all_logits: bool = False, adapters: list[int] | None = None) -> torch.Tensor:
+        """Feed chunks[b] (non-empty) to tables[b] in one forward; row b uses served adapter
+        slot adapters[b] (0 or None: the base weights).
 
         Returns float32 logits of each row's last token (B, V), or with all_logits of every
         token (B, T, V) where row b's positions >= len(chunks[b]) are padding. Raises
@@ -158,6 +162,7 @@ class Engine:
         pool = self.pool
         plan, positions = pool.plan(tables, n_new)
         try:
+            self.adapter_rows.set(adapters, self.device)
             if all_logits:
                 out = self.model(tokens, positions, pool, plan)
             else:
@@ -168,6 +173,8 @@ class Engine:
             for t, n in zip(tables, n_new):
                 t.length -= n
             raise
+        finally:
+            self.adapter_rows.clear()
         return out
 
     @torch.inference_mode()

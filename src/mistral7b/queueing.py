@@ -8,7 +8,10 @@ import collections
 import logging
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -63,6 +66,9 @@ class RequestQueue:
         self._thread: threading.Thread | None = None
         self.failed = 0
         self._recent: collections.deque[tuple[float, int]] = collections.deque()
+        # other work on the model (moderation scoring) run by the loop between two steps
+        self._calls: collections.deque[tuple[Callable[[], Any], Future[Any]]] = \
+            collections.deque()
 
     def _iteration(self) -> None:
         raise NotImplementedError
@@ -120,6 +126,29 @@ class RequestQueue:
             self._waiting.append(req)
             self._cond.notify()
 
+    def call(self, fn: Callable[[], Any]) -> Future[Any]:
+        """Run fn() on the loop's thread between two steps (the model and its KV pool are the
+        loop's alone while the thread runs); the Future holds its result or exception."""
+        future: Future[Any] = Future()
+        with self._cond:
+            if not self._accepting:
+                raise ShuttingDownError("the server is shutting down")
+            self._calls.append((fn, future))
+            self._cond.notify()
+        return future
+
+    def _run_calls(self) -> None:
+        while True:
+            with self._cond:
+                if not self._calls:
+                    return
+                fn, future = self._calls.popleft()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                    future.set_exception(exc)
+
     def run_once(self) -> None:
         """One iteration of the loop, on the caller's thread (the Python API's driver)."""
         self._iteration()
@@ -157,10 +186,13 @@ class RequestQueue:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while self.idle() and not self._stop:
+                while self.idle() and not self._calls and not self._stop:
                     self._cond.wait()
-                if self._stop and self.idle():
+                if self._stop and self.idle() and not self._calls:
                     return
+            self._run_calls()
+            if self.idle():
+                continue
             try:
                 self._iteration()
             except Exception:  # a bug in the loop itself: fail what runs, keep serving

@@ -74,6 +74,7 @@ class GenerationRequest:
     max_tokens: int
     prompt_logprobs: int | None = None     # top-n per prompt position, None = not wanted
     timeout: float | None = None           # seconds from submission
+    adapter: int = 0                       # served LoRA adapter slot (0 = the base weights)
     arrival: float = field(default_factory=time.monotonic)
     grammar: Grammar | None = None         # structured output: each choice follows it
     cancelled: bool = False

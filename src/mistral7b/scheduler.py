@@ -226,6 +226,7 @@ class Scheduler(RequestQueue):
             seq = Sequence(req.prompt, params, self.stop_ids, self.new_decoder(),
                            max(req.max_tokens, 1), make_generator(params.seed),
                            constraint=req.grammar.constraint() if req.grammar else None)
+            seq.table.salt = self.engine.adapter_rows.salts[req.adapter]
             # scoring needs the logits of every prompt position
             reuse = self.prefix_cache and req.prompt_logprobs is None
             scoring = req.prompt_logprobs is not None
@@ -333,6 +334,7 @@ class Scheduler(RequestQueue):
                            max(req.max_tokens, 1), make_generator(params.seed),
                            cached_tokens=s.seq.cached_tokens,
                            constraint=req.grammar.constraint() if req.grammar else None)
+            seq.table.salt = s.seq.table.salt
             try:
                 seq.table = self.pool.fork(s.seq.table)
             except KVCacheFull:
@@ -360,9 +362,11 @@ class Scheduler(RequestQueue):
         the sequences that were stepped (a preempted one is left out) and their logits."""
         while True:
             t0 = time.perf_counter()
+            adapters = [s.req.adapter for s in seqs]     # served LoRA slot per row
+            extra = {"adapters": adapters} if any(adapters) else {}
             try:
                 logits = self.engine.step([s.seq.table for s in seqs], chunks,
-                                          all_logits=all_logits)
+                                          all_logits=all_logits, **extra)
             except KVCacheFull:
                 victim = self._preempt()
                 if victim is None:
@@ -483,7 +487,8 @@ def run_batch(engine: Engine, prompts: list[list[int]], params: list, *,
               stop_ids: frozenset[int], new_decoder: Callable[[], IncrementalDecoder],
               max_context: int | None = None, chunk_size: int | None = None,
               stats: GenerationStats | None = None, grammar: Grammar | None = None,
-              speculate: int = 0) -> Generator[tuple[int, Output], None, None]:
+              speculate: int = 0, adapter: int = 0
+              ) -> Generator[tuple[int, Output], None, None]:
     """Generate for a ragged batch on the caller's thread: the same loop the server runs,
     every prompt admitted at once. Yields (prompt index, Output) as they come; raises the
     first failure. Closing the iterator stops the batch and frees its blocks. `grammar`
@@ -500,7 +505,8 @@ def run_batch(engine: Engine, prompts: list[list[int]], params: list, *,
                              f"{context}: shorten the prompt or raise the context size")
         max_tokens = min(p.max_tokens, context - len(prompt))
         requests.append(GenerationRequest(list(prompt), [p], functools.partial(
-            lambda i, out: outputs.append((i, out)), i), max_tokens, grammar=grammar))
+            lambda i, out: outputs.append((i, out)), i), max_tokens, grammar=grammar,
+            adapter=adapter))
     chunk = chunk_size or engine.default_chunk()
     if chunk < 1:
         raise InputError(f"chunk_size must be >= 1, got {chunk_size}")

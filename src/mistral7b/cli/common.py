@@ -76,6 +76,12 @@ def add_model_args(p: argparse.ArgumentParser, quant_default: str = "auto") -> N
                         "is taken as sequences advance, not reserved")
 
 
+def add_lora_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lora", dest="lora_specs", action="append", metavar="PATH[:SCALE]",
+                   help="apply a LoRA adapter (a PEFT folder or a Mistral lora.safetensors), "
+                        "scaled by SCALE (default 1); repeatable: the adapters add up")
+
+
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6,
           "mib": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12,
           "tib": 2**40}
@@ -163,10 +169,15 @@ def load_model(args: argparse.Namespace, *, quiet: bool = False) -> LLM:
         torch.set_num_threads(args.threads)
     if not quiet:
         log(f"loading {args.model} ...")
+    lora = None
+    if getattr(args, "lora_specs", None):
+        from mistral7b.lora.multi import parse_lora_spec
+
+        lora = [parse_lora_spec(text) for text in args.lora_specs]
     quant = None if args.quant == "none" else args.quant
     llm = mistral7b.load(args.model, device=args.device, dtype=args.dtype, quant=quant,
                          speculate=getattr(args, "speculate", 0),
-                         kv_cache_memory=args.kv_cache_memory)
+                         kv_cache_memory=args.kv_cache_memory, lora=lora)
     llm.require_tokenizer()
     if args.threads is not None:
         llm.engine.adaptive_threads = False    # the user's count, every step

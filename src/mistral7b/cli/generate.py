@@ -34,6 +34,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--chat", action="store_true",
                    help="send the prompt as one user message in the model's chat format")
     p.add_argument("--system", metavar="TEXT", help="system prompt (implies --chat)")
+    p.add_argument("--safe", action="store_true",
+                   help="put the Mistral guardrail system prompt first (safe_prompt; implies "
+                        "--chat)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (text, token_ids, finish_reason, prompt_tokens, "
                         "completion_tokens, timings) at the end instead of streaming")
@@ -41,6 +44,7 @@ def add_parser(subparsers: Any) -> None:
                    help="no load message or timing summary on stderr")
     common.add_structured_args(p)
     common.add_model_args(p)
+    common.add_lora_arg(p)
     common.add_sampling_args(p, max_tokens=DEFAULT_MAX_TOKENS)
     p.set_defaults(run=run)
 
@@ -52,8 +56,9 @@ def run(args: argparse.Namespace) -> int:
     response_format = common.read_response_format(args)
     llm = common.load_model(args, quiet=args.quiet)
     common.use_response_format(llm, args, response_format, sampling)
-    ids = encode_prompt(llm.require_tokenizer(), text, chat=args.chat or args.system is not None,
-                        system=args.system)
+    ids = encode_prompt(llm.require_tokenizer(), text,
+                        chat=args.chat or args.system is not None or args.safe,
+                        system=args.system, safe=args.safe)
 
     if args.json:
         completion = llm.generate(ids, max_context=args.ctx, **sampling)
@@ -104,11 +109,12 @@ def read_prompt(args: argparse.Namespace) -> str:
     return args.prompt
 
 
-def encode_prompt(tokenizer: Tokenizer, text: str, *, chat: bool, system: str | None) -> list[int]:
+def encode_prompt(tokenizer: Tokenizer, text: str, *, chat: bool, system: str | None,
+                  safe: bool = False) -> list[int]:
     if chat:
         messages = [{"role": "system", "content": system}] if system else []
         messages.append({"role": "user", "content": text})
-        return tokenizer.encode_chat(messages, add_generation_prompt=True)
+        return tokenizer.encode_chat(messages, add_generation_prompt=True, safe_prompt=safe)
     ids = tokenizer.encode(text, bos=True)
     if not ids:
         raise InputError("the prompt is empty (and this model has no BOS token to start from)")

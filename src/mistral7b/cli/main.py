@@ -21,7 +21,8 @@ from typing import NoReturn
 from mistral7b.cli.common import EXIT_INTERRUPTED, EXIT_USAGE
 from mistral7b.errors import Mistral7BError
 
-COMMANDS = ("generate", "chat", "serve", "pull", "quantize", "bench", "eval", "finetune")
+COMMANDS = ("generate", "chat", "serve", "pull", "quantize", "bench", "eval", "finetune",
+            "moderate")
 
 # A file the user named is missing or unreadable: as much a user's mistake as a bad flag.
 USER_ERRORS = (Mistral7BError, FileNotFoundError, IsADirectoryError, NotADirectoryError,

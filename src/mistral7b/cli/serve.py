@@ -38,8 +38,8 @@ def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "serve", help="serve the model over an OpenAI-compatible HTTP API",
         description="Serve the model over the OpenAI API (/v1/completions, "
-                    "/v1/chat/completions, /v1/models) with continuous batching; also /health, "
-                    "/metrics (Prometheus), /tokenize and /detokenize.")
+                    "/v1/chat/completions, /v1/models, /v1/moderations) with continuous "
+                    "batching; also /health, /metrics (Prometheus), /tokenize and /detokenize.")
     common.add_model_args(p)
     g = p.add_argument_group("network")
     g.add_argument("--host", default="127.0.0.1",
@@ -83,6 +83,17 @@ def add_parser(subparsers: Any) -> None:
     g.add_argument("--sse-keepalive", type=float, default=d.sse_keepalive, metavar="S",
                    help="a stream that sent nothing for S seconds (a long pre-fill) gets a "
                         "': keep-alive' comment line; 0 = never (default: %(default)s)")
+    g = p.add_argument_group("adapters and guardrails")
+    g.add_argument("--lora", dest="serve_lora", action="append", default=[],
+                   metavar="[NAME=]PATH[:SCALE]",
+                   help="NAME=PATH: serve a LoRA adapter (PEFT or Mistral file) as model NAME, "
+                        "chosen per request by `model` (listed in /v1/models; requests for "
+                        "different adapters and the base share one batch); PATH alone: apply "
+                        "it to every request. Repeatable")
+    g.add_argument("--moderate", choices=("input", "output", "both"),
+                   help="screen requests (input), answers (output) or both with "
+                        "self-reflection moderation; flagged ones get a 400 "
+                        "(code content_policy_violation)")
     p.add_argument("--log-level", default="info",
                    choices=("critical", "error", "warning", "info", "debug"),
                    help="server log level on stderr (default: %(default)s)")
@@ -102,9 +113,29 @@ def settings_from_args(args: argparse.Namespace) -> Any:
             max_body_bytes=args.max_body_bytes, timeout=args.timeout or None,
             cors_origins=tuple(args.cors_origin), prefill_chunk=args.prefill_chunk,
             prefix_cache=not args.no_prefix_cache,
-            shutdown_grace=args.shutdown_grace, sse_keepalive=args.sse_keepalive or None)
+            shutdown_grace=args.shutdown_grace, sse_keepalive=args.sse_keepalive or None,
+            moderate=args.moderate)
     except ValueError as exc:
         raise InputError(f"{exc} (see 'mistral7b serve --help')") from None
+
+
+def split_lora_args(args: argparse.Namespace) -> dict[str, tuple[Path, float]]:
+    """--lora values: PATH[:SCALE] ones go to args.lora_specs (applied to the model at load);
+    NAME=PATH[:SCALE] ones are returned, to be served by name. A NAME has no '/'."""
+    from mistral7b.lora.multi import parse_named_spec
+
+    served: dict[str, tuple[Path, float]] = {}
+    args.lora_specs = []
+    for text in args.serve_lora:
+        name, sep, _ = text.partition("=")
+        if sep and "/" not in name:
+            name, spec = parse_named_spec(text)
+            if name in served:
+                raise InputError(f"--lora {name}=...: the name is given twice")
+            served[name] = spec
+        else:
+            args.lora_specs.append(text)
+    return served
 
 
 def model_name(model: str) -> str:
@@ -146,6 +177,9 @@ def run(args: argparse.Namespace) -> int:
                          "pip install 'mistral7b[server]'") from None
 
     settings = settings_from_args(args)
+    served = split_lora_args(args)
+    if settings.model_name in served:
+        raise InputError(f"--lora {settings.model_name}=...: that name is the base model's")
     if not is_loopback(args.host) and not settings.api_key:
         common.log(f"warning: listening on {args.host} without an API key: anyone who can "
                    f"reach this port can use the model (set --api-key or ${API_KEY_ENV})")
@@ -161,6 +195,8 @@ def run(args: argparse.Namespace) -> int:
 
     def load() -> Any:
         llm = common.load_model(args, quiet=True)
+        for name, (path, scale) in served.items():
+            llm.add_adapter(name, path, scale)
         common.log(f"model {settings.model_name} loaded in {llm.load_seconds:.1f} s: {llm!r}")
         return llm
 

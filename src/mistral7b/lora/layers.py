@@ -184,6 +184,94 @@ class LoRALinear(nn.Module):
         return linear
 
 
+class AdapterRows:
+    """Which served adapter each batch row of the current step uses, for every
+    `MultiLoRALinear` of one model: the engine owns it and sets it around a forward
+    (`Engine.step(..., adapters=[...])`); the layers read it. Slot 0 is "no adapter".
+
+    `salts[i]` starts the prefix-cache digest chain of sequences run with adapter i: their KV
+    depends on the adapter, so sequences of different adapters never share cached blocks.
+    """
+
+    def __init__(self) -> None:
+        self.index: torch.Tensor | None = None      # (B,) long on the model's device
+        self.salts: list[bytes] = [b""]
+
+    @property
+    def n_slots(self) -> int:
+        return len(self.salts)
+
+    def set(self, adapters: list[int] | None, device: torch.device) -> None:
+        if adapters is None or not any(adapters):
+            self.index = None
+            return
+        bad = [i for i in adapters if not 0 <= i < self.n_slots]
+        if bad:
+            raise ValueError(f"adapter slot(s) {bad} are not loaded (0..{self.n_slots - 1})")
+        self.index = torch.tensor(adapters, dtype=torch.long, device=device)
+
+    def clear(self) -> None:
+        self.index = None
+
+
+class MultiLoRALinear(nn.Module):
+    """A frozen base and several LoRA adapters stacked, each batch row using its own:
+
+        y[b] = base(x[b]) + B[i_b] @ A[i_b] @ x[b]           i_b = rows.index[b]
+
+    A: (N, r, in), B: (N, out, r) with the adapter's scale folded into B; slot 0 is zeros
+    (the base alone) and a smaller rank is padded with zeros, which add nothing. Per step the
+    rows' A and B are gathered and applied with two batched matmuls, so rows of different
+    adapters (or none) share one forward.
+    """
+
+    A: torch.Tensor
+    B: torch.Tensor
+
+    def __init__(self, base: nn.Module, rows: AdapterRows) -> None:
+        super().__init__()
+        self.base = base
+        self.rows = rows
+        self.in_features, self.out_features = _features(base)
+        device = _device_of(base)
+        self.register_buffer("A", torch.zeros(1, 1, self.in_features, device=device))
+        self.register_buffer("B", torch.zeros(1, self.out_features, 1, device=device))
+
+    def extra_repr(self) -> str:
+        return f"adapters={self.A.shape[0] - 1}, rank={self.A.shape[1]}"
+
+    def resize(self, n_slots: int, rank: int) -> None:
+        """Room for n_slots adapters of up to `rank` (new room is zeros)."""
+        n, r = self.A.shape[0], self.A.shape[1]
+        if n_slots <= n and rank <= r:
+            return
+        n2, r2 = max(n, n_slots), max(r, rank)
+        A = self.A.new_zeros(n2, r2, self.in_features)
+        B = self.B.new_zeros(n2, self.out_features, r2)
+        A[:n, :r] = self.A
+        B[:n, :, :r] = self.B
+        self.A, self.B = A, B
+
+    def set_adapter(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
+        """Put lora_A a (r, in) and lora_B b (out, r) with `scale` in `slot` (>= 1)."""
+        r = a.shape[0]
+        self.resize(slot + 1, r)
+        with torch.no_grad():
+            self.A[slot].zero_()
+            self.B[slot].zero_()
+            self.A[slot, :r] = a.to(self.A)
+            self.B[slot, :, :r] = b.to(self.B) * scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        index = self.rows.index
+        if index is None:
+            return y
+        A, B = self.A[index], self.B[index]                     # (B, r, in), (B, out, r)
+        h = torch.bmm(x.to(A.dtype), A.transpose(1, 2))          # (B, T, r)
+        return y + torch.bmm(h, B.transpose(1, 2)).to(y.dtype)   # (B, T, out)
+
+
 def _features(layer: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of any linear layer (nn.Linear, ours, quantized ones)."""
     n_in, n_out = getattr(layer, "in_features", None), getattr(layer, "out_features", None)

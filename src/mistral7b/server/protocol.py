@@ -134,6 +134,13 @@ class ContentPart(_Request):
     text: str | None = None
 
 
+class TextPart(_Request):
+    """OpenAI's text input object (/v1/moderations)."""
+
+    type: Literal["text"]
+    text: str
+
+
 class FunctionCallIn(_Request):
     name: str
     arguments: str | dict[str, Any]
@@ -185,6 +192,7 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[ToolDef] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    safe_prompt: bool = False       # Mistral's API: the guardrail system prompt goes first
 
 
 class TokenizeRequest(_Request):
@@ -330,6 +338,7 @@ class ModelCard(_Response):
     created: int
     owned_by: str = "mistral7b"
     max_model_len: int | None = None
+    parent: str | None = None       # a served LoRA adapter: the base model it runs on
 
 
 class ModelList(_Response):
@@ -349,3 +358,26 @@ class DetokenizeResponse(_Response):
 
 class VersionResponse(_Response):
     version: str
+
+
+# --------------------------------------------------------------------------- moderations
+
+
+class ModerationRequest(_Request):
+    """POST /v1/moderations: one text, a list of texts, or OpenAI's text input objects."""
+
+    input: str | Annotated[list[str], Field(min_length=1)] \
+        | Annotated[list[TextPart], Field(min_length=1)]
+    model: str | None = None
+
+
+class ModerationResult(_Response):
+    flagged: bool
+    categories: dict[str, bool]
+    category_scores: dict[str, float]
+
+
+class ModerationResponse(_Response):
+    id: str
+    model: str
+    results: list[ModerationResult]

@@ -14,6 +14,8 @@ from mistral7b.server.protocol import (
     DetokenizeResponse,
     ModelCard,
     ModelList,
+    ModerationRequest,
+    ModerationResponse,
     TokenizeRequest,
     TokenizeResponse,
     VersionResponse,
@@ -62,6 +64,11 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     return await _state(request).require().chat.create(body, request)
+
+
+@router.post("/v1/moderations")
+async def moderations(body: ModerationRequest, request: Request) -> ModerationResponse:
+    return await _state(request).require().moderations.create(body)
 
 
 @router.post("/tokenize")

@@ -23,6 +23,8 @@ class ServerSettings:
     shutdown_grace: float = 10.0             # seconds in-flight requests get on SIGTERM
     retry_after: int = 1                     # seconds, in 503 answers
     sse_keepalive: float | None = 15.0       # seconds without an event before a comment
+    moderate: str | None = None              # "input" | "output" | "both": screen requests
+                                             # and/or answers with self-reflection moderation
 
     def __post_init__(self) -> None:
         checks = {
@@ -35,6 +37,7 @@ class ServerSettings:
             "prefill_chunk": self.prefill_chunk >= 1,
             "shutdown_grace": self.shutdown_grace >= 0,
             "sse_keepalive": self.sse_keepalive is None or self.sse_keepalive > 0,
+            "moderate": self.moderate in (None, "input", "output", "both"),
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:

@@ -8,6 +8,7 @@ splits its entrypoints.
     completions.py   /v1/completions
     chat.py          /v1/chat/completions
     tokenization.py  /tokenize, /detokenize
+    moderations.py   /v1/moderations, and the screening of `serve --moderate`
 
 `Serving` is one server's set of endpoint handlers; the routes call into it.
 """
@@ -25,6 +26,7 @@ from mistral7b.server.serving.chat import ServingChat
 from mistral7b.server.serving.completions import ServingCompletions
 from mistral7b.server.serving.logprobs import LogprobFormatter
 from mistral7b.server.serving.models import ServingModels
+from mistral7b.server.serving.moderations import ServingModerations
 from mistral7b.server.serving.tokenization import ServingTokenization
 from mistral7b.server.settings import ServerSettings
 
@@ -40,12 +42,16 @@ class Serving:
     completions: ServingCompletions
     chat: ServingChat
     tokenization: ServingTokenization
+    moderations: ServingModerations
 
     @classmethod
     def build(cls, llm: LLM, scheduler: Scheduler, settings: ServerSettings,
               metrics: Metrics, max_model_len: int) -> Serving:
-        models = ServingModels(settings, max_model_len)
+        models = ServingModels(settings, max_model_len, llm.adapters)
+        moderations = ServingModerations(llm, scheduler, settings, models)
         # the vocabulary is adapted for structured output here, at start-up, not mid-request
         ctx = ServingContext(llm, scheduler, settings, metrics, max_model_len, models,
-                             LogprobFormatter(llm.require_tokenizer()), llm.grammar_compiler)
-        return cls(models, ServingCompletions(ctx), ServingChat(ctx), ServingTokenization(ctx))
+                             LogprobFormatter(llm.require_tokenizer()), llm.grammar_compiler,
+                             moderations)
+        return cls(models, ServingCompletions(ctx), ServingChat(ctx), ServingTokenization(ctx),
+                   moderations)

@@ -30,6 +30,7 @@ from mistral7b.server.protocol import (
 from mistral7b.server.serving.bridge import Job
 from mistral7b.server.serving.logprobs import LogprobFormatter
 from mistral7b.server.serving.models import ServingModels
+from mistral7b.server.serving.moderations import ServingModerations
 from mistral7b.server.settings import ServerSettings
 from mistral7b.tools import check_tools
 
@@ -51,6 +52,7 @@ class ServingContext:
     models: ServingModels
     logprobs: LogprobFormatter
     grammars: GrammarCompiler
+    moderations: ServingModerations    # /v1/moderations, and serve --moderate screening
 
 
 @dataclasses.dataclass
@@ -76,6 +78,7 @@ class ServingBase:
         self.models = ctx.models
         self.logprobs = ctx.logprobs
         self.grammars = ctx.grammars
+        self.moderations = ctx.moderations
 
     def new_job(self, grammar: Grammar | None = None) -> Job:
         return Job(self.scheduler, self.settings, grammar)
@@ -99,7 +102,7 @@ class ServingBase:
             raise bad_request(str(exc), param, "invalid_token_id") from None
 
     def chat_ids(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
-                 tools: list[ToolDef] | None = None) -> list[int]:
+                 tools: list[ToolDef] | None = None, safe_prompt: bool = False) -> list[int]:
         try:
             checked = check_tools([t.model_dump(exclude_none=True) for t in tools]) \
                 if tools else None
@@ -107,7 +110,7 @@ class ServingBase:
                 raise InputError("this model's chat format has no tool calling", param="tools")
             ids = self.tok.encode_chat(chat_messages(messages),
                                        add_generation_prompt=add_generation_prompt,
-                                       tools=checked)
+                                       tools=checked, safe_prompt=safe_prompt)
         except InputError as exc:
             raise bad_request(str(exc), exc.param) from None
         except TokenizerError as exc:

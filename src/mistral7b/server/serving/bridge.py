@@ -57,7 +57,7 @@ class Job:
         self.first_token_at: float | None = None
 
     def add(self, prompt: list[int], params: list[SamplingParams], max_tokens: int,
-            prompt_logprobs: int | None = None) -> None:
+            prompt_logprobs: int | None = None, *, adapter: int = 0) -> None:
         k = len(self.requests)
 
         def emit(out: Output) -> None:       # runs on the scheduler thread
@@ -68,7 +68,8 @@ class Job:
 
         self.requests.append(GenerationRequest(prompt, params, emit, max_tokens,
                                                prompt_logprobs, self.settings.timeout,
-                                               arrival=self.arrival, grammar=self.grammar))
+                                               arrival=self.arrival, grammar=self.grammar,
+                                               adapter=adapter))
 
     def submit(self) -> None:
         try:

@@ -53,22 +53,23 @@ from mistral7b.tools import ToolCall, ToolCallParser
 
 class ServingChat(ServingBase):
     async def create(self, body: ChatCompletionRequest, request: Request) -> Response:
-        self.models.check(body.model)
+        adapter = self.models.check(body.model)
         self.check_n(body.n)
         plan = self._plan(body)
+        await self.moderations.check_input(chat_messages(body.messages), "messages")
         requested = body.max_completion_tokens or body.max_tokens
         max_tokens = self.budget(len(plan.ids), requested, "messages")
         params = self.sampling_params(body, max_tokens, logprobs=body.logprobs,
                                       top_logprobs=body.top_logprobs or 0, bans=plan.logit_bias)
         job = self.new_job(plan.grammar)
-        job.add(plan.ids, choice_params(params, body.n), max_tokens)
+        job.add(plan.ids, choice_params(params, body.n), max_tokens, adapter=adapter)
         job.submit()
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             return sse(self._stream(job, body, plan, rid, created), job, self.metrics,
                        self.settings.sse_keepalive)
         choices = [_ChatChoice(plan) for _ in range(body.n)]
-        async for _, out in collect(job, request, self.metrics):
+        async for _, out in self.moderations.screen(collect(job, request, self.metrics)):
             choices[out.choice].add(out)
         result = [
             ChatChoice(index=j, message=AssistantMessage(
@@ -92,6 +93,7 @@ class ServingChat(ServingBase):
                              chat_messages(body.messages), tools=tools,
                              tool_choice=choice if isinstance(choice, str) or choice is None
                              else choice.model_dump(), response_format=response_format(body),
+                             safe_prompt=body.safe_prompt,
                              parallel_tool_calls=body.parallel_tool_calls is not False)
         except InputError as exc:
             raise bad_request(str(exc), exc.param) from None
@@ -110,7 +112,7 @@ class ServingChat(ServingBase):
         choices = [_ChatChoice(plan) for _ in range(body.n)]
         for j in range(body.n):
             yield chunk(j, DeltaMessage(role="assistant", content=""))
-        async for _, out in job.outputs():
+        async for _, out in self.moderations.screen(job.outputs()):
             c = choices[out.choice]
             content = c.add(out)
             lps = None

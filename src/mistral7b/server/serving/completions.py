@@ -35,7 +35,7 @@ from mistral7b.server.serving.bridge import Job, collect, sse
 
 class ServingCompletions(ServingBase):
     async def create(self, body: CompletionRequest, request: Request) -> Response:
-        self.models.check(body.model)
+        adapter = self.models.check(body.model)
         if body.suffix:
             raise bad_request("suffix is not supported", "suffix")
         if body.best_of is not None and body.best_of != body.n:
@@ -48,6 +48,8 @@ class ServingCompletions(ServingBase):
         if len(prompts) * body.n > self.settings.max_queue + self.settings.max_concurrency:
             raise bad_request(f"{len(prompts)} prompts x n={body.n} is more than this server "
                               "can queue; send fewer prompts per request", "prompt")
+        for _, text in prompts:
+            await self.moderations.check_input(text, "prompt")
         want_prompt_lps = body.echo and body.logprobs is not None
         job = self.new_job(self.grammar(body))
         skipped: set[int] = set()
@@ -59,7 +61,7 @@ class ServingCompletions(ServingBase):
             params = self.sampling_params(body, max_tokens, logprobs=body.logprobs is not None,
                                           top_logprobs=body.logprobs or 0)
             job.add(ids, choice_params(params, body.n), max_tokens,
-                    body.logprobs if want_prompt_lps else None)
+                    body.logprobs if want_prompt_lps else None, adapter=adapter)
         request_ids = [k for k in range(len(prompts)) if k not in skipped]
         job.submit()
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -68,7 +70,7 @@ class ServingCompletions(ServingBase):
                        self.metrics, self.settings.sse_keepalive)
         choices = {(k, j): Choice() for k in range(len(prompts)) for j in range(body.n)}
         prompt_lps: dict[int, list[TokenLogprob | None]] = {}
-        async for k, out in collect(job, request, self.metrics):
+        async for k, out in self.moderations.screen(collect(job, request, self.metrics)):
             k = request_ids[k]
             if out.prompt_logprobs is not None:
                 prompt_lps[k] = out.prompt_logprobs
@@ -116,7 +118,7 @@ class ServingCompletions(ServingBase):
                 for j in range(n):
                     yield chunk(k * n + j, prompts[k][1])
                     offsets[k, j] = len(prompts[k][1])
-        async for k, out in job.outputs():
+        async for k, out in self.moderations.screen(job.outputs()):
             k = request_ids[k]
             if out.prompt_logprobs is not None:
                 ids, text = prompts[k]
