@@ -25,6 +25,7 @@ import select
 import signal
 import time
 import traceback
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -122,6 +123,7 @@ def _spawn(target: str, index: int, fn: Callable[[], Any], *, timeout_s: float,
         code = 0
         faulthandler.disable()                 # a crash is reported by the parent, quietly
         os.environ["RUST_BACKTRACE"] = "0"
+        warnings.simplefilter("ignore")        # e.g. "pre-tokenizer 'nope' is not known"
         try:
             limit = _vm_size() + memory_mb * 2**20
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
