@@ -11,7 +11,8 @@ Outcome classes (issue 14):
 The parent imports torch and mistral7b (and loads the model the chat/JSONL targets use) once,
 then forks a child per mutant: a child starts in ~10 ms, cannot take the parent down, and is
 killed when it overruns. Its address space is capped (RLIMIT_AS) at what it had at the fork
-plus `memory_mb`, and its peak RSS growth over the parent's is reported (wait4's ru_maxrss).
+plus `memory_mb`, and its peak RSS growth is reported (VmHWM over VmRSS at its start; a
+child that dies before answering: wait4's ru_maxrss over the parent's RSS).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import select
 import signal
 import time
 import traceback
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -88,6 +90,14 @@ def _rss_kb() -> int:
     return 0
 
 
+def _status_kb(field_name: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    return 0
+
+
 def _vm_size() -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -122,9 +132,11 @@ def _spawn(target: str, index: int, fn: Callable[[], Any], *, timeout_s: float,
         code = 0
         faulthandler.disable()                 # a crash is reported by the parent, quietly
         os.environ["RUST_BACKTRACE"] = "0"
+        warnings.simplefilter("ignore")        # e.g. "pre-tokenizer 'nope' is not known"
         try:
             limit = _vm_size() + memory_mb * 2**20
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+            rss_start = _status_kb("VmRSS")
             t0 = time.perf_counter()
             try:
                 fn()
@@ -136,7 +148,9 @@ def _spawn(target: str, index: int, fn: Callable[[], Any], *, timeout_s: float,
                 outcome = DEFECT
                 detail = f"{type(exc).__name__}: {str(exc)[:300]}\n{''.join(tb[-3:])[-1500:]}"
             payload = {"outcome": outcome, "detail": detail[:2000],
-                       "seconds": time.perf_counter() - t0}
+                       "seconds": time.perf_counter() - t0,
+                       # peak resident memory over what the child had at the fork
+                       "rss_growth_mb": (_status_kb("VmHWM") - rss_start) / 1024}
             os.write(write_fd, json.dumps(payload, ensure_ascii=True).encode())
         except BaseException:  # noqa: BLE001 - a child must never return into the parent's loop
             code = 3
@@ -164,7 +178,7 @@ def _finish(child: _Child, hung: bool, timeout_s: float) -> Result:
                else f"exited with {os.WEXITSTATUS(status)} without an answer")
         return Result(child.target, child.index, DEFECT, f"crash: {why}", seconds, growth)
     return Result(child.target, child.index, payload["outcome"], payload["detail"],
-                  payload["seconds"], growth)
+                  payload["seconds"], max(growth, payload["rss_growth_mb"]))
 
 
 def _wait_any(children: dict[int, _Child], timeout_s: float) -> list[Result]:

@@ -189,12 +189,17 @@ class AdapterRows:
     `MultiLoRALinear` of one model: the engine owns it and sets it around a forward
     (`Engine.step(..., adapters=[...])`); the layers read it. Slot 0 is "no adapter".
 
+    Every layer holds `n_slots` adapters of `rank` columns each (smaller ranks zero-padded),
+    so one column mask serves them all: mask[b, 0, c] = 1 where column c belongs to row b's
+    slot, (B, 1, n_slots * rank), made once per step.
+
     `salts[i]` starts the prefix-cache digest chain of sequences run with adapter i: their KV
     depends on the adapter, so sequences of different adapters never share cached blocks.
     """
 
     def __init__(self) -> None:
-        self.index: torch.Tensor | None = None      # (B,) long on the model's device
+        self.mask: torch.Tensor | None = None
+        self.rank = 1
         self.salts: list[bytes] = [b""]
 
     @property
@@ -203,26 +208,30 @@ class AdapterRows:
 
     def set(self, adapters: list[int] | None, device: torch.device) -> None:
         if adapters is None or not any(adapters):
-            self.index = None
+            self.mask = None
             return
         bad = [i for i in adapters if not 0 <= i < self.n_slots]
         if bad:
             raise ValueError(f"adapter slot(s) {bad} are not loaded (0..{self.n_slots - 1})")
-        self.index = torch.tensor(adapters, dtype=torch.long, device=device)
+        index = torch.tensor(adapters, dtype=torch.long)
+        slot_of_column = torch.arange(self.n_slots * self.rank) // self.rank
+        self.mask = (index[:, None, None] == slot_of_column).float().to(device)
 
     def clear(self) -> None:
-        self.index = None
+        self.mask = None
 
 
 class MultiLoRALinear(nn.Module):
-    """A frozen base and several LoRA adapters stacked, each batch row using its own:
+    """A frozen base and several LoRA adapters side by side, each batch row using its own:
 
-        y[b] = base(x[b]) + B[i_b] @ A[i_b] @ x[b]           i_b = rows.index[b]
+        y[b] = base(x[b]) + B_s @ A_s @ x[b]           s = the slot of row b
 
-    A: (N, r, in), B: (N, out, r) with the adapter's scale folded into B; slot 0 is zeros
-    (the base alone) and a smaller rank is padded with zeros, which add nothing. Per step the
-    rows' A and B are gathered and applied with two batched matmuls, so rows of different
-    adapters (or none) share one forward.
+    The adapters are stacked along the rank: A (N*R, in) holds slot s in rows s*R .. s*R+R-1,
+    B (out, N*R) in the same columns, its scale folded in; slot 0 is zeros (the base alone)
+    and a rank below R is padded with zeros, which add nothing. A step computes
+    h = A x for all slots at once (N*R columns: a few dozen), zeroes the columns of the other
+    slots with the rows' mask (exact: the products it drops are multiplied by 0), and adds
+    B h: two small matmuls per layer whatever the mix of adapters in the batch.
     """
 
     A: torch.Tensor
@@ -234,42 +243,44 @@ class MultiLoRALinear(nn.Module):
         self.rows = rows
         self.in_features, self.out_features = _features(base)
         device = _device_of(base)
-        self.register_buffer("A", torch.zeros(1, 1, self.in_features, device=device))
-        self.register_buffer("B", torch.zeros(1, self.out_features, 1, device=device))
+        self.register_buffer("A", torch.zeros(1, self.in_features, device=device))
+        self.register_buffer("B", torch.zeros(self.out_features, 1, device=device))
+        self.n_slots, self.rank = 1, 1
 
     def extra_repr(self) -> str:
-        return f"adapters={self.A.shape[0] - 1}, rank={self.A.shape[1]}"
+        return f"adapters={self.n_slots - 1}, rank={self.rank}"
 
     def resize(self, n_slots: int, rank: int) -> None:
-        """Room for n_slots adapters of up to `rank` (new room is zeros)."""
-        n, r = self.A.shape[0], self.A.shape[1]
-        if n_slots <= n and rank <= r:
+        """Room for n_slots adapters of `rank` columns (existing ones kept, new room zeros)."""
+        n, r = self.n_slots, self.rank
+        if (n_slots, rank) == (n, r):
             return
-        n2, r2 = max(n, n_slots), max(r, rank)
-        A = self.A.new_zeros(n2, r2, self.in_features)
-        B = self.B.new_zeros(n2, self.out_features, r2)
-        A[:n, :r] = self.A
-        B[:n, :, :r] = self.B
-        self.A, self.B = A, B
+        if n_slots < n or rank < r:
+            raise ValueError("adapter slots and rank only grow")
+        A = self.A.new_zeros(n_slots, rank, self.in_features)
+        B = self.B.new_zeros(self.out_features, n_slots, rank)
+        A[:n, :r] = self.A.view(n, r, -1)
+        B[:, :n, :r] = self.B.view(-1, n, r)
+        self.A, self.B = A.view(n_slots * rank, -1), B.view(-1, n_slots * rank)
+        self.n_slots, self.rank = n_slots, rank
 
     def set_adapter(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
-        """Put lora_A a (r, in) and lora_B b (out, r) with `scale` in `slot` (>= 1)."""
-        r = a.shape[0]
-        self.resize(slot + 1, r)
+        """Put lora_A a (r, in) and lora_B b (out, r) with `scale` in `slot` (>= 1); the
+        layer must have room (resize) for the slot and a rank >= r."""
+        r, R = a.shape[0], self.rank
         with torch.no_grad():
-            self.A[slot].zero_()
-            self.B[slot].zero_()
-            self.A[slot, :r] = a.to(self.A)
-            self.B[slot, :, :r] = b.to(self.B) * scale
+            self.A[slot * R: (slot + 1) * R].zero_()
+            self.B[:, slot * R: (slot + 1) * R].zero_()
+            self.A[slot * R: slot * R + r] = a.to(self.A)
+            self.B[:, slot * R: slot * R + r] = b.to(self.B) * scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        index = self.rows.index
-        if index is None:
+        mask = self.rows.mask
+        if mask is None:
             return y
-        A, B = self.A[index], self.B[index]                     # (B, r, in), (B, out, r)
-        h = torch.bmm(x.to(A.dtype), A.transpose(1, 2))          # (B, T, r)
-        return y + torch.bmm(h, B.transpose(1, 2)).to(y.dtype)   # (B, T, out)
+        h = F.linear(x.to(self.A.dtype), self.A) * mask          # (B, T, N*R)
+        return y + F.linear(h, self.B).to(y.dtype)               # (B, T, out)
 
 
 def _features(layer: nn.Module) -> tuple[int, int]:

@@ -112,17 +112,23 @@ def apply_lora_files(model: Transformer, specs: Sequence[LoraSpec], *,
 
 def add_served_adapter(model: Transformer, rows: AdapterRows, adapter: Adapter) -> int:
     """Serve `adapter` beside the others: its modules become MultiLoRALinear layers (once),
-    it takes the next slot, and rows of a step choose it by that slot. Returns the slot."""
+    it takes the next slot, and rows of a step choose it by that slot. Returns the slot.
+    Every served layer keeps the same slots and rank (AdapterRows' one mask fits all)."""
     slot = rows.n_slots
+    rank = max([rows.rank] + [adapter.tensors[f"{m}.lora_A.weight"].shape[0]
+                              for m in adapter.modules])
     for name in adapter.modules:
         module = model.get_submodule(name)
         if not isinstance(module, MultiLoRALinear):   # over any linear, a LoRALinear too
-            module = MultiLoRALinear(module, rows)
-            swap_module(model, name, module)
+            swap_module(model, name, MultiLoRALinear(module, rows))
+    layers = [m for m in model.modules() if isinstance(m, MultiLoRALinear)]
+    for m in layers:
+        m.resize(slot + 1, rank)
+    for name in adapter.modules:
+        module = model.get_submodule(name)
+        assert isinstance(module, MultiLoRALinear)
         module.set_adapter(slot, adapter.tensors[f"{name}.lora_A.weight"],
                            adapter.tensors[f"{name}.lora_B.weight"], adapter.scales[name])
+    rows.rank = rank
     rows.salts.append(f"lora:{slot}:{adapter.source}".encode())
-    for m in model.modules():       # every layer has a (zero) slot for every adapter
-        if isinstance(m, MultiLoRALinear):
-            m.resize(rows.n_slots, 1)
     return slot
