@@ -16,3 +16,14 @@ def _deterministic_threads():
     # Keep torch's thread pool small and steady (the CLI/server subprocesses inherit the env).
     torch.set_num_threads(2)
     yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _kernel_built_once():
+    """Our C++ kernel is compiled on first use (about a minute on a fresh machine, cached in
+    ~/.cache/mistral7b): do it here, once, so that no test's subprocess (a CLI run, a server,
+    a fuzz child under a time limit) pays for it inside its own deadline."""
+    from mistral7b.quant import native
+
+    native.ops()
+    yield

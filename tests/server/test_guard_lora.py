@@ -32,7 +32,9 @@ def adapters(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lora_server(tmp_path_factory, adapters):
-    srv = ServerProcess(["--max-concurrency", "8", "--max-model-len", "512",
+    # float weights, as the in-process loads compared with (the default, auto, would run the
+    # int4 kernel, whose activation rounding makes equality a matter of luck)
+    srv = ServerProcess(["--max-concurrency", "8", "--max-model-len", "512", "--quant", "none",
                          "--lora", f"a={adapters['a']}", "--lora", f"b={adapters['b']}:0.5"],
                         tmp_path_factory.mktemp("lora_server") / "server.log")
     try:
@@ -132,7 +134,7 @@ def test_moderations_endpoint_has_openais_shape(lora_client, lora_server, llm):
 
 @pytest.fixture(scope="module")
 def guarded_server(tmp_path_factory):
-    srv = ServerProcess(["--moderate", "both", "--max-model-len", "512"],
+    srv = ServerProcess(["--moderate", "both", "--max-model-len", "512", "--quant", "none"],
                         tmp_path_factory.mktemp("guarded") / "server.log")
     try:
         yield srv.wait_ready()
