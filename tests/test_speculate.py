@@ -10,10 +10,10 @@ import random
 import pytest
 import torch
 
+from mistral7b.batch import run_batch
 from mistral7b.engine import Engine
 from mistral7b.errors import InputError
 from mistral7b.sampling import SamplingParams
-from mistral7b.scheduler import run_batch
 from mistral7b.sequence import GenerationStats
 from mistral7b.speculate import check_speculate, propose
 

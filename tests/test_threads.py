@@ -68,9 +68,9 @@ def test_generation_with_the_governor_is_unchanged(adaptive):
     sys.path.insert(0, str(Path(__file__).parent / "server"))
     from test_scheduler import Decoder, tiny_model
 
+    from mistral7b.batch import run_batch
     from mistral7b.engine import Engine
     from mistral7b.sampling import SamplingParams
-    from mistral7b.scheduler import run_batch
 
     net, config = tiny_model()
     engine = Engine(net, config, kv_cache_memory=2**24, kv_block_size=4)

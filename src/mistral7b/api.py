@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, overload
 
 import torch
 
+from mistral7b.batch import run_batch
 from mistral7b.chat_request import ChatPlan, plan_chat, with_tool_calls
 from mistral7b.config import ModelConfig
 from mistral7b.engine import Engine
@@ -16,7 +17,6 @@ from mistral7b.errors import InputError, Mistral7BError
 from mistral7b.grammar import Grammar, GrammarCompiler
 from mistral7b.request import Output
 from mistral7b.sampling import SamplingParams
-from mistral7b.scheduler import run_batch
 from mistral7b.sequence import Completion, GenerationStats, TokenLogprob
 
 if TYPE_CHECKING:
@@ -349,7 +349,7 @@ class LLM:
     def _events(self, prompts: list[list[int]], params: SamplingParams,
                 max_context: int | None, grammar: Grammar | None = None, adapter: int = 0
                 ) -> Generator[tuple[int, Output], None, None]:
-        """The one step loop (scheduler.run_batch) over these prompts. The KV of earlier
+        """The one step loop (batch.run_batch) over these prompts. The KV of earlier
         calls stays cached, so a prompt that extends an earlier one (the next chat turn)
         computes only its new tokens."""
         tok = self.require_tokenizer()  # generated text is decoded with it

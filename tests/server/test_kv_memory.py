@@ -13,10 +13,11 @@ import pytest
 from conftest import ServerProcess
 from test_scheduler import EOS, Client, Decoder, tiny_model, wait_idle
 
+from mistral7b.batch import run_batch
 from mistral7b.config import ModelConfig
 from mistral7b.engine import Engine, default_kv_budget
 from mistral7b.sampling import SamplingParams
-from mistral7b.scheduler import KVCacheTooSmall, Scheduler, run_batch
+from mistral7b.scheduler import KVCacheTooSmall, Scheduler
 
 BS = 4
 

@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+from mistral7b.batch import run_batch
 from mistral7b.config import ModelConfig
 from mistral7b.engine import Engine
 from mistral7b.model import Transformer
@@ -20,7 +21,7 @@ from mistral7b.request import (
     choice_params,
 )
 from mistral7b.sampling import SamplingParams
-from mistral7b.scheduler import Scheduler, run_batch
+from mistral7b.scheduler import Scheduler
 
 EOS = 2
 NAN = [95, 95]      # a pre-fill chunk starting with these gets NaN logits (FaultyEngine)
