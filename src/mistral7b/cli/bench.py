@@ -56,9 +56,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed of the random prompt ids")
     g.add_argument("--vs-llama-cpp", action="store_true",
                    help="also run llama.cpp (llama-cpp-python) on the same .gguf file")
-    g.add_argument("--busy", action="store_true",
-                   help="run a CPU-bound neighbour process (one core) beside each engine: "
-                        "speed on a machine that is doing something else too")
+    g.add_argument("--busy", type=int, nargs="?", const=1, default=0, metavar="N",
+                   help="run N CPU-bound neighbour processes (one core each; N = 1 without a "
+                        "number) beside each engine: speed on a machine that is doing "
+                        "something else too")
     g.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
     g.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
 
@@ -80,11 +81,11 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--vs-llama-cpp needs a .gguf model (-m FILE.gguf)")
     results = {}
     for engine in engines:
-        neighbour = _start_neighbour() if args.busy else None
+        neighbours = [_start_neighbour() for _ in range(args.busy)]
         try:
             results[engine] = _spawn(args, engine, threads)
         finally:
-            if neighbour is not None:
+            for neighbour in neighbours:
                 neighbour.kill()
                 neighbour.wait()
     _print_table(args, results)
@@ -114,7 +115,7 @@ def _spawn(args: argparse.Namespace, engine: str, threads: int) -> dict[str, Any
 def _start_neighbour() -> subprocess.Popen:
     """A CPU-bound process that keeps one core busy (pure Python: one thread, no OpenMP)."""
     proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-    time.sleep(0.5)  # running before the engine starts
+    time.sleep(0.2)  # running before the engine starts
     return proc
 
 
@@ -267,7 +268,7 @@ def _print_table(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -
     head = f"{'':24s}{'mistral7b':>12s}" + (f"{'llama.cpp':>12s}{'ratio':>8s}" if peer else "")
     print(f"{args.model} quant={args.quant} threads={args.threads or 2} prompt="
           f"{args.prompt_tokens} gen={args.gen_tokens} repeat={args.repeat} (medians)"
-          + (" busy: a CPU-bound neighbour on one core" if args.busy else ""), file=sys.stderr)
+          + (f" busy: {args.busy} CPU-bound neighbour(s)" if args.busy else ""), file=sys.stderr)
     print(head, file=sys.stderr)
     for label, key, fmt in rows:
         line = f"{label:24s}{fmt.format(ours[key]):>12s}"
