@@ -21,10 +21,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from write_gguf import spm_tokenizer_file
+from write_gguf import llama_writer
 
 from mistral7b.config import PRESETS
-from mistral7b.tokenizer.gguf import add_sentencepiece_metadata
 from mistral7b.weights.gguf_parse import TYPE_BY_NAME
 from mistral7b.weights.names import expected_shapes, format_name
 
@@ -52,24 +51,7 @@ def main() -> None:
     args = p.parse_args()
     c = PRESETS[args.preset]
     rng = np.random.default_rng(0)
-    w = gguf.GGUFWriter(str(args.out), "llama")
-    w.add_name(f"random-{args.preset}")
-    w.add_file_type(FILE_TYPE[args.type])
-    w.add_block_count(c.n_layers)
-    w.add_context_length(c.max_seq_len)
-    w.add_embedding_length(c.dim)
-    w.add_feed_forward_length(c.hidden_dim)
-    w.add_head_count(c.n_heads)
-    w.add_head_count_kv(c.n_kv_heads)
-    w.add_key_length(c.head_dim)
-    w.add_value_length(c.head_dim)
-    w.add_rope_dimension_count(c.head_dim)
-    w.add_rope_freq_base(c.rope_theta)
-    w.add_layer_norm_rms_eps(c.norm_eps)
-    w.add_vocab_size(c.vocab_size)
-    if c.sliding_window:
-        w.add_sliding_window(c.sliding_window)
-    add_sentencepiece_metadata(w, spm_tokenizer_file())
+    w = llama_writer(args.out, c, f"random-{args.preset}", FILE_TYPE[args.type])
     qtype = gguf.GGMLQuantizationType[args.type]
     plan = []
     for ours, shape in expected_shapes(c).items():

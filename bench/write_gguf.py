@@ -44,15 +44,14 @@ def spm_tokenizer_file() -> Path:
     return path
 
 
-def write_f16(src: Path, out: Path, name: str) -> Path:
+def llama_writer(path: Path, c, name: str, file_type: int):
+    """A `gguf.GGUFWriter` with the llama-architecture metadata of config `c` and the v1
+    SentencePiece vocabulary, as llama.cpp's converter writes them."""
     import gguf
 
-    reader = open_checkpoint(src)
-    c = reader.config
-    path = out / f"{name}.F16.gguf"
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name(name)
-    w.add_file_type(GGML_FILE_TYPE_F16)
+    w.add_file_type(file_type)
     w.add_block_count(c.n_layers)
     w.add_context_length(c.max_seq_len)
     w.add_embedding_length(c.dim)
@@ -68,6 +67,15 @@ def write_f16(src: Path, out: Path, name: str) -> Path:
     if c.sliding_window:
         w.add_sliding_window(c.sliding_window)
     add_sentencepiece_metadata(w, spm_tokenizer_file())
+    return w
+
+
+def write_f16(src: Path, out: Path, name: str) -> Path:
+
+    reader = open_checkpoint(src)
+    c = reader.config
+    path = out / f"{name}.F16.gguf"
+    w = llama_writer(path, c, name, GGML_FILE_TYPE_F16)
     plan = []
     for ours, shape in expected_shapes(c).items():
         # llama.cpp keeps 1-D tensors (norms) in F32, matrices in F16.

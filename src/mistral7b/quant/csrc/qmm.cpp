@@ -420,6 +420,20 @@ at::Tensor pack8(const at::Tensor& q) {
   });
 }
 
+// Bytes of one GGUF block of 32 values: Q4_0 (kind 2), Q4_1 (3), Q8_0 (8).
+int64_t gguf_block_bytes(int64_t kind) { return kind == 2 ? 18 : kind == 3 ? 20 : 34; }
+
+// `blocks` as N rows of K / 32 blocks of that kind, contiguous uint8 (checked).
+at::Tensor checked_blocks(const at::Tensor& blocks, int64_t kind, int64_t N, int64_t K) {
+  TORCH_CHECK(kind == 2 || kind == 3 || kind == 8, "GGUF blocks must be Q4_0, Q4_1 or Q8_0");
+  TORCH_CHECK(K % kBlock == 0, "K must be a multiple of 32");
+  at::Tensor src = blocks.contiguous();
+  TORCH_CHECK(src.scalar_type() == at::kByte &&
+                  src.numel() == N * (K / kBlock) * gguf_block_bytes(kind),
+              "blocks must be N * K / 32 GGUF blocks of uint8");
+  return src;
+}
+
 // GGUF blocks (rows of `blocks`, each row K / 32 blocks) -> panels, scales and mins in one
 // pass, without the portable form (quant/gguf_import.py's rules give the same values).
 // kind 2 = Q4_0 (18-byte block: f16 d, 16 bytes), 3 = Q4_1 (20: f16 d, f16 m, 16 bytes),
@@ -431,13 +445,9 @@ at::Tensor pack8(const at::Tensor& q) {
 // every min so, and every min exactly -8 times its scale (then they need not be stored).
 std::vector<at::Tensor> gguf_panels(const at::Tensor& blocks, int64_t kind, int64_t N,
                                     int64_t K) {
-  TORCH_CHECK(kind == 2 || kind == 3 || kind == 8, "gguf_panels: type must be Q4_0, Q4_1 or Q8_0");
-  TORCH_CHECK(N % kRows == 0 && K % kBlock == 0, "N must be a multiple of 16, K of 32");
-  const int64_t block_bytes = kind == 2 ? 18 : kind == 3 ? 20 : 34;
-  const int64_t nb = K / kBlock;
-  at::Tensor src = blocks.contiguous();
-  TORCH_CHECK(src.scalar_type() == at::kByte && src.numel() == N * nb * block_bytes,
-              "gguf_panels: blocks must be N * K / 32 blocks of uint8");
+  TORCH_CHECK(N % kRows == 0, "N must be a multiple of 16");
+  const at::Tensor src = checked_blocks(blocks, kind, N, K);
+  const int64_t block_bytes = gguf_block_bytes(kind), nb = K / kBlock;
   const uint8_t* s = src.data_ptr<uint8_t>();
   const int bits = kind == 8 ? 8 : 4;
   at::Tensor w = at::empty({N * K * bits / 8}, src.options());
@@ -496,13 +506,8 @@ std::vector<at::Tensor> gguf_panels(const at::Tensor& blocks, int64_t kind, int6
 // float32 product (and sum) rounded separately (no fused multiply-add).
 __attribute__((optimize("fp-contract=off")))
 at::Tensor gguf_dequantize(const at::Tensor& blocks, int64_t kind, int64_t N, int64_t K) {
-  TORCH_CHECK(kind == 2 || kind == 3 || kind == 8, "gguf_dequantize: Q4_0, Q4_1 or Q8_0");
-  TORCH_CHECK(K % kBlock == 0, "K must be a multiple of 32");
-  const int64_t block_bytes = kind == 2 ? 18 : kind == 3 ? 20 : 34;
-  const int64_t nb = K / kBlock;
-  at::Tensor src = blocks.contiguous();
-  TORCH_CHECK(src.scalar_type() == at::kByte && src.numel() == N * nb * block_bytes,
-              "gguf_dequantize: blocks must be N * K / 32 blocks of uint8");
+  const at::Tensor src = checked_blocks(blocks, kind, N, K);
+  const int64_t block_bytes = gguf_block_bytes(kind), nb = K / kBlock;
   const uint8_t* s = src.data_ptr<uint8_t>();
   at::Tensor out = at::empty({N, K}, src.options().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
