@@ -130,6 +130,12 @@ def _spawn(target: str, index: int, fn: Callable[[], Any], *, timeout_s: float,
     if pid == 0:  # the child
         os.close(read_fd)
         code = 0
+        # A forked child must not enter the OpenMP pool the parent may have started (GNU
+        # OpenMP deadlocks after fork): one thread, as PyTorch's DataLoader workers do.
+        import torch
+
+        torch.set_num_threads(1)
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # nor the tokenizers thread pool
         faulthandler.disable()                 # a crash is reported by the parent, quietly
         os.environ["RUST_BACKTRACE"] = "0"
         warnings.simplefilter("ignore")        # e.g. "pre-tokenizer 'nope' is not known"
