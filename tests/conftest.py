@@ -7,8 +7,17 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
+import signal
+
 import pytest
 import torch
+
+# A test run started in the background by a non-interactive shell inherits SIGINT ignored,
+# and an ignored signal stays ignored across exec: the CLI and fine-tuning processes the
+# tests start would never see Ctrl-C, and the Ctrl-C tests would fail for the harness's
+# sake. A handler (unlike SIG_IGN) is reset to the default in every child at exec.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)
