@@ -79,7 +79,8 @@ class GGUFReader(CheckpointReader):
                 check_values(name, self._float_view(raw), self.path)
             else:
                 check_quantized(name, raw.qtype, raw.data, self.path,
-                                lambda data, qtype: self._dequantize(name, data, qtype))
+                                lambda data, qtype: self._dequantize(name, data, qtype,
+                                                                     raw.shape))
             self._checked.add(name)
         return raw
 
@@ -98,14 +99,16 @@ class GGUFReader(CheckpointReader):
         out = torch.empty(rows, cols, dtype=dtype)
         step = max(1, _DEQUANT_VALUES // cols)
         for r in range(0, rows, step):
-            floats = self._dequantize(name, blocks[r: r + step], raw.qtype)
+            part = blocks[r: r + step]
+            floats = self._dequantize(name, part, raw.qtype, (part.shape[0], cols))
             out[r: r + step] = torch.from_numpy(floats).reshape(-1, cols)
         return out
 
-    def _dequantize(self, name: str, data: np.ndarray, qtype: GGMLType) -> np.ndarray:
-        rows = data.size // (self._tensors[name].dims[0] // qtype.block_size * qtype.type_size)
-        cols = data.size // rows // qtype.type_size * qtype.block_size
-        own = _dequantize_own(qtype.name, data, (rows, cols))
+    def _dequantize(self, name: str, data: np.ndarray, qtype: GGMLType,
+                    shape: tuple[int, ...]) -> np.ndarray:
+        """The blocks `data` of `shape` (rows, cols) as float32 (rows * cols values)."""
+        rows_cols = (shape[0], shape[1]) if len(shape) == 2 else (1, shape[-1])
+        own = _dequantize_own(qtype.name, data, rows_cols)
         if own is not None:
             return own
         import gguf  # its numpy dequantizers, for the types we do not read ourselves
@@ -124,7 +127,8 @@ class GGUFReader(CheckpointReader):
             return torch.from_numpy(raw.data)
         if kind == "BF16":
             return self._float_view(raw)
-        return torch.from_numpy(self._dequantize(name, raw.data, raw.qtype)).reshape(raw.shape)
+        floats = self._dequantize(name, raw.data, raw.qtype, raw.shape)
+        return torch.from_numpy(floats).reshape(raw.shape)
 
 
 def _dequantize_own(kind: str, data: np.ndarray, shape: tuple[int, int]) -> np.ndarray | None:

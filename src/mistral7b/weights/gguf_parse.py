@@ -327,11 +327,14 @@ def open_gguf(path: Path) -> tuple[np.ndarray, GGUFHeader]:
     return np.frombuffer(mapped, dtype=np.uint8), parse_header(mapped, path)
 
 
+# Float tensor types -> the numpy dtype their bytes are viewed as (BF16 as its raw 16 bits).
+_FLOAT_VIEWS = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
+
+
 def tensor_view(data: np.ndarray, info: TensorInfo) -> np.ndarray:
     """The tensor's bytes in the map: floats as (rows, cols) arrays of their dtype (BF16 as
     uint16), quantized blocks as a flat uint8 array."""
     raw = data[info.offset: info.offset + info.n_bytes]
-    float_dtypes = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
-    if info.type.name in float_dtypes:
-        return raw.view(float_dtypes[info.type.name]).reshape(info.shape)
+    if info.type.name in _FLOAT_VIEWS:
+        return raw.view(_FLOAT_VIEWS[info.type.name]).reshape(info.shape)
     return raw
