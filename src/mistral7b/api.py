@@ -68,7 +68,7 @@ def load(model: str | Path = "default", *, device: str | torch.device | None = N
          dtype: str | torch.dtype | None = None, quant: str | None = None,
          lora: str | Path | Sequence[str | Path | tuple[str | Path, float]] | None = None,
          lora_merge: bool = True,
-         kv_cache_memory: int | None = None, speculate: int = 0) -> LLM:
+         kv_cache_memory: int | None = None, speculate: int = 0, tp: int | None = None) -> LLM:
     """Load a model: a checkpoint folder (consolidated or HF), a .gguf file, or "default".
 
     quant: None keeps float weights (a quantized GGUF is dequantized); "int8" / "int4"
@@ -83,6 +83,9 @@ def load(model: str | Path = "default", *, device: str | torch.device | None = N
     repeats its context.
     kv_cache_memory: the KV cache's budget in bytes (default: half the memory available when
     it is first needed, or 80% of free GPU memory); memory is taken as sequences advance.
+    tp: tensor parallel over the ranks torchrun started (tp = their number; README "Tensor
+    parallel"): every rank calls load(); rank 0 gets the LLM, and on the other ranks load()
+    serves rank 0's model calls on their shard and then exits the process (status 0).
     """
     from mistral7b.default_model import default_model_path
     from mistral7b.quant import AUTO, QUANT_MODES, file_mode, load_quantized, stored_quant
@@ -100,13 +103,28 @@ def load(model: str | Path = "default", *, device: str | torch.device | None = N
         quant = file_mode(reader)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev, reader.config)
-    if quant is None and stored_quant(reader) is None:
+    group = None
+    if tp is not None and tp != 1:
+        from mistral7b.distributed.tp_model import TensorParallel
+
+        if lora is not None or speculate:
+            raise InputError("tensor parallel (tp > 1) runs without lora= and speculate=")
+        group = TensorParallel(tp, dev)
+        net = group.load(reader, quant, dtype=dt)
+        if dev.type == "cpu" and dt == torch.bfloat16:
+            from mistral7b.quant.layers import swap_bf16_linears
+
+            swap_bf16_linears(net)
+        group.start(net)        # on ranks other than 0: serves, then exits
+    elif quant is None and stored_quant(reader) is None:
         net = build_model(reader, dtype=dt, device=dev)
     else:  # asked for, or a folder written by `mistral7b quantize`
         net = load_quantized(reader, quant, dtype=dt, device=dev)
     tokenizer = _load_tokenizer(reader)
     llm = LLM(net, reader.config, tokenizer, path, kv_cache_memory)
     llm.speculate = check_speculate(speculate)
+    if group is not None:
+        llm.engine.pool_type = group.pool_type
     if lora is not None:
         from mistral7b.lora.multi import apply_lora_files, lora_specs
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -64,6 +64,8 @@ class Engine:
         self.kv_cache_memory = kv_cache_memory
         self.kv_block_size = kv_block_size
         self._pool: KVPool | None = None
+        # what makes the pool (tensor parallel: one mirrored on every rank, tp_model.py)
+        self.pool_type: Callable[..., KVPool] = KVPool
         self._weights_stamp: int | None = None
         # Decode thread count chosen by measurement (threads.py) on the CPU, unless the user
         # fixed it (OMP_NUM_THREADS, or the CLI's -t, which turns this off).
@@ -103,8 +105,8 @@ class Engine:
         # Normal tensors even when first needed inside a step: inference tensors could not be
         # written outside inference mode (reuse copies a partial block, tests fill it).
         with torch.inference_mode(False):
-            return KVPool(self.config, budget, dtype=self.dtype, device=self.device,
-                          block_size=self.kv_block_size)
+            return self.pool_type(self.config, budget, dtype=self.dtype, device=self.device,
+                                  block_size=self.kv_block_size)
 
     def governor(self) -> ThreadGovernor | None:
         """The decode-step thread governor (made with the thread count torch has the first

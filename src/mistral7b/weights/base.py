@@ -36,6 +36,11 @@ class CheckpointReader(ABC):
         t = self.tensor(name)
         return t if t.dtype == dtype or not t.is_floating_point() else t.to(dtype)
 
+    def tensor_part(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """Indices start..stop-1 along `dim` of a tensor, as floats, reading only that part
+        where the format allows (tensor parallel: each rank's slice, distributed/tp.py)."""
+        return self.tensor(name).narrow(dim, start, stop - start)
+
     def forget(self, name: str) -> None:
         """Drop what the reader keeps for tensor `name` after handing it out, so that its
         mapped pages may be discarded (a later `tensor(name)` reads the file afresh)."""

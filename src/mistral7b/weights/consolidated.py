@@ -66,6 +66,11 @@ class ConsolidatedReader(CheckpointReader):
             self._checked.add(name)
         return tensor
 
+    def tensor_part(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        if self._st:
+            return self._st.part(name, dim, start, stop)
+        return super().tensor_part(name, dim, start, stop)
+
     def source(self, name: str) -> str:
         return str(self._st.file_of(name) if self._st else self._pth_file)
 

@@ -75,14 +75,43 @@ class GGUFReader(CheckpointReader):
         t = self._tensors[name]
         raw = RawTensor(name, t.type, t.shape, tensor_view(self._data, t))
         if name not in self._checked:
-            if raw.qtype.name in FLOAT_TYPES:
-                check_values(name, self._float_view(raw), self.path)
-            else:
-                check_quantized(name, raw.qtype, raw.data, self.path,
-                                lambda data, qtype: self._dequantize(name, data, qtype,
-                                                                     raw.shape))
+            self._check(raw)
             self._checked.add(name)
         return raw
+
+    def raw_part(self, name: str, dim: int, start: int, stop: int) -> RawTensor:
+        """Rows (dim 0) or columns (dim 1) start..stop-1 of a 2-D tensor as stored, reading
+        and checking only those bytes. Columns of a quantized tensor must be whole blocks."""
+        t = self._tensors[name]
+        rows, cols = t.shape
+        kind = t.type
+        data = tensor_view(self._data, t)
+        if kind.name in FLOAT_TYPES:                   # (rows, cols) floats
+            part = data[start:stop] if dim == 0 else np.ascontiguousarray(data[:, start:stop])
+        else:                                          # a row is whole blocks of bytes
+            blocks = data.reshape(rows, -1)
+            if dim == 0:
+                part = blocks[start:stop].reshape(-1)
+            else:
+                size = kind.block_size
+                if start % size or stop % size:
+                    raise ModelFileError(self.path, f"tensor {name!r} ({kind.name}): columns "
+                                         f"{start}..{stop - 1} do not fall on its blocks of "
+                                         f"{size} values")
+                b0, b1 = start // size * kind.type_size, stop // size * kind.type_size
+                part = np.ascontiguousarray(blocks[:, b0:b1]).reshape(-1)
+        shape = (stop - start, cols) if dim == 0 else (rows, stop - start)
+        raw = RawTensor(name, kind, shape, part)
+        self._check(raw)
+        return raw
+
+    def _check(self, raw: RawTensor) -> None:
+        if raw.qtype.name in FLOAT_TYPES:
+            check_values(raw.name, self._float_view(raw), self.path)
+        else:
+            check_quantized(raw.name, raw.qtype, raw.data, self.path,
+                            lambda data, qtype: self._dequantize(raw.name, data, qtype,
+                                                                 raw.shape))
 
     @staticmethod
     def _float_view(raw: RawTensor) -> torch.Tensor:

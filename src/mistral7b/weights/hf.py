@@ -60,6 +60,17 @@ class HFReader(CheckpointReader):
             self._permuted[name] = t
         return self._permuted[name]
 
+    def tensor_part(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        part = self._files.part(self._hf[name], dim, start, stop)
+        if not rotary_heads(name, self.config):
+            return part
+        # Whole heads (tp.py cuts wq/wk rows at head boundaries), and the permutation acts
+        # within each head: undo it on this rank's heads alone, in a copy of its rows.
+        head_dim = self.config.head_dim
+        if dim != 0 or start % head_dim or stop % head_dim:
+            raise ValueError(f"{name}: a part of q/k rows must be whole heads")
+        return hf_to_interleaved(part, (stop - start) // head_dim).contiguous()
+
     def forget(self, name: str) -> None:
         # Once forgotten, the un-permuted pages may be dropped (they revert to the file's
         # permuted bytes) and a later read permutes them again.

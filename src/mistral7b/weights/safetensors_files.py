@@ -48,6 +48,26 @@ class SafetensorsFiles:
         return tensor
 
 
+    def part(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """Indices start..stop-1 along `dim`, reading only those values (rows: a view into
+        the map; columns: a copy), checked instead of the whole tensor's."""
+        file = self._where[name]
+        try:
+            whole = self._handles[file].get_tensor(name)  # mapped, not read
+        except (SafetensorError, RuntimeError, OSError) as exc:
+            raise ModelFileError(file, f"cannot read tensor {name!r}: {exc}") from None
+        tensor = whole.narrow(dim, start, stop - start)
+        if dim:
+            # Columns: a strided view would make a slow, non-contiguous weight. Copy them,
+            # then hand the mapped pages back (unwritten, so they may simply be dropped).
+            from mistral7b.quant.memory import release
+
+            tensor = tensor.contiguous()
+            release(whole, unmodified=True)
+        check_values(name, tensor, file)
+        return tensor
+
+
 def _open(file: Path):
     if not file.is_file():
         raise ModelFileError(file, "file not found")
