@@ -59,6 +59,7 @@ def add_parser(subparsers: Any) -> None:
                    help="print timings after each answer (stderr)")
     common.add_structured_args(p)
     common.add_model_args(p)
+    common.add_tp_arg(p)
     common.add_lora_arg(p)
     common.add_sampling_args(p, max_tokens=DEFAULT_MAX_TOKENS)
     p.set_defaults(run=run)

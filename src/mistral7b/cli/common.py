@@ -76,6 +76,26 @@ def add_model_args(p: argparse.ArgumentParser, quant_default: str = "auto") -> N
                         "is taken as sequences advance, not reserved")
 
 
+def add_tp_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tp", type=int, metavar="N",
+                   help="tensor parallel over N processes on this machine, started under "
+                        "torchrun (each holds 1/N of the weights and KV cache; rank 0 does "
+                        "the I/O). Under torchrun itself N is its number of processes")
+
+
+def tensor_parallel(args: argparse.Namespace) -> int | None:
+    """The tp to load with: --tp N, or under torchrun the number of ranks it started."""
+    from mistral7b.distributed.runtime import this_rank, under_torchrun
+
+    if not hasattr(args, "tp"):
+        return None
+    if under_torchrun():
+        return this_rank().world_size if args.tp is None else args.tp
+    if args.tp is not None and args.tp < 1:
+        raise InputError(f"--tp must be >= 1, got {args.tp}")
+    return args.tp
+
+
 def add_lora_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora", dest="lora_specs", action="append", metavar="PATH[:SCALE]",
                    help="apply a LoRA adapter (a PEFT folder or a Mistral lora.safetensors), "
@@ -167,7 +187,9 @@ def load_model(args: argparse.Namespace, *, quiet: bool = False) -> LLM:
         import torch
 
         torch.set_num_threads(args.threads)
-    if not quiet:
+    from mistral7b.distributed.runtime import is_worker_rank
+
+    if not quiet and not is_worker_rank():
         log(f"loading {args.model} ...")
     lora = None
     if getattr(args, "lora_specs", None):
@@ -177,7 +199,8 @@ def load_model(args: argparse.Namespace, *, quiet: bool = False) -> LLM:
     quant = None if args.quant == "none" else args.quant
     llm = mistral7b.load(args.model, device=args.device, dtype=args.dtype, quant=quant,
                          speculate=getattr(args, "speculate", 0),
-                         kv_cache_memory=args.kv_cache_memory, lora=lora)
+                         kv_cache_memory=args.kv_cache_memory, lora=lora,
+                         **({"tp": tp} if (tp := tensor_parallel(args)) else {}))
     llm.require_tokenizer()
     if args.threads is not None:
         llm.engine.adaptive_threads = False    # the user's count, every step

@@ -67,6 +67,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if hasattr(sys.stdout, "reconfigure"):
         # A model may write any character; never die on a terminal that cannot show one.
         sys.stdout.reconfigure(errors="replace")
+    if (getattr(args, "tp", None) or 1) > 1:
+        from mistral7b.distributed.runtime import launch_local, under_torchrun
+
+        if not under_torchrun():    # start the ranks; each runs this command without --tp
+            return launch_local(args.tp, without_tp(sys.argv[1:] if argv is None else argv))
     try:
         return args.run(args)
     except BrokenPipeError:
@@ -81,6 +86,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def without_tp(argv: Sequence[str]) -> list[str]:
+    """ARGV less `--tp N` / `--tp=N` (the ranks then take tp from torchrun's world size)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--tp":
+            skip = True
+        elif not arg.startswith("--tp="):
+            out.append(arg)
+    return out
 
 
 if __name__ == "__main__":

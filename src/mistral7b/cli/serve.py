@@ -41,6 +41,7 @@ def add_parser(subparsers: Any) -> None:
                     "/v1/chat/completions, /v1/models, /v1/moderations) with continuous "
                     "batching; also /health, /metrics (Prometheus), /tokenize and /detokenize.")
     common.add_model_args(p)
+    common.add_tp_arg(p)
     g = p.add_argument_group("network")
     g.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default: %(default)s, this machine only)")
@@ -169,6 +170,11 @@ def is_loopback(host: str) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mistral7b.distributed.runtime import is_worker_rank
+
+    if is_worker_rank():   # a tensor-parallel worker rank: no HTTP, serve rank 0 until it stops
+        common.load_model(args, quiet=True)
+        return 0
     try:
         from mistral7b.server import create_app
         from mistral7b.server.runner import serve

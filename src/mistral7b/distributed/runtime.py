@@ -47,6 +47,11 @@ def this_rank() -> Rank:
                 int(os.environ.get("LOCAL_RANK", os.environ["RANK"])))
 
 
+def is_worker_rank() -> bool:
+    """True on the ranks other than 0 under torchrun (they do no I/O of their own)."""
+    return under_torchrun() and this_rank().rank != 0
+
+
 def collective_timeout() -> timedelta:
     raw = os.environ.get(TIMEOUT_ENV)
     try:

@@ -28,7 +28,6 @@ import dataclasses
 import hashlib
 import inspect
 import json
-import os
 import sys
 from datetime import timedelta
 from typing import Any
@@ -258,8 +257,3 @@ def _fingerprint(reader: CheckpointReader, quant: str | None, dtype: torch.dtype
     text = json.dumps([reader.config.to_dict(), quant, str(dtype), stats], sort_keys=True,
                       default=str)
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def worker_quiet() -> bool:
-    """True on ranks other than 0 (their logs would repeat rank 0's)."""
-    return runtime.under_torchrun() and os.environ.get("RANK", "0") != "0"

@@ -65,7 +65,7 @@ class GGUFShard(GGUFReader):
     """This rank's slices of a GGUF file's tensors, as stored (blocks and all): a GGUFReader
     whose `raw` is the slice, so dequantizing and block import see only the slice."""
 
-    def __init__(self, inner: GGUFReader, plan: TPPlan) -> None:  # noqa: super-init-not-called
+    def __init__(self, inner: GGUFReader, plan: TPPlan) -> None:
         vars(self).update(vars(inner))      # the same map, header and checks: nothing re-read
         self.plan = plan
         self.config = plan.local_config
