@@ -105,4 +105,35 @@ def load_shard(reader: CheckpointReader, plan: TPPlan, quant: str | None, *,
     shard = shard_reader(reader, plan)
     if quant is None:
         return build_model(shard, dtype=dtype, device=device)
-    return load_quantized(shard, quant, dtype=dtype, device=device)
+    model = load_quantized(shard, quant, dtype=dtype, device=device)
+    if quant == "int8":
+        _whole_row_scales(model, shard, plan, dtype=dtype, device=device)
+    return model
+
+
+def _whole_row_scales(model: Transformer, shard: CheckpointReader, plan: TPPlan, *,
+                      dtype: torch.dtype, device: torch.device) -> None:
+    """Requantize the int8 row-parallel layers (wo, w2) on their whole rows' scales.
+
+    int8 keeps one scale per output row, max |W[n, :]| / 127; a shard holding half of each
+    row would otherwise scale it by its own half's maximum, and the ranks together would not
+    compute the single process's weights. The ranks agree on each row's maximum with one
+    all-reduce (max) per layer, reading nothing beyond their own columns. GGUF Q8_0 blocks
+    (a scale per 32 values) are whole on each rank already."""
+    import torch.distributed as dist
+
+    from mistral7b.modules import swap_module
+    from mistral7b.quant.layers import quantize_int8
+    from mistral7b.quant.load import make_linear
+
+    for name in sorted(shard.names()):      # the same order on every rank
+        part = plan.part(name)
+        if part is None or part[0] != 1:
+            continue
+        if isinstance(shard, GGUFReader) and shard.raw(name).qtype.name == "Q8_0":
+            continue
+        t = shard.tensor(name).float()
+        row_max = t.abs().amax(dim=1).to(device)        # NCCL reduces on the GPU
+        dist.all_reduce(row_max, op=dist.ReduceOp.MAX)
+        linear = make_linear(quantize_int8(t, row_max.cpu()), dtype=dtype, device=device)
+        swap_module(model, name.removesuffix(".weight"), linear)

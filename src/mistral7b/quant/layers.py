@@ -106,13 +106,16 @@ def _row_chunks(w: torch.Tensor):
         yield r, w[r: r + step].detach().to(torch.float32, copy=True)  # worked on in place
 
 
-def quantize_int8(w: torch.Tensor) -> Int8Weight:
+def quantize_int8(w: torch.Tensor, row_max: torch.Tensor | None = None) -> Int8Weight:
     """Symmetric per-output-channel int8: scale = max |W[n, :]| / 127, rounded up to a bf16
-    value, so the CPU kernel's bf16 scales are exactly the stored ones (and |q| <= 127)."""
+    value, so the CPU kernel's bf16 scales are exactly the stored ones (and |q| <= 127).
+    `row_max`: max |W[n, :]| of whole rows when `w` holds only some of their columns (a
+    tensor-parallel shard), so that the shard is quantized on the whole row's grid."""
     q = torch.empty(w.shape, dtype=torch.int8)
     scales = torch.empty(w.shape[0])
     for r, c in _row_chunks(w):
-        scale = c.abs().amax(dim=1).clamp(min=1e-30) / 127                  # (rows,)
+        amax = c.abs().amax(dim=1) if row_max is None else row_max[r: r + len(c)].float()
+        scale = amax.clamp(min=1e-30) / 127                                   # (rows,)
         # bf16 keeps 8 significant bits: 1 + 2^-8 lifts any value above its rounding down
         scale = (scale * (1 + 2**-8)).to(torch.bfloat16).float()
         q[r: r + len(c)] = torch.round(c / scale[:, None]).clamp_(-127, 127)
