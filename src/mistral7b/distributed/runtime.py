@@ -10,6 +10,7 @@ error instead of hanging.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -98,7 +99,16 @@ def launch_local(nproc: int, argv: Sequence[str]) -> int:
     # torchrun would set one thread per rank and print a warning; choose it here instead:
     # the machine's cores shared between the ranks.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    # torchrun stops every rank when one fails or when it is signalled; pass SIGINT/SIGTERM
+    # sent to this process alone (a service manager, `kill`) on to it, so no rank outlives us.
+    proc = subprocess.Popen(command, env=env)
+
+    def forward(signum: int, frame: object) -> None:
+        proc.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return subprocess.call(command, env=env)
-    except KeyboardInterrupt:
-        return 130
+        return proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
