@@ -8,19 +8,15 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import psutil
 import pytest
+from tiny_models import mistral_v3_folder
+from tp_helpers import CLI, finish, start_ranks
 
-sys.path.insert(0, str(Path(__file__).parent.parent))
-from conftest import CLI, finish, start_ranks  # noqa: E402
-from tiny_models import mistral_v3_folder  # noqa: E402
-
-import mistral7b  # noqa: E402
+import mistral7b
 
 PROMPT = "The capital of France is"
 TIMEOUT_S = 8          # MISTRAL7B_COLLECTIVE_TIMEOUT in the failure tests
@@ -52,7 +48,7 @@ def test_generate_tp2_gives_the_single_process_ids(folder, one):
     want = one.generate(PROMPT, max_tokens=16, temperature=0.0)
     run = subprocess.run([*CLI, "generate", "-m", str(folder), PROMPT, "--max-tokens", "16",
                           "--temperature", "0", "--json", "--tp", "2"],
-                         capture_output=True, text=True, timeout=240)
+                         check=False, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]
     got = json.loads(run.stdout)
     assert got["token_ids"] == want.token_ids

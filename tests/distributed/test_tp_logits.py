@@ -4,19 +4,14 @@ pre-fill chunk longer than the window; int8/int4 within their kernels' rounding.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from tiny_models import hf_mistral, save_consolidated, save_gguf, save_hf
+from tolerance import assert_close
+from tp_helpers import tp_logits, tp_weights
 
-sys.path.insert(0, str(Path(__file__).parent.parent))
-from conftest import tp_logits, tp_weights  # noqa: E402
-from tiny_models import hf_mistral, save_consolidated, save_gguf, save_hf  # noqa: E402
-from tolerance import assert_close  # noqa: E402
-
-import mistral7b  # noqa: E402
-from mistral7b.distributed.tp import ROW_PARALLEL  # noqa: E402
+import mistral7b
+from mistral7b.distributed.tp import ROW_PARALLEL
 
 W = 6
 SEQ = 3 * W + 5
@@ -55,6 +50,8 @@ def test_tp2_logits_equal_one_process(case, fmt):
 
 @pytest.mark.parametrize("quant", ["int8", "int4"])
 def test_tp2_quantized_shards_are_the_single_process_weights(case, quant):
+    if case[0].name.startswith("gqa2"):
+        pytest.skip("the quantized cases run on the GQA-4 model (one set keeps this fast)")
     """Each rank's int8/int4 weights are exactly its part of the single process's: int4
     groups do not cross the cut (tp.py check_group_boundary), and the int8 shards of wo/w2
     take their whole rows' scales (tp_weights.py)."""
@@ -71,6 +68,8 @@ def test_tp2_quantized_shards_are_the_single_process_weights(case, quant):
 
 @pytest.mark.parametrize("quant", ["int8", "int4"])
 def test_tp2_quantized_logits_equal_one_process(case, quant):
+    if case[0].name.startswith("gqa2"):
+        pytest.skip("the quantized cases run on the GQA-4 model (one set keeps this fast)")
     """With the same weights, only the kernels' rounding of partial sums differs. int4 (and
     our int8 kernel) accumulate in float32: the float32 bound holds. PyTorch's int8 kernel,
     used where the CPU lacks AVX-512 VNNI, returns bf16 (tests/quant/test_quant_layers.py:

@@ -4,25 +4,23 @@ format's reader hands out exactly its slice of what the whole reader gives."""
 
 from __future__ import annotations
 
+import itertools
 import sys
 from pathlib import Path
 
 import gguf
-import numpy as np
 import pytest
 import torch
+from tiny_models import hf_mistral, save_consolidated, save_gguf, save_hf
+from tp_helpers import finish, start_ranks
 
-sys.path.insert(0, str(Path(__file__).parent.parent))
-from conftest import finish, start_ranks  # noqa: E402
-from tiny_models import hf_mistral, save_consolidated, save_gguf, save_hf  # noqa: E402
-
-import mistral7b  # noqa: E402
-from mistral7b.config import ModelConfig  # noqa: E402
-from mistral7b.distributed.tp import TPPlan, check_group_boundary, valid_tp  # noqa: E402
-from mistral7b.distributed.tp_weights import shard_reader  # noqa: E402
-from mistral7b.errors import InputError, ModelFileError  # noqa: E402
-from mistral7b.weights import open_checkpoint  # noqa: E402
-from mistral7b.weights.names import expected_shapes  # noqa: E402
+import mistral7b
+from mistral7b.config import ModelConfig
+from mistral7b.distributed.tp import TPPlan, check_group_boundary, valid_tp
+from mistral7b.distributed.tp_weights import shard_reader
+from mistral7b.errors import InputError, ModelFileError
+from mistral7b.weights import open_checkpoint
+from mistral7b.weights.names import expected_shapes
 
 MISTRAL_7B = ModelConfig(dim=4096, n_layers=2, head_dim=128, hidden_dim=14336, n_heads=32,
                          n_kv_heads=8, norm_eps=1e-5, vocab_size=32000, rope_theta=1e4,
@@ -44,7 +42,7 @@ def test_the_ranks_slices_tile_every_tensor(tp):
         dim = parts[0][0]
         ranges = sorted({(lo, hi) for _, lo, hi in parts})   # replicated kv heads: once
         assert ranges[0][0] == 0 and ranges[-1][1] == shape[dim], name
-        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:])), name
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges)), name
         local = expected_shapes(plans[0].local_config)[name]
         assert local == plans[0].local_shape(name, shape)
 

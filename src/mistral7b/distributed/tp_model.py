@@ -184,7 +184,7 @@ class TensorParallel:
             model.register_forward_pre_hook(self._broadcast_call, with_kwargs=True)
             atexit.register(self.stop)
             return
-        model.output = nn.Identity()        # logits are rank 0's (module docstring)
+        model.output = nn.Identity()  # type: ignore[assignment]  # logits: rank 0's
         try:
             serve(model, self.channel, self.device)
         finally:
