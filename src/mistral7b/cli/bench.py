@@ -43,11 +43,13 @@ def add_parser(subparsers: Any) -> None:
                     "on random prompt ids; --vs-llama-cpp runs llama.cpp on the same GGUF in "
                     "the same run and prints the ratios.")
     add_arguments(p)
-    p.set_defaults(run=run)
+    # --tp: the measuring process runs as tp ranks (_spawn), not this command itself
+    p.set_defaults(run=run, spawns_ranks=True)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     common.add_model_args(p)
+    common.add_tp_arg(p)
     g = p.add_argument_group("benchmark")
     g.add_argument("--prompt-tokens", type=int, default=256, metavar="N")
     g.add_argument("--gen-tokens", type=int, default=64, metavar="N")
@@ -104,6 +106,11 @@ def _spawn(args: argparse.Namespace, engine: str, threads: int) -> dict[str, Any
             cmd += [f"--{flag}", str(getattr(args, flag))]
     print(f"[bench] {engine}: {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    tp = getattr(args, "tp", None) or 1
+    if tp > 1 and engine == "mistral7b":     # the cores shared between the ranks
+        cmd[cmd.index("-t") + 1] = env["OMP_NUM_THREADS"] = str(max(1, threads // tp))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={tp}", "--module", *cmd[2:], "--tp", str(tp)]
     out = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         sys.stderr.write(out.stderr[-4000:])
@@ -178,9 +185,11 @@ def _ours(args: argparse.Namespace):
     if args.threads:
         torch.set_num_threads(args.threads)
     llm = mistral7b.load(args.model, device=args.device, dtype=args.dtype,
-                         quant=None if args.quant == "none" else args.quant)
+                         quant=None if args.quant == "none" else args.quant,
+                         **({"tp": tp} if (tp := common.tensor_parallel(args)) else {}))
     model, config = llm.model, llm.config
     engine = Engine(model, config)
+    engine.pool_type = llm.engine.pool_type     # tensor parallel: the pool on every rank
     # decode steps pick their thread count up to -t by measurement, as generate/serve do
     engine.adaptive_threads = True
     governor = engine.governor()

@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if hasattr(sys.stdout, "reconfigure"):
         # A model may write any character; never die on a terminal that cannot show one.
         sys.stdout.reconfigure(errors="replace")
-    if (getattr(args, "tp", None) or 1) > 1:
+    if (getattr(args, "tp", None) or 1) > 1 and not getattr(args, "spawns_ranks", False):
         from mistral7b.distributed.runtime import launch_local, under_torchrun
 
         if not under_torchrun():    # start the ranks; each runs this command without --tp
