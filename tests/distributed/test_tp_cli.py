@@ -57,13 +57,15 @@ def test_generate_tp2_gives_the_single_process_ids(folder, one):
 
 def test_serve_tp2_answers_as_one_process(folder, one, tmp_path):
     """Rank 0 serves HTTP; the repeated prompt and n=2 reuse and fork cached KV blocks,
-    which the other rank must mirror."""
+    which the other rank must mirror. The server first sits idle for longer than the
+    collective timeout: a worker waiting for the next call must not give up."""
     import openai
 
     log = tmp_path / "serve.log"
     with log.open("wb") as err:
         proc = subprocess.Popen([*CLI, "serve", "-m", str(folder), "--port", "0", "--tp", "2",
-                                 "--no-access-log"], stdout=subprocess.DEVNULL, stderr=err)
+                                 "--no-access-log"], stdout=subprocess.DEVNULL, stderr=err,
+                                env={**os.environ, "MISTRAL7B_COLLECTIVE_TIMEOUT": "4"})
     pids = [proc.pid]
     try:
         deadline = time.monotonic() + 240
@@ -80,6 +82,7 @@ def test_serve_tp2_answers_as_one_process(folder, one, tmp_path):
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x",
                                timeout=120)
         name = client.models.list().data[0].id
+        time.sleep(6)                               # idle beyond the collective timeout
         want = one.generate(PROMPT, max_tokens=12, temperature=0.0).text
         for _ in range(2):
             got = client.completions.create(model=name, prompt=PROMPT, max_tokens=12,
@@ -113,7 +116,8 @@ def test_a_rank_killed_mid_generation_ends_the_other_with_a_clear_error(folder, 
     assert "tensor parallel: rank" in stderr and "lost the group" in stderr, stderr[-2000:]
 
 
-def test_torchrun_leaves_no_rank_behind_when_one_dies(folder):
+@pytest.mark.parametrize("how", ["a rank killed", "Ctrl-C to the command"])
+def test_torchrun_leaves_no_rank_behind(folder, how):
     launcher = subprocess.Popen([*CLI, "generate", "-m", str(folder), PROMPT, "--max-tokens",
                                  "480", "--temperature", "0", "--tp", "2"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -124,7 +128,10 @@ def test_torchrun_leaves_no_rank_behind_when_one_dies(folder):
         tree = psutil.Process(launcher.pid).children(recursive=True)
         ranks = {int(p.environ()["RANK"]): p for p in tree if "RANK" in p.environ()}
         assert sorted(ranks) == [0, 1]
-        ranks[1].kill()
+        if how == "a rank killed":
+            ranks[1].kill()
+        else:
+            launcher.send_signal(signal.SIGINT)
         launcher.wait(timeout=TIMEOUT_S + 60)
     finally:
         if launcher.poll() is None:
