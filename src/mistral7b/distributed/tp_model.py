@@ -153,8 +153,8 @@ class TensorParallel:
 
     def load(self, reader: CheckpointReader, quant: str | None, *,
              dtype: torch.dtype) -> Transformer:
-        plan = TPPlan(reader.config, self.tp, self.rank.rank)   # same error on every rank
-        self._check_agreement(reader, quant, dtype)
+        self._check_agreement(reader, quant, dtype)   # first: then every rank fails alike
+        plan = TPPlan(reader.config, self.tp, self.rank.rank)
         model = load_shard(reader, plan, quant, dtype=dtype, device=self.device)
         add_all_reduces(model)
         self.plan = plan
