@@ -184,12 +184,24 @@ class TensorParallel:
             model.register_forward_pre_hook(self._broadcast_call, with_kwargs=True)
             atexit.register(self.stop)
             return
-        model.output = nn.Identity()  # type: ignore[assignment]  # logits: rank 0's
+        self._drop_output(model)
         try:
             serve(model, self.channel, self.device)
         finally:
             runtime.leave()
         sys.exit(0)
+
+    @staticmethod
+    def _drop_output(model: Transformer) -> None:
+        """A worker computes no logits (module docstring): free the output projection, and
+        the mapped file pages it was read from (an untied one is not used by anything else;
+        the pages are unwritten, so dropping them changes nothing)."""
+        from mistral7b.quant.memory import release
+
+        weight = getattr(model.output, "weight", None)
+        if isinstance(weight, torch.Tensor) and not model.config.tied_embeddings:
+            release(weight, unmodified=True)
+        model.output = nn.Identity()  # type: ignore[assignment]
 
     def pool_type(self, config: ModelConfig, budget_bytes: int, *, dtype: torch.dtype,
                   device: torch.device | str, block_size: int) -> KVPool:
