@@ -1,4 +1,6 @@
-"""Scale-out on torch.distributed: starting ranks, joining the group (runtime.py).
+"""Scale-out on torch.distributed: starting ranks, joining the group (runtime.py), and tensor-
+parallel inference: the shard math (tp.py), shard-wise checkpoint readers (tp_weights.py),
+rank 0 driving the other ranks' shards (tp_model.py).
 
-Tensor-parallel inference and FSDP2 fine-tuning build on `runtime`; nothing here runs at import.
+FSDP2 fine-tuning builds on `runtime` too; nothing here runs at import.
 """
