@@ -12,7 +12,8 @@ import gguf
 import pytest
 import torch
 from tiny_models import hf_mistral, save_consolidated, save_gguf, save_hf
-from tp_helpers import finish, start_ranks
+from tolerance import assert_close
+from tp_helpers import finish, start_ranks, tp_logits
 
 import mistral7b
 from mistral7b.config import ModelConfig
@@ -139,3 +140,15 @@ def test_ranks_that_open_different_files_refuse_to_start(files, tmp_path):
     for code, _, stderr in finish(procs):
         assert code != 0
         assert "opened a different model or options than rank 0" in stderr, stderr[-2000:]
+
+
+def test_gguf_blocks_sharded_as_stored_give_the_single_process_logits(files, tmp_path):
+    """int4 from a GGUF with Q8_0 and Q4_0 matrices: their blocks are sliced and copied as
+    they are (row-parallel w2 in Q4_0 by whole blocks of each row), the F32 ones quantized
+    in groups that the cut does not split."""
+    ids = list(range(3, 20))
+    one = mistral7b.load(files["gguf"], dtype="float32", quant="int4")
+    got = tp_logits(files["gguf"], ids, [1, 7], tmp_path / "gguf.pt", quant="int4")
+    for chunk in (1, 7):
+        assert_close(got[chunk], one.logits(ids, chunk_size=chunk), rel=1e-5,
+                     what=f"chunk {chunk}")
