@@ -50,7 +50,7 @@ def file_mode(reader: CheckpointReader) -> str | None:
         if name not in reader.names():
             continue
         rows, cols = reader.shape(name)
-        kind = reader.raw(name).qtype.name
+        kind = reader.qtype(name).name     # the header's word: no block is read here
         count[kind] = count.get(kind, 0) + rows * cols
     if not count:
         return None

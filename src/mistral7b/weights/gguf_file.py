@@ -70,6 +70,10 @@ class GGUFReader(CheckpointReader):
         # GGUF lists dimensions fastest-first (ne[0] = columns); PyTorch wants (rows, cols).
         return self._tensors[name].shape
 
+    def qtype(self, name: str) -> GGMLType:
+        """How a tensor is stored, from the header alone (no data read)."""
+        return self._tensors[name].type
+
     def raw(self, name: str) -> RawTensor:
         """The tensor as stored; its values (floats) or block scales are checked on first use."""
         t = self._tensors[name]
