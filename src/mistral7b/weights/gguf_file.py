@@ -104,6 +104,12 @@ class GGUFReader(CheckpointReader):
                                          f"{size} values")
                 b0, b1 = start // size * kind.type_size, stop // size * kind.type_size
                 part = np.ascontiguousarray(blocks[:, b0:b1]).reshape(-1)
+        if dim == 1:
+            # Rows of a few kB share pages: copying part of each touched every page of the
+            # tensor. Hand them back (unwritten map pages: dropping them changes nothing).
+            from mistral7b.quant.memory import release
+
+            release(data, unmodified=True)
         shape = (stop - start, cols) if dim == 0 else (rows, stop - start)
         raw = RawTensor(name, kind, shape, part)
         self._check(raw)
