@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
 
 import torch
 
 from mistral7b.batch import run_batch
+from mistral7b.chat_history import TurnMemory
 from mistral7b.chat_request import ChatPlan, plan_chat, with_tool_calls
 from mistral7b.config import ModelConfig
 from mistral7b.engine import Engine
@@ -100,13 +101,15 @@ def load(model: str | Path = "default", *, device: str | torch.device | None = N
         quant = file_mode(reader)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev, reader.config)
-    if quant is None and stored_quant(reader) is None:
+    stored = stored_quant(reader)
+    if quant is None and stored is None:
         net = build_model(reader, dtype=dt, device=dev)
     else:  # asked for, or a folder written by `mistral7b quantize`
         net = load_quantized(reader, quant, dtype=dt, device=dev)
     tokenizer = _load_tokenizer(reader)
     llm = LLM(net, reader.config, tokenizer, path, kv_cache_memory)
     llm.speculate = check_speculate(speculate)
+    llm.quant = quant or stored
     if lora is not None:
         from mistral7b.lora.multi import apply_lora_files, lora_specs
 
@@ -157,9 +160,11 @@ class LLM:
         self.engine = Engine(model, config, kv_cache_memory)
         self.load_seconds = 0.0
         self.speculate = 0          # prompt-lookup draft tokens per decode step (0 = off)
+        self.quant: str | None = None   # "int8" / "int4" weights, None for float
         self._stats = GenerationStats()
         self._grammar_compiler: GrammarCompiler | None = None
         self.adapters: dict[str, int] = {}      # served LoRA adapters: name -> slot
+        self._turns = TurnMemory()      # the last chat answer's own ids (chat_history.py)
 
     def __repr__(self) -> str:
         return (f"LLM({str(self.path)!r}, {self.config.n_params / 1e9:.2f}B params, "
@@ -250,8 +255,11 @@ class LLM:
         plan = self._plan_chat(messages, tools, tool_choice, response_format, safe_prompt,
                                parallel_tool_calls)
         params = _params(plan.sampling(sampling))
-        completion = self._complete(True, [plan.ids], params, max_context, plan.grammar, adapter)
+        ids = self._continue_turn(messages, plan, safe_prompt, tools)
+        completion = self._complete(True, [ids], params, max_context, plan.grammar, adapter)
         assert isinstance(completion, Completion)
+        self._turns.remember(self.require_tokenizer(), messages, plan.ids, ids,
+                             None if tools else completion)
         if plan.tool_format is not None:
             completion = with_tool_calls(self.require_tokenizer(), completion, plan.tool_format)
         return completion
@@ -262,8 +270,25 @@ class LLM:
         adapter = self._adapter_slot(sampling.pop("adapter", None))
         plan = self._plan_chat(messages, None, None, response_format, safe_prompt)
         params = _params(sampling)
-        return TextStream(self._events([plan.ids], params, max_context, plan.grammar, adapter),
-                          len(plan.ids), params)
+        ids = self._continue_turn(messages, plan, safe_prompt, None)
+        self._turns.forget()            # until this answer is complete
+
+        def done(completion: Completion) -> None:
+            self._turns.remember(self.require_tokenizer(), messages, plan.ids, ids, completion)
+
+        return TextStream(self._events([ids], params, max_context, plan.grammar, adapter),
+                          len(ids), params, on_done=done)
+
+    def _continue_turn(self, messages: list[dict[str, Any]], plan: ChatPlan, safe_prompt: bool,
+                       tools: Any) -> list[int]:
+        """The plan's prompt ids, on the previous answer's own ids when `messages` continue
+        the last chat turn, so its cached KV is reused to the end (chat_history.py)."""
+        if tools:
+            return plan.ids
+        tok = self.require_tokenizer()
+        return self._turns.continue_ids(
+            messages, plan.ids,
+            lambda m: tok.encode_chat(m, add_generation_prompt=True, safe_prompt=safe_prompt))
 
     def _plan_chat(self, messages: list[dict[str, Any]], tools: Any, tool_choice: Any,
                    response_format: Any, safe_prompt: bool,
@@ -306,6 +331,7 @@ class LLM:
     def clear_cache(self) -> None:
         """Forget the KV of earlier calls (kept to be reused by prompts that extend them)."""
         self.engine.pool.clear_prefixes()
+        self._turns.forget()
 
     @property
     def stats(self) -> GenerationStats:
@@ -399,9 +425,11 @@ class TextStream:
     """An iterator of text deltas; `.completion` is set when the generation has finished."""
 
     def __init__(self, events: Generator[tuple[int, Output], None, None], prompt_tokens: int,
-                 params: SamplingParams) -> None:
+                 params: SamplingParams,
+                 on_done: Callable[[Completion], None] | None = None) -> None:
         self._events = events
         self._builder = _CompletionBuilder(prompt_tokens, params.logprobs)
+        self._on_done = on_done
         self.completion: Completion | None = None
 
     def __iter__(self) -> Iterator[str]:
@@ -412,6 +440,8 @@ class TextStream:
             self._builder.add(out)
             if out.finish_reason:
                 self.completion = self._builder.completion
+                if self._on_done is not None:
+                    self._on_done(self.completion)
             if out.text:
                 return out.text
         raise StopIteration
