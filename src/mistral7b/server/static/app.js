@@ -258,6 +258,7 @@ async function send(text) {
   running = { controller, message, element };
   setRunning(true);
   const started = performance.now();
+  let firstAt = null;    // when the first text arrived: time to first token
   let chunks = 0;
   let usage = null;
   try {
@@ -274,6 +275,7 @@ async function send(text) {
       if (!choice) continue;
       if (choice.delta && choice.delta.content) {
         message.content += choice.delta.content;
+        if (firstAt === null) firstAt = performance.now();
         chunks += 1;
         updateMessage(element, message);
         scrollDown(false);
@@ -289,9 +291,7 @@ async function send(text) {
       showError(e.message);
     }
   }
-  const tokens = usage ? usage.completion_tokens : chunks;
-  const seconds = (performance.now() - started) / 1000;
-  if (tokens) message.stats = `${tokens} tokens · ${(tokens / seconds).toFixed(1)} tok/s`;
+  message.stats = timing(usage ? usage.completion_tokens : chunks, started, firstAt);
   if (message.status === "error" && !message.content) {
     conversation.splice(conversation.indexOf(message), 1);   // nothing to keep
     element.remove();
@@ -301,6 +301,17 @@ async function send(text) {
   running = null;
   setRunning(false);
   save();
+}
+
+function timing(tokens, started, firstAt) {
+  // "N tokens · first token after T s · R tok/s" (R over the tokens after the first).
+  if (!tokens || firstAt === null) return "";
+  const now = performance.now();
+  let text = `${tokens} tokens · first token after ${((firstAt - started) / 1000).toFixed(2)} s`;
+  if (tokens > 1 && now > firstAt) {
+    text += ` · ${((tokens - 1) / ((now - firstAt) / 1000)).toFixed(1)} tok/s`;
+  }
+  return text;
 }
 
 function stop() {
