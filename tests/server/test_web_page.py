@@ -184,7 +184,7 @@ def test_streams_stops_frees_the_row_and_continues(page, api):
     # A new message in the same conversation gets its own answer.
     _settings(page, temperature="0", max_tokens="8")
     page.fill("#prompt", "Say hello.")
-    page.click("#send")
+    page.press("#prompt", "Enter")
     page.wait_for_selector("#messages .msg.assistant >> nth=1")
     page.wait_for_selector("#stop", state="hidden", timeout=30_000)
     assert page.locator("#messages .msg").count() == 4

@@ -193,6 +193,9 @@ async function loadModels() {
   const previous = select.value;
   try {
     const response = await fetch("/v1/models", { headers: headers() });
+    if (response.status === 503 && response.headers.get("Retry-After")) {
+      setTimeout(loadModels, 2000);           // the model is still loading: ask again
+    }
     if (!response.ok) throw new Error(await errorMessage(response));
     const body = await response.json();
     select.replaceChildren(...body.data.map((m) => new Option(m.id, m.id)));
