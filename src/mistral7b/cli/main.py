@@ -2,7 +2,9 @@
 
 Each module in COMMANDS has `add_parser(subparsers)` (which sets `run` as the parser's default)
 and `run(args) -> int`. To add a command (quantize, bench, ...), write
-`mistral7b/cli/<name>.py` with those two functions and add its name to COMMANDS.
+`mistral7b/cli/<name>.py` with those two functions and add its name to COMMANDS. One module
+may register several commands that share a concern: `models` registers the model store's
+`list`, `show`, `rm` and `create` (each with its own run function); `run` is its own module.
 
 This is the one place that turns a user's mistake into one line on stderr, `error: ...`, and
 exit code 2: a bad flag or flag value, a missing file, or any `Mistral7BError` (bad model
@@ -21,8 +23,8 @@ from typing import NoReturn
 from mistral7b.cli.common import EXIT_INTERRUPTED, EXIT_USAGE
 from mistral7b.errors import Mistral7BError
 
-COMMANDS = ("generate", "chat", "serve", "pull", "quantize", "bench", "eval", "finetune",
-            "moderate")
+COMMANDS = ("run", "generate", "chat", "serve", "pull", "models", "quantize", "bench", "eval",
+            "finetune", "moderate")
 
 # A file the user named is missing or unreadable: as much a user's mistake as a bad flag.
 USER_ERRORS = (Mistral7BError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
