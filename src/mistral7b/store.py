@@ -66,7 +66,7 @@ _REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
 _NAME = re.compile(r"[A-Za-z0-9][\w.:-]{0,127}")
 
 
-class ModelNotFound(ModelFileError):  # noqa: N818 - reads as what happened
+class ModelNotFound(ModelFileError):
     """A model name that is neither a path nor anything in the store; the message says how
     to get it."""
 
@@ -256,16 +256,21 @@ def _write_registry(models: dict[str, dict[str, Any]]) -> None:
     tmp.replace(file)                # atomic: a reader sees the old or the new registry
 
 
-def register(name: str, path: str | os.PathLike[str]) -> Path:
-    """Give `path` (a model file or folder that loads) the name `name`; returns the path."""
-    from mistral7b.weights import open_checkpoint
-
+def check_name(name: str) -> None:
+    """InputError unless `name` can be registered."""
     if not _NAME.fullmatch(name):
         raise InputError(f"{name!r} is not a model name: use letters, digits, '.', '_', '-' "
                          "or ':' (no '/', which names Hub repositories)")
     if name.lower() == DEFAULT or alias(name) is not None:
         raise InputError(f"{name!r} is a built-in name ({DEFAULT!r} or an alias): choose "
                          "another")
+
+
+def register(name: str, path: str | os.PathLike[str]) -> Path:
+    """Give `path` (a model file or folder that loads) the name `name`; returns the path."""
+    from mistral7b.weights import open_checkpoint
+
+    check_name(name)
     target = Path(path).expanduser().resolve()
     reader = open_checkpoint(target)          # refuses what would not load, naming why
     reader.close()

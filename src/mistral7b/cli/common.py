@@ -262,8 +262,8 @@ def verbose_stats(t: dict[str, float]) -> str:
         ("eval rate", rate(t["generated_tokens"] > 1, t["generation_tps"])),
     ]
     if t.get("draft_tokens"):
-        rows.append(("speculative drafts", f"{t['accepted_tokens']}/{t['draft_tokens']} "
-                                           "accepted"))
+        drafts = f"{t['accepted_tokens']}/{t['draft_tokens']} accepted"
+        rows.append(("speculative drafts", drafts))
     rows.append(("peak memory", f"{t['peak_rss_mib']:.0f} MiB RSS"
                                 + (f", {t['peak_cuda_mib']:.0f} MiB CUDA"
                                    if "peak_cuda_mib" in t else "")))

@@ -63,7 +63,7 @@ def add_parser(subparsers: Any) -> None:
 def run_list(args: argparse.Namespace) -> int:
     from mistral7b.model_info import summary
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for entry in store.entries():
         info = summary(entry.path) if entry.path.exists() else None
         rows.append({
@@ -116,8 +116,8 @@ def run_show(args: argparse.Namespace) -> int:
         ("format", f"{info.summary.format}, {info.summary.quantization}"),
         ("parameters", _params(info.summary.n_params)),
         ("layers", f"{c['n_layers']} x dim {c['dim']}, hidden {c['hidden_dim']}"),
-        ("attention", f"{c['n_heads']} heads, {c['n_kv_heads']} kv heads, head_dim "
-                      f"{c['head_dim']}"),
+        ("attention", f"{c['n_heads']} heads, {c['n_kv_heads']} kv heads, "
+                      + f"head_dim {c['head_dim']}"),
         ("sliding window", str(c["sliding_window"]) if c["sliding_window"] else
                            "none (full causal)"),
         ("context", str(c["max_seq_len"])),
