@@ -61,5 +61,17 @@ def bar(iterable: Iterable[T] | None = None, *, total: float | None = None, desc
         unit: str = "it", show: bool = True) -> tqdm[T]:
     """A tqdm bar on stderr, drawn only inside `enabled()`, when `show`, on a terminal."""
     disable = None if (show and is_enabled()) else True
+    # A terminal that reports a 0 x 0 size (a fresh pty, `script`, some `docker exec -t`)
+    # makes tqdm draw nothing at all: draw 80 columns there.
+    known = _size_known()
     return tqdm(iterable, total=total, desc=desc, unit=unit, file=sys.stderr, leave=False,
-                dynamic_ncols=True, disable=disable)
+                dynamic_ncols=known, ncols=None if known else 80,
+                nrows=None if known else 24, disable=disable)
+
+
+def _size_known() -> bool:
+    try:
+        size = os.get_terminal_size(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return size.columns > 0 and size.lines > 0

@@ -70,8 +70,7 @@ def load_quantized(reader: CheckpointReader, quant: str | None, *, dtype: torch.
     with torch.device("meta"):
         model = Transformer(config)
     names = linear_names(config)
-    desc = f"loading as {mode}" if stored is not None else f"quantizing to {mode}"
-    for name in progress.bar(names, desc=desc, unit="tensor",
+    for name in progress.bar(names, desc=f"loading ({mode})", unit="tensor",
                              show=progress.big(reader.size_bytes())):
         source = name if name in present else "tok_embeddings.weight"
         weight: QuantWeight | native.Panels
