@@ -23,7 +23,7 @@ from mistral7b.cli import common
 from mistral7b.errors import InputError
 
 
-def add_parser(subparsers: Any) -> None:
+def add_list_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "list", help="list the models in the local store",
         description="The models -m can name: the embedded default, names given with "
@@ -31,6 +31,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--json", action="store_true", help="one JSON array instead of a table")
     p.set_defaults(run=run_list)
 
+
+def add_show_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "show", help="show a model's config, tokenizer, chat format and adapters",
         description="What a model is, read from its headers (no weights are loaded).")
@@ -39,6 +41,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.set_defaults(run=run_show)
 
+
+def add_rm_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "rm", help="remove models from the local store",
         description="Delete pulled repositories from the Hugging Face cache, or forget names "
@@ -48,6 +52,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("-y", "--yes", action="store_true", help="do not ask")
     p.set_defaults(run=run_rm)
 
+
+def add_create_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "create", help="give a model file or folder a name for -m",
         description="Register a model of yours (a .gguf file, a `quantize` output, a "
