@@ -205,3 +205,24 @@ def test_run_opens_chat_on_a_terminal(tmp_path):
         assert term.wait() == 0
     finally:
         term.close()
+
+
+def test_rm_asks_on_a_terminal(tmp_path, tiny_v3):
+    env = env_for(tmp_path, dead_endpoint(), offline=True)
+    assert run_cli("create", "mine", "-f", str(tiny_v3), env=env).returncode == 0
+    for answer, code, kept in ((b"n", 1, True), (b"y", 0, False)):
+        term = TerminalSession("rm", "mine", env={**env, "TERM": "dumb"})
+        try:
+            term.expect_text(b"[y/N]", since=0)
+            term.send(answer + b"\r")
+            assert term.wait() == code, term.output
+        finally:
+            term.close()
+        assert ("mine" in store_names(env)) == kept
+    assert (tiny_v3 / "consolidated.safetensors").is_file()
+
+
+def store_names(env: dict) -> set[str]:
+    result = run_cli("list", "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    return {row["name"] for row in json.loads(result.stdout)}

@@ -248,7 +248,8 @@ def verbose_stats(t: dict[str, float]) -> str:
     def rate(tokens: float, tps: float) -> str:
         return f"{tps:.2f} tokens/s" if tokens else "n/a"
 
-    rows = [("total duration", f"{t['total_s']:.3f} s")] if "total_s" in t else []
+    # ollama's total: loading plus the generation call
+    rows = [("total duration", f"{t['load_s'] + t['total_s']:.3f} s")] if "total_s" in t else []
     rows += [
         ("load duration", f"{t['load_s']:.3f} s"),
         ("prompt eval count", f"{t['prompt_tokens']} token(s)"
