@@ -89,17 +89,6 @@ def load(model: str | Path = "default", *, device: str | torch.device | None = N
     progress: tqdm bars on stderr (a terminal only) while a large checkpoint loads.
     """
     from mistral7b import progress as bars
-
-    with bars.enabled(progress):
-        return _load(model, device=device, dtype=dtype, quant=quant, lora=lora,
-                     lora_merge=lora_merge, kv_cache_memory=kv_cache_memory,
-                     speculate=speculate)
-
-
-def _load(model: str | Path, *, device: str | torch.device | None,
-          dtype: str | torch.dtype | None, quant: str | None,
-          lora: str | Path | Sequence[str | Path | tuple[str | Path, float]] | None,
-          lora_merge: bool, kv_cache_memory: int | None, speculate: int) -> LLM:
     from mistral7b.quant import AUTO, QUANT_MODES, file_mode, load_quantized, stored_quant
     from mistral7b.speculate import check_speculate
     from mistral7b.store import resolve
@@ -116,10 +105,11 @@ def _load(model: str | Path, *, device: str | torch.device | None,
         quant = file_mode(reader)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev, reader.config)
-    if quant is None and stored_quant(reader) is None:
-        net = build_model(reader, dtype=dt, device=dev)
-    else:  # asked for, or a folder written by `mistral7b quantize`
-        net = load_quantized(reader, quant, dtype=dt, device=dev)
+    with bars.enabled(progress):
+        if quant is None and stored_quant(reader) is None:
+            net = build_model(reader, dtype=dt, device=dev)
+        else:  # asked for, or a folder written by `mistral7b quantize`
+            net = load_quantized(reader, quant, dtype=dt, device=dev)
     tokenizer = checkpoint_tokenizer(reader)
     llm = LLM(net, reader.config, tokenizer, path, kv_cache_memory)
     llm.speculate = check_speculate(speculate)
