@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from tiny_models import hf_mistral, save_hf
@@ -54,8 +55,9 @@ def test_not_found_says_how_to_get_it(home):
     assert store.ALIASES["mistral-7b-v0.3"][1][:8] in str(info.value)
     with pytest.raises(store.ModelNotFound, match="mistral7b pull someone/model"):
         mistral7b.load("someone/model")
-    with pytest.raises(store.ModelNotFound, match="no such file or folder"):
-        store.resolve(str(home / "nope"))
+    for path in (str(home / "nope"), "./relative/nope", Path("someone/model")):
+        with pytest.raises(store.ModelNotFound, match="no such file or folder"):
+            store.resolve(path)
 
 
 def test_registered_path_that_went_away(home, tmp_path):

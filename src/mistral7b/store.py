@@ -62,7 +62,7 @@ ALIASES: dict[str, tuple[str, str]] = {
 ALIASES["mistral"] = ALIASES["mistral-instruct"] = ALIASES["mistral-7b-instruct-v0.3"]
 
 DEFAULT = "default"
-_REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 _NAME = re.compile(r"[A-Za-z0-9][\w.:-]{0,127}")
 
 
@@ -133,6 +133,8 @@ def resolve(model: str | os.PathLike[str]) -> Hit:
     path = Path(text).expanduser()
     if text and path.exists():
         return Hit(path, "path")
+    if isinstance(model, os.PathLike):          # a Path object never means a name
+        raise ModelNotFound(text, "no such file or folder")
     registered = read_registry().get(text)
     if registered is not None:
         target = Path(registered["path"])
