@@ -93,3 +93,18 @@ def test_aliases_are_pinned_commits():
         assert repo.startswith("mistralai/Mistral-7B-"), name
         assert len(revision) == 40 and all(c in "0123456789abcdef" for c in revision), name
     assert store.ALIASES["mistral"] == store.ALIASES["mistral-7b-instruct-v0.3"]
+
+
+def test_show_details_lists_adapters_beside_the_model(tmp_path):
+    from mistral7b.model_info import details
+
+    folder = save_hf(hf_mistral(seed=10), tmp_path / "model")
+    (folder / "run-1").mkdir()
+    (folder / "run-1" / "adapter_config.json").write_text("{}")     # a PEFT adapter folder
+    (folder / "lora.safetensors").write_bytes(b"")                  # a Mistral adapter file
+    (folder / "notes").mkdir()
+    info = details(folder)
+    assert info.adapters == [str(folder / "lora.safetensors"), str(folder / "run-1")]
+    assert info.summary.format == "hf" and info.summary.quantization == "F32"
+    assert info.config["sliding_window"] == hf_mistral(seed=10).config.sliding_window
+    assert info.tokenizer.startswith("none")

@@ -61,16 +61,17 @@ def quantization(reader: CheckpointReader) -> str:
     stored = stored_quant(reader)
     if stored is not None:
         return f"{stored} (mistral7b quantize)"
-    return _safetensors_dtype(Path(reader.path))
+    return _safetensors_dtype(Path(reader.source("tok_embeddings.weight")))
 
 
-def _safetensors_dtype(folder: Path) -> str:
+def _safetensors_dtype(file: Path) -> str:
+    """The dtype of the weights' file (the one holding the embedding: not an adapter's
+    .safetensors lying beside it)."""
     from safetensors import safe_open
 
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        return "?"                     # a .pth checkpoint: not opened just to list it
-    with safe_open(str(files[0]), framework="pt") as handle:
+    if file.suffix != ".safetensors":
+        return "?"                     # a .pth checkpoint: not unpickled just to list it
+    with safe_open(str(file), framework="pt") as handle:
         keys = list(handle.keys())
         return handle.get_slice(keys[0]).get_dtype() if keys else "?"
 
