@@ -69,8 +69,11 @@ def load(model: str | Path = "default", *, device: str | torch.device | None = N
          dtype: str | torch.dtype | None = None, quant: str | None = None,
          lora: str | Path | Sequence[str | Path | tuple[str | Path, float]] | None = None,
          lora_merge: bool = True,
-         kv_cache_memory: int | None = None, speculate: int = 0) -> LLM:
-    """Load a model: a checkpoint folder (consolidated or HF), a .gguf file, or "default".
+         kv_cache_memory: int | None = None, speculate: int = 0,
+         progress: bool = False) -> LLM:
+    """Load a model: a checkpoint folder (consolidated or HF), a .gguf file, "default", or a
+    name in the local store: an alias (pinned revision), a pulled Hub repository id, a name
+    given with `mistral7b create` (store.py; nothing is downloaded here).
 
     quant: None keeps float weights (a quantized GGUF is dequantized); "int8" / "int4"
     quantize on load; "auto" runs a quantized GGUF on its own blocks (Q4_* as int4, Q8_0 as
@@ -84,10 +87,12 @@ def load(model: str | Path = "default", *, device: str | torch.device | None = N
     repeats its context.
     kv_cache_memory: the KV cache's budget in bytes (default: half the memory available when
     it is first needed, or 80% of free GPU memory); memory is taken as sequences advance.
+    progress: tqdm bars on stderr (a terminal only) while a large checkpoint loads.
     """
-    from mistral7b.default_model import default_model_path
+    from mistral7b import progress as bars
     from mistral7b.quant import AUTO, QUANT_MODES, file_mode, load_quantized, stored_quant
     from mistral7b.speculate import check_speculate
+    from mistral7b.store import resolve
     from mistral7b.weights import open_checkpoint
     from mistral7b.weights.loader import build_model
 
@@ -95,18 +100,19 @@ def load(model: str | Path = "default", *, device: str | torch.device | None = N
         raise InputError(f"unknown quant {quant!r}: use 'int8', 'int4', 'auto' (a quantized "
                          "GGUF on its own blocks) or None (float weights)")
     t0 = time.perf_counter()
-    path = default_model_path() if str(model) == "default" else Path(model).expanduser()
+    path = resolve(model).path
     reader = open_checkpoint(path)
     if quant == AUTO:
         quant = file_mode(reader)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev, reader.config)
     stored = stored_quant(reader)
-    if quant is None and stored is None:
-        net = build_model(reader, dtype=dt, device=dev)
-    else:  # asked for, or a folder written by `mistral7b quantize`
-        net = load_quantized(reader, quant, dtype=dt, device=dev)
-    tokenizer = _load_tokenizer(reader)
+    with bars.enabled(progress):
+        if quant is None and stored is None:
+            net = build_model(reader, dtype=dt, device=dev)
+        else:  # asked for, or a folder written by `mistral7b quantize`
+            net = load_quantized(reader, quant, dtype=dt, device=dev)
+    tokenizer = checkpoint_tokenizer(reader)
     llm = LLM(net, reader.config, tokenizer, path, kv_cache_memory)
     llm.speculate = check_speculate(speculate)
     llm.quant = quant or stored
@@ -122,7 +128,7 @@ def load(model: str | Path = "default", *, device: str | torch.device | None = N
     return llm
 
 
-def _load_tokenizer(reader: CheckpointReader) -> Tokenizer | None:
+def checkpoint_tokenizer(reader: CheckpointReader) -> Tokenizer | None:
     """The checkpoint's own tokenizer; for a Mistral folder without one, the mistral-common
     file of its vocabulary size; None when there is none (the model still takes token ids)."""
     from mistral7b.errors import TokenizerError
