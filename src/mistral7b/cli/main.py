@@ -22,7 +22,7 @@ from mistral7b.cli.common import EXIT_INTERRUPTED, EXIT_USAGE
 from mistral7b.errors import Mistral7BError
 
 COMMANDS = ("generate", "chat", "serve", "pull", "quantize", "bench", "eval", "finetune",
-            "moderate")
+            "moderate", "export")
 
 # A file the user named is missing or unreadable: as much a user's mistake as a bad flag.
 USER_ERRORS = (Mistral7BError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
