@@ -22,20 +22,30 @@ def tiny_consolidated(tmp_path_factory):
     return hf, save_consolidated(hf, tmp_path_factory.mktemp("tiny_consolidated"))
 
 
-@pytest.fixture(scope="module")
-def v3_folder(tmp_path_factory):
-    """A tiny model of Mistral 7B v0.3's shape of vocabulary, with its v3 tokenizer file;
-    hidden_dim 80 is not a multiple of the 32-weight blocks (w2's rows)."""
+def _v3_model(folder: Path, hidden: int) -> Path:
     import mistral_common
     from tiny_models import hf_mistral, save_consolidated
 
     model = hf_mistral(vocab=32768, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16,
-                       hidden=80, window=None, theta=1e6, seed=5)
-    folder = save_consolidated(model, tmp_path_factory.mktemp("v3"))
+                       hidden=hidden, window=None, theta=1e6, seed=5)
+    save_consolidated(model, folder)
     shipped = Path(mistral_common.__file__).parent / "data" / \
         "mistral_instruct_tokenizer_240323.model.v3"
     shutil.copy(shipped, folder / "tokenizer.model.v3")
     return folder
+
+
+@pytest.fixture(scope="module")
+def v3_folder(tmp_path_factory):
+    """A tiny model with Mistral 7B v0.3's vocabulary and its v3 tokenizer file; hidden_dim
+    80 is not a multiple of the 32-weight blocks (w2's rows)."""
+    return _v3_model(tmp_path_factory.mktemp("v3"), hidden=80)
+
+
+@pytest.fixture(scope="module")
+def v3_blocks_folder(tmp_path_factory):
+    """The same with hidden_dim 64: every matrix row is whole blocks of 32."""
+    return _v3_model(tmp_path_factory.mktemp("v3_blocks"), hidden=64)
 
 
 @pytest.fixture(scope="module")
