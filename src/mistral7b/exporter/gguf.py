@@ -50,14 +50,14 @@ def file_type(kind: str) -> int:
     return int(gguf.LlamaFileType[names[kind]])
 
 
-def llama_writer(path: Path, c: ModelConfig, name: str, kind: str) -> Any:
+def llama_writer(path: Path, c: ModelConfig, name: str, ftype: int) -> Any:
     """A `gguf.GGUFWriter` holding the llama-architecture metadata of config `c` (no
-    tokenizer yet, no tensors) for a file mostly of type `kind`."""
+    tokenizer yet, no tensors) for a file of llama.cpp file type `ftype` (`file_type`)."""
     import gguf
 
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name(name)
-    w.add_file_type(file_type(kind))
+    w.add_file_type(ftype)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_block_count(c.n_layers)
     w.add_context_length(c.max_seq_len)
@@ -113,7 +113,7 @@ def write_gguf(source: MergedSource, out: Path, kind: str, tokenizer: SourceToke
     import gguf
 
     c = source.config
-    writer = llama_writer(out, c, source.label, kind)
+    writer = llama_writer(out, c, source.label, file_type(kind))
     said = tokenizer.add_to_gguf(writer, c.vocab_size)
     plan = []
     fallback = []
