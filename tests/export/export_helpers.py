@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
+from lora_helpers import write_random_adapter
 
 IDS = [1, 5, 17, 33, 2, 60, 61, 7, 9, 11, 40, 41, 42, 3, 90, 12, 13, 14, 15, 16]  # > window 8
 
@@ -20,23 +20,7 @@ def load32(path, **kw):
 def random_adapter(source: Path, folder: Path, *, seed: int, fmt: str = "peft",
                    std: float = 0.05) -> Path:
     """A rank-4 adapter on every linear of the model at `source`, random A and B."""
-    from mistral7b.lora import (
-        adapter_from_model,
-        apply_lora,
-        lora_parameters,
-        save_mistral,
-        save_peft,
-    )
-
-    llm = load32(source)
-    apply_lora(llm.model, rank=4, alpha=8)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in lora_parameters(llm.model):
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    save = save_peft if fmt == "peft" else save_mistral
-    save(adapter_from_model(llm.model), folder, llm.config)
-    return folder
+    return write_random_adapter(folder, source, seed=seed, rank=4, alpha=8, fmt=fmt, std=std)
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
