@@ -68,3 +68,28 @@ def test_gguf_without_a_tokenizer_is_refused(tiny_consolidated, tmp_path):
     assert list(tmp_path.iterdir()) == []
     out = export(src, to="hf", out=tmp_path / "hf", progress=False)  # HF takes none
     assert not (out / "tokenizer.json").exists()
+
+
+@pytest.mark.parametrize("vocab", [32000, 32768])
+def test_a_mistral_gguf_gets_a_template_that_renders_like_mistral_common(tmp_path, vocab):
+    """A Mistral folder has no Jinja template (mistral-common needs none) but llama.cpp
+    reads one from the GGUF: the one written, rendered and encoded as a template (not through
+    mistral-common), gives mistral-common's ids for alternating conversations."""
+    from tiny_models import hf_mistral, save_consolidated
+
+    from mistral7b.tokenizer.hf import HFTokenizer
+
+    model = hf_mistral(vocab=vocab, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=8,
+                       hidden=32, window=None, seed=1)
+    src = save_consolidated(model, tmp_path / "src")   # no tokenizer file: mistral-common's
+    out = export(src, to="gguf", type="f32", out=tmp_path / "m.gguf", progress=False)
+    gguf_tok = GGUFTokenizer.from_file(out)
+    assert gguf_tok.uses_mistral_common and gguf_tok.has_own_chat_template
+    as_template = HFTokenizer(gguf_tok.backend, eos_id=gguf_tok.eos_id,
+                              bos_id=gguf_tok.bos_id, add_bos=True,
+                              chat_template=gguf_tok.chat_template)
+    alternating = [c for c in CONVERSATIONS
+                   if all(m["role"] != r["role"] for m, r in zip(c[1:], c[:-1]))]
+    assert len(alternating) >= 8
+    for messages in alternating:
+        assert as_template.encode_chat(messages) == oracle_chat_ids(vocab, messages), messages

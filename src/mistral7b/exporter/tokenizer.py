@@ -41,6 +41,28 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja", "tekken.json")
 SAVED_GGUF = "tokenizer.gguf"   # what `mistral7b quantize` writes for a GGUF source
 
+# Chat templates for a GGUF of a Mistral SentencePiece vocabulary whose source has none
+# (Mistral's own folders: mistral-common needs no template, llama.cpp does). For alternating
+# user/assistant turns, with an optional system message first, they render what
+# mistral-common encodes (tested): v1 puts the system prompt before the first user message,
+# v3 before the last one, and v3's [INST] / [/INST] are control tokens with no spaces
+# around them. (mistral-common also joins consecutive user or system messages with a blank
+# line; these templates do not: mistral7b itself encodes this vocabulary with mistral-common.)
+_MISTRAL_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] %}"
+    "{%- set loop_messages = messages[1:] %}{%- else %}{%- set loop_messages = messages %}"
+    "{%- endif %}{{- bos_token }}{%- for message in loop_messages %}"
+    "{%- if message['role'] == 'user' %}"
+    "{%- if loop.WHICH and system_message is defined %}"
+    "{{- '[INST]SP' + system_message + '\\n\\n' + message['content'] + 'SP[/INST]' }}"
+    "{%- else %}{{- '[INST]SP' + message['content'] + 'SP[/INST]' }}{%- endif %}"
+    "{%- elif message['role'] == 'assistant' %}{{- 'SP' + message['content'] + eos_token }}"
+    "{%- endif %}{%- endfor %}")
+MISTRAL_TEMPLATES = {
+    32000: _MISTRAL_TEMPLATE.replace("WHICH", "first").replace("SP", " "),
+    32768: _MISTRAL_TEMPLATE.replace("WHICH", "last").replace("SP", ""),
+}
+
 
 @dataclass
 class SourceTokenizer:
@@ -158,6 +180,9 @@ class SourceTokenizer:
             chosen = max(spm, key=lambda f: f.name)       # tokenizer.model.v3 over .model
             add_sentencepiece_metadata(writer, chosen)
             said = f"tokenizer: SentencePiece {chosen.name}"
+            if self.chat_template is None and _pieces(chosen) in MISTRAL_TEMPLATES:
+                writer.add_chat_template(MISTRAL_TEMPLATES[_pieces(chosen)])
+                said += f" + a Mistral [INST] chat template"
         elif any(f.name == "tokenizer.json" for f in self.files):
             add_bpe_metadata(writer, self.files[0].parent, vocab_size)
             said = "tokenizer: byte-level BPE of tokenizer.json"
@@ -171,6 +196,12 @@ class SourceTokenizer:
         if template is not None:
             writer.add_chat_template(template)
         return said
+
+
+def _pieces(spm_file: Path) -> int:
+    from sentencepiece import SentencePieceProcessor
+
+    return int(SentencePieceProcessor(model_file=str(spm_file)).get_piece_size())
 
 
 def _mistral_name(file: Path) -> str:
