@@ -93,3 +93,24 @@ def test_a_mistral_gguf_gets_a_template_that_renders_like_mistral_common(tmp_pat
     assert len(alternating) >= 8
     for messages in alternating:
         assert as_template.encode_chat(messages) == oracle_chat_ids(vocab, messages), messages
+
+
+def test_mistral_v3_source_to_hf_in_transformers(v3_blocks_folder, tmp_path):
+    """An HF export of a Mistral folder also gets tokenizer.json + tokenizer_config.json, so
+    transformers' AutoTokenizer encodes and chats as mistral-common (alternating turns)."""
+    from tokenizer_cases import oracle_encode
+    from transformers import AutoTokenizer
+
+    out = export(v3_blocks_folder, to="hf", out=tmp_path / "hf", progress=False)
+    assert (out / "tokenizer.model.v3").is_file()
+    tok = AutoTokenizer.from_pretrained(out)
+    for text in TEXTS:   # transformers turns control-token text into the ids, by design
+        if not any(special in text for special in ("[INST]", "</s>", "<s>", "<unk>")):
+            assert tok.encode(text) == oracle_encode(32768, text, bos=True), text
+    for messages in CONVERSATIONS:
+        if any(m["role"] == r["role"] for m, r in zip(messages[1:], messages[:-1])) or \
+                "[INST]" in str(messages):
+            continue
+        got = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+        got = got["input_ids"] if isinstance(got, dict) or hasattr(got, "keys") else got
+        assert list(got) == oracle_chat_ids(32768, messages), messages

@@ -119,6 +119,14 @@ class SourceTokenizer:
                 name = _mistral_name(file) if self.kind == "shipped" else file.name
                 shutil.copyfile(file, out / name)
                 names.append(name)
+            spm = _sentencepiece_files(self.files)
+            if target == "hf" and spm and not (out / "tokenizer.json").exists() \
+                    and not (out / "tokenizer_config.json").exists() \
+                    and _pieces(spm) in MISTRAL_TEMPLATES:
+                # for transformers, which reads no mistral-common file
+                meta = _spm_metadata(spm)
+                meta["tokenizer.chat_template"] = MISTRAL_TEMPLATES[_pieces(spm)]
+                names += _write_hf_files(meta, str(spm), out)
             said = f"tokenizer: {', '.join(names)}"
             if target == "consolidated" and find_mistral_file(out) is None:
                 said += (" (the source has no Mistral tokenizer file; mistral-inference "
@@ -127,31 +135,8 @@ class SourceTokenizer:
         return self._write_from_gguf(out, target)
 
     def _write_from_gguf(self, out: Path, target: str) -> str:
-        tok = GGUFTokenizer.from_metadata(self.metadata, self.origin)
+        names = _write_hf_files(self.metadata, self.origin, out)
         tokens = self.metadata["tokenizer.ggml.tokens"]
-        names = ["tokenizer.json", "tokenizer_config.json"]
-        backend = tok.backend
-        if tok.bos_id is not None:   # transformers adds BOS through the post-processor
-            from tokenizers import processors
-
-            bos = tokens[tok.bos_id]
-            backend.post_processor = processors.TemplateProcessing(
-                single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.bos_id)])
-        backend.save(str(out / "tokenizer.json"))
-        bos_id = self.metadata.get("tokenizer.ggml.bos_token_id")
-        config: dict[str, Any] = {
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "eos_token": tokens[tok.eos_id],
-            "add_bos_token": tok.bos_id is not None,
-            "add_eos_token": False,
-            "clean_up_tokenization_spaces": False,
-            "model_max_length": 1 << 30,
-        }
-        if isinstance(bos_id, int) and 0 <= bos_id < len(tokens):
-            config["bos_token"] = tokens[bos_id]
-        if tok.has_own_chat_template:
-            config["chat_template"] = tok.chat_template
-        (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
         size = mistral_vocab_size(tokens) if self.metadata.get(
             "tokenizer.ggml.model") == "llama" else None
         if size is not None:  # a Mistral vocabulary: mistral-common's file gives its chat
@@ -174,15 +159,13 @@ class SourceTokenizer:
         if self.kind == "gguf":
             copy_tokenizer_metadata(writer, self.metadata, self.types)
             return f"tokenizer: copied from {self.origin}"
-        spm = [f for f in self.files if f.name.startswith("tokenizer.model") or
-               f.name.endswith((".model.v1", ".model.v3"))]
-        if spm:
-            chosen = max(spm, key=lambda f: f.name)       # tokenizer.model.v3 over .model
+        chosen = _sentencepiece_files(self.files)
+        if chosen is not None:
             add_sentencepiece_metadata(writer, chosen)
             said = f"tokenizer: SentencePiece {chosen.name}"
             if self.chat_template is None and _pieces(chosen) in MISTRAL_TEMPLATES:
                 writer.add_chat_template(MISTRAL_TEMPLATES[_pieces(chosen)])
-                said += f" + a Mistral [INST] chat template"
+                said += " + a Mistral [INST] chat template"
         elif any(f.name == "tokenizer.json" for f in self.files):
             add_bpe_metadata(writer, self.files[0].parent, vocab_size)
             said = "tokenizer: byte-level BPE of tokenizer.json"
@@ -196,6 +179,66 @@ class SourceTokenizer:
         if template is not None:
             writer.add_chat_template(template)
         return said
+
+
+def _write_hf_files(metadata: dict[str, Any], origin: str, out: Path) -> list[str]:
+    """tokenizer.json + tokenizer_config.json (with the chat template) of a tokenizer given
+    as GGUF metadata, for transformers' PreTrainedTokenizerFast and our HFTokenizer."""
+    tok = GGUFTokenizer.from_metadata(metadata, origin)
+    tokens = metadata["tokenizer.ggml.tokens"]
+    backend = tok.backend
+    if tok.bos_id is not None:   # transformers adds BOS through the post-processor
+        from tokenizers import processors
+
+        bos = tokens[tok.bos_id]
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.bos_id)])
+    backend.save(str(out / "tokenizer.json"))
+    bos_id = metadata.get("tokenizer.ggml.bos_token_id")
+    config: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": tokens[tok.eos_id],
+        "add_bos_token": tok.bos_id is not None,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 1 << 30,
+    }
+    if isinstance(bos_id, int) and 0 <= bos_id < len(tokens):
+        config["bos_token"] = tokens[bos_id]
+    if tok.has_own_chat_template:
+        config["chat_template"] = tok.chat_template
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return ["tokenizer.json", "tokenizer_config.json"]
+
+
+class _Metadata:
+    """Collects what `add_sentencepiece_metadata` writes into a GGUF writer as a dict of
+    GGUF keys (the form `GGUFTokenizer.from_metadata` reads)."""
+
+    def __init__(self) -> None:
+        self.keys: dict[str, Any] = {}
+
+    def __getattr__(self, method: str) -> Any:
+        key = {"add_tokenizer_model": "model", "add_token_list": "tokens",
+               "add_token_scores": "scores", "add_token_types": "token_type",
+               "add_bos_token_id": "bos_token_id", "add_eos_token_id": "eos_token_id",
+               "add_unk_token_id": "unknown_token_id", "add_add_bos_token": "add_bos_token",
+               "add_add_space_prefix": "add_space_prefix"}[method]
+        return lambda value: self.keys.__setitem__(f"tokenizer.ggml.{key}", value)
+
+
+def _spm_metadata(spm_file: Path) -> dict[str, Any]:
+    collect = _Metadata()
+    add_sentencepiece_metadata(collect, spm_file)
+    return collect.keys
+
+
+def _sentencepiece_files(files: list[Path]) -> Path | None:
+    """The SentencePiece file among a folder's tokenizer files (`tokenizer.model.v3` over
+    `tokenizer.model`), or None."""
+    spm = [f for f in files if f.name.startswith("tokenizer.model") or
+           f.name.endswith((".model.v1", ".model.v3"))]
+    return max(spm, key=lambda f: f.name) if spm else None
 
 
 def _pieces(spm_file: Path) -> int:
