@@ -25,7 +25,7 @@ from mistral7b.cli.common import EXIT_INTERRUPTED, EXIT_USAGE
 from mistral7b.errors import Mistral7BError
 
 COMMANDS = ("run", "generate", "chat", "serve", "pull", "list", "show", "rm", "create",
-            "quantize", "bench", "eval", "finetune", "moderate")
+            "quantize", "export", "bench", "eval", "finetune", "moderate")
 SHARED = {"list": "models", "show": "models", "rm": "models", "create": "models"}
 
 # A file the user named is missing or unreadable: as much a user's mistake as a bad flag.
