@@ -87,10 +87,10 @@ def export(model: str | Path, *, to: str, out: str | Path, type: str | None = No
 
 def _write(source: MergedSource, tokenizer: SourceTokenizer, to: str, kind: str, partial: Path, progress: bool,
            shard_bytes: int | None) -> list[str]:
-    from tqdm import tqdm
+    from mistral7b import progress as bars
 
-    bar = tqdm(total=len(source.names), unit="tensor", desc=f"export {to} {kind}",
-               file=sys.stderr, disable=None if progress else True, leave=False)
+    with bars.enabled(progress):
+        bar = bars.bar(total=len(source.names), unit="tensor", desc=f"export {to} {kind}")
 
     def step(name: str) -> None:
         bar.set_postfix_str(name, refresh=False)
