@@ -1,0 +1,150 @@
+"""FSDP2 fine-tuning on 2 CPU processes (gloo, spawned here under torchrun) against one process:
+
+- a step on 2 ranks, each with its half of the global batch, gives the adapter of the
+  single-process step on the whole batch (float32, within 1e-6), with gradient accumulation,
+  a rank whose slice of a micro-batch is empty, and activation checkpointing under FSDP;
+- the adapter files, written once by rank 0 from the gathered tensors, are the single
+  process's, in both formats;
+- a checkpoint of 2 ranks resumes on 1, and one of 1 on 2, and the continued run equals an
+  uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_models import hf_mistral, save_hf
+
+import mistral7b
+from mistral7b.finetune import Example, TrainConfig, Trainer
+from mistral7b.lora import lora_state_dict
+
+WORKER = Path(__file__).with_name("fsdp_worker.py")
+# 10 rows (no packing) in micro-batches of 3: [3, 3, 3, 1]; with grad_accum 2, 4 steps are
+# two epochs, and in the micro-batch of 1 row rank 1 has nothing of its own (weight 0).
+# The bound: 2 ranks sum a gradient in another order than 1 (two half-batch products, then
+# the reduce-scatter), and AdamW divides each gradient element by its own magnitude (plus
+# eps = 1e-8), so the rounding of an element that nearly cancels moves its update by up to
+# ~lr/10 (measured: 2.7e-7 at lr = 1e-3, 1.4e-6 at lr = 5e-3, growing with lr as that predicts).
+CONFIG = {"steps": 4, "lr": 1e-3, "batch_size": 3, "grad_accum": 2, "pack": False,
+          "seq_len": 32, "rank": 4, "alpha": 8, "eval_every": 2, "warmup": 1, "seed": 1}
+
+
+def _examples(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        length = int(torch.randint(5, 20, (1,), generator=g))
+        ids = torch.randint(3, 96, (length,), generator=g).tolist()
+        out.append(Example(ids, [False] + [j % 3 != 0 for j in range(1, length)], i + 1))
+    return out
+
+
+EXAMPLES, EVALS = _examples(10, 0), _examples(3, 9)
+
+
+def torchrun(args, *, nproc=2, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1", MISTRAL7B_COLLECTIVE_TIMEOUT="60")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc-per-node={nproc}", *map(str, args)],
+                          env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def _single(folder, out, *, resume=False, stop_after=None, **extra):
+    """A run in this process; returns (trainer, {step: LoRA weights after it})."""
+    llm = mistral7b.load(folder, device="cpu", dtype="float32")
+    trainer = Trainer(llm, TrainConfig(**{**CONFIG, **extra}), out, progress=False)
+    states = {}
+
+    def on_step(info):
+        states[info.step] = {k: v.clone() for k, v in lora_state_dict(trainer.model).items()}
+        if info.step == stop_after:
+            raise KeyboardInterrupt
+
+    try:
+        trainer.fit(EXAMPLES, EVALS, resume=resume, on_step=on_step)
+    except KeyboardInterrupt:
+        assert stop_after is not None
+    return trainer, states
+
+
+def _rows(examples):
+    return [{"ids": e.ids, "targets": e.targets, "line": e.line} for e in examples]
+
+
+def _progress(out):
+    return json.loads((out / "checkpoint" / "trainer.json").read_text())
+
+
+def assert_same(got, want, what):
+    assert sorted(got) == sorted(want), what
+    diff = {k: (got[k].float() - want[k].float()).abs().max().item() for k in want}
+    worst = max(diff, key=diff.get)
+    assert diff[worst] <= 1e-6, f"{what}: {worst} differs by {diff[worst]}"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fsdp")
+    folder = save_hf(hf_mistral(seed=11), tmp / "model")
+    full, full_states = _single(folder, tmp / "full")                 # 1 rank, 4 steps
+    _single(folder, tmp / "one_then_two", stop_after=2)                # 1 rank, cut at 2
+    spec = {"model": str(folder), "examples": _rows(EXAMPLES), "eval": _rows(EVALS), "jobs": [
+        # 2 ranks from scratch, cut after step 2 (activation checkpointing on: no change)
+        {"out": str(tmp / "two_then_one"), "config": {**CONFIG, "grad_checkpoint": True},
+         "resume": False, "stop_after": 2, "states": str(tmp / "two")},
+        # 2 ranks continuing the 1-rank checkpoint of step 2 to the end
+        {"out": str(tmp / "one_then_two"), "config": dict(CONFIG), "resume": True,
+         "stop_after": None, "states": str(tmp / "resumed_on_two")},
+    ]}
+    (tmp / "spec.json").write_text(json.dumps(spec))
+    torchrun([WORKER, tmp / "spec.json"])
+    two = {s: load_file(tmp / f"two-step{s}.safetensors") for s in (1, 2)}
+    two_progress = _progress(tmp / "two_then_one")  # the checkpoint the next run resumes
+    resumed_on_one, states_on_one = _single(folder, tmp / "two_then_one", resume=True)
+    return {"tmp": tmp, "full": full, "full_states": full_states, "two": two,
+            "two_progress": two_progress,
+            "on_one": resumed_on_one, "on_one_states": states_on_one}
+
+
+def test_a_step_on_two_ranks_equals_the_single_process_step(runs):
+    for step in (1, 2):
+        assert_same(runs["two"][step], runs["full_states"][step], f"2 ranks, step {step}")
+    two = runs["two_progress"]
+    full = runs["full"]
+    assert two["world_size"] == 2 and two["step"] == 2
+    assert two["losses"] == pytest.approx(full.losses[:2], abs=1e-6)
+    assert two["evals"][0][:2] == pytest.approx(list(full.evals[0][:2]), abs=1e-6)
+    assert two["tokens"] == sum(len(e) for e in EXAMPLES)  # steps 1-2: one epoch of rows
+
+
+def test_adapters_are_written_whole_by_rank_zero_in_both_formats(runs):
+    tmp = runs["tmp"]
+    one, two = tmp / "one_then_two", tmp / "two_then_one"   # both ended with 4 steps now
+    for name in ("adapter_model.safetensors", "lora.safetensors"):
+        assert_same(load_file(two / name), load_file(tmp / "full" / name), name)
+        assert_same(load_file(one / name), load_file(tmp / "full" / name), name)
+    assert not [p for p in os.listdir(two) if ".tmp" in p or p.startswith(".checkpoint")]
+
+
+def test_a_two_rank_checkpoint_resumes_on_one_and_a_one_rank_checkpoint_on_two(runs):
+    full = runs["full"]
+    on_one = runs["on_one"]
+    assert on_one.step == 4 and sorted(runs["on_one_states"]) == [3, 4]
+    assert on_one.losses == pytest.approx(full.losses, abs=1e-6)
+    assert_same(lora_state_dict(on_one.model), runs["full_states"][4], "2 -> 1 ranks")
+    on_two = _progress(runs["tmp"] / "one_then_two")
+    assert on_two["world_size"] == 2 and on_two["step"] == 4
+    assert on_two["losses"] == pytest.approx(full.losses, abs=1e-6)
+    assert [e[0] for e in on_two["evals"]] == [2, 4]
+    resumed = load_file(runs["tmp"] / "resumed_on_two-step4.safetensors")
+    assert_same(resumed, runs["full_states"][4], "1 -> 2 ranks")
