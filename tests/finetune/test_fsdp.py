@@ -148,3 +148,38 @@ def test_a_two_rank_checkpoint_resumes_on_one_and_a_one_rank_checkpoint_on_two(r
     assert [e[0] for e in on_two["evals"]] == [2, 4]
     resumed = load_file(runs["tmp"] / "resumed_on_two-step4.safetensors")
     assert_same(resumed, runs["full_states"][4], "1 -> 2 ranks")
+
+
+def test_finetune_nproc_2_writes_adapters_that_load(tiny_chat_folder, tmp_path, capsys):
+    """`mistral7b finetune --nproc 2` starts 2 ranks under torchrun; rank 0 alone talks and
+    writes the adapters, which are the single-process run's and load with load(lora=...)."""
+    from mistral7b.cli.finetune import main
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(x) + "\n" for x in [
+        {"text": "the quick brown fox"}, {"text": "jumps over the lazy dog"},
+        {"messages": [{"role": "user", "content": "hi"},
+                      {"role": "assistant", "content": "hello"}]}]))
+    model = str(tiny_chat_folder[1])
+    argv = ["-m", model, "--data", str(data), "--steps", "2", "--rank", "4", "--lr", "1e-3",
+            "--batch-size", "2", "--no-pack", "--json", "-q"]
+    assert main([*argv, "-o", str(tmp_path / "one")]) == 0
+    one = json.loads(capsys.readouterr().out)
+    env = {"OMP_NUM_THREADS": "1", "MISTRAL7B_COLLECTIVE_TIMEOUT": "60"}
+    proc = subprocess.run([sys.executable, "-m", "mistral7b.cli.main", "finetune", *argv,
+                           "-o", str(tmp_path / "two"), "--nproc", "2"],
+                          env={**os.environ, **env}, capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1, proc.stdout          # one summary: rank 0's
+    assert lines[0]["steps"] == 2
+    assert lines[0]["final_loss"] == pytest.approx(one["final_loss"], abs=1e-6)
+    for name in ("adapter_model.safetensors", "lora.safetensors"):
+        assert_same(load_file(tmp_path / "two" / name), load_file(tmp_path / "one" / name),
+                    name)
+    ids = [1, 5, 9, 12, 7]
+    trained = mistral7b.load(model, device="cpu", dtype="float32", lora=tmp_path / "one")
+    for lora in (tmp_path / "two", tmp_path / "two" / "lora.safetensors"):
+        llm = mistral7b.load(model, device="cpu", dtype="float32", lora=lora)
+        assert (llm.logits(ids) - trained.logits(ids)).abs().max().item() < 1e-5
