@@ -3,7 +3,7 @@
     python -m torch.distributed.run --standalone --nproc-per-node 2 fsdp_worker.py SPEC
 
 SPEC: {"model": folder, "examples": [{ids, targets, line}], "eval": [...], "jobs": [{"out",
-"config" (TrainConfig fields), "resume", "stop_after" (a step, or null), "states" (a path
+"config" (TrainConfig fields), "dtype" (of the base; float32 if absent), "resume", "stop_after" (a step, or null), "states" (a path
 prefix: the whole LoRA weights after each step, written by rank 0, or null)}]}.
 """
 
@@ -25,7 +25,7 @@ def _examples(rows: list[dict]) -> list[Example]:
 
 
 def run_job(spec: dict, job: dict) -> None:
-    llm = mistral7b.load(spec["model"], device="cpu", dtype="float32")
+    llm = mistral7b.load(spec["model"], device="cpu", dtype=job.get("dtype", "float32"))
     config = job["config"]
     config["targets"] = tuple(config.get("targets", ("wq", "wk", "wv", "wo", "w1", "w2", "w3")))
     trainer = Trainer(llm, TrainConfig(**config), job["out"], progress=False)
