@@ -2,7 +2,8 @@
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 fsdp_worker.py SPEC
 
-SPEC: {"model": folder, "examples": [{ids, targets, line}], "eval": [...], "jobs": [{"out",
+SPEC: {"model": folder, "examples": [{ids, targets, line}], "eval": [...],
+"examples_other_ranks" (optional: what ranks > 0 read instead), "jobs": [{"out",
 "config" (TrainConfig fields), "dtype" (of the base; float32 if absent), "resume", "stop_after" (a step, or null), "states" (a path
 prefix: the whole LoRA weights after each step, written by rank 0, or null)}]}.
 """
@@ -40,7 +41,9 @@ def run_job(spec: dict, job: dict) -> None:
             raise KeyboardInterrupt  # on every rank at the same step, as a held Ctrl-C is
 
     try:
-        trainer.fit(_examples(spec["examples"]), _examples(spec["eval"]) or None,
+        rows = spec["examples"] if trainer.ranks.rank == 0 else \
+            spec.get("examples_other_ranks", spec["examples"])
+        trainer.fit(_examples(rows), _examples(spec["eval"]) or None,
                     resume=job["resume"], on_step=on_step)
     except KeyboardInterrupt:
         pass

@@ -52,12 +52,13 @@ def _examples(n, seed):
 EXAMPLES, EVALS = _examples(10, 0), _examples(3, 9)
 
 
-def torchrun(args, *, nproc=2, timeout=300):
+def torchrun(args, *, nproc=2, timeout=300, ok=True):
     env = dict(os.environ, OMP_NUM_THREADS="1", MISTRAL7B_COLLECTIVE_TIMEOUT="60")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            f"--nproc-per-node={nproc}", *map(str, args)],
                           env=env, capture_output=True, text=True, timeout=timeout, check=False)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    if ok:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
 
 
@@ -200,3 +201,16 @@ def test_qlora_and_a_bf16_base_train_on_two_ranks_as_on_one(runs):
     assert _progress(tmp / "qlora2")["losses"] == pytest.approx(runs["qlora"].losses, abs=1e-6)
     # bf16 activations: the two orders of summation differ by bf16 rounding, not more
     assert _progress(tmp / "bf16_2")["losses"] == pytest.approx(runs["bf16"].losses, rel=2e-2)
+
+
+def test_ranks_that_read_different_data_stop_with_a_clear_error(tmp_path):
+    folder = save_hf(hf_mistral(seed=11), tmp_path / "model")
+    spec = {"model": str(folder), "examples": _rows(EXAMPLES), "eval": [],
+            "examples_other_ranks": _rows(EXAMPLES[:-1]),
+            "jobs": [{"out": str(tmp_path / "out"), "config": dict(CONFIG), "resume": False,
+                      "stop_after": None, "states": None}]}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    proc = torchrun([WORKER, tmp_path / "spec.json"], ok=False, timeout=120)
+    assert proc.returncode != 0
+    assert "do not agree on the training data: ranks [1] differ" in proc.stderr
+    assert not (tmp_path / "out" / "checkpoint").exists()

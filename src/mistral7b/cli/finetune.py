@@ -234,6 +234,10 @@ def _rank_device(device: str | None, local_rank: int) -> str | None:
     if device not in (None, "cuda"):
         raise InputError(f"--device {device} under torchrun: give cpu or cuda; each process "
                          "takes the GPU of its local rank")
+    if local_rank >= torch.cuda.device_count():
+        raise InputError(f"local rank {local_rank} has no GPU of its own (this machine has "
+                         f"{torch.cuda.device_count()}): start at most that many processes "
+                         "per machine, or train on the CPU with --device cpu")
     return f"cuda:{local_rank}"
 
 

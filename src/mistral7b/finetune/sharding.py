@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from mistral7b.distributed.runtime import join, this_rank, under_torchrun
+from mistral7b.errors import InputError
 from mistral7b.lora import lora_state_dict
 
 if TYPE_CHECKING:
@@ -58,6 +59,10 @@ class Ranks:
             return cls(device=device)
         from torch.distributed.device_mesh import init_device_mesh
 
+        local = this_rank().local_rank
+        if device.type == "cuda" and (device.index if device.index is not None else 0) != local:
+            raise InputError(f"rank with LOCAL_RANK={local} has its model on {device}: under "
+                             f"torchrun each process loads on cuda:{local} (its own GPU)")
         r = join(str(device))
         mesh = init_device_mesh(device.type, (r.world_size,))
         return cls(r.rank, r.world_size, mesh, device)
@@ -85,6 +90,20 @@ class Ranks:
         t = torch.tensor(list(values), dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return t.tolist()
+
+    def check_same(self, value: str, what: str) -> None:
+        """InputError on every rank unless all ranks hold the same `value` (a digest of the
+        data or settings): ranks that disagree would train on a mix without noticing."""
+        if not self.sharded:
+            return
+        import torch.distributed as dist
+
+        values: list[str | None] = [None] * self.world
+        dist.all_gather_object(values, value)
+        if len(set(values)) > 1:
+            differ = [r for r, v in enumerate(values) if v != values[0]]
+            raise InputError(f"the ranks do not agree on the {what}: ranks {differ} differ "
+                             "from rank 0; start every rank with the same files and flags")
 
     def any(self, flag: bool) -> bool:
         return self.sum([float(flag)])[0] > 0

@@ -309,6 +309,8 @@ class Trainer:
         if not examples:
             raise InputError("no training examples")
         data_id = fingerprint(examples)
+        self.ranks.check_same(data_id, "training data")
+        self.ranks.check_same(repr(sorted(_config_dict(self.config).items())), "settings")
         total = self.total_steps(examples)
         if resume:
             self.load_checkpoint(data_id)
