@@ -374,14 +374,17 @@ class Trainer:
             "data": data_id,
             "world_size": self.ranks.world,
         }
-        save_checkpoint(self.out_dir, self.model, self.optimizer, progress, self.ranks)
-        tensors = full_lora_tensors(self.model, self.ranks)
-        if self.ranks.is_main:
-            adapter = adapter_from_model(self.model, alpha=self.config.alpha,
-                                         dropout=self.config.dropout, tensors=tensors)
-            save_peft(adapter, self.out_dir, self.llm.config, base_model=str(self.llm.path))
-            save_mistral(adapter, self.out_dir, self.llm.config)
-        self.ranks.barrier()
+        # A Ctrl-C waits for the save's end (DCP's writer threads would turn it into an error)
+        with _deferred_interrupts(not self.ranks.sharded):
+            save_checkpoint(self.out_dir, self.model, self.optimizer, progress, self.ranks)
+            tensors = full_lora_tensors(self.model, self.ranks)
+            if self.ranks.is_main:
+                adapter = adapter_from_model(self.model, alpha=self.config.alpha,
+                                             dropout=self.config.dropout, tensors=tensors)
+                save_peft(adapter, self.out_dir, self.llm.config,
+                          base_model=str(self.llm.path))
+                save_mistral(adapter, self.out_dir, self.llm.config)
+            self.ranks.barrier()
 
     def load_checkpoint(self, data_id: str) -> None:
         """Continue from OUT/checkpoint, written by a run on any number of ranks."""
