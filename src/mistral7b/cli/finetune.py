@@ -182,6 +182,7 @@ def run(args: argparse.Namespace) -> int:
             common.log(f"interrupted at step {trainer.step}: checkpoint and adapter saved in "
                        f"{out}; continue with --resume")
         return common.EXIT_INTERRUPTED
+    memory = common.peak_memory()
     summary = {
         "steps": result.steps,
         "first_loss": result.losses[0] if result.losses else None,
@@ -191,7 +192,10 @@ def run(args: argparse.Namespace) -> int:
         "seconds": round(result.seconds, 3),
         "tokens_per_second": round(result.tokens_per_second, 1),
         "out": str(out),
-        **{k: round(v, 1) for k, v in common.peak_memory().items()},
+        **{k: round(v, 1) for k, v in memory.items()},
+        "ranks": trainer.ranks.world,
+        "peak_rss_mib_per_rank": [round(v, 1) for v in trainer.ranks.gather(
+            memory["peak_rss_mib"])],
     }
     if args.json:
         print(json.dumps(summary))

@@ -91,6 +91,12 @@ class Ranks:
         dist.all_reduce(t)
         return t.tolist()
 
+    def gather(self, value: float) -> list[float]:
+        """Every rank's `value`, in rank order (on every rank)."""
+        mine = [0.0] * self.world
+        mine[self.rank] = value
+        return self.sum(mine)
+
     def check_same(self, value: str, what: str) -> None:
         """InputError on every rank unless all ranks hold the same `value` (a digest of the
         data or settings): ranks that disagree would train on a mix without noticing."""
