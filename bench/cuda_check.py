@@ -27,6 +27,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from gen_timing import time_generation
+
 ENGINES = ("mistral7b-bf16", "mistral7b-int4", "transformers-bf16")
 
 
@@ -90,19 +94,7 @@ def worker(args: argparse.Namespace) -> dict:
     g = torch.Generator().manual_seed(0)
     vocab = json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
     ids = torch.randint(3, vocab, (args.prompt_tokens,), generator=g).tolist()
-    runs = []
-    for i in range(args.repeat + 1):            # the first is a warm-up
-        t = time.perf_counter()
-        tok = prefill(ids)
-        pre = time.perf_counter() - t
-        t = time.perf_counter()
-        tokens = [tok]
-        for _ in range(args.gen_tokens - 1):
-            tok = decode(tok)
-            tokens.append(tok)
-        dec = time.perf_counter() - t
-        if i:
-            runs.append((args.prompt_tokens / pre, (args.gen_tokens - 1) / dec, tokens))
+    runs = time_generation(prefill, decode, ids, args.gen_tokens, args.repeat, warmup=1)
     return {"load_s": load_s, "prefill_tps": statistics.median(r[0] for r in runs),
             "decode_tps": statistics.median(r[1] for r in runs),
             "peak_gpu_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else 0.0,

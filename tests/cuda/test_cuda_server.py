@@ -24,26 +24,38 @@ pytestmark = [pytest.mark.cuda,
 MESSAGES = [{"role": "user", "content": "Name three colours of the rainbow."}]
 
 
+def _until(what, check, proc, log, timeout=180.0):
+    """check()'s first truthy value within `timeout` seconds, while the server lives."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"the server exited:\n{log.read_text()}"
+        value = check()
+        if value:
+            return value
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError(f"{what} within {timeout:.0f} s:\n{log.read_text()}")
+
+
+def _healthy(url):
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
 def _serve(tmp_path, *args):
+    """A `serve --port 0` process on the GPU and its URL, once /health answers."""
     log = tmp_path / "server.log"
     with log.open("wb") as err:
         proc = subprocess.Popen([sys.executable, "-m", "mistral7b.cli.serve", "-m", "default",
                                  "--port", "0", "--device", "cuda", *args],
                                 stdout=subprocess.DEVNULL, stderr=err, env=dict(os.environ))
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, log.read_text()
-        found = re.search(r"listening on http://127\.0\.0\.1:(\d+)", log.read_text())
-        if found:
-            url = f"http://127.0.0.1:{found.group(1)}"
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    return proc, url
-            except httpx.TransportError:
-                pass
-        time.sleep(0.2)
-    proc.kill()
-    raise AssertionError(f"server not ready:\n{log.read_text()}")
+    port = _until("no port", lambda: re.findall(r"listening on http://127\.0\.0\.1:(\d+)",
+                                                log.read_text()), proc, log)[0]
+    url = f"http://127.0.0.1:{port}"
+    _until("not healthy", lambda: _healthy(url), proc, log)
+    return proc, url
 
 
 def _stop(proc):

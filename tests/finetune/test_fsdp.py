@@ -219,8 +219,7 @@ def test_ranks_that_read_different_data_stop_with_a_clear_error(tmp_path):
 def test_ctrl_c_on_two_ranks_saves_one_checkpoint_that_resumes(tiny_chat_folder, tmp_path):
     """Ctrl-C in a terminal reaches the whole process group (launcher, torchrun, ranks): the
     ranks finish their step, agree to stop, save together, and rank 0 says so once."""
-    import signal
-    import time
+    from interrupt import interrupt_after_checkpoint
 
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("the quick brown fox",
@@ -228,21 +227,8 @@ def test_ctrl_c_on_two_ranks_saves_one_checkpoint_that_resumes(tiny_chat_folder,
     out = tmp_path / "out"
     argv = ["-m", str(tiny_chat_folder[1]), "--data", str(data), "-o", str(out), "--steps",
             "100000", "--save-every", "3", "--rank", "2", "--nproc", "2"]
-    proc = subprocess.Popen([sys.executable, "-m", "mistral7b.cli.main", "finetune", *argv],
-                            stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    try:
-        deadline = time.monotonic() + 120
-        while not (out / "checkpoint" / "trainer.json").exists():
-            assert proc.poll() is None, proc.stderr.read()
-            assert time.monotonic() < deadline, "no checkpoint within 120 s"
-            time.sleep(0.2)
-        os.killpg(proc.pid, signal.SIGINT)
-        _, err = proc.communicate(timeout=90)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 130, err[-3000:]
+    code, err = interrupt_after_checkpoint(argv, out, whole_group=True)
+    assert code == 130, err[-3000:]
     assert err.count("interrupted at step") == 1, err[-3000:]
     step = int(err.split("interrupted at step ")[1].split(":")[0])
     assert _progress(out)["step"] == step >= 3
