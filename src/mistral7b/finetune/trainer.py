@@ -22,8 +22,9 @@ Layout of the output folder (adapters written once, by rank 0, from the whole te
     params.json                 } params.json
 
 Every file is written to a temporary name and renamed, so an interrupted write never leaves a
-half file where a good one was. Dropout draws from a generator seeded by (seed, step, rank), so
-a resumed run draws what an uninterrupted one would (on the same number of ranks).
+half file where a good one was. Each step reseeds torch's generator from (seed, step, rank)
+before dropout draws its masks, so a resumed run draws what an uninterrupted one would (on the
+same number of ranks) without saving generator states.
 """
 
 from __future__ import annotations
