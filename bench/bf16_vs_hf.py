@@ -32,12 +32,16 @@ def _ours(path: str):
     engine = llm.engine
     state = {}
 
+    from mistral7b.cache import BlockTable
+
     def prefill(ids):
-        state["cache"] = engine.new_cache(1, len(ids) + 128)
-        return int(engine.step(state["cache"], [0], [ids])[0].argmax())
+        if "table" in state:
+            engine.pool.release(state["table"])
+        state["table"] = BlockTable()
+        return int(engine.step([state["table"]], [ids])[0].argmax())
 
     def decode(tok):
-        return int(engine.step(state["cache"], [0], [[tok]])[0].argmax())
+        return int(engine.step([state["table"]], [[tok]])[0].argmax())
 
     return prefill, decode
 
