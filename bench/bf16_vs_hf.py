@@ -18,6 +18,11 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gen_timing import time_generation
 
 
 def _ours(path: str):
@@ -27,12 +32,16 @@ def _ours(path: str):
     engine = llm.engine
     state = {}
 
+    from mistral7b.cache import BlockTable
+
     def prefill(ids):
-        state["cache"] = engine.new_cache(1, len(ids) + 128)
-        return int(engine.step(state["cache"], [0], [ids])[0].argmax())
+        if "table" in state:
+            engine.pool.release(state["table"])
+        state["table"] = BlockTable()
+        return int(engine.step([state["table"]], [ids])[0].argmax())
 
     def decode(tok):
-        return int(engine.step(state["cache"], [0], [[tok]])[0].argmax())
+        return int(engine.step([state["table"]], [[tok]])[0].argmax())
 
     return prefill, decode
 
@@ -68,18 +77,7 @@ def worker(args) -> dict:
     load_s = time.perf_counter() - t0
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 32000, (args.prompt_tokens,), generator=g).tolist()
-    runs = []
-    for _ in range(args.repeat):
-        t = time.perf_counter()
-        tok = prefill(ids)
-        pre = time.perf_counter() - t
-        t = time.perf_counter()
-        tokens = [tok]
-        for _ in range(args.gen_tokens - 1):
-            tok = decode(tok)
-            tokens.append(tok)
-        dec = time.perf_counter() - t
-        runs.append((args.prompt_tokens / pre, (args.gen_tokens - 1) / dec, tokens))
+    runs = time_generation(prefill, decode, ids, args.gen_tokens, args.repeat)
     peak = 0
     with open("/proc/self/status") as f:
         for line in f:

@@ -1,5 +1,5 @@
 """A Mistral-7B-shaped GGUF with random but valid blocks (Q4_0, Q4_1 or Q8_0 matrices, F32
-norms, the v1 SentencePiece vocabulary), written straight from random bytes in a minute:
+norms, the preset's Mistral SentencePiece vocabulary), written straight from random bytes in a minute:
 what load-time benchmarks need, where only the file's layout and size matter.
 
     python bench/random_gguf.py /tmp/m7b.Q4_0.gguf --type Q4_0
@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from write_gguf import llama_writer
 
 from mistral7b.config import PRESETS
+from mistral7b.exporter.gguf import llama_writer
+from mistral7b.tokenizer.gguf_write import add_sentencepiece_metadata
+from mistral7b.tokenizer.mistral import shipped_file
 from mistral7b.weights.gguf_parse import TYPE_BY_NAME
 from mistral7b.weights.names import expected_shapes, format_name
 
@@ -52,6 +52,7 @@ def main() -> None:
     c = PRESETS[args.preset]
     rng = np.random.default_rng(0)
     w = llama_writer(args.out, c, f"random-{args.preset}", FILE_TYPE[args.type])
+    add_sentencepiece_metadata(w, shipped_file(c.vocab_size))
     qtype = gguf.GGMLQuantizationType[args.type]
     plan = []
     for ours, shape in expected_shapes(c).items():

@@ -22,8 +22,10 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
 
 @pytest.fixture(autouse=True)
 def _deterministic_threads():
-    # Keep torch's thread pool small and steady (the CLI/server subprocesses inherit the env).
-    torch.set_num_threads(2)
+    # Keep torch's thread pool small and steady, and the same as the CLI/server subprocesses
+    # get through OMP_NUM_THREADS: the int4 kernel's sums are split by thread, so a test that
+    # compares a subprocess's greedy ids with this process's needs equal thread counts.
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     yield
 
 

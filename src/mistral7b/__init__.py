@@ -18,11 +18,12 @@ _LAZY = {
     "load": "mistral7b.api", "LLM": "mistral7b.api", "TextStream": "mistral7b.api",
     "Completion": "mistral7b.sequence", "ModelConfig": "mistral7b.config",
     "PRESETS": "mistral7b.config", "SamplingParams": "mistral7b.sampling",
+    "export": "mistral7b.exporter",
 }
 
 __all__ = [
     "LLM", "PRESETS", "Completion", "InputError", "Mistral7BError", "ModelConfig",
-    "ModelFileError", "SamplingParams", "TextStream", "TokenizerError", "load",
+    "ModelFileError", "SamplingParams", "TextStream", "TokenizerError", "export", "load",
 ]
 __version__ = "0.1.0"
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
 
 import torch
 
 from mistral7b.batch import run_batch
+from mistral7b.chat_history import TurnMemory
 from mistral7b.chat_request import ChatPlan, plan_chat, with_tool_calls
 from mistral7b.config import ModelConfig
 from mistral7b.engine import Engine
@@ -68,8 +69,11 @@ def load(model: str | Path = "default", *, device: str | torch.device | None = N
          dtype: str | torch.dtype | None = None, quant: str | None = None,
          lora: str | Path | Sequence[str | Path | tuple[str | Path, float]] | None = None,
          lora_merge: bool = True,
-         kv_cache_memory: int | None = None, speculate: int = 0, tp: int | None = None) -> LLM:
-    """Load a model: a checkpoint folder (consolidated or HF), a .gguf file, or "default".
+         kv_cache_memory: int | None = None, speculate: int = 0,
+         progress: bool = False, tp: int | None = None) -> LLM:
+    """Load a model: a checkpoint folder (consolidated or HF), a .gguf file, "default", or a
+    name in the local store: an alias (pinned revision), a pulled Hub repository id, a name
+    given with `mistral7b create` (store.py; nothing is downloaded here).
 
     quant: None keeps float weights (a quantized GGUF is dequantized); "int8" / "int4"
     quantize on load; "auto" runs a quantized GGUF on its own blocks (Q4_* as int4, Q8_0 as
@@ -83,13 +87,15 @@ def load(model: str | Path = "default", *, device: str | torch.device | None = N
     repeats its context.
     kv_cache_memory: the KV cache's budget in bytes (default: half the memory available when
     it is first needed, or 80% of free GPU memory); memory is taken as sequences advance.
+    progress: tqdm bars on stderr (a terminal only) while a large checkpoint loads.
     tp: tensor parallel over the ranks torchrun started (tp = their number; README "Tensor
     parallel"): every rank calls load(); rank 0 gets the LLM, and on the other ranks load()
     serves rank 0's model calls on their shard and then exits the process (status 0).
     """
-    from mistral7b.default_model import default_model_path
+    from mistral7b import progress as bars
     from mistral7b.quant import AUTO, QUANT_MODES, file_mode, load_quantized, stored_quant
     from mistral7b.speculate import check_speculate
+    from mistral7b.store import resolve
     from mistral7b.weights import open_checkpoint
     from mistral7b.weights.loader import build_model
 
@@ -97,32 +103,35 @@ def load(model: str | Path = "default", *, device: str | torch.device | None = N
         raise InputError(f"unknown quant {quant!r}: use 'int8', 'int4', 'auto' (a quantized "
                          "GGUF on its own blocks) or None (float weights)")
     t0 = time.perf_counter()
-    path = default_model_path() if str(model) == "default" else Path(model).expanduser()
+    path = resolve(model).path
     reader = open_checkpoint(path)
     if quant == AUTO:
         quant = file_mode(reader)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev, reader.config)
+    stored = stored_quant(reader)
     group = None
-    if tp is not None and tp != 1:
-        from mistral7b.distributed.tp_model import TensorParallel
+    with bars.enabled(progress):
+        if tp is not None and tp != 1:
+            from mistral7b.distributed.tp_model import TensorParallel
 
-        if lora is not None or speculate:
-            raise InputError("tensor parallel (tp > 1) runs without lora= and speculate=")
-        group = TensorParallel(tp, dev)
-        net = group.load(reader, quant, dtype=dt)
-        if dev.type == "cpu" and dt == torch.bfloat16:
-            from mistral7b.quant.layers import swap_bf16_linears
+            if lora is not None or speculate:
+                raise InputError("tensor parallel (tp > 1) runs without lora= and speculate=")
+            group = TensorParallel(tp, dev)
+            net = group.load(reader, quant, dtype=dt)
+            if dev.type == "cpu" and dt == torch.bfloat16:
+                from mistral7b.quant.layers import swap_bf16_linears
 
-            swap_bf16_linears(net)
-        group.start(net)        # on ranks other than 0: serves, then exits
-    elif quant is None and stored_quant(reader) is None:
-        net = build_model(reader, dtype=dt, device=dev)
-    else:  # asked for, or a folder written by `mistral7b quantize`
-        net = load_quantized(reader, quant, dtype=dt, device=dev)
-    tokenizer = _load_tokenizer(reader)
+                swap_bf16_linears(net)
+            group.start(net)        # on ranks other than 0: serves, then exits
+        elif quant is None and stored is None:
+            net = build_model(reader, dtype=dt, device=dev)
+        else:  # asked for, or a folder written by `mistral7b quantize`
+            net = load_quantized(reader, quant, dtype=dt, device=dev)
+    tokenizer = checkpoint_tokenizer(reader)
     llm = LLM(net, reader.config, tokenizer, path, kv_cache_memory)
     llm.speculate = check_speculate(speculate)
+    llm.quant = quant or stored
     if group is not None:
         llm.engine.pool_type = group.pool_type
     if lora is not None:
@@ -137,7 +146,7 @@ def load(model: str | Path = "default", *, device: str | torch.device | None = N
     return llm
 
 
-def _load_tokenizer(reader: CheckpointReader) -> Tokenizer | None:
+def checkpoint_tokenizer(reader: CheckpointReader) -> Tokenizer | None:
     """The checkpoint's own tokenizer; for a Mistral folder without one, the mistral-common
     file of its vocabulary size; None when there is none (the model still takes token ids)."""
     from mistral7b.errors import TokenizerError
@@ -175,9 +184,11 @@ class LLM:
         self.engine = Engine(model, config, kv_cache_memory)
         self.load_seconds = 0.0
         self.speculate = 0          # prompt-lookup draft tokens per decode step (0 = off)
+        self.quant: str | None = None   # "int8" / "int4" weights, None for float
         self._stats = GenerationStats()
         self._grammar_compiler: GrammarCompiler | None = None
         self.adapters: dict[str, int] = {}      # served LoRA adapters: name -> slot
+        self._turns = TurnMemory()      # the last chat answer's own ids (chat_history.py)
 
     def __repr__(self) -> str:
         return (f"LLM({str(self.path)!r}, {self.config.n_params / 1e9:.2f}B params, "
@@ -268,8 +279,11 @@ class LLM:
         plan = self._plan_chat(messages, tools, tool_choice, response_format, safe_prompt,
                                parallel_tool_calls)
         params = _params(plan.sampling(sampling))
-        completion = self._complete(True, [plan.ids], params, max_context, plan.grammar, adapter)
+        ids = self._continue_turn(messages, plan, safe_prompt, tools)
+        completion = self._complete(True, [ids], params, max_context, plan.grammar, adapter)
         assert isinstance(completion, Completion)
+        self._turns.remember(self.require_tokenizer(), messages, plan.ids, ids,
+                             None if tools else completion)
         if plan.tool_format is not None:
             completion = with_tool_calls(self.require_tokenizer(), completion, plan.tool_format)
         return completion
@@ -280,8 +294,25 @@ class LLM:
         adapter = self._adapter_slot(sampling.pop("adapter", None))
         plan = self._plan_chat(messages, None, None, response_format, safe_prompt)
         params = _params(sampling)
-        return TextStream(self._events([plan.ids], params, max_context, plan.grammar, adapter),
-                          len(plan.ids), params)
+        ids = self._continue_turn(messages, plan, safe_prompt, None)
+        self._turns.forget()            # until this answer is complete
+
+        def done(completion: Completion) -> None:
+            self._turns.remember(self.require_tokenizer(), messages, plan.ids, ids, completion)
+
+        return TextStream(self._events([ids], params, max_context, plan.grammar, adapter),
+                          len(ids), params, on_done=done)
+
+    def _continue_turn(self, messages: list[dict[str, Any]], plan: ChatPlan, safe_prompt: bool,
+                       tools: Any) -> list[int]:
+        """The plan's prompt ids, on the previous answer's own ids when `messages` continue
+        the last chat turn, so its cached KV is reused to the end (chat_history.py)."""
+        if tools:
+            return plan.ids
+        tok = self.require_tokenizer()
+        return self._turns.continue_ids(
+            messages, plan.ids,
+            lambda m: tok.encode_chat(m, add_generation_prompt=True, safe_prompt=safe_prompt))
 
     def _plan_chat(self, messages: list[dict[str, Any]], tools: Any, tool_choice: Any,
                    response_format: Any, safe_prompt: bool,
@@ -324,6 +355,7 @@ class LLM:
     def clear_cache(self) -> None:
         """Forget the KV of earlier calls (kept to be reused by prompts that extend them)."""
         self.engine.pool.clear_prefixes()
+        self._turns.forget()
 
     @property
     def stats(self) -> GenerationStats:
@@ -417,9 +449,11 @@ class TextStream:
     """An iterator of text deltas; `.completion` is set when the generation has finished."""
 
     def __init__(self, events: Generator[tuple[int, Output], None, None], prompt_tokens: int,
-                 params: SamplingParams) -> None:
+                 params: SamplingParams,
+                 on_done: Callable[[Completion], None] | None = None) -> None:
         self._events = events
         self._builder = _CompletionBuilder(prompt_tokens, params.logprobs)
+        self._on_done = on_done
         self.completion: Completion | None = None
 
     def __iter__(self) -> Iterator[str]:
@@ -430,6 +464,8 @@ class TextStream:
             self._builder.add(out)
             if out.finish_reason:
                 self.completion = self._builder.completion
+                if self._on_done is not None:
+                    self._on_done(self.completion)
             if out.text:
                 return out.text
         raise StopIteration

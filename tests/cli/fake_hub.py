@@ -22,7 +22,21 @@ import re
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import unquote, urlsplit
+
+from cli_helpers import cli_env
+
+
+def hub_env(endpoint: str, home: Path) -> dict[str, str]:
+    """The CLI's environment with the Hub at `endpoint` and the HF cache under `home`."""
+    env = cli_env(HF_ENDPOINT=endpoint, HF_HOME=str(home), HF_HUB_DISABLE_TELEMETRY="1",
+                  NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
+    for name in ("HF_HUB_OFFLINE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_CACHE",
+                 "HUGGINGFACE_HUB_CACHE", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY",
+                 "http_proxy", "https_proxy", "all_proxy"):
+        env.pop(name, None)
+    return env
 
 
 @dataclass
@@ -51,7 +65,7 @@ class FakeHub:
 
     def add(self, repo_id: str, files: dict[str, bytes], **kwargs) -> FakeRepo:
         repo = FakeRepo(files, **kwargs)
-        repo.sha = hashlib.sha1(repo_id.encode()).hexdigest()
+        repo.sha = repo.sha or hashlib.sha1(repo_id.encode()).hexdigest()
         self.repos[repo_id] = repo
         return repo
 

@@ -6,10 +6,13 @@ import socket
 from pathlib import Path
 
 import pytest
-from cli_helpers import assert_user_error, cli_env, run_cli
-from fake_hub import FakeHub
+from cli_helpers import assert_user_error, run_cli
+from fake_hub import FakeHub, hub_env
 
 from mistral7b.cli.pull import ALIASES, select_files
+from mistral7b.store import ALIASES as PINNED_ALIASES
+
+PINNED = {name: revision for name, (_, revision) in PINNED_ALIASES.items()}
 
 # The layout of mistralai/Mistral-7B-Instruct-v0.3: both weight formats, plus pickles/GGUF.
 V03_FILES = {
@@ -51,23 +54,14 @@ def hub():
     server.stop()
 
 
-def hub_env(endpoint: str, home: Path) -> dict[str, str]:
-    env = cli_env(HF_ENDPOINT=endpoint, HF_HOME=str(home), HF_HUB_DISABLE_TELEMETRY="1",
-                  NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
-    for name in ("HF_HUB_OFFLINE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_CACHE",
-                 "HUGGINGFACE_HUB_CACHE", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY",
-                 "http_proxy", "https_proxy", "all_proxy"):
-        env.pop(name, None)
-    return env
-
-
 def files_in(folder: Path) -> set[str]:
     return {p.relative_to(folder).as_posix() for p in folder.rglob("*")
             if p.is_file() and ".cache" not in p.relative_to(folder).parts}
 
 
 def test_alias_downloads_hf_shards_and_configs_only(hub, tmp_path):
-    hub.add(ALIASES["mistral-7b-instruct-v0.3"], V03_FILES)
+    hub.add(ALIASES["mistral-7b-instruct-v0.3"], V03_FILES,
+            sha=PINNED["mistral-7b-instruct-v0.3"])
     out = tmp_path / "model"
     result = run_cli("pull", "mistral-7b-instruct-v0.3", "--dir", str(out),
                      env=hub_env(hub.url, tmp_path / "hf"))
@@ -81,7 +75,8 @@ def test_alias_downloads_hf_shards_and_configs_only(hub, tmp_path):
 
 
 def test_consolidated_repo_into_the_cache(hub, tmp_path):
-    repo = hub.add(ALIASES["mistral-7b-v0.1"], CONSOLIDATED_FILES)
+    repo = hub.add(ALIASES["mistral-7b-v0.1"], CONSOLIDATED_FILES,
+                   sha=PINNED["mistral-7b-v0.1"])
     home = tmp_path / "hf"
     result = run_cli("pull", "mistral-7b-v0.1", env=hub_env(hub.url, home))
     assert result.returncode == 0, result.stderr
@@ -141,3 +136,12 @@ def test_aliases_name_mistral_repositories():
     assert ALIASES["mistral-7b-instruct-v0.2"] == "mistralai/Mistral-7B-Instruct-v0.2"
     assert ALIASES["mistral-7b-v0.3"] == "mistralai/Mistral-7B-v0.3"
     assert ALIASES["mistral-7b-instruct-v0.3"] == "mistralai/Mistral-7B-Instruct-v0.3"
+
+
+def test_aliases_are_pinned_to_commits(hub, tmp_path):
+    """An alias downloads its pinned commit: a Hub whose `main` moved on is not followed."""
+    hub.add(ALIASES["mistral-7b-v0.3"], CONSOLIDATED_FILES, sha="f" * 40)   # main is elsewhere
+    result = run_cli("pull", "mistral-7b-v0.3", env=hub_env(hub.url, tmp_path / "hf"))
+    assert_user_error(result, "has no revision", PINNED["mistral-7b-v0.3"])
+    for name, revision in PINNED.items():
+        assert len(revision) == 40 and int(revision, 16) >= 0, name

@@ -5,13 +5,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
-import torch
+from interrupt import interrupt_after_checkpoint
 
 from mistral7b.cli.finetune import main
 
@@ -39,7 +35,7 @@ def test_finetune_writes_both_adapter_formats_and_resumes(tiny_chat_folder, data
     summary = json.loads(capsys.readouterr().out)
     assert summary["steps"] == 4 and summary["eval"][-1]["step"] == 4
     assert summary["tokens_per_second"] > 0 and summary["peak_rss_mib"] > 0
-    for name in ("checkpoint.pt", "adapter_config.json", "adapter_model.safetensors",
+    for name in ("checkpoint/trainer.json", "adapter_config.json", "adapter_model.safetensors",
                  "lora.safetensors", "params.json"):
         assert (out / name).is_file(), name
     # Running again into the same folder would overwrite the run: refused unless --resume.
@@ -70,25 +66,12 @@ def test_bad_data_is_refused_before_loading_the_model(tmp_path, capsys):
 
 def test_ctrl_c_saves_a_checkpoint(tiny_chat_folder, data, tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mistral7b.cli.finetune", "-m", str(tiny_chat_folder[1]),
-         "--data", str(data), "-o", str(out), "--steps", "100000", "--save-every", "2",
-         "--rank", "2", "-q"],
-        stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not (out / "checkpoint.pt").exists():
-            assert proc.poll() is None, proc.stderr.read()
-            assert time.monotonic() < deadline, "no checkpoint within 120 s"
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, err
+    code, err = interrupt_after_checkpoint(
+        ["-m", str(tiny_chat_folder[1]), "--data", str(data), "-o", str(out), "--steps",
+         "100000", "--save-every", "2", "--rank", "2", "-q"], out)
+    assert code == 130, err
     assert "interrupted at step" in err and "--resume" in err
     step = int(err.split("interrupted at step ")[1].split(":")[0])
-    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    state = json.loads((out / "checkpoint" / "trainer.json").read_text())
     assert state["step"] == step >= 2
     assert not [p for p in os.listdir(out) if ".tmp" in p]

@@ -142,7 +142,7 @@ def test_zephyr_template_on_a_sentencepiece_vocab_keeps_eos_text_as_text(tmp_pat
     import gguf
 
     from mistral7b.tokenizer import GGUFTokenizer
-    from mistral7b.tokenizer.gguf import add_sentencepiece_metadata
+    from mistral7b.tokenizer.gguf_write import add_sentencepiece_metadata
     from mistral7b.tokenizer.mistral import shipped_file
 
     path = tmp_path / "zephyr.gguf"

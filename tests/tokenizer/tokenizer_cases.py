@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from reference_files import SMOLLM2_JSON
 
-from mistral7b.tokenizer.gguf import add_sentencepiece_metadata
+from mistral7b.tokenizer.gguf_write import add_sentencepiece_metadata
 
 REFERENCE_JSON = SMOLLM2_JSON
 

@@ -73,10 +73,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     threads = args.threads or 2
     engines = ["mistral7b"] + (["llama.cpp"] if args.vs_llama_cpp else [])
-    if args.model == "default":     # a file both engines read
-        from mistral7b.default_model import default_model_path
+    from mistral7b.store import resolve
 
-        args.model = str(default_model_path())
+    args.model = str(resolve(args.model).path)     # a file both engines read
     if args.vs_llama_cpp and not str(args.model).endswith(".gguf"):
         from mistral7b.errors import InputError
 

@@ -13,6 +13,10 @@ Keys, as in ollama / llama.cpp:
 Context: before each turn, when the conversation plus room for the answer (the smaller of
 -n and half the context) would not fit in the context, the oldest turns are dropped, with a
 warning on stderr.
+
+Each turn is sent as the conversation (`LLM.stream_chat`): the previous answer's KV is reused
+on the model's own tokens (chat_history.py), so a turn computes only its new message.
+`/set`, `/show`, `/save` and `/load` are in chat_commands.py.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import importlib.util
 import sys
 from typing import TYPE_CHECKING, Any, TextIO
 
-from mistral7b.cli import common
+from mistral7b.cli import chat_commands, common
 from mistral7b.errors import Mistral7BError
 
 if TYPE_CHECKING:
@@ -38,6 +42,7 @@ HELP = f"""commands:
   /help           this list
   /clear          forget the conversation (the system prompt stays)
   /system TEXT    set the system prompt; /system alone removes it
+{chat_commands.HELP}
   /bye            exit (as do Ctrl-D, and Ctrl-C twice at the prompt)
   {BLOCK}             on a line of its own: begin a multi-line message, end it with {BLOCK}
 Ctrl-C while the model answers stops the answer; what it said stays in the conversation."""
@@ -90,6 +95,7 @@ class ChatSession:
                  stdout: TextIO | None = None) -> None:
         self.llm = llm
         self.sampling = sampling
+        self.initial_sampling = dict(sampling)      # what `/set NAME default` puts back
         self.system = system or None
         self.safe = safe
         self.ctx = ctx or llm.config.max_seq_len
@@ -141,12 +147,40 @@ class ChatSession:
             self.llm.clear_cache()       # the old conversation's KV is of no more use
             common.log("(conversation cleared)")
         elif name == "/system":
-            self.system = rest or None
-            self.llm.clear_cache()       # every later prompt starts differently
-            common.log("(system prompt set)" if rest else "(system prompt removed)")
+            self.set_system(rest or None)
+        elif name in chat_commands.COMMANDS:
+            chat_commands.COMMANDS[name](self, rest)
         else:
             common.log(f"unknown command {name!r}: /help lists the commands")
         return None
+
+    def set_system(self, text: str | None) -> None:
+        self.system = text
+        self.llm.clear_cache()           # every later prompt starts differently
+        common.log("(system prompt set)" if text else "(system prompt removed)")
+
+    def update_sampling(self, changes: dict[str, Any]) -> None:
+        """Apply /set changes (None: back to the default); InputError leaves all as it was."""
+        self.sampling = chat_commands.merged_sampling(self.sampling, changes,
+                                                      self.initial_sampling)
+        self.answer_room = min(self.sampling.get("max_tokens", DEFAULT_MAX_TOKENS),
+                               self.ctx // 2)
+
+    def replace_conversation(self, system: str | None, turns: list[dict[str, str]],
+                             sampling: dict[str, Any] | None) -> None:
+        """/load: take another conversation, after checking the chat format accepts it."""
+        old = (self.system, self.turns)
+        self.system, self.turns = system, turns
+        try:
+            if turns:
+                self.encode()
+        except Exception:
+            self.system, self.turns = old
+            raise
+        if sampling is not None:
+            self.sampling = sampling
+            self.update_sampling({})
+        self.llm.clear_cache()
 
     # ---------------------------------------------------------------- input
 
@@ -195,9 +229,9 @@ class ChatSession:
         return self.llm.require_tokenizer().encode_chat(
             self.messages(), add_generation_prompt=True, safe_prompt=self.safe)
 
-    def fit_context(self) -> list[int]:
-        """The prompt ids of the conversation, after dropping the oldest turns that would
-        leave less than `answer_room` tokens of the context for the answer."""
+    def fit_context(self) -> None:
+        """Drop the oldest turns that would leave less than `answer_room` tokens of the
+        context for the answer."""
         ids = self.encode()
         budget = self.ctx - self.answer_room
         dropped = 0
@@ -214,15 +248,15 @@ class ChatSession:
         if len(ids) > budget:
             common.log(f"warning: this message takes {len(ids)} of the {self.ctx} context "
                        f"tokens: the answer can have at most {max(self.ctx - len(ids), 0)}")
-        return ids
 
     def answer(self, text: str) -> None:
         self.turns.append({"role": "user", "content": text})
         parts: list[str] = []
         interrupted = False
         try:
-            ids = self.fit_context()
-            stream = self.llm.stream(ids, max_context=self.ctx, **self.sampling)
+            self.fit_context()
+            stream = self.llm.stream_chat(self.messages(), safe_prompt=self.safe,
+                                          max_context=self.ctx, **self.sampling)
             try:
                 for delta in stream:
                     self.out.write(delta)

@@ -48,9 +48,12 @@ def add_model_args(p: argparse.ArgumentParser, quant_default: str = "auto") -> N
     """The model flags. `quant_default`: "auto" (run a quantized GGUF on its own blocks, as
     llama.cpp does) for inference commands; "none" where float is the point (fine-tuning)."""
     g = p.add_argument_group("model")
-    g.add_argument("-m", "--model", default="default", metavar="PATH",
-                   help="a checkpoint folder (consolidated or HF), a .gguf file, or 'default' "
-                        "for the embedded SmolLM2-135M-Instruct (default: %(default)s)")
+    g.add_argument("-m", "--model", default="default", metavar="MODEL",
+                   help="a checkpoint folder (consolidated or HF), a .gguf file, a name in "
+                        "the local store (an alias such as mistral-7b-instruct-v0.3, a pulled "
+                        "Hub repository id, a name from `mistral7b create`; see `mistral7b "
+                        "list`), or 'default' for the embedded SmolLM2-135M-Instruct "
+                        "(default: %(default)s)")
     g.add_argument("--device", metavar="DEV",
                    help="cpu or cuda (default: cuda when available, else cpu)")
     g.add_argument("--dtype", metavar="TYPE",
@@ -177,8 +180,10 @@ def _flag_message(message: str) -> str:
     return message
 
 
-def load_model(args: argparse.Namespace, *, quiet: bool = False) -> LLM:
-    """Load the model the flags name; say what is loading on stderr unless quiet."""
+def load_model(args: argparse.Namespace, *, quiet: bool = False,
+               bars: bool | None = None) -> LLM:
+    """Load the model the flags name; say what is loading on stderr unless quiet. Progress
+    bars (a large checkpoint, on a terminal) unless quiet, or as `bars` says."""
     import mistral7b
 
     if args.threads is not None:
@@ -200,6 +205,7 @@ def load_model(args: argparse.Namespace, *, quiet: bool = False) -> LLM:
     llm = mistral7b.load(args.model, device=args.device, dtype=args.dtype, quant=quant,
                          speculate=getattr(args, "speculate", 0),
                          kv_cache_memory=args.kv_cache_memory, lora=lora,
+                         progress=not quiet if bars is None else bars,
                          **({"tp": tp} if (tp := tensor_parallel(args)) else {}))
     llm.require_tokenizer()
     if args.threads is not None:
@@ -222,10 +228,13 @@ def peak_memory() -> dict[str, float]:
     return out
 
 
-def timings(llm: LLM) -> dict[str, float]:
-    """Figures of the last generation, for `--json` and the summary line."""
+def timings(llm: LLM, total_s: float | None = None) -> dict[str, float]:
+    """Figures of the last generation, for `--json` and the summary line; `total_s`: the
+    wall time of the generation call, when the caller measured it."""
     s = llm.stats
+    total = {} if total_s is None else {"total_s": round(total_s, 3)}
     return {
+        **total,
         "load_s": round(llm.load_seconds, 3),
         "prompt_tokens": s.prompt_tokens,
         "cached_tokens": s.cached_tokens,
@@ -255,6 +264,35 @@ def summary_line(t: dict[str, float], *, load: bool = True) -> str:
     if "peak_cuda_mib" in t:
         parts.append(f"peak CUDA {t['peak_cuda_mib']:.0f} MiB")
     return " | ".join(parts)
+
+
+def verbose_stats(t: dict[str, float]) -> str:
+    """The figures of `timings` one per line, as `ollama run --verbose` prints them."""
+    def rate(tokens: float, tps: float) -> str:
+        return f"{tps:.2f} tokens/s" if tokens else "n/a"
+
+    # ollama's total: loading plus the generation call
+    rows = [("total duration", f"{t['load_s'] + t['total_s']:.3f} s")] if "total_s" in t else []
+    rows += [
+        ("load duration", f"{t['load_s']:.3f} s"),
+        ("prompt eval count", f"{t['prompt_tokens']} token(s)"
+                              + (f", {t['cached_tokens']} from the cache"
+                                 if t.get("cached_tokens") else "")),
+        ("prompt eval duration", f"{t['prompt_s']:.3f} s"),
+        ("prompt eval rate", rate(t["prompt_tokens"], t["prompt_tps"])),
+        ("time to first token", f"{t['first_token_s']:.3f} s"),
+        ("eval count", f"{t['generated_tokens']} token(s)"),
+        ("eval duration", f"{t['generation_s']:.3f} s"),
+        ("eval rate", rate(t["generated_tokens"] > 1, t["generation_tps"])),
+    ]
+    if t.get("draft_tokens"):
+        drafts = f"{t['accepted_tokens']}/{t['draft_tokens']} accepted"
+        rows.append(("speculative drafts", drafts))
+    rows.append(("peak memory", f"{t['peak_rss_mib']:.0f} MiB RSS"
+                                + (f", {t['peak_cuda_mib']:.0f} MiB CUDA"
+                                   if "peak_cuda_mib" in t else "")))
+    width = max(len(label) for label, _ in rows) + 2
+    return "\n".join(f"{label + ':':{width}}{value}" for label, value in rows)
 
 
 def add_structured_args(p: argparse.ArgumentParser) -> None:

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mistral7b import progress
 from mistral7b.cli import common
 from mistral7b.errors import InputError
 
@@ -109,7 +110,8 @@ def _add_paper_arguments(p: argparse.ArgumentParser) -> None:
 def _add_common(p: argparse.ArgumentParser, *, json_flag: bool = True) -> None:
     if json_flag:
         p.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    p.add_argument("-q", "--quiet", action="store_true", help="no load message on stderr")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no load message or progress bar on stderr")
     common.add_model_args(p, quant_default="none")
     p.add_argument("--lora", metavar="PATH",
                    help="apply a LoRA adapter: a PEFT folder or a Mistral lora.safetensors")
@@ -154,8 +156,9 @@ def run_ppl(args: argparse.Namespace) -> int:
     window = args.window or min(llm.config.max_seq_len, DEFAULT_PPL_WINDOW)
     stride = args.stride or max(1, window // 2)
     ids = llm.require_tokenizer().encode(text, bos=True)
-    result = perplexity(llm.model, ids, window=window, stride=stride,
-                        batch_size=args.batch_size, sliding_window=llm.config.sliding_window)
+    with progress.enabled(not args.quiet):
+        result = perplexity(llm.model, ids, window=window, stride=stride,
+                            batch_size=args.batch_size, sliding_window=llm.config.sliding_window)
     if args.json:
         print(json.dumps({"perplexity": result.perplexity, "nll": result.nll,
                           "tokens_scored": result.n_scored, "windows": result.n_windows,
@@ -178,9 +181,10 @@ def run_mc(args: argparse.Namespace) -> int:
     fewshot = read_items(args.fewshot_data) if args.fewshot_data else None
     llm = _load(args)
     max_len = args.max_length or min(llm.config.max_seq_len, DEFAULT_MAX_LENGTH)
-    result = evaluate(llm.model, llm.require_tokenizer(), items, shots=args.shots, fewshot=fewshot,
-                      style=args.style, max_len=max_len, batch_size=args.batch_size,
-                      window=llm.config.sliding_window)
+    with progress.enabled(not args.quiet):
+        result = evaluate(llm.model, llm.require_tokenizer(), items, shots=args.shots,
+                          fewshot=fewshot, style=args.style, max_len=max_len,
+                          batch_size=args.batch_size, window=llm.config.sliding_window)
     if args.json:
         print(json.dumps({"acc": result.accuracy, "acc_norm": result.accuracy_norm,
                           "n": result.n, "shots": result.shots, "style": result.style,

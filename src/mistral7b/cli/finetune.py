@@ -3,11 +3,13 @@
     mistral7b finetune -m MODEL --data train.jsonl --eval-data val.jsonl -o out/ --steps 200
     mistral7b finetune --data train.jsonl --check            (validate the data, then stop)
     mistral7b finetune --data train.jsonl -o out/ --resume   (continue an interrupted run)
+    mistral7b finetune --data train.jsonl -o out/ --nproc 2  (FSDP2 over 2 local processes)
+    torchrun --nnodes 2 --nproc-per-node 8 ... -m mistral7b.cli.main finetune ...   (many)
 
 Lines are {"messages": [...]} (chat: loss on the assistant's tokens) or {"text": ...}. The
 adapter is written to OUT as PEFT (adapter_config.json + adapter_model.safetensors) and as
-Mistral's lora.safetensors; OUT/checkpoint.pt is the resume point. Progress (loss, tokens/s,
-ETA) goes to stderr; Ctrl-C saves a checkpoint first.
+Mistral's lora.safetensors; OUT/checkpoint/ is the resume point, on any number of ranks.
+Progress (loss, tokens/s, ETA) goes to stderr, from rank 0; Ctrl-C saves a checkpoint first.
 """
 
 from __future__ import annotations
@@ -75,13 +77,18 @@ def add_parser(subparsers: Any) -> None:
     g.add_argument("--grad-clip", type=float, default=d.grad_clip, metavar="X",
                    help="clip the gradient norm to X, 0 = off (default: %(default)g)")
     g.add_argument("--batch-size", "-b", type=int, default=d.batch_size, metavar="B",
-                   help="rows per micro-batch (default: %(default)s)")
+                   help="rows per micro-batch, over all processes together: each takes its "
+                        "share (default: %(default)s)")
     g.add_argument("--grad-accum", type=int, default=d.grad_accum, metavar="N",
                    help="micro-batches per optimizer step (default: %(default)s)")
     g.add_argument("--grad-checkpoint", action="store_true",
                    help="activation checkpointing: recompute activations in backward (less "
                         "memory, ~30%% more compute)")
     g.add_argument("--seed", type=int, default=d.seed, help="random seed (default: %(default)s)")
+    g.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="train on N local processes with FSDP2 (started under torchrun; each "
+                        "holds 1/N of the float weights and optimizer state). Across machines "
+                        "run torchrun yourself (README) (default: %(default)s)")
 
     g = p.add_argument_group("output")
     g.add_argument("-o", "--out", required=True, metavar="DIR",
@@ -91,12 +98,13 @@ def add_parser(subparsers: Any) -> None:
     g.add_argument("--save-every", type=int, default=0, metavar="N",
                    help="write a checkpoint every N steps (default: only at the end)")
     g.add_argument("--resume", action="store_true",
-                   help="continue from OUT/checkpoint.pt with the same settings and data")
+                   help="continue from OUT/checkpoint with the same settings and data (on "
+                        "any number of processes)")
     g.add_argument("--json", action="store_true",
                    help="print a JSON summary on stdout at the end")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar or messages")
     common.add_model_args(p, quant_default="none")
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, finetune_parser=p)
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
@@ -117,22 +125,36 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mistral7b.distributed.runtime import launch_local, this_rank, under_torchrun
     from mistral7b.finetune import read_records, tokenize
-    from mistral7b.finetune.trainer import CHECKPOINT, Trainer
+    from mistral7b.finetune.checkpoint import checkpoint_exists, read_progress
+    from mistral7b.finetune.trainer import Trainer
 
     # Everything that can be checked without the model is checked before loading it.
     config = config_from_args(args)
     if args.quant != "none" and args.qlora:
         raise InputError("--quant quantizes at load, --qlora after it: give one of them")
+    if args.nproc < 1:
+        raise InputError(f"--nproc must be >= 1, got {args.nproc}")
+    rank = this_rank()
+    if under_torchrun() and args.nproc not in (1, rank.world_size):
+        raise InputError(f"--nproc {args.nproc} under torchrun, which started "
+                         f"{rank.world_size} processes: leave --nproc out there")
     train_records = read_records(args.data)
     eval_records = read_records(args.eval_data) if args.eval_data else None
     out = Path(args.out)
     if not args.check:
-        if (out / CHECKPOINT).exists() and not args.resume:
+        if checkpoint_exists(out) and not args.resume:
             raise InputError(f"{out} already holds a checkpoint: pass --resume to continue it, "
                              "or choose another --out")
-        if args.resume and not (out / CHECKPOINT).is_file():
-            raise InputError(f"--resume: no {CHECKPOINT} in {out}")
+        if args.resume:
+            read_progress(out)
+        if args.nproc > 1 and not under_torchrun():
+            return launch_local(args.nproc, _argv_for_ranks(args))
+    if under_torchrun() and rank.world_size > 1:
+        args.quiet = args.quiet or not rank.is_main      # one voice: rank 0's
+        args.json = args.json and rank.is_main
+        args.device = _rank_device(args.device, rank.local_rank)
 
     llm = common.load_model(args, quiet=args.quiet)
     tokenizer = llm.require_tokenizer()
@@ -156,9 +178,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = trainer.fit(train, evals, resume=args.resume)
     except KeyboardInterrupt:
-        common.log(f"interrupted at step {trainer.step}: checkpoint and adapter saved in {out}; "
-                   "continue with --resume")
+        if trainer.ranks.is_main:
+            common.log(f"interrupted at step {trainer.step}: checkpoint and adapter saved in "
+                       f"{out}; continue with --resume")
         return common.EXIT_INTERRUPTED
+    memory = common.peak_memory()
     summary = {
         "steps": result.steps,
         "first_loss": result.losses[0] if result.losses else None,
@@ -168,7 +192,10 @@ def run(args: argparse.Namespace) -> int:
         "seconds": round(result.seconds, 3),
         "tokens_per_second": round(result.tokens_per_second, 1),
         "out": str(out),
-        **{k: round(v, 1) for k, v in common.peak_memory().items()},
+        **{k: round(v, 1) for k, v in memory.items()},
+        "ranks": trainer.ranks.world,
+        "peak_rss_mib_per_rank": [round(v, 1) for v in trainer.ranks.gather(
+            memory["peak_rss_mib"])],
     }
     if args.json:
         print(json.dumps(summary))
@@ -179,6 +206,43 @@ def run(args: argparse.Namespace) -> int:
                    f"tok/s, peak RSS {summary['peak_rss_mib']:.0f} MiB | adapter in {out} "
                    "(PEFT + Mistral lora.safetensors)")
     return 0
+
+
+def _argv_for_ranks(args: argparse.Namespace) -> list[str]:
+    """The command line that asks for what `args` holds, without --nproc: what each local
+    rank runs under torchrun."""
+    argv = ["finetune"]
+    for action in args.finetune_parser._actions:
+        if not action.option_strings or action.dest in ("help", "nproc"):
+            continue
+        value = getattr(args, action.dest, action.default)
+        if value == action.default:
+            continue
+        flag = max(action.option_strings, key=len)      # the long form
+        if action.nargs == 0:                            # store_true / store_false
+            argv.append(flag)
+        elif isinstance(value, list):                    # append
+            for v in value:
+                argv += [flag, str(v)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def _rank_device(device: str | None, local_rank: int) -> str | None:
+    """Each local rank on its own GPU (cuda:LOCAL_RANK) where there are GPUs."""
+    import torch
+
+    if device == "cpu" or (device is None and not torch.cuda.is_available()):
+        return device
+    if device not in (None, "cuda"):
+        raise InputError(f"--device {device} under torchrun: give cpu or cuda; each process "
+                         "takes the GPU of its local rank")
+    if local_rank >= torch.cuda.device_count():
+        raise InputError(f"local rank {local_rank} has no GPU of its own (this machine has "
+                         f"{torch.cuda.device_count()}): start at most that many processes "
+                         "per machine, or train on the CPU with --device cpu")
+    return f"cuda:{local_rank}"
 
 
 def _data_stats(examples: Sequence[Any], cut: int, seq_len: int) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +42,11 @@ def add_parser(subparsers: Any) -> None:
                    help="print one JSON object (text, token_ids, finish_reason, prompt_tokens, "
                         "completion_tokens, timings) at the end instead of streaming")
     p.add_argument("-q", "--quiet", action="store_true",
-                   help="no load message or timing summary on stderr")
+                   help="no load message, progress bar or timing summary on stderr")
+    p.add_argument("--verbose", action="store_true",
+                   help="print the figures one per line on stderr instead of the summary "
+                        "line (prompt tokens, time to first token, pre-fill and decode "
+                        "tok/s, load time, peak memory), as `ollama run --verbose` does")
     common.add_structured_args(p)
     common.add_model_args(p)
     common.add_tp_arg(p)
@@ -52,6 +57,8 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # Everything that can be checked without the model is checked before loading it.
+    if args.quiet and args.verbose:
+        raise InputError("give -q/--quiet or --verbose, not both")
     text = read_prompt(args)
     sampling = common.sampling_kwargs(args)
     response_format = common.read_response_format(args)
@@ -61,9 +68,10 @@ def run(args: argparse.Namespace) -> int:
                         chat=args.chat or args.system is not None or args.safe,
                         system=args.system, safe=args.safe)
 
+    t0 = time.perf_counter()
     if args.json:
         completion = llm.generate(ids, max_context=args.ctx, **sampling)
-        timings = common.timings(llm)
+        timings = common.timings(llm, time.perf_counter() - t0)
         print(json.dumps({
             "text": completion.text,
             "token_ids": completion.token_ids,
@@ -85,8 +93,10 @@ def run(args: argparse.Namespace) -> int:
             return common.EXIT_INTERRUPTED
         out.write("\n")
         out.flush()
-        timings = common.timings(llm)
-    if not args.quiet:
+        timings = common.timings(llm, time.perf_counter() - t0)
+    if args.verbose:
+        common.log(common.verbose_stats(timings))
+    elif not args.quiet:
         common.log(common.summary_line(timings))
     return 0
 

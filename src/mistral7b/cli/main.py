@@ -2,7 +2,10 @@
 
 Each module in COMMANDS has `add_parser(subparsers)` (which sets `run` as the parser's default)
 and `run(args) -> int`. To add a command (quantize, bench, ...), write
-`mistral7b/cli/<name>.py` with those two functions and add its name to COMMANDS.
+`mistral7b/cli/<name>.py` with those two functions and add its name to COMMANDS. Commands
+that share a concern may share a module, named in SHARED: `models.py` holds the model store's
+`list`, `show`, `rm` and `create`, each registered by its `add_<command>_parser`; `run` is
+a module of its own.
 
 This is the one place that turns a user's mistake into one line on stderr, `error: ...`, and
 exit code 2: a bad flag or flag value, a missing file, or any `Mistral7BError` (bad model
@@ -21,8 +24,9 @@ from typing import NoReturn
 from mistral7b.cli.common import EXIT_INTERRUPTED, EXIT_USAGE
 from mistral7b.errors import Mistral7BError
 
-COMMANDS = ("generate", "chat", "serve", "pull", "quantize", "bench", "eval", "finetune",
-            "moderate")
+COMMANDS = ("run", "generate", "chat", "serve", "pull", "list", "show", "rm", "create",
+            "quantize", "export", "bench", "eval", "finetune", "moderate")
+SHARED = {"list": "models", "show": "models", "rm": "models", "create": "models"}
 
 # A file the user named is missing or unreadable: as much a user's mistake as a bad flag.
 USER_ERRORS = (Mistral7BError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
@@ -47,7 +51,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mistral7b {__version__}")
     subparsers = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        importlib.import_module(f"mistral7b.cli.{name}").add_parser(subparsers)
+        module = importlib.import_module(f"mistral7b.cli.{SHARED.get(name, name)}")
+        getattr(module, f"add_{name}_parser" if name in SHARED else "add_parser")(subparsers)
     return parser
 
 

@@ -12,6 +12,9 @@ left out: the shards download in parallel and resume file by file, their config 
 rope_theta explicitly (v0.1's params.json omits it), and other tools read the same folder.
 Both hold the same tensors, so nothing is lost.
 
+An alias downloads the commit it is pinned to (store.ALIASES), so it means the same files
+everywhere; `--revision` overrides. What `pull` downloads into the cache is in the model store:
+`-m ALIAS` or `-m owner/name` then loads it offline (`mistral7b list` shows it).
 The local folder's path is printed on stdout (`mistral7b generate -m "$(mistral7b pull ...)"`);
 progress bars go to stderr. The Hub endpoint comes from HF_ENDPOINT, the token from --token
 or HF_TOKEN, the cache folder from HF_HOME / HF_HUB_CACHE unless --dir is given.
@@ -27,19 +30,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from mistral7b import store
 from mistral7b.cli import common
-from mistral7b.errors import Mistral7BError
+from mistral7b.errors import InputError, Mistral7BError
 
-ALIASES = {
-    "mistral-7b-v0.1": "mistralai/Mistral-7B-v0.1",
-    "mistral-7b-instruct-v0.1": "mistralai/Mistral-7B-Instruct-v0.1",
-    "mistral-7b-instruct-v0.2": "mistralai/Mistral-7B-Instruct-v0.2",
-    "mistral-7b-v0.3": "mistralai/Mistral-7B-v0.3",
-    "mistral-7b-instruct-v0.3": "mistralai/Mistral-7B-Instruct-v0.3",
-    # Short forms, as ollama names them: the newest instruct model.
-    "mistral": "mistralai/Mistral-7B-Instruct-v0.3",
-    "mistral-instruct": "mistralai/Mistral-7B-Instruct-v0.3",
-}
+# Alias -> Hub repository; the commit each alias is pinned to is in store.ALIASES.
+ALIASES = {name: repo for name, (repo, _) in store.ALIASES.items()}
 _CONFIG_FILES = ("*.json", "tokenizer.model*", "chat_template.jinja")
 
 
@@ -58,8 +54,8 @@ def add_parser(subparsers: Any) -> None:
                    help="a Hub repository 'owner/name' or an alias")
     p.add_argument("--dir", metavar="DIR",
                    help="download into DIR (default: the Hugging Face cache, HF_HOME)")
-    p.add_argument("--revision", default="main", metavar="REV",
-                   help="branch, tag or commit (default: %(default)s)")
+    p.add_argument("--revision", metavar="REV",
+                   help="branch, tag or commit (default: an alias's pinned commit, else main)")
     p.add_argument("--token", metavar="TOKEN",
                    help="Hugging Face access token, for gated or private repositories "
                         "(default: HF_TOKEN or the saved login)")
@@ -69,12 +65,14 @@ def add_parser(subparsers: Any) -> None:
     p.set_defaults(run=run)
 
 
-def resolve_repo(name: str) -> str:
-    repo = ALIASES.get(name.lower(), name)
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo):
-        raise PullError(f"unknown model {name!r}: give a Hub repository 'owner/name' or one "
-                        f"of the aliases {', '.join(ALIASES)}")
-    return repo
+def resolve_repo(name: str, revision: str | None = None) -> tuple[str, str]:
+    """(repository, revision) to download for an alias or 'owner/name[@rev]'; an explicit
+    `revision` wins over an alias's pinned commit."""
+    try:
+        repo, pinned = store.repo_and_revision(name)
+    except InputError as exc:
+        raise PullError(str(exc)) from None
+    return repo, revision or pinned or "main"
 
 
 def select_files(names: list[str], include: list[str]) -> list[str]:
@@ -93,28 +91,35 @@ def select_files(names: list[str], include: list[str]) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    print(download(args.repo, args.revision, local_dir=args.dir, token=args.token or None,
+                   include=args.include))
+    return 0
+
+
+def download(name: str, revision: str | None = None, *, local_dir: str | None = None,
+             token: str | None = None, include: list[str] | None = None) -> Path:
+    """Download what mistral7b loads of an alias or repository; the local path to load."""
     from huggingface_hub import HfApi, constants, snapshot_download
 
-    repo = resolve_repo(args.repo)
-    token = args.token or None
+    repo, revision = resolve_repo(name, revision)
     try:
-        info = HfApi(token=token).model_info(repo, revision=args.revision, files_metadata=True)
+        info = HfApi(token=token).model_info(repo, revision=revision, files_metadata=True)
         siblings = {s.rfilename: s.size for s in info.siblings or []}
-        files = select_files(list(siblings), args.include)
+        files = select_files(list(siblings), include or [])
         weights = [f for f in files if f.endswith((".safetensors", ".gguf"))]
         if not weights:
             raise PullError(_no_weights_message(repo, list(siblings)))
         sizes = [siblings[f] for f in files]
         known = [s for s in sizes if s is not None]
         size = f", {_size(sum(known))}" if len(known) == len(sizes) else ""
-        common.log(f"pulling {repo} ({args.revision}): {len(files)} files{size}")
+        common.log(f"pulling {repo} ({revision}): {len(files)} files{size}")
         folder = snapshot_download(
-            repo, revision=args.revision, local_dir=args.dir, token=token,
+            repo, revision=revision, local_dir=local_dir, token=token,
             allow_patterns=[_literal(f) for f in files])
     except PullError:
         raise
     except Exception as exc:
-        message = hub_error_message(exc, repo, args.revision, constants.ENDPOINT)
+        message = hub_error_message(exc, repo, revision, constants.ENDPOINT)
         if message is None:
             raise
         raise PullError(message) from exc
@@ -122,8 +127,7 @@ def run(args: argparse.Namespace) -> int:
     ggufs = [f for f in weights if f.endswith(".gguf")]
     if len(ggufs) == 1 and len(weights) == 1:
         path = path / ggufs[0]       # what -m wants for a GGUF checkpoint is the file
-    print(path)
-    return 0
+    return path
 
 
 def hub_error_message(exc: BaseException, repo: str, revision: str,

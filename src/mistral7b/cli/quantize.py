@@ -38,29 +38,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group", type=int, default=32, choices=(32, 64, 128, 256),
                    help="int4 group size for float sources (GGUF 4-bit types keep their "
                         "32; default: %(default)s)")
+    p.add_argument("--name", metavar="NAME",
+                   help="register the output under NAME in the model store, so that `-m "
+                        "NAME` loads it (as `mistral7b create NAME -f DST` does)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
-    from mistral7b.default_model import default_model_path
+    from mistral7b import progress, store
     from mistral7b.quant import write_quantized
     from mistral7b.weights import open_checkpoint
+    from mistral7b.weights.names import expected_shapes
 
-    src = default_model_path() if args.src == "default" else Path(args.src).expanduser()
+    src = store.resolve(args.src).path
     dst = Path(args.dst).expanduser()
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise InputError(f"{dst}: exists and is not an empty folder; choose a new one")
+    if args.name is not None:
+        store.check_name(args.name)        # before the work, not after it
     reader = open_checkpoint(src)
     t0 = time.perf_counter()
-    done = [0]
-
-    def progress(name: str) -> None:
-        done[0] += 1
-        if sys.stderr.isatty():
-            print(f"\r{done[0]} tensors  {name:50s}", end="", file=sys.stderr, flush=True)
-
-    out = write_quantized(reader, dst, args.quant, group=args.group, progress=progress)
-    if sys.stderr.isatty():
-        print(file=sys.stderr)
+    with progress.enabled(not args.quiet), \
+            progress.bar(total=len(expected_shapes(reader.config)),
+                         desc=f"quantizing to {args.quant}", unit="tensor") as bar:
+        out = write_quantized(reader, dst, args.quant, group=args.group,
+                              progress=lambda name: bar.update())
+    if args.name is not None:
+        store.register(args.name, out)
+        print(f"registered as {args.name}", file=sys.stderr)
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     print(f"{out}: {args.quant}, {size / 1e9:.2f} GB in {time.perf_counter() - t0:.1f}s",
           file=sys.stderr)

@@ -189,8 +189,9 @@ def run(args: argparse.Namespace) -> int:
     if not is_loopback(args.host) and not settings.api_key:
         common.log(f"warning: listening on {args.host} without an API key: anyone who can "
                    f"reach this port can use the model (set --api-key or ${API_KEY_ENV})")
-    if args.model != "default" and not Path(args.model).expanduser().exists():
-        raise InputError(f"{args.model}: no such file or folder")
+    from mistral7b.store import resolve
+
+    resolve(args.model)       # a model that is not here is one line now, before binding
     if args.threads is not None and args.threads < 1:
         raise InputError(f"-t/--threads must be >= 1, got {args.threads}")
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(message)s",
@@ -200,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
     failed: list[BaseException] = []
 
     def load() -> Any:
-        llm = common.load_model(args, quiet=True)
+        llm = common.load_model(args, quiet=True, bars=True)
         for name, (path, scale) in served.items():
             llm.add_adapter(name, path, scale)
         common.log(f"model {settings.model_name} loaded in {llm.load_seconds:.1f} s: {llm!r}")

@@ -99,16 +99,23 @@ def launch_local(nproc: int, argv: Sequence[str]) -> int:
     # torchrun would set one thread per rank and print a warning; choose it here instead:
     # the machine's cores shared between the ranks.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    # torchrun stops every rank when one fails or when it is signalled; pass SIGINT/SIGTERM
-    # sent to this process alone (a service manager, `kill`) on to it, so no rank outlives us.
+    # Ctrl-C in a terminal reaches the whole process group (us, torchrun, the ranks): each
+    # rank stops on its own. A SIGTERM sent to this process alone (a service manager, `kill`)
+    # is passed on to torchrun, which stops every rank, so no rank outlives us.
     proc = subprocess.Popen(command, env=env)
+    received: list[int] = []
 
     def forward(signum: int, frame: object) -> None:
+        received.append(signum)
         proc.send_signal(signum)
 
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = signal.signal(signal.SIGTERM, forward)
     try:
-        return proc.wait()
+        code = proc.wait()
+    except KeyboardInterrupt:
+        proc.kill()
+        proc.wait()
+        return 130
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        signal.signal(signal.SIGTERM, previous)
+    return 128 + received[0] if received else code

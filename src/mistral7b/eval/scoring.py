@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from mistral7b import progress
 from mistral7b.cache import uncached_plan
 from mistral7b.errors import InputError
 
@@ -59,8 +60,9 @@ def score_continuations(model: torch.nn.Module, requests: Sequence[tuple[list[in
     device = next(model.parameters()).device
     order = sorted(range(len(inputs)), key=lambda i: -len(inputs[i]))
     out: list[Score | None] = [None] * len(inputs)
+    starts = range(0, len(order), batch_size)
     with torch.inference_mode():
-        for s in range(0, len(order), batch_size):
+        for s in progress.bar(starts, desc="scoring", unit="batch"):
             rows = order[s: s + batch_size]
             lengths = [len(inputs[i]) for i in rows]
             T, n = max(lengths), max(n_cont[i] for i in rows)

@@ -1,5 +1,7 @@
 """The LoRA / QLoRA training loop: AdamW with warm-up and cosine decay, gradient accumulation,
-activation checkpointing, periodic evaluation, atomic checkpoints, resume and Ctrl-C.
+activation checkpointing, periodic evaluation, atomic checkpoints, resume and Ctrl-C, on one
+process or on several under torchrun (FSDP2, sharding.py; checkpoints through
+torch.distributed.checkpoint, checkpoint.py, so a run resumes on another number of ranks).
 
 Only LoRA weights get gradients: the loaded model is frozen (and may be memory-mapped); its
 forward runs without a cache on packed rows (batching.py), and the loss is the mean
@@ -11,16 +13,18 @@ QLoRA, two ways: `qlora=8|4` quantizes the loaded float base into lora.FrozenQua
 (dequantized on the fly, cheaply, in forward and backward); or the model comes from
 `load(quant="int8")` (mistral7b.quant's Int8Linear kernels) and LoRA trains over it as is.
 
-Layout of the output folder:
+Layout of the output folder (adapters written once, by rank 0, from the whole tensors):
 
-    checkpoint.pt               training state (step, LoRA, AdamW, RNG, losses): resume point
+    checkpoint/                 training state (LoRA, AdamW; step, losses: trainer.json)
     adapter_config.json         } PEFT adapter (HF names, q/k B rows in HF's rotary layout)
     adapter_model.safetensors   }
     lora.safetensors            } Mistral (mistral-finetune) adapter, with lora.scaling in
     params.json                 } params.json
 
 Every file is written to a temporary name and renamed, so an interrupted write never leaves a
-half file where a good one was.
+half file where a good one was. Each step reseeds torch's generator from (seed, step, rank)
+before dropout draws its masks, so a resumed run draws what an uninterrupted one would (on the
+same number of ranks) without saving generator states.
 """
 
 from __future__ import annotations
@@ -29,7 +33,6 @@ import contextlib
 import dataclasses
 import functools
 import math
-import os
 import signal
 import sys
 import threading
@@ -45,14 +48,19 @@ from torch.utils.checkpoint import checkpoint
 
 from mistral7b.errors import InputError
 from mistral7b.finetune.batching import IGNORE, Batch, epoch_rows, make_batch
+from mistral7b.finetune.checkpoint import (
+    CHECKPOINT,
+    load_checkpoint,
+    read_progress,
+    save_checkpoint,
+)
 from mistral7b.finetune.data import Example, fingerprint
+from mistral7b.finetune.sharding import Ranks, full_lora_tensors, gradient_sync, shard_model
 from mistral7b.lora import (
     TARGETS,
     adapter_from_model,
     apply_lora,
-    lora_modules,
     lora_parameters,
-    lora_state_dict,
     quantize_frozen,
     save_mistral,
     save_peft,
@@ -62,7 +70,7 @@ from mistral7b.lora import (
 if TYPE_CHECKING:
     from mistral7b.api import LLM
 
-CHECKPOINT = "checkpoint.pt"
+__all__ = ["CHECKPOINT", "StepInfo", "TrainConfig", "TrainResult", "Trainer", "lr_factor"]
 
 # Settings that shape the trajectory: a resumed run must use the same ones.
 _RESUME_KEYS = ("steps", "lr", "warmup", "min_lr_ratio", "weight_decay", "grad_clip",
@@ -79,7 +87,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1       # the cosine decays to lr * min_lr_ratio at the last step
     weight_decay: float = 0.0
     grad_clip: float = 1.0          # max global gradient norm; 0 disables clipping
-    batch_size: int = 4             # rows per micro-batch
+    batch_size: int = 4             # rows per micro-batch, over all ranks together
     grad_accum: int = 1             # micro-batches per optimizer step
     seq_len: int = 512              # tokens per row (examples are cut to this length)
     pack: bool = True               # pack short examples into rows (else bucket by length)
@@ -156,7 +164,12 @@ class TrainResult:
 
 
 class Trainer:
-    """Fine-tunes an LLM (from `mistral7b.load`) with LoRA; see the module docstring."""
+    """Fine-tunes an LLM (from `mistral7b.load`) with LoRA; see the module docstring.
+
+    Under torchrun with several processes each rank builds its Trainer the same way (same
+    model file, config and data) and the model is sharded with FSDP2 (sharding.py); progress
+    and logs come from rank 0 only.
+    """
 
     def __init__(self, llm: LLM, config: TrainConfig, out_dir: str | Path, *,
                  progress: bool = True) -> None:
@@ -165,8 +178,9 @@ class Trainer:
         self.model = llm.model
         self.config = config
         self.out_dir = Path(out_dir)
-        self.progress = progress
         self.device = llm.device
+        self.ranks = Ranks.start(self.device)
+        self.progress = progress and self.ranks.is_main
         self.window = llm.config.sliding_window
         torch.manual_seed(config.seed)
         _refuse_slow_int4(self.model)
@@ -177,11 +191,12 @@ class Trainer:
         # A model loaded with quant= has integer layers outside LoRA too (the output): let
         # gradients pass through them.
         wrap_quantized_outside_lora(self.model)
+        if self.ranks.sharded:
+            shard_model(self.model, self.ranks)   # every rank started from the same weights
         self.params = lora_parameters(self.model)
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, betas=(0.9, 0.999),
                                            eps=1e-8, weight_decay=config.weight_decay)
         self.step = 0
-        self._rng = self._rng_state()  # as of the last finished step: what a checkpoint keeps
         self.losses: list[float] = []
         self.evals: list[tuple[int, float, float]] = []
         self.tokens = 0
@@ -222,6 +237,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ compute
 
+    def _local_batch(self, examples: Sequence[Example],
+                     rows: list[list[int]]) -> tuple[Batch, int]:
+        """This rank's part of a micro-batch and its loss weight (sharding.py)."""
+        mine, weight = self.ranks.local_rows(rows)
+        return make_batch(examples, mine, self.window, self.device), weight
+
     def _loss_sum(self, batch: Batch) -> torch.Tensor:
         logits = self.model(batch.tokens, batch.positions, None, batch.plan,
                             logits_index=batch.logits_index)               # (B, n, V) float32
@@ -232,27 +253,30 @@ class Trainer:
         c = self.config
         t0 = time.perf_counter()
         self.model.train()
-        batches = [make_batch(examples, rows, self.window, self.device)
-                   for rows in self._micro_batches(examples, self.step)]
-        n_targets = sum(b.n_targets for b in batches)
-        loss_total = 0.0
+        torch.manual_seed(_step_seed(c.seed, self.step, self.ranks.rank))  # dropout masks
+        micro = self._micro_batches(examples, self.step)   # the global batch, on every rank
+        n_targets = sum(_row_targets(examples, rows) for rows in micro)
+        n_tokens = sum(len(examples[i]) for rows in micro for row in rows for i in row)
+        loss_local = 0.0
         with activation_checkpointing(self.model, c.grad_checkpoint):
-            for batch in batches:
-                loss = self._loss_sum(batch) / n_targets
+            for m, rows in enumerate(micro):
+                batch, weight = self._local_batch(examples, rows)
+                gradient_sync(self.model, m == len(micro) - 1)
+                loss = self._loss_sum(batch) * (weight / n_targets)
                 loss.backward()
-                loss_total += loss.item()
+                loss_local += loss.item() / self.ranks.world
+        (loss_total,) = self.ranks.sum([loss_local])
         if c.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, c.grad_clip)
         lr = c.lr * lr_factor(self.step, total, self.warmup_steps(total), c.min_lr_ratio)
-        with _deferred_interrupts():  # never leave a half-applied update behind
+        # never leave a half-applied update behind (ranks: _held_stop_signals)
+        with _deferred_interrupts(not self.ranks.sharded):
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
-            self._rng = self._rng_state()
             self.losses.append(loss_total)
-            n_tokens = sum(b.n_tokens for b in batches)
             self.tokens += n_tokens
         self.model.eval()
         return StepInfo(self.step, loss_total, lr, n_tokens / (time.perf_counter() - t0))
@@ -265,9 +289,10 @@ class Trainer:
         total, count = 0.0, 0
         for rows in epoch_rows(examples, seq_len=c.seq_len, batch_size=c.batch_size,
                                pack=c.pack, seed=0, epoch=0):
-            batch = make_batch(examples, rows, self.window, self.device)
-            total += self._loss_sum(batch).item()
-            count += batch.n_targets
+            batch, weight = self._local_batch(examples, rows)
+            total += self._loss_sum(batch).item() * (weight > 0)
+            count += _row_targets(examples, rows)
+        (total,) = self.ranks.sum([total])
         loss = total / max(count, 1)
         return loss, math.exp(min(loss, 700.0))
 
@@ -276,14 +301,17 @@ class Trainer:
     def fit(self, examples: Sequence[Example], eval_examples: Sequence[Example] | None = None,
             *, resume: bool = False,
             on_step: Callable[[StepInfo], None] | None = None) -> TrainResult:
-        """Train to the configured number of steps; with resume, continue from checkpoint.pt.
+        """Train to the configured number of steps; with resume, continue from the checkpoint.
 
         Ctrl-C (KeyboardInterrupt) saves a checkpoint of the last finished step and the
-        adapters, then propagates.
+        adapters, then propagates. On several ranks a SIGINT / SIGTERM is held to the end of
+        the step, the ranks agree on it, and all save together.
         """
         if not examples:
             raise InputError("no training examples")
         data_id = fingerprint(examples)
+        self.ranks.check_same(data_id, "training data")
+        self.ranks.check_same(repr(sorted(_config_dict(self.config).items())), "settings")
         total = self.total_steps(examples)
         if resume:
             self.load_checkpoint(data_id)
@@ -294,20 +322,23 @@ class Trainer:
         t_start, tokens_start = time.perf_counter(), self.tokens
         result = TrainResult(self.step, self.losses, self.evals, out_dir=self.out_dir)
         try:
-            while self.step < total:
-                info = self.train_step(examples, total)
-                elapsed = time.perf_counter() - t_start
-                bar.set_postfix(loss=f"{info.loss:.4f}", lr=f"{info.lr:.2e}",
-                                tok_s=f"{(self.tokens - tokens_start) / elapsed:.0f}")
-                bar.update(1)
-                c = self.config
-                if eval_examples and c.eval_every and self.step % c.eval_every == 0 \
-                        and self.step < total:
-                    self._evaluate_and_log(eval_examples, bar)
-                if c.save_every and self.step % c.save_every == 0 and self.step < total:
-                    self.save(data_id)
-                if on_step is not None:
-                    on_step(info)
+            with _held_stop_signals(self.ranks.sharded) as stop:
+                while self.step < total:
+                    info = self.train_step(examples, total)
+                    elapsed = time.perf_counter() - t_start
+                    bar.set_postfix(loss=f"{info.loss:.4f}", lr=f"{info.lr:.2e}",
+                                    tok_s=f"{(self.tokens - tokens_start) / elapsed:.0f}")
+                    bar.update(1)
+                    c = self.config
+                    if eval_examples and c.eval_every and self.step % c.eval_every == 0 \
+                            and self.step < total:
+                        self._evaluate_and_log(eval_examples, bar)
+                    if c.save_every and self.step % c.save_every == 0 and self.step < total:
+                        self.save(data_id)
+                    if on_step is not None:
+                        on_step(info)
+                    if self.ranks.sharded and self.ranks.any(bool(stop)):
+                        raise KeyboardInterrupt
             if eval_examples:
                 self._evaluate_and_log(eval_examples, bar)
             self.save(data_id)
@@ -333,48 +364,32 @@ class Trainer:
     # ------------------------------------------------------------------ files
 
     def save(self, data_id: str) -> None:
-        """The checkpoint and both adapter formats, each file written atomically."""
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        state = {
+        """The checkpoint (every rank its shards) and both adapter formats (rank 0, whole
+        tensors), each written atomically. Every rank must call it."""
+        progress = {
             "step": self.step,
-            "lora": {k: v.detach().cpu() for k, v in lora_state_dict(self.model).items()},
-            "optimizer": self.optimizer.state_dict(),
-            **self._rng,
             "losses": list(self.losses),
             "evals": [list(e) for e in self.evals],
             "tokens": self.tokens,
             "config": _config_dict(self.config),
             "data": data_id,
+            "world_size": self.ranks.world,
         }
-        path = self.out_dir / CHECKPOINT
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            torch.save(state, tmp)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        adapter = adapter_from_model(self.model, alpha=self.config.alpha,
-                                     dropout=self.config.dropout)
-        save_peft(adapter, self.out_dir, self.llm.config, base_model=str(self.llm.path))
-        save_mistral(adapter, self.out_dir, self.llm.config)
-
-    def _rng_state(self) -> dict[str, torch.Tensor]:
-        """Random state (dropout) for the checkpoint: taken after each finished step, so a
-        Ctrl-C in the middle of a step saves the state that step started from."""
-        state = {"rng": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
-        return state
+        # A Ctrl-C waits for the save's end (DCP's writer threads would turn it into an error)
+        with _deferred_interrupts(not self.ranks.sharded):
+            save_checkpoint(self.out_dir, self.model, self.optimizer, progress, self.ranks)
+            tensors = full_lora_tensors(self.model, self.ranks)
+            if self.ranks.is_main:
+                adapter = adapter_from_model(self.model, alpha=self.config.alpha,
+                                             dropout=self.config.dropout, tensors=tensors)
+                save_peft(adapter, self.out_dir, self.llm.config,
+                          base_model=str(self.llm.path))
+                save_mistral(adapter, self.out_dir, self.llm.config)
+            self.ranks.barrier()
 
     def load_checkpoint(self, data_id: str) -> None:
-        path = self.out_dir / CHECKPOINT
-        if not path.is_file():
-            raise InputError(f"--resume: no {CHECKPOINT} in {self.out_dir}")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - torch.load raises many kinds on a bad file
-            raise InputError(f"{path}: not a readable checkpoint ({exc})") from None
+        """Continue from OUT/checkpoint, written by a run on any number of ranks."""
+        state = read_progress(self.out_dir)
         saved, now = state.get("config", {}), _config_dict(self.config)
         changed = [k for k in _RESUME_KEYS if saved.get(k) != now.get(k)]
         if changed:
@@ -383,19 +398,21 @@ class Trainer:
                              "resume with the same settings")
         if state.get("data") != data_id:
             raise InputError("--resume: the training data differ from the checkpoint's")
-        with torch.no_grad():
-            for name, module in lora_modules(self.model):
-                module.lora_A.weight.copy_(state["lora"][f"{name}.lora_A.weight"])
-                module.lora_B.weight.copy_(state["lora"][f"{name}.lora_B.weight"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
-        if "cuda_rng" in state and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
-        self._rng = self._rng_state()
+        load_checkpoint(self.out_dir, self.model, self.optimizer, self.ranks)
         self.step = int(state["step"])
         self.losses[:] = [float(x) for x in state["losses"]]
-        self.evals[:] = [tuple(e) for e in state["evals"]]
+        self.evals[:] = [(int(e[0]), float(e[1]), float(e[2])) for e in state["evals"]]
         self.tokens = int(state["tokens"])
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    return ((seed * 1_000_003 + step) * 1009 + rank) % (1 << 63)
+
+
+def _row_targets(examples: Sequence[Example], rows: list[list[int]]) -> int:
+    """Tokens whose loss counts in these rows (make_batch's rule: the first of an example is
+    never predicted)."""
+    return sum(sum(examples[i].targets[1:]) for row in rows for i in row)
 
 
 def _refuse_slow_int4(model: Any) -> None:
@@ -434,9 +451,26 @@ def activation_checkpointing(model: Any, enabled: bool = True) -> Iterator[None]
 
 
 @contextlib.contextmanager
-def _deferred_interrupts() -> Iterator[None]:
+def _held_stop_signals(enabled: bool) -> Iterator[list[int]]:
+    """On several ranks: note SIGINT / SIGTERM (torchrun passes Ctrl-C on as SIGTERM) in the
+    yielded list instead of raising, so the ranks can stop at the same step boundary."""
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield []
+        return
+    received: list[int] = []
+    previous = {sig: signal.signal(sig, lambda s, _: received.append(s))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def _deferred_interrupts(enabled: bool = True) -> Iterator[None]:
     """Hold a Ctrl-C that arrives inside the block until its end (main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
+    if not enabled or threading.current_thread() is not threading.main_thread():
         yield
         return
     received = []

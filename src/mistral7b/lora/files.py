@@ -91,15 +91,18 @@ def _rotary_heads(module_path: str, config: ModelConfig) -> int | None:
 
 
 def adapter_from_model(model: Transformer, *, alpha: float | None = None,
-                       dropout: float = 0.0) -> Adapter:
-    """The model's LoRA modules as an Adapter (tensors copied to CPU)."""
+                       dropout: float = 0.0,
+                       tensors: dict[str, torch.Tensor] | None = None) -> Adapter:
+    """The model's LoRA modules as an Adapter (tensors copied to CPU). `tensors`: the LoRA
+    weights in lora_state_dict's names when the model holds only shards of them (FSDP)."""
     mods = list(lora_modules(model))
     if not mods:
         raise ValueError("the model has no LoRA modules")
     ranks = {m.rank for _, m in mods}
     rank = max(ranks)
     scale0 = mods[0][1].scale
-    tensors = {k: v.detach().to("cpu").clone() for k, v in lora_state_dict(model).items()}
+    if tensors is None:
+        tensors = {k: v.detach().to("cpu").clone() for k, v in lora_state_dict(model).items()}
     targets = tuple(t for t in TARGETS if any(_target_of(n) == t for n, _ in mods))
     return Adapter(tensors, {n: m.scale for n, m in mods}, rank,
                    alpha if alpha is not None else scale0 * rank, dropout, targets)

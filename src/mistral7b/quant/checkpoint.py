@@ -30,7 +30,6 @@ import json
 import shutil
 import struct
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,9 +39,11 @@ from mistral7b.quant.convert import QuantWeight, check_mode, linear_names, sourc
 from mistral7b.quant.gguf_import import EXACT_INT4_TYPES
 from mistral7b.quant.layers import Int4Weight, Int8Weight, int4_group_for
 from mistral7b.quant.memory import release
+from mistral7b.tokenizer.gguf_write import copy_tokenizer_metadata
 from mistral7b.weights.base import CheckpointReader
 from mistral7b.weights.gguf_file import FLOAT_TYPES, GGUFReader
 from mistral7b.weights.names import expected_shapes
+from mistral7b.weights.safetensors_write import Entry, StreamWriter
 
 FORMAT = "mistral7b-quantized"
 VERSION = "1"
@@ -50,8 +51,6 @@ WEIGHTS_FILE = "consolidated.safetensors"
 TOKENIZER_GGUF = "tokenizer.gguf"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                     "chat_template.jinja", "generation_config.json", "tekken.json")
-_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-              torch.int8: "I8", torch.uint8: "U8"}
 
 
 def stored_quant(reader: CheckpointReader) -> str | None:
@@ -94,20 +93,6 @@ def read_stored_weight(reader: CheckpointReader, name: str, quant: str) -> Quant
 # ------------------------------------------------------------------------------- writing
 
 
-@dataclass
-class _Entry:
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * torch.empty(0, dtype=self.dtype).element_size()
-
-
 def write_quantized(reader: CheckpointReader, out_dir: str | Path, quant: str, *,
                     group: int = 32,
                     progress: Callable[[str], object] | None = None) -> Path:
@@ -140,15 +125,10 @@ def write_quantized(reader: CheckpointReader, out_dir: str | Path, quant: str, *
             "source": str(reader.path)}
     path = out / WEIGHTS_FILE
     with path.open("wb") as f:
-        f.write(_header(entries, meta))
-        expected = iter(entries)
+        writer = StreamWriter(f, entries, meta)
         for name, parts in weights():
             for part_name, t in parts.items():
-                e = next(expected)
-                if (e.name, e.dtype, e.shape) != (part_name, t.dtype, tuple(t.shape)):
-                    raise RuntimeError(f"planned {e} but produced {part_name} {t.dtype} "
-                                       f"{tuple(t.shape)}")
-                f.write(_bytes(t))
+                writer.write(part_name, t)
                 release(t)
             if progress is not None:
                 progress(name)
@@ -158,7 +138,7 @@ def write_quantized(reader: CheckpointReader, out_dir: str | Path, quant: str, *
 
 
 def _plan(reader: CheckpointReader, quant: str, group: int, linears: list[str],
-          floats: list[str]) -> Iterator[_Entry]:
+          floats: list[str]) -> Iterator[Entry]:
     present = reader.names()
     for name in linears:
         source = name if name in present else "tok_embeddings.weight"
@@ -174,14 +154,14 @@ def _plan(reader: CheckpointReader, quant: str, group: int, linears: list[str],
                 if qtype == "Q8_0":  # copied with its scale per 32 (load.source_weight)
                     int8_scales = (out_f, in_f // 32)
         if g is None:
-            yield _Entry(name, torch.int8, (out_f, in_f))
-            yield _Entry(name + "_scale", torch.float32, int8_scales)
+            yield Entry(name, torch.int8, (out_f, in_f))
+            yield Entry(name + "_scale", torch.float32, int8_scales)
         else:
-            yield _Entry(name, torch.uint8, (out_f, in_f // 2))
-            yield _Entry(name + "_scale", torch.float32, (out_f, in_f // g))
-            yield _Entry(name + "_min", torch.float32, (out_f, in_f // g))
+            yield Entry(name, torch.uint8, (out_f, in_f // 2))
+            yield Entry(name + "_scale", torch.float32, (out_f, in_f // g))
+            yield Entry(name + "_min", torch.float32, (out_f, in_f // g))
     for name in floats:
-        yield _Entry(name, _float_dtype(reader, name), tuple(reader.shape(name)))
+        yield Entry(name, _float_dtype(reader, name), tuple(reader.shape(name)))
 
 
 def _float_dtype(reader: CheckpointReader, name: str) -> torch.dtype:
@@ -194,25 +174,6 @@ def _float_dtype(reader: CheckpointReader, name: str) -> torch.dtype:
 def _float_tensor(reader: CheckpointReader, name: str) -> torch.Tensor:
     t = reader.tensor(name)
     return t if t.dtype in (torch.float32, torch.float16, torch.bfloat16) else t.float()
-
-
-def _header(entries: list[_Entry], meta: dict[str, str]) -> bytes:
-    header: dict[str, object] = {"__metadata__": meta}
-    offset = 0
-    for e in entries:
-        header[e.name] = {"dtype": _ST_DTYPES[e.dtype], "shape": list(e.shape),
-                          "data_offsets": [offset, offset + e.nbytes]}
-        offset += e.nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    # Data starts on a 64-byte boundary (8 for the size + the header): an int8 weight used
-    # in place from the map then meets the kernel's alignment whenever its offset does.
-    blob += b" " * (-(len(blob) + 8) % 64)
-    return struct.pack("<Q", len(blob)) + blob
-
-
-def _bytes(t: torch.Tensor) -> memoryview:
-    t = t.detach().cpu().contiguous()
-    return t.view(torch.uint8).reshape(-1).numpy().data
 
 
 def _metadata(path: Path) -> dict[str, str]:
@@ -248,14 +209,7 @@ def _write_tokenizer_gguf(reader: GGUFReader, path: Path) -> None:
 
     header = reader.header
     writer = gguf.GGUFWriter(str(path), header.metadata.get("general.architecture", "llama"))
-    for key, value in header.metadata.items():
-        if not key.startswith("tokenizer."):
-            continue
-        kind, _ = header.types[key]
-        if kind == gguf.GGUFValueType.ARRAY:
-            writer.add_array(key, value)
-        else:
-            writer.add_key_value(key, value, gguf.GGUFValueType(kind))
+    copy_tokenizer_metadata(writer, header.metadata, header.types)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -4,10 +4,11 @@ Two representations of a quantized weight W (out, in):
 
 - the *portable* one (`Int8Weight`, `Int4Weight`): plain tensors with a fixed meaning, what
   the quantizers and the GGUF importer produce and what `mistral7b quantize` writes to disk;
-- the *kernel* one, inside `Int8Linear` / `Int4Linear`, built once at load time from the
-  portable one: our AVX-512 VNNI kernel's panels (native.py, csrc/qmm.cpp) where that runs,
-  else whatever layout PyTorch's CPU weight-only kernels want (`aten._weight_int8pack_mm`,
-  `aten._weight_int4pack_mm_for_cpu`).
+- the *kernel* one, inside `Int8Linear` / `Int4Linear`, built once at load time (or when the
+  layer is moved with `.to(device)`) from the portable one: our AVX-512 VNNI kernel's panels
+  (native.py, csrc/qmm.cpp) where that runs, else whatever layout PyTorch's CPU weight-only
+  kernels want (`aten._weight_int8pack_mm`, `aten._weight_int4pack_mm_for_cpu`); on CUDA,
+  PyTorch's CUDA kernels (cuda.py: tinygemm for int4, `_weight_int8pack_mm` for int8 decode).
 
 int8, per output channel (symmetric):   W[n, k] = q[n, k] * scale[n],            q in [-127, 127]
 int4, per group of `group` inputs:      W[n, k] = q[n, k] * scale[n, g] + min[n, g],
@@ -25,14 +26,16 @@ bf16 scales (the float32 portable scales rounded once, at load). Ours keeps them
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mistral7b.quant import native
+from mistral7b.quant import cuda, native
 
 INT4_GROUPS = (32, 64, 128, 256)
 _NP = {torch.uint8: np.uint8, torch.int32: np.int32}
@@ -72,8 +75,11 @@ class Int4Weight:
         return (self.q.shape[0], self.q.shape[1] * 2)
 
     def unpacked(self, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
-        """(out, in) values 0..15 (numpy does the nibbles: PyTorch's uint8 shifts are slow)."""
-        q = self.q.cpu().numpy()
+        """(out, in) values 0..15 (numpy does the nibbles on the CPU: PyTorch's uint8 shifts
+        are slow there; elsewhere torch, on the device)."""
+        if self.q.device.type != "cpu":
+            return cuda.unpack_nibbles(self.q).to(dtype)
+        q = self.q.numpy()
         both = np.stack([q & 0x0F, q >> 4], axis=-1).reshape(q.shape[0], -1)
         return torch.from_numpy(both.astype(_NP[dtype], copy=False))
 
@@ -206,6 +212,21 @@ class _NativeLinear(nn.Module):
         layer._hold(p)
         return layer
 
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Any:
+        """`.to(device)` / `.cuda()` / `.cpu()`: each kernel has its own layout, so a layer
+        moved to another device is rebuilt there from its portable weight (kept otherwise:
+        a dtype cast does not touch integer buffers)."""
+        here = self.qweight.device
+        there = fn(torch.empty(0, device=here)).device
+        if there == here:
+            return super()._apply(fn, recurse)
+        fresh = type(self)(self.portable(), dtype=self.dtype, device=there)
+        self.__dict__.update(fresh.__dict__)
+        return self
+
+    def portable(self) -> Int8Weight | Int4Weight:
+        raise NotImplementedError
+
     def panels(self) -> native.Panels:
         return native.Panels(self.qweight, self.scales, self.mins, self.bits, self.group,
                              self.offset, self.out_features, self.in_features)
@@ -232,7 +253,8 @@ class Int8Linear(_NativeLinear):
     block of 32, as llama.cpp's Q8_0 x Q8_0 product). Elsewhere on the CPU
     `aten._weight_int8pack_mm`, which is fast with bf16 activations only (float32 activations
     take a ~10x slower path), so float32 inputs are multiplied in bf16 and the result cast back
-    (`compute_dtype`).
+    (`compute_dtype`). On CUDA (kernel "cuda", cuda.py): PyTorch's CUDA int8 kernel for decode,
+    a blockwise dequant into cuBLAS for pre-fill; float32 scales, activations in their dtype.
     """
 
     def __init__(self, weight: Int8Weight, *, dtype: torch.dtype,
@@ -246,9 +268,9 @@ class Int8Linear(_NativeLinear):
         if use_native(device, self.out_features, self.in_features, weight.group):
             self._hold(native.pack_int8(weight.q, weight.scale))
             return
-        self.kernel = "torch"
+        self.kernel = "torch" if device.type == "cpu" else "cuda"
         if weight.group != self.in_features:
-            # PyTorch's kernel takes one scale per channel: requantize (GGUF Q8_0 blocks)
+            # PyTorch's kernels take one scale per channel: requantize (GGUF Q8_0 blocks)
             weight = quantize_int8(weight.dequantize())
         q = weight.q.to(device).contiguous()
         if q.data_ptr() % _ALIGN:
@@ -256,7 +278,8 @@ class Int8Linear(_NativeLinear):
             # misaligned buffer (a memory-mapped tensor can start anywhere in its file).
             q = q.clone()
         self.register_buffer("qweight", q)
-        self.register_buffer("scales", weight.scale.to(device, self.compute_dtype))
+        scale_dtype = self.compute_dtype if self.kernel == "torch" else torch.float32
+        self.register_buffer("scales", weight.scale.to(device, scale_dtype))
 
     def portable(self) -> Int8Weight:
         if self.kernel == "native":
@@ -284,9 +307,12 @@ class Int8Linear(_NativeLinear):
             # faster overall (bench/bench_kernels.py).
             w = self.qweight.to(self.compute_dtype).mul_(self.scales[:, None])
             y = F.linear(x2.to(self.compute_dtype), w)
+        elif x2.shape[0] <= INT8_DEQUANT_ROWS and x2.device.type == "cuda":
+            y = cuda.int8mm(x2, self.qweight, self.scales)
         else:
-            y = F.linear(x2.to(self.compute_dtype), self.qweight.to(self.compute_dtype))
-            y = y * self.scales
+            y = cuda.blockwise_linear(x2.to(self.compute_dtype), self.out_features,
+                                      cuda.int8_rows(self.qweight, self.scales,
+                                                     self.compute_dtype))
         return y.to(x.dtype).view(*lead, self.out_features)
 
 
@@ -297,8 +323,10 @@ class Int4Linear(_NativeLinear):
     with float16 scales where exact (float32 otherwise) and no mins for symmetric (Q4_0)
     weights. Elsewhere on the CPU: `aten._weight_int4pack_mm_for_cpu` on the nibbles repacked
     into its own layout, with (in // group, out, 2) [scale, zero] in bf16 (float32 models) or
-    the layer's dtype (the kernel wants them in the activations' dtype). Other devices keep
-    the portable tensors ([scale, min] pairs) and dequantize on the fly (correct, not fast).
+    the layer's dtype (the kernel wants them in the activations' dtype). On CUDA sm80+:
+    tinygemm (cuda.py), bf16 activations and [scale, zero] pairs. Other devices keep the
+    portable tensors ([scale, min] pairs) and dequantize a block of rows at a time on the
+    device (correct, not fast).
     """
 
     scales_and_zeros: torch.Tensor  # a buffer, on the kernels other than ours
@@ -319,6 +347,12 @@ class Int4Linear(_NativeLinear):
             raise ValueError(f"int4 needs out_features divisible by 16, got {self.out_features}")
         if use_native(device, self.out_features, self.in_features, self.group):
             self._hold(native.pack_int4(weight.q, weight.scale, weight.min, weight.group))
+        elif cuda.tinygemm_fits(device, self.out_features, self.in_features, self.group):
+            self.kernel = "tinygemm"
+            self.compute_dtype = torch.bfloat16     # the kernel's only activation dtype
+            packed, sz = cuda.int4pack(weight.q, weight.scale, weight.min, device)
+            self.register_buffer("qweight", packed)
+            self.register_buffer("scales_and_zeros", sz)
         elif self.on_cpu:
             self.kernel = "torch"
             # The kernel's layout packs blocks of 64 output rows independently, so rows can be
@@ -352,9 +386,26 @@ class Int4Linear(_NativeLinear):
         if self.kernel == "torch":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x2.to(self.compute_dtype), self.qweight, self.group, self.scales_and_zeros)
+        elif self.kernel == "tinygemm":
+            y = cuda.int4mm(x2, self.qweight, self.group, self.scales_and_zeros)
         else:
-            y = F.linear(x2.to(self.dtype), self.dequantize(self.dtype))
+            y = cuda.blockwise_linear(x2.to(self.dtype), self.out_features, cuda.int4_rows(
+                self.qweight, self.scales_and_zeros, self.group, self.dtype))
         return y.to(x.dtype).view(*lead, self.out_features)
+
+    def portable(self) -> Int4Weight:
+        """The layer's weight in the portable form, on the CPU (PyTorch's layouts are read
+        back through their kernel and quantized again: the same grid up to the rounding of
+        their bf16 scales)."""
+        if self.kernel == "native":
+            scale = native.unpanel(self.scales).float()
+            mins = (native.unpanel(self.mins).float() if self.mins is not None
+                    else -self.offset * scale)
+            return Int4Weight(pack_nibbles(self.panels().values()), scale, mins, self.group)
+        if self.kernel == "generic":
+            sz = self.scales_and_zeros.float().cpu()
+            return Int4Weight(self.qweight.cpu(), sz[..., 0], sz[..., 1], self.group)
+        return quantize_int4(self.dequantize(torch.float32).cpu(), self.group)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The float weight (out, in) this layer multiplies by."""
@@ -362,18 +413,17 @@ class Int4Linear(_NativeLinear):
         if self.kernel == "native":
             return self.panels().dequantize(dtype)
         if self.kernel == "generic":
-            sz = self.scales_and_zeros.float()
-            w = Int4Weight(self.qweight, sz[..., 0], sz[..., 1], self.group)
-            return w.dequantize(dtype)
-        # PyTorch's layout is its own business: read W back through the kernel itself,
+            return cuda.int4_rows(self.qweight, self.scales_and_zeros, self.group,
+                                  dtype)(0, self.out_features)
+        # PyTorch's layouts are their own business: read W back through the kernel itself,
         # I @ W^T, a slice of the identity at a time (exact: each output is 1 * w + 0s).
         rows = []
         for k0 in range(0, self.in_features, 1024):
             k1 = min(k0 + 1024, self.in_features)
-            eye = torch.zeros(k1 - k0, self.in_features, dtype=self.compute_dtype)
+            eye = torch.zeros(k1 - k0, self.in_features, dtype=self.compute_dtype,
+                              device=self.qweight.device)
             eye[:, k0:k1] = torch.eye(k1 - k0, dtype=self.compute_dtype)
-            rows.append(torch.ops.aten._weight_int4pack_mm_for_cpu(
-                eye, self.qweight, self.group, self.scales_and_zeros))
+            rows.append(self.forward(eye).to(self.compute_dtype))
         return torch.cat(rows).t().to(dtype)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mistral7b import progress
 from mistral7b.errors import InputError, ModelFileError
 from mistral7b.model import Transformer
 from mistral7b.modules import set_parameter, swap_module
@@ -68,7 +69,9 @@ def load_quantized(reader: CheckpointReader, quant: str | None, *, dtype: torch.
             raise ModelFileError(reader.path, f"tensor {name!r} is missing from the checkpoint")
     with torch.device("meta"):
         model = Transformer(config)
-    for name in linear_names(config):
+    names = linear_names(config)
+    for name in progress.bar(names, desc=f"loading ({mode})", unit="tensor",
+                             show=progress.big(reader.size_bytes())):
         source = name if name in present else "tok_embeddings.weight"
         weight: QuantWeight | native.Panels
         if stored is not None:

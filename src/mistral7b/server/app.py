@@ -24,6 +24,7 @@ from starlette.responses import JSONResponse, Response
 from mistral7b.api import LLM
 from mistral7b.server.errors import APIError
 from mistral7b.server.middleware import APIKey, BodyLimit, RequestMetrics
+from mistral7b.server.page import add_page, is_page_path
 from mistral7b.server.routes import router
 from mistral7b.server.serving import ClientGone
 from mistral7b.server.settings import ServerSettings
@@ -64,10 +65,12 @@ def create_app(llm_or_loader: LLM | Callable[[], LLM],
                   lifespan=lifespan)
     app.state.server = state
     app.include_router(router)
+    add_page(app)
     _add_error_handlers(app)
     # add_middleware puts each one outside the previous: the last added runs first.
     if settings.api_key:
-        app.add_middleware(APIKey, api_key=settings.api_key, open_paths=OPEN_PATHS)
+        app.add_middleware(APIKey, api_key=settings.api_key, open_paths=OPEN_PATHS,
+                           is_open=is_page_path)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),

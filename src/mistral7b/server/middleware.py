@@ -4,6 +4,7 @@ streaming responses): request metrics, body size cap, API key."""
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
 from typing import Any
 
 from mistral7b.server.errors import raw_error
@@ -102,16 +103,19 @@ class BodyLimit:
 
 
 class APIKey:
-    """`Authorization: Bearer <key>` on every path but the open ones (and CORS preflights)."""
+    """`Authorization: Bearer <key>` on every path but the open ones (and CORS preflights);
+    `is_open` opens more paths by rule (the chat page and its static files)."""
 
-    def __init__(self, app: ASGIApp, api_key: str, open_paths: frozenset[str]) -> None:
+    def __init__(self, app: ASGIApp, api_key: str, open_paths: frozenset[str],
+                 is_open: Callable[[str], bool] = lambda path: False) -> None:
         self.app = app
         self.key = api_key.encode()
         self.open_paths = open_paths
+        self.is_open = is_open
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if (scope["type"] != "http" or scope["path"] in self.open_paths
-                or scope["method"] == "OPTIONS"):
+                or self.is_open(scope["path"]) or scope["method"] == "OPTIONS"):
             return await self.app(scope, receive, send)
         auth = dict(scope["headers"]).get(b"authorization", b"")
         scheme, _, token = auth.partition(b" ")

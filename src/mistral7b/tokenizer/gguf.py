@@ -5,7 +5,7 @@ GGUF metadata used (`tokenizer.ggml.*` unless said otherwise):
 | key | meaning |
 |---|---|
 | model | "llama": SentencePiece BPE (Mistral, Llama 2); "gpt2": byte-level BPE (SmolLM2, Llama 3) |
-| pre | the gpt2 pre-tokenizer (split regex) by name, see `_PRE_TOKENIZERS` |
+| pre | the gpt2 pre-tokenizer (split regex) by name, see `PRE_TOKENIZERS` |
 | tokens, scores, token_type | the vocabulary by id; scores rank SentencePiece merges |
 | merges | gpt2 only: "left right" merge rules, best first |
 | bos/eos/unknown_token_id, add_bos_token, add_space_prefix | as named |
@@ -28,7 +28,7 @@ from mistral7b.tokenizer.hf import HFTokenizer
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 # GPT-2's split regex (what tokenizers' ByteLevel pre-tokenizer applies with use_regex=True).
-_GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 _LLAMA3_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -41,13 +41,13 @@ _QWEN2_REGEX = (
 # `tokenizer.ggml.pre` -> (split regexes applied in order, ignore_merges), as llama.cpp's
 # pre-tokenizer table groups them. "smollm" (the default model) is StarCoder's: every digit
 # on its own, then GPT-2's regex.
-_PRE_TOKENIZERS: dict[str, tuple[tuple[str, ...], bool]] = {
-    "default": ((_GPT2_REGEX,), False),
-    "gpt2": ((_GPT2_REGEX,), False),
-    "gpt-2": ((_GPT2_REGEX,), False),
-    "smollm": ((r"\p{N}", _GPT2_REGEX), False),
-    "starcoder": ((r"\p{N}", _GPT2_REGEX), False),
-    "refact": ((r"\p{N}", _GPT2_REGEX), False),
+PRE_TOKENIZERS: dict[str, tuple[tuple[str, ...], bool]] = {
+    "default": ((GPT2_REGEX,), False),
+    "gpt2": ((GPT2_REGEX,), False),
+    "gpt-2": ((GPT2_REGEX,), False),
+    "smollm": ((r"\p{N}", GPT2_REGEX), False),
+    "starcoder": ((r"\p{N}", GPT2_REGEX), False),
+    "refact": ((r"\p{N}", GPT2_REGEX), False),
     "llama-bpe": ((_LLAMA3_REGEX,), True),
     "llama3": ((_LLAMA3_REGEX,), True),
     "qwen2": ((_QWEN2_REGEX,), False),
@@ -239,39 +239,6 @@ def _tokenizer_metadata(metadata: dict[str, Any], path: Path) -> dict[str, Any]:
     return meta
 
 
-def add_sentencepiece_metadata(writer: Any, spm_file: str | os.PathLike[str],
-                               rename: dict[int, str] | None = None) -> None:
-    """Write a SentencePiece model's vocabulary into a `gguf.GGUFWriter` as llama.cpp's
-    converter does: model "llama", pieces, scores, token types, special ids, add_bos and the
-    space prefix (the keys `GGUFTokenizer` reads back). `rename` replaces pieces by id."""
-    from sentencepiece import SentencePieceProcessor
-
-    sp = SentencePieceProcessor(model_file=str(spm_file))
-    n = sp.get_piece_size()
-
-    def token_type(i: int) -> int:
-        if sp.is_unknown(i):
-            return UNKNOWN
-        if sp.is_control(i):
-            return CONTROL
-        if sp.is_byte(i):
-            return BYTE
-        return UNUSED if sp.is_unused(i) else NORMAL
-
-    pieces = [sp.id_to_piece(i) for i in range(n)]
-    for i, piece in (rename or {}).items():
-        pieces[i] = piece
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list(pieces)
-    writer.add_token_scores([sp.get_score(i) for i in range(n)])
-    writer.add_token_types([token_type(i) for i in range(n)])
-    writer.add_bos_token_id(sp.bos_id())
-    writer.add_eos_token_id(sp.eos_id())
-    writer.add_unk_token_id(sp.unk_id())
-    writer.add_add_bos_token(True)
-    writer.add_add_space_prefix(True)
-
-
 def mistral_vocab_size(tokens: list[str]) -> int | None:
     """32000 or 32768 when `tokens` are exactly the pieces of a Mistral file mistral-common
     ships (so its chat encoding gives the right ids), else None."""
@@ -358,19 +325,19 @@ def sentencepiece_bpe(
 def byte_level_bpe(tokens: list[str], merges: list[str], types: list[int], pre: str) -> Any:
     """A `tokenizers.Tokenizer` for a GPT-2 style byte-level BPE vocabulary.
 
-    `pre` (tokenizer.ggml.pre) picks how text is split before BPE, see `_PRE_TOKENIZERS`;
+    `pre` (tokenizer.ggml.pre) picks how text is split before BPE, see `PRE_TOKENIZERS`;
     an unknown name falls back to GPT-2's split with a warning.
     """
     from tokenizers import Regex, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as Backend
 
-    if pre not in _PRE_TOKENIZERS:
+    if pre not in PRE_TOKENIZERS:
         warnings.warn(
             f"GGUF pre-tokenizer {pre!r} is not known here; splitting text as GPT-2 does, "
             "which may tokenize some text differently from llama.cpp",
             stacklevel=3,
         )
-    regexes, ignore_merges = _PRE_TOKENIZERS.get(pre, _PRE_TOKENIZERS["default"])
+    regexes, ignore_merges = PRE_TOKENIZERS.get(pre, PRE_TOKENIZERS["default"])
     pairs = []
     for rule in merges:
         left, sep, right = rule.partition(" ")

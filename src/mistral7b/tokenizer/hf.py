@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -57,13 +58,13 @@ class HFTokenizer(Tokenizer):
         extra_stop_ids: Sequence[int] = (),
         name: str = "tokenizer",
     ) -> None:
-        from tokenizers import Tokenizer as Backend
-
         self.name = name
         self._backend = backend
-        # A twin that never turns special-token strings into special ids, for plain text.
-        self._plain = Backend.from_str(backend.to_str())
-        self._plain.encode_special_tokens = True
+        # Plain text is encoded with the backend's special-token matching switched off
+        # (`_encode_plain`); the lock keeps another thread's encode from seeing the switch.
+        # (A second backend built from `to_str` would cost ~0.1 s of every load.)
+        self._switch = threading.Lock()
+        backend.encode_special_tokens = False
         self._eos_id = int(eos_id)
         self._bos_token_id = bos_id
         self._add_bos = bool(add_bos) and bos_id is not None
@@ -150,7 +151,7 @@ class HFTokenizer(Tokenizer):
         return piece
 
     def encode(self, text: str, bos: bool = True) -> list[int]:
-        ids = self._plain.encode(check_text(text), add_special_tokens=False).ids
+        ids = self._encode_plain(check_text(text))
         bos_id = self.bos_id
         if bos and bos_id is not None:
             return [bos_id, *ids]
@@ -190,14 +191,27 @@ class HFTokenizer(Tokenizer):
         hidden, restore = self._specials.hide(messages, self.chat_template)
         text = self._render(hidden, add_generation_prompt, tools)
         if restore is None:  # no special-token text in the messages
-            return self._backend.encode(text, add_special_tokens=False).ids
+            return self._encode_with_specials(text)
         ids: list[int] = []
         for piece, special_id in self._specials.split(text):
             if special_id is not None:
                 ids.append(special_id)
             elif piece:
-                ids += self._plain.encode(restore(piece), add_special_tokens=False).ids
+                ids += self._encode_plain(restore(piece))
         return ids
+
+    def _encode_plain(self, text: str) -> list[int]:
+        """Ids of `text` with special-token strings (`</s>`, `<|im_end|>`) left as text."""
+        with self._switch:
+            self._backend.encode_special_tokens = True
+            try:
+                return list(self._backend.encode(text, add_special_tokens=False).ids)
+            finally:
+                self._backend.encode_special_tokens = False
+
+    def _encode_with_specials(self, text: str) -> list[int]:
+        with self._switch:
+            return list(self._backend.encode(text, add_special_tokens=False).ids)
 
     @property
     def supports_tools(self) -> bool:

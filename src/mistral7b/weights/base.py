@@ -45,6 +45,14 @@ class CheckpointReader(ABC):
         """Drop what the reader keeps for tensor `name` after handing it out, so that its
         mapped pages may be discarded (a later `tensor(name)` reads the file afresh)."""
 
+    def size_bytes(self) -> int:
+        """Bytes of weights on disk (the file, or the weight files of the folder)."""
+        path = Path(self.path)
+        if path.is_file():
+            return path.stat().st_size
+        return sum(f.stat().st_size for pattern in ("*.safetensors", "*.pth", "*.gguf")
+                   for f in path.glob(pattern) if f.is_file())
+
     def source(self, name: str) -> str:
         """The file a tensor lives in, for error messages."""
         return str(self.path)

@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from mistral7b import progress
 from mistral7b.errors import ModelFileError, ResourceError
 from mistral7b.model import Transformer
 from mistral7b.weights.base import CheckpointReader
@@ -26,7 +27,10 @@ def build_model(reader: CheckpointReader, *, dtype: torch.dtype,
     with torch.device("meta"):
         model = Transformer(config)
     state = {}
-    for name, shape in expected_shapes(config).items():
+    shapes = expected_shapes(config)
+    tensors = progress.bar(shapes.items(), total=len(shapes), desc="loading", unit="tensor",
+                           show=progress.big(reader.size_bytes()))
+    for name, shape in tensors:
         try:
             tensor = reader.tensor_as(name, dtype)
             if tensor.dtype not in _FLOAT_DTYPES:
