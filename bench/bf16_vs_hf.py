@@ -22,28 +22,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gen_timing import time_generation
+from gen_timing import engine_steps, time_generation
 
 
 def _ours(path: str):
     import mistral7b
 
     llm = mistral7b.load(path, dtype="bfloat16", device="cpu")
-    engine = llm.engine
-    state = {}
-
-    from mistral7b.cache import BlockTable
-
-    def prefill(ids):
-        if "table" in state:
-            engine.pool.release(state["table"])
-        state["table"] = BlockTable()
-        return int(engine.step([state["table"]], [ids])[0].argmax())
-
-    def decode(tok):
-        return int(engine.step([state["table"]], [[tok]])[0].argmax())
-
-    return prefill, decode
+    return engine_steps(llm)
 
 
 def _hf(path: str):

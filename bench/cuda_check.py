@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from gen_timing import time_generation
+from gen_timing import engine_steps, time_generation
 
 ENGINES = ("mistral7b-bf16", "mistral7b-int4", "transformers-bf16")
 
@@ -37,22 +37,9 @@ ENGINES = ("mistral7b-bf16", "mistral7b-int4", "transformers-bf16")
 def _ours(path: str, quant: str | None, device: str):
     sys.path.insert(0, str(ROOT / "src"))
     import mistral7b
-    from mistral7b.cache import BlockTable
 
     llm = mistral7b.load(path, device=device, dtype="bfloat16", quant=quant)
-    engine = llm.engine
-    state: dict = {}
-
-    def prefill(ids):
-        if "table" in state:
-            engine.pool.release(state["table"])
-        state["table"] = BlockTable()
-        return int(engine.step([state["table"]], [ids])[0].argmax())
-
-    def decode(tok):
-        return int(engine.step([state["table"]], [[tok]])[0].argmax())
-
-    return prefill, decode
+    return engine_steps(llm)
 
 
 def _hf(path: str, device: str):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 
 def time_generation(prefill: Callable[[list[int]], int], decode: Callable[[int], int],
@@ -25,3 +26,23 @@ def time_generation(prefill: Callable[[list[int]], int], decode: Callable[[int],
         if i >= warmup:
             runs.append((len(ids) / pre, (gen_tokens - 1) / dec, tokens))
     return runs
+
+
+def engine_steps(llm: Any) -> tuple[Callable[[list[int]], int], Callable[[int], int]]:
+    """(pre-fill, decode) over a loaded mistral7b LLM's engine, greedy, one forward each;
+    a pre-fill starts a fresh sequence (the previous one's blocks given back)."""
+    from mistral7b.cache import BlockTable
+
+    engine = llm.engine
+    state: dict[str, Any] = {}
+
+    def prefill(ids: list[int]) -> int:
+        if "table" in state:
+            engine.pool.release(state["table"])
+        state["table"] = BlockTable()
+        return int(engine.step([state["table"]], [ids])[0].argmax())
+
+    def decode(tok: int) -> int:
+        return int(engine.step([state["table"]], [[tok]])[0].argmax())
+
+    return prefill, decode
