@@ -89,7 +89,7 @@ def check_block_scales(name: str, qtype: str, data: np.ndarray, source: str | Pa
     width = np.dtype(kind).itemsize
     blocks = np.asarray(data).reshape(-1).view(np.uint8).reshape(-1, block_bytes)
     for at in offsets:
-        scales = np.ascontiguousarray(blocks[:, at: at + width]).view(kind)
+        scales = blocks[:, at: at + width].view(kind)   # a strided view: nothing copied
         finite = np.isfinite(scales)
         if not finite.all():
             block = int(np.argmin(finite.reshape(-1)))
