@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mistral7b.atomic import write_text_atomically
 from mistral7b.errors import InputError, ModelFileError
 
 if TYPE_CHECKING:
@@ -252,10 +253,7 @@ def read_registry() -> dict[str, dict[str, Any]]:
 def _write_registry(models: dict[str, dict[str, Any]]) -> None:
     file = home() / REGISTRY_FILE
     file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"models": models}, indent=2, sort_keys=True) + "\n",
-                   encoding="utf-8")
-    tmp.replace(file)                # atomic: a reader sees the old or the new registry
+    write_text_atomically(file, json.dumps({"models": models}, indent=2, sort_keys=True) + "\n")
 
 
 def check_name(name: str) -> None:

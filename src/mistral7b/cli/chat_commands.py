@@ -16,11 +16,10 @@ system prompt). A bad value or file changes nothing and says why.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mistral7b.atomic import write_text_atomically
 from mistral7b.cli import common
 from mistral7b.errors import InputError, Mistral7BError
 from mistral7b.sampling import SamplingParams
@@ -158,23 +157,11 @@ def save_command(session: ChatSession, rest: str) -> None:
             "settings": {k: v for k, v in session.sampling.items() if k != "response_format"},
             "messages": session.turns}
     try:
-        _write_atomically(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+        write_text_atomically(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
     except OSError as exc:
         common.log(f"error: could not save to {path}: {exc.strerror or exc}")
         return
     common.log(f"(saved {len(session.turns)} message(s) to {path})")
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".",
-                               prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_command(session: ChatSession, rest: str) -> None:

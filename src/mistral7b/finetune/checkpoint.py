@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mistral7b.atomic import write_text_atomically
 from mistral7b.errors import InputError
 
 if TYPE_CHECKING:
@@ -62,7 +63,7 @@ def save_checkpoint(out_dir: Path, model: Transformer, optimizer: torch.optim.Op
         dcp.save(_state(model, optimizer), checkpoint_id=tmp, no_dist=not ranks.sharded)
     ranks.barrier()
     if ranks.is_main:
-        _write_json(tmp / PROGRESS, progress)
+        write_text_atomically(tmp / PROGRESS, json.dumps(progress))
         old = out_dir / f".{CHECKPOINT}.old"
         shutil.rmtree(old, ignore_errors=True)
         if final.exists():
@@ -117,12 +118,6 @@ def _one_process_is_meant() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         yield
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
 
 
 def checkpoint_exists(out_dir: Path) -> bool:

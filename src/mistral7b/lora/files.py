@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from mistral7b.atomic import write_atomically
 from mistral7b.config import ModelConfig
 from mistral7b.errors import ModelFileError
 from mistral7b.lora.apply import HF_TARGETS, TARGETS, lora_modules, lora_state_dict, target_names
@@ -146,8 +145,8 @@ def save_peft(adapter: Adapter, folder: str | Path, config: ModelConfig, *,
         "init_lora_weights": True,
     }
     _atomic_write_bytes(folder / PEFT_CONFIG, json.dumps(peft_config, indent=2).encode())
-    _atomic_save(lambda p: save_file(tensors, str(p), metadata={"format": "pt"}),
-                 folder / PEFT_WEIGHTS)
+    write_atomically(folder / PEFT_WEIGHTS,
+                     lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     return folder
 
 
@@ -164,7 +163,7 @@ def save_mistral(adapter: Adapter, folder: str | Path, config: ModelConfig) -> P
     params = config.to_params_json()
     params["lora"] = {"enable": True, "rank": adapter.rank, "dropout": adapter.dropout,
                       "scaling": scales.pop()}
-    _atomic_save(lambda p: save_file(tensors, str(p)), folder / MISTRAL_WEIGHTS)
+    write_atomically(folder / MISTRAL_WEIGHTS, lambda p: save_file(tensors, str(p)))
     _atomic_write_bytes(folder / MISTRAL_PARAMS, json.dumps(params, indent=2).encode())
     return folder
 
@@ -345,16 +344,5 @@ def apply_lora_file(llm_or_model: LLM | Transformer, path: str | Path,
     return adapter
 
 
-def _atomic_save(write: Callable[[Path], object], path: Path) -> None:
-    """Write through `write(tmp_path)` then rename over `path`: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    _atomic_save(lambda p: p.write_bytes(data), path)
+    write_atomically(path, lambda p: p.write_bytes(data))
