@@ -17,6 +17,7 @@ import torch
 from mistral7b.cache import BLOCK_SIZE, BlockTable, KVPool
 from mistral7b.config import ModelConfig
 from mistral7b.errors import InputError
+from mistral7b.fused_step import FusedDecode
 from mistral7b.lora.layers import AdapterRows
 from mistral7b.model import Transformer
 from mistral7b.threads import ThreadGovernor
@@ -73,6 +74,8 @@ class Engine:
         self._governor: ThreadGovernor | None = None
         # which served LoRA adapter each row of a step uses (lora.multi.add_served_adapter)
         self.adapter_rows = AdapterRows()
+        self._fused: FusedDecode | None = None
+        self._fused_tried = False
 
     @property
     def device(self) -> torch.device:
@@ -165,7 +168,11 @@ class Engine:
         plan, positions = pool.plan(tables, n_new)
         try:
             self.adapter_rows.set(adapters, self.device)
-            if all_logits:
+            fused = None if all_logits or T > 1 or (adapters and any(adapters)) \
+                else self.fused_step()
+            if fused is not None:
+                out = fused(tokens, positions, pool, plan)
+            elif all_logits:
                 out = self.model(tokens, positions, pool, plan)
             else:
                 last = torch.tensor(n_new, device=self.device)[:, None] - 1
@@ -178,6 +185,16 @@ class Engine:
         finally:
             self.adapter_rows.clear()
         return out
+
+    def fused_step(self) -> FusedDecode | None:
+        """The one-call decode step (fused_step.py) for this model as it is now, or None
+        where it does not apply; rebuilt after a module or parameter swap."""
+        if self._fused is not None and not self._fused.current():
+            self._fused, self._fused_tried = None, False
+        if not self._fused_tried:
+            self._fused = FusedDecode.build(self.model)
+            self._fused_tried = True
+        return self._fused
 
     @torch.inference_mode()
     def logits(self, ids: Sequence[int], chunk_size: int | None = None) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Our CPU kernel for int4/int8 weights (csrc/qmm.cpp), compiled on first use and cached.
+"""Our CPU kernels (csrc/): int4/int8 weights (qmm.cpp) and the fused decode step (step.cpp),
+compiled on first use into one cached library.
 
     ops = native.ops()          # None where it cannot run: then layers.py uses PyTorch's kernels
     y = ops.qmm(x, w, scale, mins, bits, group, offset, n_out)
@@ -30,7 +31,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "qmm.cpp"
+SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("qmm.cpp", "step.cpp"))
 
 
 def cache_dir() -> Path:
@@ -42,20 +43,24 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
 
 
-def _build_command(cxx: str, src: Path, out: Path) -> list[str]:
+def _compile_command(cxx: str, src: Path, obj: Path) -> list[str]:
     from torch.utils.cpp_extension import include_paths
 
-    torch_lib = Path(torch.__file__).parent / "lib"
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    return [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp",
-            f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
-            *[f"-I{p}" for p in include_paths()], str(src), "-o", str(out),
-            f"-L{torch_lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_lib}"]
+    return [cxx, "-O3", "-std=c++17", "-fPIC", "-fopenmp", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+            *[f"-I{p}" for p in include_paths()], "-c", str(src), "-o", str(obj)]
+
+
+def _link_command(cxx: str, objs: list[Path], out: Path) -> list[str]:
+    torch_lib = Path(torch.__file__).parent / "lib"
+    return [cxx, "-shared", "-fopenmp", *map(str, objs), "-o", str(out), f"-L{torch_lib}",
+            "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_lib}"]
 
 
 def library_path(cxx: str) -> Path:
     digest = hashlib.sha256()
-    digest.update(SOURCE.read_bytes())
+    for src in SOURCES:
+        digest.update(src.read_bytes())
     digest.update(f"{torch.__version__}|{cxx}|{sys.platform}".encode())
     return cache_dir() / f"qmm-{digest.hexdigest()[:16]}.so"
 
@@ -71,13 +76,24 @@ def build(verbose: bool = False) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        cmd = _build_command(cxx, SOURCE, out)
-        log.info("building the int4/int8 CPU kernel (once): %s", " ".join(cmd))
-        run = subprocess.run(cmd, check=False, capture_output=True, text=True)
-        if run.returncode != 0:
-            raise RuntimeError(f"compiling {SOURCE.name} failed:\n{run.stderr[-4000:]}")
+        objs = [Path(tmp) / f"{src.stem}.o" for src in SOURCES]
+        # the sources compile side by side (one process each), then link
+        steps = [_compile_command(cxx, src, obj) for src, obj in zip(SOURCES, objs)]
+        log.info("building the CPU kernels (once): %s", " ".join(steps[0]))
+        procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for cmd in steps]
+        errs = [proc.communicate()[1] for proc in procs]
+        results = [(src, proc.returncode, err) for src, proc, err in zip(SOURCES, procs, errs)]
+        link = subprocess.run(_link_command(cxx, objs, out), check=False, capture_output=True,
+                              text=True) if all(rc == 0 for _, rc, _ in results) else None
+        for src, rc, err in results:
+            if rc != 0:
+                raise RuntimeError(f"compiling {src.name} failed:\n{err[-4000:]}")
+        assert link is not None
+        if link.returncode != 0:
+            raise RuntimeError(f"linking the CPU kernels failed:\n{link.stderr[-4000:]}")
         if verbose:
-            print(run.stderr, file=sys.stderr)
+            print("".join(err for _, _, err in results), file=sys.stderr)
         os.replace(out, target)  # atomic: a concurrent build of the same file is harmless
     return target
 

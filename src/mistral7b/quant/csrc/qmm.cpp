@@ -546,6 +546,14 @@ at::Tensor gguf_dequantize(const at::Tensor& blocks, int64_t kind, int64_t N, in
 
 }  // namespace
 
+namespace mistral7b {  // for step.cpp, the other file of this library
+at::Tensor qmm_call(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
+                    const std::optional<at::Tensor>& mins, int64_t bits, int64_t group,
+                    double offset, int64_t n_out) {
+  return qmm(x, w, scale, mins, bits, group, offset, n_out);
+}
+}  // namespace mistral7b
+
 // Schemas here, kernels under the CPU dispatch key: that lets torch.compile trace the ops
 // through their fake (shape-only) implementations, registered in native.py.
 TORCH_LIBRARY(mistral7b_qmm, m) {

@@ -1,0 +1,119 @@
+"""The decode step in one C++ call: every layer of a step whose rows each feed one token.
+
+A small model's decode step is mostly Python and op dispatch: ~40 ops per layer, each a few
+microseconds of interpreter and dispatcher around a product of a few dozen microseconds.
+`FusedDecode` hands the whole layer stack to `DecodeStack` (quant/csrc/step.cpp) once per
+step: norms, rotary embedding, the cache write, grouped-query attention over the paged pool
+and the SwiGLU feed-forward, calling our int4/int8 kernel (or at::linear for float32 weights)
+directly. The embedding, final norm and output projection stay the model's own modules.
+
+Every number is computed by the same kernel on the same shapes as model.py's step, so the
+logits are equal to the bit (tests/test_fused_step.py); it is used by `Engine.step` when it
+applies:
+
+- the model is on the CPU in float32 and our kernel library runs here (native.ops());
+- every linear of every layer is our native int4/int8 layer or a plain float32 nn.Linear
+  without bias, every norm a plain RMSNorm: a LoRA wrapper, a served adapter, tensor
+  parallel or PyTorch's fallback kernels keep the eager path;
+- the step feeds one token to every row and wants only the last logits (decode; pre-fill,
+  speculative verification and scoring stay eager).
+
+The stack holds the model's own tensors (no copy), so in-place weight changes are seen; a
+swapped module or parameter is noticed at the next step (`current`) and the stack is rebuilt.
+`MISTRAL7B_FUSED_STEP=0` turns it off.
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from mistral7b.cache import AttentionPlan, KVPool
+from mistral7b.model import RMSNorm, Transformer
+from mistral7b.quant import native
+from mistral7b.quant.layers import Int4Linear, Int8Linear
+from mistral7b.rope import rope_angles
+
+_LINEARS = (("attention", "wq"), ("attention", "wk"), ("attention", "wv"), ("attention", "wo"),
+            ("feed_forward", "w1"), ("feed_forward", "w2"), ("feed_forward", "w3"))
+
+
+def enabled() -> bool:
+    return os.environ.get("MISTRAL7B_FUSED_STEP", "1") != "0"
+
+
+class FusedDecode:
+    """One model's layer stack as a DecodeStack, with what it was built from."""
+
+    def __init__(self, model: Transformer, stack: Any, checks: list[tuple[dict, str, Any]]):
+        self.model = model
+        self.stack = stack
+        self._dicts, self._keys, self._values = (list(c) for c in zip(*checks))
+
+    @classmethod
+    def build(cls, model: Transformer) -> FusedDecode | None:
+        """The fused step for `model`, or None where it does not apply (see the module doc)."""
+        ops = native.ops()
+        cfg = model.config
+        emb = model.tok_embeddings.weight
+        if (ops is None or not enabled() or emb.device.type != "cpu"
+                or emb.dtype != torch.float32 or not isinstance(model, Transformer)):
+            return None
+        stack = torch.classes.mistral7b_qmm.DecodeStack(cfg.n_heads, cfg.n_kv_heads,
+                                                        cfg.head_dim, float(cfg.norm_eps))
+        checks: list[tuple[dict, str, Any]] = []
+        for layer in model.layers:
+            norms = (layer._modules.get("attention_norm"), layer._modules.get("ffn_norm"))
+            if not all(type(n) is RMSNorm and n.weight.dtype == torch.float32 for n in norms):
+                return None
+            checks += [(layer._modules, "attention_norm", norms[0]),
+                       (layer._modules, "ffn_norm", norms[1])]
+            checks += [(n._parameters, "weight", n.weight) for n in norms]
+            for part, name in _LINEARS:
+                parent = layer._modules[part]
+                lin = parent._modules.get(name)
+                if not _add_linear(stack, lin):
+                    return None
+                checks.append((parent._modules, name, lin))
+                store = lin._buffers if isinstance(lin, (Int4Linear, Int8Linear)) else \
+                    lin._parameters
+                checks += [(store, key, t) for key, t in store.items()]
+            stack.add_layer(norms[0].weight.detach(), norms[1].weight.detach())
+        checks.append((model._modules, "layers", model.layers))
+        return cls(model, stack, checks)
+
+    def current(self) -> bool:
+        """Whether every module, parameter and buffer the stack was built from is still the
+        model's (a swap anywhere means: build again)."""
+        found = map(dict.get, self._dicts, self._keys)
+        return all(map(operator.is_, found, self._values))
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, pool: KVPool,
+                 plan: AttentionPlan) -> torch.Tensor:
+        """tokens, positions (B, 1) -> float32 logits of each row's token (B, V)."""
+        model, cfg = self.model, self.model.config
+        x = model.tok_embeddings(tokens[:, 0])                                  # (B, D)
+        cos, sin = rope_angles(positions[:, 0], cfg.head_dim, cfg.rope_theta)  # (B, Dh/2)
+        start, stop = plan.view if plan.view is not None else (0, 0)
+        mask = plan.grouped_mask(cfg.n_heads // cfg.n_kv_heads)
+        x = self.stack.forward(x, cos, sin, pool.k, pool.v, plan.write_slot, plan.gather,
+                               start, stop, mask)
+        return model.output(model.norm(x)).float()
+
+
+def _add_linear(stack: Any, lin: nn.Module | None) -> bool:
+    if isinstance(lin, (Int4Linear, Int8Linear)) and type(lin) in (Int4Linear, Int8Linear):
+        if lin.kernel != "native":
+            return False
+        stack.add_linear(lin.qweight, lin.scales, lin.mins, lin.bits, lin.group,
+                         float(lin.offset), lin.out_features, None)
+        return True
+    if (type(lin) is nn.Linear and lin.bias is None and lin.weight.dtype == torch.float32
+            and lin.weight.device.type == "cpu"):
+        stack.add_linear(None, None, None, 0, 0, 0.0, lin.out_features, lin.weight.detach())
+        return True
+    return False

@@ -1,0 +1,219 @@
+// The decode step of a whole layer stack in one call (DecodeStack), for rows that each feed
+// one token: the Python loop over layers and its ~40 op dispatches per layer cost more than
+// the matrix products of a small model (issue 16 item 2; fused_step.py is its Python side).
+//
+// Per layer, exactly as model.py's Block does it for T = 1:
+//
+//   h = rmsnorm(x) * attention_norm
+//   q, k, v = h Wq^T, h Wk^T, h Wv^T; rotate q and k (interleaved pairs, rope.py)
+//   k, v -> the pool at slot write_slot[b] of row b (cache.py's layout (L, KV, S, Dh))
+//   per query head: softmax over the visible keys (gather[b, j] where mask[b, j]) of
+//   q . k / sqrt(Dh), times the values; query head i uses kv head i / G (GQA)
+//   x = x + attn Wo^T
+//   h = rmsnorm(x) * ffn_norm;  x = x + (silu(h W1^T) * h W3^T) W2^T
+//
+// Linears are our int4/int8 panels (qmm.cpp) or float32 weights (at::linear, what F.linear
+// runs). Activations and the pool are float32. Every number is computed by the same kernel,
+// on the same shapes, as the eager step (norms, SDPA and SiLU through ATen; the rotation and
+// the cache write by hand, exact), so the logits are equal to the bit: what a captured graph
+// gives, without Python and the module calls between the ops.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/custom_class.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <vector>
+
+namespace mistral7b {
+at::Tensor qmm_call(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
+                    const std::optional<at::Tensor>& mins, int64_t bits, int64_t group,
+                    double offset, int64_t n_out);
+}
+
+namespace {
+
+struct Linear {
+  at::Tensor w, scale, dense;
+  std::optional<at::Tensor> mins;
+  int64_t bits = 0, group = 0, n_out = 0;
+  double offset = 0.0;
+
+  at::Tensor operator()(const at::Tensor& x) const {
+    if (bits == 0) return at::linear(x, dense);
+    return mistral7b::qmm_call(x, w, scale, mins, bits, group, offset, n_out);
+  }
+};
+
+struct Layer {
+  at::Tensor attention_norm, ffn_norm;
+  Linear wq, wk, wv, wo, w1, w2, w3;
+};
+
+// RMSNorm in float32 with the ops model.py runs (so the result is the same to the bit)
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  return x * at::rsqrt(x.pow(2).mean(-1, true) + eps) * w;
+}
+
+// Rotate the interleaved pairs of each of `heads` head vectors of every row, rounding as
+// rope.py's separate products and sum do: no fused multiply-add (this function is built for
+// the baseline ISA, which has none, and each product is its own statement).
+void rope(float* x, const float* cos, const float* sin, int64_t B, int64_t heads, int64_t Dh) {
+  const int64_t half = Dh / 2;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < heads; ++h) {
+      float* v = x + (b * heads + h) * Dh;
+      const float* c = cos + b * half;
+      const float* s = sin + b * half;
+      for (int64_t i = 0; i < half; ++i) {
+        const float x0 = v[2 * i], x1 = v[2 * i + 1];
+        const float a = x0 * c[i], b = x1 * s[i], e = x0 * s[i], f = x1 * c[i];
+        v[2 * i] = a - b;
+        v[2 * i + 1] = e + f;
+      }
+    }
+}
+
+class DecodeStack : public torch::CustomClassHolder {
+ public:
+  DecodeStack(int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, double eps)
+      : n_heads_(n_heads), n_kv_heads_(n_kv_heads), head_dim_(head_dim), eps_(eps) {
+    TORCH_CHECK(n_kv_heads > 0 && n_heads % n_kv_heads == 0 && head_dim % 2 == 0,
+                "DecodeStack: heads must group evenly and head_dim be even");
+  }
+
+  // One linear, in layer order wq wk wv wo w1 w2 w3: panels (bits 4 or 8) or a float32
+  // weight (bits 0, `dense`).
+  void add_linear(std::optional<at::Tensor> w, std::optional<at::Tensor> scale,
+                  std::optional<at::Tensor> mins, int64_t bits, int64_t group, double offset,
+                  int64_t n_out, std::optional<at::Tensor> dense) {
+    Linear l;
+    l.bits = bits;
+    if (bits == 0) {
+      TORCH_CHECK(dense.has_value() && dense->scalar_type() == at::kFloat && dense->dim() == 2,
+                  "a float linear needs its float32 weight");
+      l.dense = *dense;
+    } else {
+      TORCH_CHECK(w.has_value() && scale.has_value(), "a quantized linear needs w and scale");
+      l.w = *w;
+      l.scale = *scale;
+      l.mins = mins;
+      l.group = group;
+      l.offset = offset;
+      l.n_out = n_out;
+    }
+    pending_.push_back(std::move(l));
+  }
+
+  // Close a layer: its two norm weights and the last seven linears added.
+  void add_layer(at::Tensor attention_norm, at::Tensor ffn_norm) {
+    TORCH_CHECK(pending_.size() == 7, "add_layer needs exactly 7 linears, got ",
+                pending_.size());
+    TORCH_CHECK(attention_norm.scalar_type() == at::kFloat &&
+                    ffn_norm.scalar_type() == at::kFloat,
+                "norm weights must be float32");
+    Layer l{attention_norm.contiguous(), ffn_norm.contiguous(), pending_[0], pending_[1],
+            pending_[2], pending_[3], pending_[4], pending_[5], pending_[6]};
+    layers_.push_back(std::move(l));
+    pending_.clear();
+  }
+
+  int64_t n_layers() const { return static_cast<int64_t>(layers_.size()); }
+
+  // x (B, D) float32: the embedded tokens; cos, sin (B, Dh/2); k_pool, v_pool
+  // (L, KV, S, Dh) float32; write_slot (B,) the slot each row's token goes to. Keys: the
+  // slots [view_start, view_stop) when gather is None (one row), else gather (B, K);
+  // mask: AttentionPlan.grouped_mask(G), (B, 1, G, K) bool, or None (every key visible).
+  // Returns the hidden states after the last layer, (B, D).
+  at::Tensor forward(at::Tensor x, at::Tensor cos, at::Tensor sin, at::Tensor k_pool,
+                     at::Tensor v_pool, at::Tensor write_slot, std::optional<at::Tensor> gather,
+                     int64_t view_start, int64_t view_stop, std::optional<at::Tensor> mask) {
+    const int64_t B = x.size(0), D = x.size(1), H = n_heads_, KV = n_kv_heads_,
+                  Dh = head_dim_, G = H / KV;
+    TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be (B, D) float32");
+    TORCH_CHECK(k_pool.dim() == 4 && k_pool.is_contiguous() && v_pool.is_contiguous() &&
+                    k_pool.scalar_type() == at::kFloat && v_pool.sizes() == k_pool.sizes(),
+                "the pools must be contiguous float32 (L, KV, S, Dh)");
+    TORCH_CHECK(k_pool.size(0) == n_layers() && k_pool.size(1) == KV && k_pool.size(3) == Dh,
+                "pool shape does not match the stack");
+    const int64_t S = k_pool.size(2);
+    cos = cos.contiguous();
+    sin = sin.contiguous();
+    TORCH_CHECK(cos.numel() == B * Dh / 2 && sin.numel() == B * Dh / 2, "cos/sin: (B, Dh/2)");
+    const auto slot = write_slot.to(at::kLong).contiguous();
+    TORCH_CHECK(slot.numel() == B, "write_slot: one slot per row");
+    const int64_t* sp = slot.data_ptr<int64_t>();
+    for (int64_t i = 0; i < B; ++i) TORCH_CHECK(sp[i] >= 0 && sp[i] < S, "write slot range");
+    at::Tensor flat;
+    int64_t K = view_stop - view_start;
+    if (gather.has_value()) {
+      TORCH_CHECK(gather->dim() == 2 && gather->size(0) == B, "gather: (B, K)");
+      K = gather->size(1);
+      flat = gather->reshape({-1});
+    } else {
+      TORCH_CHECK(B == 1 && 0 <= view_start && view_start < view_stop && view_stop <= S,
+                  "a key view needs one row and a slot range inside the pool");
+    }
+    if (mask.has_value())
+      TORCH_CHECK(mask->dim() == 4 && mask->size(0) == B && mask->size(2) == G &&
+                      mask->size(3) == K,
+                  "mask: (B, 1, G, K)");
+
+    for (int64_t li = 0; li < n_layers(); ++li) {
+      const Layer& L = layers_[li];
+      at::Tensor h = rms_norm(x, L.attention_norm, eps_);
+      at::Tensor q = L.wq(h);
+      at::Tensor k = L.wk(h), v = L.wv(h);
+      rope(q.data_ptr<float>(), cos.data_ptr<float>(), sin.data_ptr<float>(), B, H, Dh);
+      rope(k.data_ptr<float>(), cos.data_ptr<float>(), sin.data_ptr<float>(), B, KV, Dh);
+      at::Tensor ck = k_pool.select(0, li), cv = v_pool.select(0, li);     // (KV, S, Dh)
+      float* kl = ck.data_ptr<float>();
+      float* vl = cv.data_ptr<float>();
+      const float* kn = k.data_ptr<float>();
+      const float* vn = v.data_ptr<float>();
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t j = 0; j < KV; ++j) {
+          std::memcpy(kl + (j * S + sp[b]) * Dh, kn + (b * KV + j) * Dh, Dh * sizeof(float));
+          std::memcpy(vl + (j * S + sp[b]) * Dh, vn + (b * KV + j) * Dh, Dh * sizeof(float));
+        }
+      // the keys and the attention exactly as model.py / KVPool.update hand them to SDPA
+      at::Tensor keys, values;
+      if (gather.has_value()) {
+        keys = ck.index_select(1, flat).view({-1, B, K, Dh}).transpose(0, 1);
+        values = cv.index_select(1, flat).view({-1, B, K, Dh}).transpose(0, 1);
+      } else {
+        keys = ck.slice(1, view_start, view_stop).unsqueeze(0);
+        values = cv.slice(1, view_start, view_stop).unsqueeze(0);
+      }
+      at::Tensor out = at::scaled_dot_product_attention(q.view({B, KV, G, Dh}), keys, values,
+                                                        mask);
+      x = x + L.wo(out.reshape({B, H * Dh}));
+      h = rms_norm(x, L.ffn_norm, eps_);
+      x = x + L.w2(at::silu(L.w1(h)) * L.w3(h));
+    }
+    return x;
+  }
+
+ private:
+  int64_t n_heads_, n_kv_heads_, head_dim_;
+  double eps_;
+  std::vector<Layer> layers_;
+  std::vector<Linear> pending_;
+};
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(mistral7b_qmm, m) {
+  m.class_<DecodeStack>("DecodeStack")
+      .def(torch::init<int64_t, int64_t, int64_t, double>())
+      .def("add_linear", &DecodeStack::add_linear)
+      .def("add_layer", &DecodeStack::add_layer)
+      .def("n_layers", &DecodeStack::n_layers)
+      .def("forward", &DecodeStack::forward);
+}
