@@ -5,7 +5,7 @@ pre-fill (M = 256) for a Mistral-7B FFN matrix (14336 x 4096), medians of severa
 
 What it compares: bf16 F.linear (oneDNN) and our bf16 kernel (BF16Linear, M = 1); for int8
 (per channel) and int4 (groups of 32/128), with bf16 and float32 activations, our AVX-512
-VNNI kernel ("ours", quant/native.py) against PyTorch's (aten._weight_int8pack_mm,
+VNNI kernel ("ours", kernels/native.py) against PyTorch's (aten._weight_int8pack_mm,
 aten._weight_int4pack_mm_for_cpu, "torch"); and dequantize-to-bf16 + matmul for pre-fill.
 Several copies of the matrix are cycled so each call reads its weights from memory, not
 cache.
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from mistral7b.quant import layers as qlayers
-from mistral7b.quant import native
+from mistral7b.kernels import native
 from mistral7b.quant.layers import (
     Int4Linear,
     Int8Linear,

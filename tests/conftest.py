@@ -34,7 +34,7 @@ def _kernel_built_once():
     """Our C++ kernel is compiled on first use (about a minute on a fresh machine, cached in
     ~/.cache/mistral7b): do it here, once, so that no test's subprocess (a CLI run, a server,
     a fuzz child under a time limit) pays for it inside its own deadline."""
-    from mistral7b.quant import native
+    from mistral7b.kernels import native
 
     native.ops()
     yield

@@ -53,6 +53,7 @@ import torch
 
 from mistral7b.config import ModelConfig
 from mistral7b.errors import InputError, Mistral7BError, ResourceError
+from mistral7b.kernels import native
 
 BLOCK_SIZE = 32
 
@@ -90,6 +91,10 @@ class AttentionPlan:
     view: tuple[int, int] | None = None     # keys = slots [start, stop) (B == 1)
     gather: torch.Tensor | None = None      # (B, K) slot of each key
     _grouped: dict[int, torch.Tensor | None] = field(default_factory=dict, repr=False)
+
+    def decode_mask(self) -> torch.Tensor | None:
+        """A one-token-per-row step's mask as (B, K), or None when every key is visible."""
+        return None if self.grouped_mask(1) is None else self.mask[:, 0, 0]
 
     def grouped_mask(self, groups: int) -> torch.Tensor | None:
         """The mask for G query heads folded into the query axis, (B, 1, G*T, K), built once
@@ -132,6 +137,10 @@ class KVPool:
         self.k[:, :, :bs] = 0
         self.v[:, :, :bs] = 0
         self.device = torch.device(device)
+        # decode attention read in place (quant/csrc/attention.cpp) where our kernels run
+
+        self.paged = native.ops() if self.device.type == "cpu" and dtype == torch.float32 \
+            else None
         self._free = list(range(1, n_blocks))           # a min-heap: low blocks first, so
         self._ref = [0] * n_blocks                      # the pages touched stay compact
         self._block_of: dict[bytes, int] = {}
@@ -395,6 +404,19 @@ class KVPool:
         keys = ck.index_select(1, flat).view(-1, B, K, ck.shape[-1]).transpose(0, 1)
         values = cv.index_select(1, flat).view(-1, B, K, cv.shape[-1]).transpose(0, 1)
         return keys, values
+
+    def decode_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         plan: AttentionPlan) -> torch.Tensor:
+        """A decode step's attention (one token per row) read from the pool in place: store
+        k/v (B, KV, 1, D), then attend q (B, H, D) to each row's visible keys -> (B, H * D).
+        Only where `self.paged` is set (our kernel library, float32 on the CPU)."""
+        assert self.paged is not None
+        ck, cv = self.k[layer], self.v[layer]
+        ck[:, plan.write_slot] = k[plan.write_b, :, plan.write_t].transpose(0, 1)
+        cv[:, plan.write_slot] = v[plan.write_b, :, plan.write_t].transpose(0, 1)
+        start, stop = plan.view if plan.view is not None else (0, 0)
+        return self.paged.paged_attention(q, ck, cv, plan.gather, start, stop,
+                                          plan.decode_mask())
 
     # ----------------------------------------------------------------- blocks
 

@@ -2,7 +2,7 @@
 
 A small model's decode step is mostly Python and op dispatch: ~40 ops per layer, each a few
 microseconds of interpreter and dispatcher around a product of a few dozen microseconds.
-`FusedDecode` hands the whole layer stack to `DecodeStack` (quant/csrc/step.cpp) once per
+`FusedDecode` hands the whole layer stack to `DecodeStack` (kernels/csrc/step.cpp) once per
 step: norms, rotary embedding, the cache write, grouped-query attention over the paged pool
 and the SwiGLU feed-forward, calling our int4/int8 kernel (or at::linear for float32 weights)
 directly. The embedding, final norm and output projection stay the model's own modules.
@@ -33,8 +33,8 @@ import torch
 from torch import nn
 
 from mistral7b.cache import AttentionPlan, KVPool
+from mistral7b.kernels import native
 from mistral7b.model import RMSNorm, Transformer
-from mistral7b.quant import native
 from mistral7b.quant.layers import Int4Linear, Int8Linear
 from mistral7b.rope import rope_angles
 
@@ -99,7 +99,7 @@ class FusedDecode:
         x = model.tok_embeddings(tokens[:, 0])                                  # (B, D)
         cos, sin = rope_angles(positions[:, 0], cfg.head_dim, cfg.rope_theta)  # (B, Dh/2)
         start, stop = plan.view if plan.view is not None else (0, 0)
-        mask = plan.grouped_mask(cfg.n_heads // cfg.n_kv_heads)
+        mask = plan.decode_mask()
         x = self.stack.forward(x, cos, sin, pool.k, pool.v, plan.write_slot, plan.gather,
                                start, stop, mask)
         return model.output(model.norm(x)).float()

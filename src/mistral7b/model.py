@@ -16,6 +16,7 @@ from torch import nn
 
 from mistral7b.cache import AttentionPlan, KVPool
 from mistral7b.config import ModelConfig
+from mistral7b.kernels import native
 from mistral7b.rope import apply_rope, rope_angles
 
 
@@ -26,6 +27,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.dtype == torch.float32 and self.weight.dtype == torch.float32
+                and x.device.type == "cpu"
+                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
+            ops = native.ops()
+            if ops is not None:   # ours: the fused decode step computes the same bits
+                return ops.rms_norm(x, self.weight, self.eps)
         # Normalise in float32 whatever the activation dtype, as the reference does.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -53,6 +60,10 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # (B, KV, T, Dh): the cache layout. Rotated k goes into the cache.
         k, v = k.transpose(1, 2), v.transpose(1, 2)
+        if T == 1 and cache is not None and cache.paged is not None:
+            # decode: our kernel reads the keys in the pool where they are (no gathered copy)
+            out = cache.decode_attention(self.layer_id, q.view(B, self.n_heads, Dh), k, v, plan)
+            return self.wo(out.view(B, T, -1))
         keys, values = (k, v) if cache is None else cache.update(self.layer_id, k, v, plan)
         # Grouped-query attention without copying k/v: fold each kv head's G query heads into
         # the query-length axis, (B, T, KV*G, Dh) -> (B, KV, G*T, Dh). Query heads

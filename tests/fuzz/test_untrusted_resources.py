@@ -33,7 +33,7 @@ import resource, sys
 import mistral7b.tokenizer.gguf, mistral7b.weights.loader
 from mistral7b.api import load
 from mistral7b.errors import Mistral7BError
-from mistral7b.quant import native
+from mistral7b.kernels import native
 native.ops()  # the kernel library, mapped before the limit is set
 with open("/proc/self/status") as f:
     vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))

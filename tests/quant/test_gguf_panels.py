@@ -10,7 +10,7 @@ import pytest
 import torch
 from tiny_models import hf_mistral, save_gguf
 
-from mistral7b.quant import native
+from mistral7b.kernels import native
 from mistral7b.quant.gguf_import import import_int4, import_q8_0
 
 gguf = pytest.importorskip("gguf")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mistral7b.quant import native
+from mistral7b.kernels import native
 from mistral7b.quant.layers import quantize_int4, quantize_int8
 
 pytestmark = pytest.mark.skipif(native.ops() is None,
@@ -161,7 +161,7 @@ def test_no_compiler_means_pytorch_kernels_and_a_warning(monkeypatch, caplog):
     monkeypatch.setattr(native, "_compiler", lambda: None)
     native.ops.cache_clear()
     try:
-        with caplog.at_level("WARNING", logger="mistral7b.quant.native"):
+        with caplog.at_level("WARNING", logger="mistral7b.kernels.native"):
             assert native.ops() is None
         assert "no C++ compiler" in caplog.text
         layer = Int4Linear(quantize_int4(torch.randn(32, 64), 32), dtype=torch.float32)

@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mistral7b.quant import cuda, native
+from mistral7b.kernels import native
+from mistral7b.quant import cuda
 
 INT4_GROUPS = (32, 64, 128, 256)
 _NP = {torch.uint8: np.uint8, torch.int32: np.int32}

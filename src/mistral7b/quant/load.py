@@ -18,9 +18,9 @@ from torch import nn
 
 from mistral7b import progress
 from mistral7b.errors import InputError, ModelFileError
+from mistral7b.kernels import native
 from mistral7b.model import Transformer
 from mistral7b.modules import set_parameter, swap_module
-from mistral7b.quant import native
 from mistral7b.quant.checkpoint import read_stored_weight, stored_quant
 from mistral7b.quant.convert import (
     DEFAULT_INT4_GROUP,

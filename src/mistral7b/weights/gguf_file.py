@@ -174,7 +174,7 @@ def _dequantize_own(kind: str, data: np.ndarray, shape: tuple[int, int]) -> np.n
     """The 4- and 8-bit types the quantized loader imports (quant/gguf_import.py), in float32
     by the same arithmetic as gguf's dequantizer (tests check it bit for bit); None for the
     others."""
-    from mistral7b.quant import native
+    from mistral7b.kernels import native
     from mistral7b.quant.gguf_import import EXACT_INT4_TYPES, import_int4, import_q8_0
 
     fast = native.gguf_dequantize(kind, torch.from_numpy(data.reshape(-1)), *shape)

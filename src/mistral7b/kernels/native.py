@@ -1,5 +1,6 @@
-"""Our CPU kernels (csrc/): int4/int8 weights (qmm.cpp) and the fused decode step (step.cpp),
-compiled on first use into one cached library.
+"""Our CPU kernels (csrc/): int4/int8 weights (qmm.cpp), decode attention over the paged
+KV pool (attention.cpp), RMSNorm (norm.cpp) and the fused decode step (step.cpp), compiled on
+first use into one cached library.
 
     ops = native.ops()          # None where it cannot run: then layers.py uses PyTorch's kernels
     y = ops.qmm(x, w, scale, mins, bits, group, offset, n_out)
@@ -31,7 +32,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("qmm.cpp", "step.cpp"))
+SOURCES = tuple(Path(__file__).with_name("csrc") / name
+                for name in ("qmm.cpp", "attention.cpp", "norm.cpp", "step.cpp"))
 
 
 def cache_dir() -> Path:

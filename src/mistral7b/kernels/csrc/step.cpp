@@ -7,16 +7,17 @@
 //   h = rmsnorm(x) * attention_norm
 //   q, k, v = h Wq^T, h Wk^T, h Wv^T; rotate q and k (interleaved pairs, rope.py)
 //   k, v -> the pool at slot write_slot[b] of row b (cache.py's layout (L, KV, S, Dh))
-//   per query head: softmax over the visible keys (gather[b, j] where mask[b, j]) of
-//   q . k / sqrt(Dh), times the values; query head i uses kv head i / G (GQA)
+//   attention over the visible keys, read in the pool where they are (attention.cpp)
 //   x = x + attn Wo^T
 //   h = rmsnorm(x) * ffn_norm;  x = x + (silu(h W1^T) * h W3^T) W2^T
 //
 // Linears are our int4/int8 panels (qmm.cpp) or float32 weights (at::linear, what F.linear
 // runs). Activations and the pool are float32. Every number is computed by the same kernel,
-// on the same shapes, as the eager step (norms, SDPA and SiLU through ATen; the rotation and
-// the cache write by hand, exact), so the logits are equal to the bit: what a captured graph
-// gives, without Python and the module calls between the ops.
+// on the same shapes, as the eager step (RMSNorm and attention through norm.cpp and
+// attention.cpp as model.py does, SiLU through ATen; the rotation and the cache write by hand,
+// exact),
+// so the logits are equal to the bit: what a captured graph gives, without Python and the
+// module calls between the ops.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -31,10 +32,14 @@
 #include <optional>
 #include <vector>
 
-namespace mistral7b {
+namespace mistral7b {  // qmm.cpp, attention.cpp, norm.cpp
 at::Tensor qmm_call(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
                     const std::optional<at::Tensor>& mins, int64_t bits, int64_t group,
                     double offset, int64_t n_out);
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                           const std::optional<at::Tensor>& gather, int64_t start, int64_t stop,
+                           const std::optional<at::Tensor>& mask);
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps);
 }
 
 namespace {
@@ -55,11 +60,6 @@ struct Layer {
   at::Tensor attention_norm, ffn_norm;
   Linear wq, wk, wv, wo, w1, w2, w3;
 };
-
-// RMSNorm in float32 with the ops model.py runs (so the result is the same to the bit)
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
-  return x * at::rsqrt(x.pow(2).mean(-1, true) + eps) * w;
-}
 
 // Rotate the interleaved pairs of each of `heads` head vectors of every row, rounding as
 // rope.py's separate products and sum do: no fused multiply-add (this function is built for
@@ -129,13 +129,13 @@ class DecodeStack : public torch::CustomClassHolder {
   // x (B, D) float32: the embedded tokens; cos, sin (B, Dh/2); k_pool, v_pool
   // (L, KV, S, Dh) float32; write_slot (B,) the slot each row's token goes to. Keys: the
   // slots [view_start, view_stop) when gather is None (one row), else gather (B, K);
-  // mask: AttentionPlan.grouped_mask(G), (B, 1, G, K) bool, or None (every key visible).
+  // mask (B, K) bool, or None (every key visible): attention.cpp's paged_attention.
   // Returns the hidden states after the last layer, (B, D).
   at::Tensor forward(at::Tensor x, at::Tensor cos, at::Tensor sin, at::Tensor k_pool,
                      at::Tensor v_pool, at::Tensor write_slot, std::optional<at::Tensor> gather,
                      int64_t view_start, int64_t view_stop, std::optional<at::Tensor> mask) {
     const int64_t B = x.size(0), D = x.size(1), H = n_heads_, KV = n_kv_heads_,
-                  Dh = head_dim_, G = H / KV;
+                  Dh = head_dim_;
     TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be (B, D) float32");
     TORCH_CHECK(k_pool.dim() == 4 && k_pool.is_contiguous() && v_pool.is_contiguous() &&
                     k_pool.scalar_type() == at::kFloat && v_pool.sizes() == k_pool.sizes(),
@@ -150,24 +150,10 @@ class DecodeStack : public torch::CustomClassHolder {
     TORCH_CHECK(slot.numel() == B, "write_slot: one slot per row");
     const int64_t* sp = slot.data_ptr<int64_t>();
     for (int64_t i = 0; i < B; ++i) TORCH_CHECK(sp[i] >= 0 && sp[i] < S, "write slot range");
-    at::Tensor flat;
-    int64_t K = view_stop - view_start;
-    if (gather.has_value()) {
-      TORCH_CHECK(gather->dim() == 2 && gather->size(0) == B, "gather: (B, K)");
-      K = gather->size(1);
-      flat = gather->reshape({-1});
-    } else {
-      TORCH_CHECK(B == 1 && 0 <= view_start && view_start < view_stop && view_stop <= S,
-                  "a key view needs one row and a slot range inside the pool");
-    }
-    if (mask.has_value())
-      TORCH_CHECK(mask->dim() == 4 && mask->size(0) == B && mask->size(2) == G &&
-                      mask->size(3) == K,
-                  "mask: (B, 1, G, K)");
 
     for (int64_t li = 0; li < n_layers(); ++li) {
       const Layer& L = layers_[li];
-      at::Tensor h = rms_norm(x, L.attention_norm, eps_);
+      at::Tensor h = mistral7b::rms_norm(x, L.attention_norm, eps_);
       at::Tensor q = L.wq(h);
       at::Tensor k = L.wk(h), v = L.wv(h);
       rope(q.data_ptr<float>(), cos.data_ptr<float>(), sin.data_ptr<float>(), B, H, Dh);
@@ -182,19 +168,10 @@ class DecodeStack : public torch::CustomClassHolder {
           std::memcpy(kl + (j * S + sp[b]) * Dh, kn + (b * KV + j) * Dh, Dh * sizeof(float));
           std::memcpy(vl + (j * S + sp[b]) * Dh, vn + (b * KV + j) * Dh, Dh * sizeof(float));
         }
-      // the keys and the attention exactly as model.py / KVPool.update hand them to SDPA
-      at::Tensor keys, values;
-      if (gather.has_value()) {
-        keys = ck.index_select(1, flat).view({-1, B, K, Dh}).transpose(0, 1);
-        values = cv.index_select(1, flat).view({-1, B, K, Dh}).transpose(0, 1);
-      } else {
-        keys = ck.slice(1, view_start, view_stop).unsqueeze(0);
-        values = cv.slice(1, view_start, view_stop).unsqueeze(0);
-      }
-      at::Tensor out = at::scaled_dot_product_attention(q.view({B, KV, G, Dh}), keys, values,
-                                                        mask);
+      at::Tensor out = mistral7b::paged_attention(q.view({B, H, Dh}), ck, cv, gather,
+                                                  view_start, view_stop, mask);
       x = x + L.wo(out.reshape({B, H * Dh}));
-      h = rms_norm(x, L.ffn_norm, eps_);
+      h = mistral7b::rms_norm(x, L.ffn_norm, eps_);
       x = x + L.w2(at::silu(L.w1(h)) * L.w3(h));
     }
     return x;
