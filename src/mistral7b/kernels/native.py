@@ -61,7 +61,7 @@ def _link_command(cxx: str, objs: list[Path], out: Path) -> list[str]:
 
 def library_path(cxx: str) -> Path:
     digest = hashlib.sha256()
-    for src in SOURCES:
+    for src in sorted(SOURCES[0].parent.iterdir()):   # the sources and their header
         digest.update(src.read_bytes())
     digest.update(f"{torch.__version__}|{cxx}|{sys.platform}".encode())
     return cache_dir() / f"qmm-{digest.hexdigest()[:16]}.so"

@@ -21,6 +21,8 @@
 #include <optional>
 #include <vector>
 
+#include "kernels.h"
+
 #if defined(__x86_64__)
 #include <immintrin.h>
 #define ATT_TARGET __attribute__((target("avx512f,avx512dq,fma")))

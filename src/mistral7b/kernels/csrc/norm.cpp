@@ -13,6 +13,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "kernels.h"
+
 #if defined(__x86_64__)
 #include <immintrin.h>
 #define NORM_TARGET __attribute__((target("avx512f,avx512dq,fma")))

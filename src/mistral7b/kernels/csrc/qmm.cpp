@@ -31,6 +31,10 @@
 
 #include <algorithm>
 #include <atomic>
+#include <memory>
+#include <utility>
+
+#include "kernels.h"
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -197,11 +201,9 @@ M7_TARGET void panel(const uint8_t* w, const S* scale, const S* mins, const int8
   for (int t = 0; t < T; ++t) store_y(y + t * N, acc[t]);
 }
 
-template <int BITS, typename S, bool AFFINE, typename X>
-void run(const X* x, int64_t M, int64_t K, int64_t N, int64_t G, const uint8_t* w,
-         const S* scale, const S* mins, float offset, X* y) {
+template <typename X>
+void quantize_acts(const X* x, int64_t M, int64_t K, int64_t G, QuantizedActs& acts) {
   const int64_t n_blocks = K / kBlock, n_groups = K / G;
-  QuantizedActs acts;
   acts.q.resize(M * K);
   acts.a.resize(M * n_blocks);
   acts.sg.resize(M * n_groups);
@@ -210,29 +212,72 @@ void run(const X* x, int64_t M, int64_t K, int64_t N, int64_t G, const uint8_t* 
       quantize_row(x + m * K, K, G, acts.q.data() + m * K, acts.a.data() + m * n_blocks,
                    acts.sg.data() + m * n_groups);
   });
+}
+
+// panels p0 .. p1-1 of one weight times the M quantized activation rows
+template <int BITS, typename S, bool AFFINE, typename X>
+void panels_span(const QuantizedActs& acts, int64_t M, int64_t K, int64_t N, int64_t G,
+                 const uint8_t* w, const S* scale, const S* mins, float offset, X* y,
+                 int64_t p0, int64_t p1) {
+  const int64_t n_blocks = K / kBlock, n_groups = K / G;
   constexpr int64_t kPanelBytesPerBlock = BITS == 4 ? 256 : 512;
   const int64_t panel_bytes = n_blocks * kPanelBytesPerBlock;
   const int64_t panel_scales = n_groups * kRows;
-  at::parallel_for(0, N / kRows, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      const uint8_t* wp = w + p * panel_bytes;
-      const S* sp = scale + p * panel_scales;
-      const S* mp = AFFINE ? mins + p * panel_scales : nullptr;
-      for (int64_t m = 0; m < M; m += kMaxTile) {
-        const int64_t T = std::min<int64_t>(kMaxTile, M - m);
-        const int8_t* qm = acts.q.data() + m * K;
-        const float* am = acts.a.data() + m * n_blocks;
-        const float* gm = acts.sg.data() + m * n_groups;
-        X* ym = y + m * N + p * kRows;
-        switch (T) {
-          case 4: panel<BITS, S, AFFINE, 4>(wp, sp, mp, qm, am, gm, K, G, offset, ym, N); break;
-          case 3: panel<BITS, S, AFFINE, 3>(wp, sp, mp, qm, am, gm, K, G, offset, ym, N); break;
-          case 2: panel<BITS, S, AFFINE, 2>(wp, sp, mp, qm, am, gm, K, G, offset, ym, N); break;
-          default: panel<BITS, S, AFFINE, 1>(wp, sp, mp, qm, am, gm, K, G, offset, ym, N);
-        }
+  for (int64_t p = p0; p < p1; ++p) {
+    const uint8_t* wp = w + p * panel_bytes;
+    const S* sp = scale + p * panel_scales;
+    const S* mp = AFFINE ? mins + p * panel_scales : nullptr;
+    for (int64_t m = 0; m < M; m += kMaxTile) {
+      const int64_t T = std::min<int64_t>(kMaxTile, M - m);
+      const int8_t* qm = acts.q.data() + m * K;
+      const float* am = acts.a.data() + m * n_blocks;
+      const float* gm = acts.sg.data() + m * n_groups;
+      X* ym = y + m * N + p * kRows;
+      switch (T) {
+        case 4: panel<BITS, S, AFFINE, 4>(wp, sp, mp, qm, am, gm, K, G, offset, ym, N); break;
+        case 3: panel<BITS, S, AFFINE, 3>(wp, sp, mp, qm, am, gm, K, G, offset, ym, N); break;
+        case 2: panel<BITS, S, AFFINE, 2>(wp, sp, mp, qm, am, gm, K, G, offset, ym, N); break;
+        default: panel<BITS, S, AFFINE, 1>(wp, sp, mp, qm, am, gm, K, G, offset, ym, N);
       }
     }
+  }
+}
+
+template <int BITS, typename S, bool AFFINE, typename X>
+void run(const X* x, int64_t M, int64_t K, int64_t N, int64_t G, const uint8_t* w,
+         const S* scale, const S* mins, float offset, X* y) {
+  QuantizedActs acts;
+  quantize_acts(x, M, K, G, acts);
+  at::parallel_for(0, N / kRows, 1, [&](int64_t p0, int64_t p1) {
+    panels_span<BITS, S, AFFINE, X>(acts, M, K, N, G, w, scale, mins, offset, y, p0, p1);
   });
+}
+
+// Several weights of the same input width times one float32 x, in one parallel region: the
+// panels of all of them are shared out together, each computed exactly as `run` does.
+struct Product {
+  const uint8_t* w;
+  const void* scale;
+  const void* mins;
+  float offset;
+  int64_t N, G;
+  float* y;
+  const QuantizedActs* acts;
+  void (*span)(const Product&, int64_t M, int64_t K, int64_t p0, int64_t p1);
+};
+
+template <int BITS, typename S, bool AFFINE>
+void product_span(const Product& p, int64_t M, int64_t K, int64_t p0, int64_t p1) {
+  panels_span<BITS, S, AFFINE, float>(*p.acts, M, K, p.N, p.G, p.w,
+                                      static_cast<const S*>(p.scale),
+                                      static_cast<const S*>(p.mins), p.offset, p.y, p0, p1);
+}
+
+template <typename S>
+auto span_for(int64_t bits, bool affine) -> void (*)(const Product&, int64_t, int64_t, int64_t,
+                                                     int64_t) {
+  if (bits == 4) return affine ? &product_span<4, S, true> : &product_span<4, S, false>;
+  return affine ? &product_span<8, S, true> : &product_span<8, S, false>;
 }
 
 template <typename S, typename X>
@@ -298,6 +343,28 @@ void bf16_gemv_t(const at::BFloat16* w, const at::BFloat16* x, int64_t N, int64_
 
 bool has_vnni() { return cpu_has_vnni(); }
 
+void check_weight(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
+                  const std::optional<at::Tensor>& mins, int64_t bits, int64_t group,
+                  int64_t n_out) {
+  TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8, got ", bits);
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() &&
+                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "x must be a contiguous 2-D float32 or bfloat16 tensor");
+  const int64_t K = x.size(1), N = n_out;
+  TORCH_CHECK(K % kBlock == 0 && N % kRows == 0, "K must be a multiple of 32 and N of 16");
+  TORCH_CHECK(group % kBlock == 0 && K % group == 0, "group must be a multiple of 32 dividing K");
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous() &&
+                  w.numel() == N * K * bits / 8,
+              "w must hold ", N * K * bits / 8, " contiguous bytes");
+  TORCH_CHECK(scale.is_contiguous() && scale.numel() == N * (K / group), "scale size");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kHalf,
+              "scale must be float16 or float32");
+  if (mins.has_value())
+    TORCH_CHECK(mins->scalar_type() == scale.scalar_type() && mins->is_contiguous() &&
+                    mins->numel() == scale.numel(),
+                "mins must match scale");
+}
+
 // x (M, K) float32 or bfloat16; w the panels (uint8, N/16 * K/32 * 256 or 512 bytes); scale
 // and mins (N/16, K/G, 16) float16 or float32 (mins: None for the symmetric form). Returns
 // (M, N) in x's dtype (sums are float32 throughout; a bfloat16 output is rounded once).
@@ -305,27 +372,12 @@ at::Tensor qmm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale
                const std::optional<at::Tensor>& mins, int64_t bits, int64_t group,
                double offset, int64_t n_out) {
   TORCH_CHECK(cpu_has_vnni(), "mistral7b qmm needs a CPU with AVX-512 VNNI");
-  TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8, got ", bits);
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() &&
-                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
-              "x must be a contiguous 2-D float32 or bfloat16 tensor");
+  check_weight(x, w, scale, mins, bits, group, n_out);
   const int64_t M = x.size(0), K = x.size(1), N = n_out;
-  TORCH_CHECK(K % kBlock == 0 && N % kRows == 0, "K must be a multiple of 32 and N of 16");
-  TORCH_CHECK(group % kBlock == 0 && K % group == 0, "group must be a multiple of 32 dividing K");
-  TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous() &&
-                  w.numel() == N * K * bits / 8,
-              "w must hold ", N * K * bits / 8, " contiguous bytes");
-  TORCH_CHECK(scale.is_contiguous() && scale.numel() == N * (K / group), "scale size");
   const bool affine = mins.has_value();
-  if (affine)
-    TORCH_CHECK(mins->scalar_type() == scale.scalar_type() && mins->is_contiguous() &&
-                    mins->numel() == scale.numel(),
-                "mins must match scale");
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0) return y;
 #if M7_X86
-  TORCH_CHECK(scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kHalf,
-              "scale must be float16 or float32");
   const auto* wp = w.data_ptr<uint8_t>();
   const auto go = [&](auto* xp, auto* yp) {
     if (scale.scalar_type() == at::kFloat)
@@ -344,6 +396,50 @@ at::Tensor qmm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale
     go(x.data_ptr<at::BFloat16>(), y.data_ptr<at::BFloat16>());
 #endif
   return y;
+}
+
+// qmm for several weights of one float32 x (wq, wk, wv; w1, w3): the activations quantized
+// once per group size, every weight's panels shared out in one parallel region. Each output
+// equals its own qmm call to the bit.
+std::vector<at::Tensor> qmm_many(const at::Tensor& x,
+                                 const std::vector<const mistral7b::QWeight*>& ws) {
+  TORCH_CHECK(cpu_has_vnni(), "mistral7b qmm needs a CPU with AVX-512 VNNI");
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "qmm_many takes float32 x");
+  const int64_t M = x.size(0), K = x.size(1);
+  std::vector<at::Tensor> ys;
+  std::vector<Product> products;
+  std::vector<int64_t> first_panel{0};
+#if M7_X86
+  std::vector<std::pair<int64_t, std::unique_ptr<QuantizedActs>>> acts;  // by group size
+  for (const auto* q : ws) {
+    check_weight(x, q->w, q->scale, q->mins, q->bits, q->group, q->n_out);
+    ys.push_back(at::empty({M, q->n_out}, x.options()));
+    const QuantizedActs* a = nullptr;
+    for (const auto& [g, qa] : acts)
+      if (g == q->group) a = qa.get();
+    if (a == nullptr) {
+      acts.emplace_back(q->group, std::make_unique<QuantizedActs>());
+      quantize_acts(x.data_ptr<float>(), M, K, q->group, *acts.back().second);
+      a = acts.back().second.get();
+    }
+    const bool half = q->scale.scalar_type() == at::kHalf, affine = q->mins.has_value();
+    products.push_back(Product{q->w.data_ptr<uint8_t>(), q->scale.data_ptr(),
+                               affine ? q->mins->data_ptr() : nullptr,
+                               static_cast<float>(q->offset), q->n_out, q->group,
+                               ys.back().data_ptr<float>(), a,
+                               half ? span_for<at::Half>(q->bits, affine)
+                                    : span_for<float>(q->bits, affine)});
+    first_panel.push_back(first_panel.back() + q->n_out / kRows);
+  }
+  if (M == 0) return ys;
+  at::parallel_for(0, first_panel.back(), 1, [&](int64_t p0, int64_t p1) {
+    for (size_t i = 0; i < products.size(); ++i) {
+      const int64_t lo = std::max(p0, first_panel[i]), hi = std::min(p1, first_panel[i + 1]);
+      if (lo < hi) products[i].span(products[i], M, K, lo - first_panel[i], hi - first_panel[i]);
+    }
+  });
+#endif
+  return ys;
 }
 
 bool has_bf16() { return cpu_has_bf16(); }
@@ -546,11 +642,13 @@ at::Tensor gguf_dequantize(const at::Tensor& blocks, int64_t kind, int64_t N, in
 
 }  // namespace
 
-namespace mistral7b {  // for step.cpp, the other file of this library
-at::Tensor qmm_call(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
-                    const std::optional<at::Tensor>& mins, int64_t bits, int64_t group,
-                    double offset, int64_t n_out) {
-  return qmm(x, w, scale, mins, bits, group, offset, n_out);
+namespace mistral7b {
+at::Tensor qmm(const at::Tensor& x, const QWeight& q) {
+  return ::qmm(x, q.w, q.scale, q.mins, q.bits, q.group, q.offset, q.n_out);
+}
+
+std::vector<at::Tensor> qmm_many(const at::Tensor& x, const std::vector<const QWeight*>& ws) {
+  return ::qmm_many(x, ws);
 }
 }  // namespace mistral7b
 

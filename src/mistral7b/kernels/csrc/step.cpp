@@ -28,33 +28,33 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <limits>
+#include <initializer_list>
 #include <optional>
 #include <vector>
 
-namespace mistral7b {  // qmm.cpp, attention.cpp, norm.cpp
-at::Tensor qmm_call(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
-                    const std::optional<at::Tensor>& mins, int64_t bits, int64_t group,
-                    double offset, int64_t n_out);
-at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                           const std::optional<at::Tensor>& gather, int64_t start, int64_t stop,
-                           const std::optional<at::Tensor>& mask);
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps);
-}
+#include "kernels.h"
 
 namespace {
 
 struct Linear {
-  at::Tensor w, scale, dense;
-  std::optional<at::Tensor> mins;
-  int64_t bits = 0, group = 0, n_out = 0;
-  double offset = 0.0;
+  mistral7b::QWeight q;  // q.bits == 0: a float32 weight, `dense`
+  at::Tensor dense;
 
   at::Tensor operator()(const at::Tensor& x) const {
-    if (bits == 0) return at::linear(x, dense);
-    return mistral7b::qmm_call(x, w, scale, mins, bits, group, offset, n_out);
+    return q.bits == 0 ? at::linear(x, dense) : mistral7b::qmm(x, q);
   }
 };
+
+// x times several linears: one parallel region when they are all quantized (qmm_many)
+std::vector<at::Tensor> apply(const at::Tensor& x, std::initializer_list<const Linear*> ls) {
+  std::vector<const mistral7b::QWeight*> qs;
+  for (const Linear* l : ls)
+    if (l->q.bits != 0) qs.push_back(&l->q);
+  if (qs.size() == ls.size()) return mistral7b::qmm_many(x, qs);
+  std::vector<at::Tensor> ys;
+  for (const Linear* l : ls) ys.push_back((*l)(x));
+  return ys;
+}
 
 struct Layer {
   at::Tensor attention_norm, ffn_norm;
@@ -94,19 +94,19 @@ class DecodeStack : public torch::CustomClassHolder {
                   std::optional<at::Tensor> mins, int64_t bits, int64_t group, double offset,
                   int64_t n_out, std::optional<at::Tensor> dense) {
     Linear l;
-    l.bits = bits;
+    l.q.bits = bits;
     if (bits == 0) {
       TORCH_CHECK(dense.has_value() && dense->scalar_type() == at::kFloat && dense->dim() == 2,
                   "a float linear needs its float32 weight");
       l.dense = *dense;
     } else {
       TORCH_CHECK(w.has_value() && scale.has_value(), "a quantized linear needs w and scale");
-      l.w = *w;
-      l.scale = *scale;
-      l.mins = mins;
-      l.group = group;
-      l.offset = offset;
-      l.n_out = n_out;
+      l.q.w = *w;
+      l.q.scale = *scale;
+      l.q.mins = mins;
+      l.q.group = group;
+      l.q.offset = offset;
+      l.q.n_out = n_out;
     }
     pending_.push_back(std::move(l));
   }
@@ -154,8 +154,8 @@ class DecodeStack : public torch::CustomClassHolder {
     for (int64_t li = 0; li < n_layers(); ++li) {
       const Layer& L = layers_[li];
       at::Tensor h = mistral7b::rms_norm(x, L.attention_norm, eps_);
-      at::Tensor q = L.wq(h);
-      at::Tensor k = L.wk(h), v = L.wv(h);
+      const auto qkv = apply(h, {&L.wq, &L.wk, &L.wv});
+      at::Tensor q = qkv[0], k = qkv[1], v = qkv[2];
       rope(q.data_ptr<float>(), cos.data_ptr<float>(), sin.data_ptr<float>(), B, H, Dh);
       rope(k.data_ptr<float>(), cos.data_ptr<float>(), sin.data_ptr<float>(), B, KV, Dh);
       at::Tensor ck = k_pool.select(0, li), cv = v_pool.select(0, li);     // (KV, S, Dh)
@@ -172,7 +172,8 @@ class DecodeStack : public torch::CustomClassHolder {
                                                   view_start, view_stop, mask);
       x = x + L.wo(out.reshape({B, H * Dh}));
       h = mistral7b::rms_norm(x, L.ffn_norm, eps_);
-      x = x + L.w2(at::silu(L.w1(h)) * L.w3(h));
+      const auto gate_up = apply(h, {&L.w1, &L.w3});
+      x = x + L.w2(at::silu(gate_up[0]) * gate_up[1]);
     }
     return x;
   }
