@@ -25,8 +25,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from mistral7b.quant import layers as qlayers
 from mistral7b.kernels import native
+from mistral7b.quant import layers as qlayers
 from mistral7b.quant.layers import (
     Int4Linear,
     Int8Linear,

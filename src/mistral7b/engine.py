@@ -18,6 +18,7 @@ from mistral7b.cache import BLOCK_SIZE, BlockTable, KVPool
 from mistral7b.config import ModelConfig
 from mistral7b.errors import InputError
 from mistral7b.fused_step import FusedDecode
+from mistral7b.fused_step import enabled as fused_step_enabled
 from mistral7b.lora.layers import AdapterRows
 from mistral7b.model import Transformer
 from mistral7b.threads import ThreadGovernor
@@ -74,6 +75,8 @@ class Engine:
         self._governor: ThreadGovernor | None = None
         # which served LoRA adapter each row of a step uses (lora.multi.add_served_adapter)
         self.adapter_rows = AdapterRows()
+        # decode steps through the fused C++ step where it applies (fused_step.py)
+        self.use_fused_step = fused_step_enabled()
         self._fused: FusedDecode | None = None
         self._fused_tried = False
 
@@ -189,6 +192,8 @@ class Engine:
     def fused_step(self) -> FusedDecode | None:
         """The one-call decode step (fused_step.py) for this model as it is now, or None
         where it does not apply; rebuilt after a module or parameter swap."""
+        if not self.use_fused_step:
+            return None
         if self._fused is not None and not self._fused.current():
             self._fused, self._fused_tried = None, False
         if not self._fused_tried:

@@ -20,7 +20,7 @@ applies:
 
 The stack holds the model's own tensors (no copy), so in-place weight changes are seen; a
 swapped module or parameter is noticed at the next step (`current`) and the stack is rebuilt.
-`MISTRAL7B_FUSED_STEP=0` turns it off.
+`MISTRAL7B_FUSED_STEP=0` turns it off (`Engine.use_fused_step`, per engine).
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ _LINEARS = (("attention", "wq"), ("attention", "wk"), ("attention", "wv"), ("att
 
 
 def enabled() -> bool:
+    """The default of `Engine.use_fused_step`: on unless MISTRAL7B_FUSED_STEP=0."""
     return os.environ.get("MISTRAL7B_FUSED_STEP", "1") != "0"
 
 
@@ -60,23 +61,25 @@ class FusedDecode:
         ops = native.ops()
         cfg = model.config
         emb = model.tok_embeddings.weight
-        if (ops is None or not enabled() or emb.device.type != "cpu"
+        if (ops is None or emb.device.type != "cpu"
                 or emb.dtype != torch.float32 or not isinstance(model, Transformer)):
             return None
         stack = torch.classes.mistral7b_qmm.DecodeStack(cfg.n_heads, cfg.n_kv_heads,
                                                         cfg.head_dim, float(cfg.norm_eps))
         checks: list[tuple[dict, str, Any]] = []
         for layer in model.layers:
-            norms = (layer._modules.get("attention_norm"), layer._modules.get("ffn_norm"))
-            if not all(type(n) is RMSNorm and n.weight.dtype == torch.float32 for n in norms):
-                return None
-            checks += [(layer._modules, "attention_norm", norms[0]),
-                       (layer._modules, "ffn_norm", norms[1])]
-            checks += [(n._parameters, "weight", n.weight) for n in norms]
+            norms: list[RMSNorm] = []
+            for key in ("attention_norm", "ffn_norm"):
+                norm = layer._modules.get(key)
+                if type(norm) is not RMSNorm or norm.weight.dtype != torch.float32:
+                    return None
+                norms.append(norm)
+                checks += [(layer._modules, key, norm), (norm._parameters, "weight", norm.weight)]
             for part, name in _LINEARS:
                 parent = layer._modules[part]
+                assert parent is not None
                 lin = parent._modules.get(name)
-                if not _add_linear(stack, lin):
+                if lin is None or not _add_linear(stack, lin):
                     return None
                 checks.append((parent._modules, name, lin))
                 store = lin._buffers if isinstance(lin, (Int4Linear, Int8Linear)) else \
@@ -105,7 +108,7 @@ class FusedDecode:
         return model.output(model.norm(x)).float()
 
 
-def _add_linear(stack: Any, lin: nn.Module | None) -> bool:
+def _add_linear(stack: Any, lin: nn.Module) -> bool:
     if isinstance(lin, (Int4Linear, Int8Linear)) and type(lin) in (Int4Linear, Int8Linear):
         if lin.kernel != "native":
             return False
