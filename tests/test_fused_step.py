@@ -164,3 +164,20 @@ def test_it_stands_aside_where_it_does_not_apply():
 
     bf16 = tiny(None).to(torch.bfloat16)
     assert engine(bf16, True).fused_step() is None
+
+
+def test_a_hook_anywhere_means_the_eager_path():
+    """Tensor parallel sums row-parallel products in forward hooks: a step that skipped them
+    would be wrong, so any hook (added before or after the stack was built) turns it off."""
+    model = tiny("int4")
+    eng = engine(model, True)
+    assert eng.fused_step() is not None
+    seen = []
+    handle = model.layers[1].attention.wo.register_forward_hook(lambda *a: seen.append(1))
+    assert eng.fused_step() is None
+    table = BlockTable()
+    eng.step([table], [PROMPTS[0]])
+    eng.step([table], [[3]])
+    assert len(seen) == 2                       # the hook ran for the pre-fill and the decode
+    handle.remove()
+    assert eng.fused_step() is not None

@@ -13,8 +13,9 @@ applies:
 
 - the model is on the CPU in float32 and our kernel library runs here (native.ops());
 - every linear of every layer is our native int4/int8 layer or a plain float32 nn.Linear
-  without bias, every norm a plain RMSNorm: a LoRA wrapper, a served adapter, tensor
-  parallel or PyTorch's fallback kernels keep the eager path;
+  without bias, every norm a plain RMSNorm, and no module has a hook: a LoRA wrapper, a
+  served adapter, tensor parallel (its all-reduces are hooks) or PyTorch's fallback kernels
+  keep the eager path;
 - the step feeds one token to every row and wants only the last logits (decode; pre-fill,
   speculative verification and scoring stay eager).
 
@@ -31,6 +32,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules import module as module_hooks
 
 from mistral7b.cache import AttentionPlan, KVPool
 from mistral7b.kernels import native
@@ -54,6 +56,10 @@ class FusedDecode:
         self.model = model
         self.stack = stack
         self._dicts, self._keys, self._values = (list(c) for c in zip(*checks))
+        # the step calls no module's forward: a hook anywhere (tensor parallel's all-reduces
+        # and call broadcast, a user's) means the eager path
+        self._hooks = [d for m in model.modules() for d in _hook_dicts(m)] + [
+            module_hooks._global_forward_hooks, module_hooks._global_forward_pre_hooks]
 
     @classmethod
     def build(cls, model: Transformer) -> FusedDecode | None:
@@ -61,8 +67,8 @@ class FusedDecode:
         ops = native.ops()
         cfg = model.config
         emb = model.tok_embeddings.weight
-        if (ops is None or emb.device.type != "cpu"
-                or emb.dtype != torch.float32 or not isinstance(model, Transformer)):
+        if (ops is None or emb.device.type != "cpu" or emb.dtype != torch.float32
+                or type(model) is not Transformer or "forward" in model.__dict__):
             return None
         stack = torch.classes.mistral7b_qmm.DecodeStack(cfg.n_heads, cfg.n_kv_heads,
                                                         cfg.head_dim, float(cfg.norm_eps))
@@ -87,13 +93,14 @@ class FusedDecode:
                 checks += [(store, key, t) for key, t in store.items()]
             stack.add_layer(norms[0].weight.detach(), norms[1].weight.detach())
         checks.append((model._modules, "layers", model.layers))
-        return cls(model, stack, checks)
+        fused = cls(model, stack, checks)
+        return fused if fused.current() else None
 
     def current(self) -> bool:
         """Whether every module, parameter and buffer the stack was built from is still the
         model's (a swap anywhere means: build again)."""
         found = map(dict.get, self._dicts, self._keys)
-        return all(map(operator.is_, found, self._values))
+        return all(map(operator.is_, found, self._values)) and not any(map(len, self._hooks))
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, pool: KVPool,
                  plan: AttentionPlan) -> torch.Tensor:
@@ -106,6 +113,11 @@ class FusedDecode:
         x = self.stack.forward(x, cos, sin, pool.k, pool.v, plan.write_slot, plan.gather,
                                start, stop, mask)
         return model.output(model.norm(x)).float()
+
+
+def _hook_dicts(m: nn.Module) -> tuple[dict, ...]:
+    return (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks,
+            m._backward_pre_hooks)
 
 
 def _add_linear(stack: Any, lin: nn.Module) -> bool:
