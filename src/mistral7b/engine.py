@@ -137,6 +137,8 @@ class Engine:
         if stamp != self._weights_stamp and self._pool is not None:
             self._pool.clear_prefixes()
         self._weights_stamp = stamp
+        if self._fused is None:     # look again: what kept it off (a hook, a wrapper) may be gone
+            self._fused_tried = False
 
     def default_chunk(self) -> int:
         return self.config.sliding_window or DEFAULT_CHUNK_NO_WINDOW

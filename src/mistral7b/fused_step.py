@@ -58,8 +58,7 @@ class FusedDecode:
         self._dicts, self._keys, self._values = (list(c) for c in zip(*checks))
         # the step calls no module's forward: a hook anywhere (tensor parallel's all-reduces
         # and call broadcast, a user's) means the eager path
-        self._hooks = [d for m in model.modules() for d in _hook_dicts(m)] + [
-            module_hooks._global_forward_hooks, module_hooks._global_forward_pre_hooks]
+        self._hooks = _all_hooks(model)
 
     @classmethod
     def build(cls, model: Transformer) -> FusedDecode | None:
@@ -68,7 +67,8 @@ class FusedDecode:
         cfg = model.config
         emb = model.tok_embeddings.weight
         if (ops is None or emb.device.type != "cpu" or emb.dtype != torch.float32
-                or type(model) is not Transformer or "forward" in model.__dict__):
+                or type(model) is not Transformer or "forward" in model.__dict__
+                or any(map(len, _all_hooks(model)))):
             return None
         stack = torch.classes.mistral7b_qmm.DecodeStack(cfg.n_heads, cfg.n_kv_heads,
                                                         cfg.head_dim, float(cfg.norm_eps))
@@ -115,9 +115,11 @@ class FusedDecode:
         return model.output(model.norm(x)).float()
 
 
-def _hook_dicts(m: nn.Module) -> tuple[dict, ...]:
-    return (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks,
-            m._backward_pre_hooks)
+def _all_hooks(model: nn.Module) -> list[dict]:
+    """The hook dicts of every module of the model, and the global ones."""
+    return [d for m in model.modules() for d in (m._forward_hooks, m._forward_pre_hooks,
+                                                  m._backward_hooks, m._backward_pre_hooks)
+            ] + [module_hooks._global_forward_hooks, module_hooks._global_forward_pre_hooks]
 
 
 def _add_linear(stack: Any, lin: nn.Module) -> bool:
