@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
 
@@ -112,10 +111,7 @@ def load(model: str | Path = "default", *, device: str | torch.device | None = N
     dt = resolve_dtype(dtype, dev, reader.config)
     stored = stored_quant(reader)
     group = None
-    # The tokenizer is built while the weights load: both spend most of it outside the GIL
-    # (the tokenizers library, our C++ repack), so on two cores it costs no wall time.
-    with bars.enabled(progress), ThreadPoolExecutor(1) as side:
-        pending_tokenizer = side.submit(checkpoint_tokenizer, reader)
+    with bars.enabled(progress):
         if tp is not None and tp != 1:
             from mistral7b.distributed.tp_model import TensorParallel
 
@@ -132,7 +128,7 @@ def load(model: str | Path = "default", *, device: str | torch.device | None = N
             net = build_model(reader, dtype=dt, device=dev)
         else:  # asked for, or a folder written by `mistral7b quantize`
             net = load_quantized(reader, quant, dtype=dt, device=dev)
-        tokenizer = pending_tokenizer.result()
+    tokenizer = checkpoint_tokenizer(reader)
     llm = LLM(net, reader.config, tokenizer, path, kv_cache_memory)
     llm.speculate = check_speculate(speculate)
     llm.quant = quant or stored
