@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from mistral7b.batch import run_batch
-from mistral7b.cache import BlockTable
+from mistral7b.cache import PAGED_MAX_T, BlockTable
 from mistral7b.config import ModelConfig
 from mistral7b.engine import Engine
 from mistral7b.fused_step import FusedDecode
@@ -23,6 +23,7 @@ from mistral7b.model import Transformer
 from mistral7b.modules import set_parameter, swap_module
 from mistral7b.quant.load import quantize_model
 from mistral7b.sampling import SamplingParams
+from mistral7b.sequence import GenerationStats
 
 pytestmark = pytest.mark.skipif(native.ops() is None,
                                 reason="our kernel library does not run on this CPU")
@@ -84,10 +85,11 @@ def test_fused_logits_equal_eager_on_a_ragged_batch_past_the_window(quant, monke
     calls = []
     real_call = FusedDecode.__call__
     monkeypatch.setattr(FusedDecode, "__call__",
-                        lambda self, *a: calls.append(1) or real_call(self, *a))
+                        lambda self, *a, **k: calls.append(1) or real_call(self, *a, **k))
     fed, fused_logits = zip(*greedy_steps(fused_eng, 64))
     eager_logits = [lg for _, lg in greedy_steps(eager_eng, 64, feed=list(fed))]
-    assert len(calls) == 64                        # every decode step went through it
+    # every decode step went through it, and the pre-fills short enough (<= 16 tokens)
+    assert len(calls) == 64 + sum(len(p) <= PAGED_MAX_T for p in PROMPTS)
     for a, b in zip(fused_logits, eager_logits):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)   # the issue's bound ...
         assert torch.equal(a, b)                               # ... and what we claim
@@ -182,3 +184,50 @@ def test_a_hook_anywhere_means_the_eager_path():
     handle.remove()
     eng.forget_stale_prefixes()                 # what every generate call starts with
     assert eng.fused_step() is not None
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_int4_speculative_greedy_equals_plain_greedy(fused):
+    """End to end on the scheduler: drafting changes no greedy id with int4 weights (the
+    bit-level reason: test_a_verification_step_computes_what_decode_steps_do_to_the_bit)."""
+    model = tiny("int4")
+    params = [SamplingParams(max_tokens=48, temperature=0.0)] * len(PROMPTS)
+    stats = GenerationStats()
+
+    def ids(speculate: int) -> dict[int, list[int]]:
+        out: dict[int, list[int]] = {i: [] for i in range(len(PROMPTS))}
+        for i, o in run_batch(engine(model, fused), PROMPTS, params, stop_ids=frozenset(),
+                              new_decoder=NoText, speculate=speculate,
+                              stats=stats if speculate else None):
+            if o.token_id is not None:
+                out[i].append(o.token_id)
+        return out
+
+    assert ids(4) == ids(0)
+    assert stats.draft_tokens > 0 and stats.accepted_tokens > 0   # it did speculate
+
+
+@pytest.mark.parametrize("quant", [None, "int8", "int4"])
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_verification_step_computes_what_decode_steps_do_to_the_bit(quant, fused):
+    """Feeding [x, d1, d2, d3, d4] in one step gives, position by position, the logits of
+    feeding them one step at a time, for every row of a ragged batch past the window: to the
+    bit with our int4/int8 kernel (each row's products are its own). Float products go
+    through PyTorch's matmul, whose rounding depends on the number of rows: within 1e-5."""
+    model = tiny(quant)
+    eng = engine(model, fused)
+    chunk_tables = [BlockTable() for _ in PROMPTS]
+    step_tables = [BlockTable() for _ in PROMPTS]
+    for tables in (chunk_tables, step_tables):
+        for t, p in zip(tables, PROMPTS):
+            eng.step([t], [p])
+    drafts = [[3, 9, 27, 81, 50], [4, 4, 4], [60, 61, 62, 63]]          # ragged: 5, 3, 4
+    together = eng.step(chunk_tables, drafts, all_logits=True)
+    for i in range(max(map(len, drafts))):
+        rows = [b for b, d in enumerate(drafts) if i < len(d)]
+        one = eng.step([step_tables[b] for b in rows], [[drafts[b][i]] for b in rows])
+        for j, b in enumerate(rows):
+            if quant is None:
+                torch.testing.assert_close(together[b, i], one[j], atol=1e-5, rtol=1e-5)
+            else:
+                assert torch.equal(together[b, i], one[j]), (b, i)

@@ -56,6 +56,9 @@ from mistral7b.errors import InputError, Mistral7BError, ResourceError
 from mistral7b.kernels import native
 
 BLOCK_SIZE = 32
+# Steps of up to this many tokens per row (decode, speculative verification, short chunks)
+# attend through our paged kernel where it runs; longer pre-fill chunks through SDPA.
+PAGED_MAX_T = 16
 
 
 class KVCacheFull(Mistral7BError):
@@ -91,10 +94,24 @@ class AttentionPlan:
     view: tuple[int, int] | None = None     # keys = slots [start, stop) (B == 1)
     gather: torch.Tensor | None = None      # (B, K) slot of each key
     _grouped: dict[int, torch.Tensor | None] = field(default_factory=dict, repr=False)
+    _queries: tuple | None = field(default=None, repr=False)
 
-    def decode_mask(self) -> torch.Tensor | None:
-        """A one-token-per-row step's mask as (B, K), or None when every key is visible."""
-        return None if self.grouped_mask(1) is None else self.mask[:, 0, 0]
+    def query_keys(self) -> tuple[torch.Tensor, torch.Tensor | None, int, int,
+                                  torch.Tensor | None]:
+        """The step's queries one by one, for attention read from the pool in place
+        (kernels/csrc/attention.cpp): query row r = b * T + t. Returns
+        (write slot of each query row, -1 for padding: (B*T,), the key slots gather
+        (B*T, K) or None with the slot range [start, stop) for every row, and the mask
+        (B*T, K), None when every key is visible). Made once per step."""
+        if self._queries is None:
+            B, _, T, K = self.mask.shape
+            slots = torch.full((B * T,), -1, dtype=torch.long, device=self.mask.device)
+            slots[self.write_b * T + self.write_t] = self.write_slot
+            gather = None if self.gather is None else self.gather.repeat_interleave(T, 0)
+            start, stop = self.view if self.view is not None else (0, 0)
+            mask = None if self.grouped_mask(1) is None else self.mask.reshape(B * T, K)
+            self._queries = (slots, gather, start, stop, mask)
+        return self._queries
 
     def grouped_mask(self, groups: int) -> torch.Tensor | None:
         """The mask for G query heads folded into the query axis, (B, 1, G*T, K), built once
@@ -405,18 +422,19 @@ class KVPool:
         values = cv.index_select(1, flat).view(-1, B, K, cv.shape[-1]).transpose(0, 1)
         return keys, values
 
-    def decode_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                         plan: AttentionPlan) -> torch.Tensor:
-        """A decode step's attention (one token per row) read from the pool in place: store
-        k/v (B, KV, 1, D), then attend q (B, H, D) to each row's visible keys -> (B, H * D).
-        Only where `self.paged` is set (our kernel library, float32 on the CPU)."""
+    def paged_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        plan: AttentionPlan) -> torch.Tensor:
+        """A short step's attention (at most PAGED_MAX_T tokens per row) read from the pool in
+        place: store k/v (B, KV, T, D), then attend each query q (B*T, H, D) to its row's
+        visible keys -> (B*T, H * D). Only where `self.paged` is set (our kernel library,
+        float32 on the CPU); a decode step and a speculative verification step compute every
+        query's numbers alike."""
         assert self.paged is not None
         ck, cv = self.k[layer], self.v[layer]
         ck[:, plan.write_slot] = k[plan.write_b, :, plan.write_t].transpose(0, 1)
         cv[:, plan.write_slot] = v[plan.write_b, :, plan.write_t].transpose(0, 1)
-        start, stop = plan.view if plan.view is not None else (0, 0)
-        return self.paged.paged_attention(q, ck, cv, plan.gather, start, stop,
-                                          plan.decode_mask())
+        _, gather, start, stop, mask = plan.query_keys()
+        return self.paged.paged_attention(q, ck, cv, gather, start, stop, mask)
 
     # ----------------------------------------------------------------- blocks
 

@@ -1,4 +1,4 @@
-"""The decode step in one C++ call: every layer of a step whose rows each feed one token.
+"""Short steps in one C++ call: every layer of a decode or speculative verification step.
 
 A small model's decode step is mostly Python and op dispatch: ~40 ops per layer, each a few
 microseconds of interpreter and dispatcher around a product of a few dozen microseconds.
@@ -16,8 +16,8 @@ applies:
   without bias, every norm a plain RMSNorm, and no module has a hook: a LoRA wrapper, a
   served adapter, tensor parallel (its all-reduces are hooks) or PyTorch's fallback kernels
   keep the eager path;
-- the step feeds one token to every row and wants only the last logits (decode; pre-fill,
-  speculative verification and scoring stay eager).
+- the step feeds at most PAGED_MAX_T (16) tokens to each row: decode, speculative
+  verification, short chunks; longer pre-fill chunks stay eager (SDPA).
 
 The stack holds the model's own tensors (no copy), so in-place weight changes are seen; a
 swapped module or parameter is noticed at the next step (`current`) and the stack is rebuilt.
@@ -103,16 +103,19 @@ class FusedDecode:
         return all(map(operator.is_, found, self._values)) and not any(map(len, self._hooks))
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, pool: KVPool,
-                 plan: AttentionPlan) -> torch.Tensor:
-        """tokens, positions (B, 1) -> float32 logits of each row's token (B, V)."""
+                 plan: AttentionPlan, logits_index: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens, positions (B, T) -> float32 logits (B, T, V), or with `logits_index`
+        (B, n) those positions' only (B, n, V): Transformer.forward's contract."""
         model, cfg = self.model, self.model.config
-        x = model.tok_embeddings(tokens[:, 0])                                  # (B, D)
-        cos, sin = rope_angles(positions[:, 0], cfg.head_dim, cfg.rope_theta)  # (B, Dh/2)
-        start, stop = plan.view if plan.view is not None else (0, 0)
-        mask = plan.decode_mask()
-        x = self.stack.forward(x, cos, sin, pool.k, pool.v, plan.write_slot, plan.gather,
-                               start, stop, mask)
-        return model.output(model.norm(x)).float()
+        B, T = tokens.shape
+        x = model.tok_embeddings(tokens).reshape(B * T, cfg.dim)
+        cos, sin = rope_angles(positions.reshape(-1), cfg.head_dim, cfg.rope_theta)
+        slots, gather, start, stop, mask = plan.query_keys()
+        h = self.stack.forward(x, cos, sin, pool.k, pool.v, slots, gather, start, stop, mask)
+        h = h.view(B, T, cfg.dim)
+        if logits_index is not None:
+            h = torch.gather(h, 1, logits_index[:, :, None].expand(-1, -1, h.shape[-1]))
+        return model.output(model.norm(h)).float()
 
 
 def _all_hooks(model: nn.Module) -> list[dict]:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mistral7b.cache import AttentionPlan, KVPool
+from mistral7b.cache import PAGED_MAX_T, AttentionPlan, KVPool
 from mistral7b.config import ModelConfig
 from mistral7b.kernels import native
 from mistral7b.rope import apply_rope, rope_angles
@@ -60,9 +60,10 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # (B, KV, T, Dh): the cache layout. Rotated k goes into the cache.
         k, v = k.transpose(1, 2), v.transpose(1, 2)
-        if T == 1 and cache is not None and cache.paged is not None:
-            # decode: our kernel reads the keys in the pool where they are (no gathered copy)
-            out = cache.decode_attention(self.layer_id, q.view(B, self.n_heads, Dh), k, v, plan)
+        if T <= PAGED_MAX_T and cache is not None and cache.paged is not None:
+            # decode, verification: our kernel reads the keys in the pool where they are
+            out = cache.paged_attention(self.layer_id, q.reshape(B * T, self.n_heads, Dh), k, v,
+                                        plan)
             return self.wo(out.view(B, T, -1))
         keys, values = (k, v) if cache is None else cache.update(self.layer_id, k, v, plan)
         # Grouped-query attention without copying k/v: fold each kv head's G query heads into

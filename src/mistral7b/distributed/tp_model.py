@@ -89,12 +89,12 @@ class Channel:
 
 def _plan_to(plan: AttentionPlan | None, device: torch.device | str) -> AttentionPlan | None:
     """A copy of the plan on `device` (CPU to send it: a CUDA tensor would arrive on the
-    sender's GPU index), without its per-step cache of grouped masks."""
+    sender's GPU index), without its per-step caches (grouped masks, query keys)."""
     if plan is None:
         return None
     moved = {f.name: getattr(plan, f.name).to(device) for f in dataclasses.fields(plan)
              if isinstance(getattr(plan, f.name), torch.Tensor)}
-    return dataclasses.replace(plan, _grouped={}, **moved)
+    return dataclasses.replace(plan, _grouped={}, _queries=None, **moved)
 
 
 def _all_reduce(module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:

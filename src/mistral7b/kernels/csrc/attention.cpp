@@ -4,7 +4,7 @@
 //   out[b, i] = sum_j p_j v[slot_j],  p = softmax_j(q[b, i] . k[slot_j] / sqrt(Dh))
 //
 // over the keys j that row b sees: slots gather[b, j] where mask[b, j] (gather None: the slots
-// start .. stop-1 of a single row; mask None: every key). Query head i uses kv head i / G, so
+// start .. stop-1 for every row; mask None: every key). A row is one query token. Query head i uses kv head i / G, so
 // one task takes a row's kv head and its G query heads and reads each key and value once.
 // Scores, exponentials and sums are float32; exp is a degree-6 polynomial after range
 // reduction (relative error ~2e-7). Model.py's decode steps and the fused step (step.cpp)
@@ -129,9 +129,9 @@ at::Tensor paged_attention(const at::Tensor& q_in, const at::Tensor& k, const at
     TORCH_CHECK(gather->dim() == 2 && gather->size(0) == B, "gather must be (B, K)");
     slots = gather->to(at::kLong).contiguous();
   } else {
-    TORCH_CHECK(B == 1 && 0 <= start && start < stop && stop <= S,
-                "without gather: one row and a slot range [start, stop) inside the pool");
-    slots = at::arange(start, stop, at::kLong).view({1, -1});
+    TORCH_CHECK(0 <= start && start < stop && stop <= S,
+                "without gather: a slot range [start, stop) inside the pool");
+    slots = at::arange(start, stop, at::kLong).view({1, -1}).expand({B, -1}).contiguous();
   }
   const int64_t K = slots.size(1);
   const int64_t* sp = slots.data_ptr<int64_t>();

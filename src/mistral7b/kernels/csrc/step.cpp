@@ -1,8 +1,9 @@
-// The decode step of a whole layer stack in one call (DecodeStack), for rows that each feed
-// one token: the Python loop over layers and its ~40 op dispatches per layer cost more than
-// the matrix products of a small model (issue 16 item 2; fused_step.py is its Python side).
+// A short step of a whole layer stack in one call (DecodeStack): decode (one token per row)
+// and speculative verification (a few): the Python loop over layers and its ~40 op
+// dispatches per layer cost more than the matrix products of a small model (issue 16 item 2;
+// fused_step.py is its Python side).
 //
-// Per layer, exactly as model.py's Block does it for T = 1:
+// Per layer, exactly as model.py's Block does it for T <= PAGED_MAX_T:
 //
 //   h = rmsnorm(x) * attention_norm
 //   q, k, v = h Wq^T, h Wk^T, h Wv^T; rotate q and k (interleaved pairs, rope.py)
@@ -126,10 +127,12 @@ class DecodeStack : public torch::CustomClassHolder {
 
   int64_t n_layers() const { return static_cast<int64_t>(layers_.size()); }
 
-  // x (B, D) float32: the embedded tokens; cos, sin (B, Dh/2); k_pool, v_pool
-  // (L, KV, S, Dh) float32; write_slot (B,) the slot each row's token goes to. Keys: the
-  // slots [view_start, view_stop) when gather is None (one row), else gather (B, K);
-  // mask (B, K) bool, or None (every key visible): attention.cpp's paged_attention.
+  // Each of the B rows is one query token (a step's rows times its tokens, AttentionPlan.
+  // query_keys). x (B, D) float32: the embedded tokens; cos, sin (B, Dh/2); k_pool, v_pool
+  // (L, KV, S, Dh) float32; write_slot (B,) the slot each token goes to (-1: padding, not
+  // written). Keys: the slots [view_start, view_stop) when gather is None, else gather
+  // (B, K); mask (B, K) bool, or None (every key visible): attention.cpp's paged_attention.
+  // All tokens are written before any attends, as model.py does.
   // Returns the hidden states after the last layer, (B, D).
   at::Tensor forward(at::Tensor x, at::Tensor cos, at::Tensor sin, at::Tensor k_pool,
                      at::Tensor v_pool, at::Tensor write_slot, std::optional<at::Tensor> gather,
@@ -149,7 +152,7 @@ class DecodeStack : public torch::CustomClassHolder {
     const auto slot = write_slot.to(at::kLong).contiguous();
     TORCH_CHECK(slot.numel() == B, "write_slot: one slot per row");
     const int64_t* sp = slot.data_ptr<int64_t>();
-    for (int64_t i = 0; i < B; ++i) TORCH_CHECK(sp[i] >= 0 && sp[i] < S, "write slot range");
+    for (int64_t i = 0; i < B; ++i) TORCH_CHECK(sp[i] >= -1 && sp[i] < S, "write slot range");
 
     for (int64_t li = 0; li < n_layers(); ++li) {
       const Layer& L = layers_[li];
@@ -164,7 +167,7 @@ class DecodeStack : public torch::CustomClassHolder {
       const float* kn = k.data_ptr<float>();
       const float* vn = v.data_ptr<float>();
       for (int64_t b = 0; b < B; ++b)
-        for (int64_t j = 0; j < KV; ++j) {
+        for (int64_t j = 0; j < KV && sp[b] >= 0; ++j) {
           std::memcpy(kl + (j * S + sp[b]) * Dh, kn + (b * KV + j) * Dh, Dh * sizeof(float));
           std::memcpy(vl + (j * S + sp[b]) * Dh, vn + (b * KV + j) * Dh, Dh * sizeof(float));
         }
