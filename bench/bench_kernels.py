@@ -1,7 +1,7 @@
 """Weight-only matmul kernels on this CPU: effective GB/s at decode (M = 1) and TFLOP/s at
 pre-fill (M = 256) for a Mistral-7B FFN matrix (14336 x 4096), medians of several runs.
 
-    python bench/bench_kernels.py [--threads 2] [--repeat 5]
+    python bench/bench_kernels.py [--threads 2] [--repeat 5] [--rows 1,256] [--only "int4 g32 ours"]
 
 What it compares: bf16 F.linear (oneDNN) and our bf16 kernel (BF16Linear, M = 1); for int8
 (per channel) and int4 (groups of 32/128), with bf16 and float32 activations, our AVX-512
@@ -48,9 +48,12 @@ def timed(fn, xs, repeat: int) -> float:
     return statistics.median(runs)
 
 
+ROWS: tuple[int, ...] = (1, 256)     # --rows
+
+
 def slow(kernel: str, dtype: torch.dtype) -> tuple[int, ...]:
     """PyTorch's kernels with float32 activations take ~10-20 s per M = 256 call: M = 1 only."""
-    return (1,) if kernel == "torch" and dtype == torch.float32 else (1, 256)
+    return (1,) if kernel == "torch" and dtype == torch.float32 else ROWS
 
 
 @contextlib.contextmanager
@@ -70,14 +73,21 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--copies", type=int, default=4)
+    ap.add_argument("--rows", default="1,256",
+                    help="activation rows M to time, comma-separated (serving: 1,8)")
+    ap.add_argument("--only", help="run only the rows whose name starts with this")
     args = ap.parse_args()
+    global ROWS
+    ROWS = tuple(int(m) for m in args.rows.split(","))
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
     ws = [torch.randn(N, K, generator=g).mul_(K**-0.5) for _ in range(args.copies)]
     rows = []
 
-    def report(name, layers, dtype, nbytes, sizes=(1, 256)):
-        for m in sizes:
+    def report(name, layers, dtype, nbytes, sizes=None):
+        if args.only and not name.startswith(args.only):
+            return
+        for m in sizes or ROWS:
             x = torch.randn(m, K, dtype=dtype)
             sec = timed(lambda layer, x=x: layer(x), layers, args.repeat)
             gbs = nbytes / sec / 1e9
@@ -89,7 +99,7 @@ def main() -> None:
     bf16 = [w.bfloat16() for w in ws]
     report("bf16 F.linear", [lambda x, w=w: F.linear(x, w) for w in bf16], torch.bfloat16,
            N * K * 2)
-    if native.ops() is not None and native.ops().has_bf16():
+    if native.ops() is not None and native.ops().has_bf16() and not args.only:
         x = torch.randn(1, K, dtype=torch.bfloat16)
         sec = timed(lambda w, x=x: native.ops().bf16_gemv(x, w), bf16, args.repeat)
         print(f"{'bf16 ours (BF16Linear)':34s} M=1    {sec * 1e3:8.2f} ms  "
@@ -115,6 +125,8 @@ def main() -> None:
                 nbytes = N * K // 2 + N * (K // group) * per_group
                 report(f"int4 g{group} {kernel} {str(dt)[6:]}", layers, dt, nbytes,
                        slow(kernel, dt))
+        if args.only:
+            continue
         # pre-fill alternative: dequantize to bf16 once per call, then bf16 matmul
         deq = [lambda x, q=q: F.linear(x, q.dequantize(torch.bfloat16)) for q in q4[:2]]
         x = torch.randn(256, K, dtype=torch.bfloat16)
