@@ -9,7 +9,8 @@ import torch
 from tiny_models import hf_logits, hf_mistral, save_hf
 from tolerance import assert_close
 
-from mistral7b.cache import BlockTable, KVCacheFull, KVPool, visible
+from mistral7b.attention_plan import visible
+from mistral7b.cache import BlockTable, KVCacheFull, KVPool
 from mistral7b.config import ModelConfig
 from mistral7b.engine import Engine
 from mistral7b.weights import open_checkpoint
@@ -160,7 +161,7 @@ def test_decode_rows_in_any_order_match_alone(engine8):
 
 def test_uncached_forward_matches_hf_on_a_padded_batch(engine8):
     """The training/scoring path: no cache, a padded batch, banded causal mask."""
-    from mistral7b.cache import uncached_plan
+    from mistral7b.attention_plan import uncached_plan
 
     model, engine = engine8
     prompts = [list(range(3, 30)), list(range(40, 50))]

@@ -90,7 +90,8 @@ def test_cached_decode_equals_the_uncached_forward():
     sys.path.insert(0, str(Path(__file__).parent))
     from test_fused_step import tiny
 
-    from mistral7b.cache import BlockTable, uncached_plan
+    from mistral7b.attention_plan import uncached_plan
+    from mistral7b.cache import BlockTable
     from mistral7b.engine import Engine
 
     model = tiny(None, window=8)

@@ -13,8 +13,9 @@ import pytest
 import torch
 from torch import nn
 
+from mistral7b.attention_plan import PAGED_MAX_T
 from mistral7b.batch import run_batch
-from mistral7b.cache import PAGED_MAX_T, BlockTable
+from mistral7b.cache import BlockTable
 from mistral7b.config import ModelConfig
 from mistral7b.engine import Engine
 from mistral7b.fused_step import FusedDecode

@@ -122,7 +122,7 @@ def test_eos_and_stop_strings_inside_accepted_drafts(model):
 def _exact_joint(model, prompt: list[int]) -> torch.Tensor:
     """p(t1, t2, t3 | prompt) = p(t1) p(t2 | t1) p(t3 | t1, t2) at TEMP, flattened,
     from full forwards of every continuation (no cache, no speculation)."""
-    from mistral7b.cache import uncached_plan
+    from mistral7b.attention_plan import uncached_plan
 
     net, config = model
 

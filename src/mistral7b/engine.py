@@ -14,7 +14,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from mistral7b.cache import BLOCK_SIZE, PAGED_MAX_T, BlockTable, KVPool
+from mistral7b.attention_plan import PAGED_MAX_T
+from mistral7b.cache import BLOCK_SIZE, BlockTable, KVPool
 from mistral7b.config import ModelConfig
 from mistral7b.errors import InputError
 from mistral7b.fused_step import FusedDecode

@@ -34,7 +34,8 @@ import torch
 from torch import nn
 from torch.nn.modules import module as module_hooks
 
-from mistral7b.cache import AttentionPlan, KVPool
+from mistral7b.attention_plan import AttentionPlan
+from mistral7b.cache import KVPool
 from mistral7b.kernels import native
 from mistral7b.model import RMSNorm, Transformer
 from mistral7b.quant.layers import Int4Linear, Int8Linear

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mistral7b.cache import PAGED_MAX_T, AttentionPlan, KVPool
+from mistral7b.attention_plan import PAGED_MAX_T, AttentionPlan
+from mistral7b.cache import KVPool
 from mistral7b.config import ModelConfig
 from mistral7b.kernels import native
 from mistral7b.rope import apply_rope, rope_angles

@@ -215,7 +215,7 @@ def test_qlora_trains_only_lora_over_the_quantized_base(tiny):
     assert (quantized - base).abs().max().item() < 0.1 * base.abs().max().item()
     apply_lora(llm.model, rank=2, alpha=4)
     assert torch.equal(llm.logits(IDS), quantized)
-    from mistral7b.cache import uncached_plan
+    from mistral7b.attention_plan import uncached_plan
 
     plan, positions = uncached_plan([len(IDS)], None)
     out = llm.model(torch.tensor([IDS]), positions, None, plan)

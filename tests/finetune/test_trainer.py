@@ -14,7 +14,7 @@ from tiny_models import hf_mistral, save_hf
 from tolerance import assert_close
 
 import mistral7b
-from mistral7b.cache import uncached_plan
+from mistral7b.attention_plan import uncached_plan
 from mistral7b.errors import InputError
 from mistral7b.finetune import Example, TrainConfig, Trainer, lr_factor
 from mistral7b.finetune.batching import IGNORE, epoch_rows, make_batch

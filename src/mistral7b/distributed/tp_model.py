@@ -36,7 +36,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mistral7b.cache import AttentionPlan, KVPool
+from mistral7b.attention_plan import AttentionPlan
+from mistral7b.cache import KVPool
 from mistral7b.config import ModelConfig
 from mistral7b.distributed import runtime
 from mistral7b.distributed.tp import ROW_PARALLEL, TPPlan

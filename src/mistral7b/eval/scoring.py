@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from mistral7b import progress
-from mistral7b.cache import uncached_plan
+from mistral7b.attention_plan import uncached_plan
 from mistral7b.errors import InputError
 
 if TYPE_CHECKING:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mistral7b.cache import AttentionPlan, visible
+from mistral7b.attention_plan import AttentionPlan, visible
 from mistral7b.finetune.data import Example
 
 IGNORE = -100  # label of padded logits positions (F.cross_entropy's ignore_index)
