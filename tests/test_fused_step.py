@@ -232,3 +232,18 @@ def test_a_verification_step_computes_what_decode_steps_do_to_the_bit(quant, fus
                 torch.testing.assert_close(together[b, i], one[j], atol=1e-5, rtol=1e-5)
             else:
                 assert torch.equal(together[b, i], one[j]), (b, i)
+
+
+def test_weights_changed_in_place_or_through_data_are_seen():
+    for quant in (None, "int4"):
+        model, other = tiny(quant), tiny(quant, seed=1)
+        fused_eng, eager_eng = engine(model, True), engine(model, False)
+        assert fused_eng.fused_step() is not None
+        with torch.no_grad():
+            model.layers[0].ffn_norm.weight.mul_(1.5)                            # in place
+            model.layers[1].attention_norm.weight.data = torch.rand(64) + 0.5    # new storage
+            if quant is None:
+                model.layers[0].attention.wq.weight.data = other.layers[0].attention.wq.weight
+        fed, fused_logits = zip(*greedy_steps(fused_eng, 4))
+        eager_logits = [lg for _, lg in greedy_steps(eager_eng, 4, feed=list(fed))]
+        assert all(torch.equal(a, b) for a, b in zip(fused_logits, eager_logits))

@@ -19,8 +19,9 @@ applies:
 - the step feeds at most PAGED_MAX_T (16) tokens to each row: decode, speculative
   verification, short chunks; longer pre-fill chunks stay eager (SDPA).
 
-The stack holds the model's own tensors (no copy), so in-place weight changes are seen; a
-swapped module or parameter is noticed at the next step (`current`) and the stack is rebuilt.
+The stack holds the model's own tensors, the parameters themselves (no copy, no detached
+alias), so in-place changes, `param.data = ...` included, are seen; a swapped module,
+parameter or buffer is noticed at the next step (`current`) and the stack is rebuilt.
 `MISTRAL7B_FUSED_STEP=0` turns it off (`Engine.use_fused_step`, per engine).
 """
 
@@ -92,7 +93,7 @@ class FusedDecode:
                 store = lin._buffers if isinstance(lin, (Int4Linear, Int8Linear)) else \
                     lin._parameters
                 checks += [(store, key, t) for key, t in store.items()]
-            stack.add_layer(norms[0].weight.detach(), norms[1].weight.detach())
+            stack.add_layer(norms[0].weight, norms[1].weight)   # the parameters themselves
         checks.append((model._modules, "layers", model.layers))
         fused = cls(model, stack, checks)
         return fused if fused.current() else None
@@ -135,6 +136,6 @@ def _add_linear(stack: Any, lin: nn.Module) -> bool:
         return True
     if (type(lin) is nn.Linear and lin.bias is None and lin.weight.dtype == torch.float32
             and lin.weight.device.type == "cpu"):
-        stack.add_linear(None, None, None, 0, 0, 0.0, lin.out_features, lin.weight.detach())
+        stack.add_linear(None, None, None, 0, 0, 0.0, lin.out_features, lin.weight)
         return True
     return False
