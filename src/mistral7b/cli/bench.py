@@ -135,7 +135,7 @@ def prompt_ids(n: int, vocab: int, seed: int) -> list[int]:
 def _measure(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     step_fns = _llama_cpp(args) if args.worker == "llama.cpp" else _ours(args)
-    vocab, reset, prefill, decode, weight_bytes = step_fns
+    vocab, reset, prefill, decode, weight_bytes, about = step_fns
     load_s = time.perf_counter() - t0
     ids = prompt_ids(args.prompt_tokens, vocab, args.seed)
     runs = []
@@ -157,7 +157,7 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
     # weights read per generated token (every linear layer and norm; one embedding row)
     med["bandwidth_gbs"] = weight_bytes * med["decode_tps"] / 1e9
     return {"engine": args.worker, "model": str(args.model), "quant": args.quant,
-            "threads": args.threads, "load_s": load_s, **med, "runs": runs,
+            "threads": args.threads, "load_s": load_s, **med, "runs": runs, **about(),
             "peak_rss_gb": _peak_rss() / 1e9,
             "tokens": tokens[:16]}
 
@@ -206,7 +206,11 @@ def _ours(args: argparse.Namespace):
         with governor.timed():
             return int(engine.step([state["table"]], [[tok]])[0].argmax())
 
-    return config.vocab_size, reset, prefill, decode, _weight_bytes(model)
+    def about() -> dict[str, Any]:
+        # which decode step ran: the fused C++ step (fused_step.py) or the eager modules
+        return {"decode_step": "fused" if engine.fused_step() is not None else "eager"}
+
+    return config.vocab_size, reset, prefill, decode, _weight_bytes(model), about
 
 
 def _weight_bytes(model: Any) -> int:
@@ -250,7 +254,7 @@ def _llama_cpp(args: argparse.Namespace):
         llm.eval([tok])
         return last()
 
-    return n_vocab, reset, prefill, decode, _gguf_weight_bytes(str(args.model))
+    return n_vocab, reset, prefill, decode, _gguf_weight_bytes(str(args.model)), dict
 
 
 def _gguf_weight_bytes(path: str) -> int:
@@ -276,7 +280,8 @@ def _print_table(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -
     head = f"{'':24s}{'mistral7b':>12s}" + (f"{'llama.cpp':>12s}{'ratio':>8s}" if peer else "")
     print(f"{args.model} quant={args.quant} threads={args.threads or 2} prompt="
           f"{args.prompt_tokens} gen={args.gen_tokens} repeat={args.repeat} (medians)"
-          + (f" busy: {args.busy} CPU-bound neighbour(s)" if args.busy else ""), file=sys.stderr)
+          + (f" busy: {args.busy} CPU-bound neighbour(s)" if args.busy else "")
+          + f" decode step: {ours.get('decode_step', '?')}", file=sys.stderr)
     print(head, file=sys.stderr)
     for label, key, fmt in rows:
         line = f"{label:24s}{fmt.format(ours[key]):>12s}"

@@ -1,0 +1,26 @@
+"""`mistral7b bench` on the default model: it runs its engine in a worker process and reports
+its figures (no speed is asserted), including which decode step ran."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from cli_helpers import cli_env, run_cli
+
+from mistral7b.kernels import native
+
+KEYS = {"prefill_tps", "decode_tps", "ttft_s", "peak_rss_gb", "bandwidth_gbs", "load_s",
+        "decode_step", "tokens"}
+
+
+@pytest.mark.parametrize("fused", ["1", "0"])
+def test_bench_reports_its_figures_and_the_decode_step(fused):
+    run = run_cli("bench", "--prompt-tokens", "8", "--gen-tokens", "4", "--repeat", "1",
+                  "-t", "1", "--json", env=cli_env(MISTRAL7B_FUSED_STEP=fused))
+    assert run.returncode == 0, run.stderr[-2000:]
+    ours = json.loads(run.stdout)["mistral7b"]
+    assert KEYS <= ours.keys()
+    assert ours["decode_tps"] > 0 and ours["prefill_tps"] > 0 and len(ours["tokens"]) == 4
+    expect = "fused" if fused == "1" and native.ops() is not None else "eager"
+    assert ours["decode_step"] == expect
