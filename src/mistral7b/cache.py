@@ -106,8 +106,7 @@ class KVPool:
         self.k[:, :, :bs] = 0
         self.v[:, :, :bs] = 0
         self.device = torch.device(device)
-        # decode attention read in place (quant/csrc/attention.cpp) where our kernels run
-
+        # short steps' attention read in place (kernels/csrc/attention.cpp) where ours run
         self.paged = native.ops() if self.device.type == "cpu" and dtype == torch.float32 \
             else None
         self._free = list(range(1, n_blocks))           # a min-heap: low blocks first, so
