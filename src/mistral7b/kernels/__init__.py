@@ -1,6 +1,7 @@
 """Our CPU kernels: native.py builds the C++ library (csrc/) on first use and loads it.
 
-- qmm.cpp: int4/int8 weight products on AVX-512 VNNI, bf16 decode products, GGUF repacking;
+- qmm.cpp: int4/int8 weight products on AVX-512 VNNI, bf16 decode products;
+- pack.cpp: weights into the products' panel layout, GGUF blocks straight in;
 - attention.cpp: decode attention read from the paged KV pool where the keys are;
 - norm.cpp: RMSNorm with a fixed order of operations;
 - step.cpp: the fused decode step of a whole layer stack (driven by mistral7b.fused_step).

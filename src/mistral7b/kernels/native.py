@@ -1,6 +1,6 @@
-"""Our CPU kernels (csrc/): int4/int8 weights (qmm.cpp), decode attention over the paged
-KV pool (attention.cpp), RMSNorm (norm.cpp) and the fused decode step (step.cpp), compiled on
-first use into one cached library.
+"""Our CPU kernels (csrc/): int4/int8 weights (qmm.cpp, with pack.cpp laying weights out for
+it), decode attention over the paged KV pool (attention.cpp), RMSNorm (norm.cpp) and the
+fused decode step (step.cpp), compiled on first use into one cached library.
 
     ops = native.ops()          # None where it cannot run: then layers.py uses PyTorch's kernels
     y = ops.qmm(x, w, scale, mins, bits, group, offset, n_out)
@@ -33,7 +33,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name("csrc") / name
-                for name in ("qmm.cpp", "attention.cpp", "norm.cpp", "step.cpp"))
+                for name in ("qmm.cpp", "pack.cpp", "attention.cpp", "norm.cpp", "step.cpp"))
 
 
 def cache_dir() -> Path:
@@ -231,7 +231,7 @@ def pack_int8(q: torch.Tensor, scale: torch.Tensor) -> Panels:
                   n, k)
 
 
-# GGUF block types the kernel takes as they are (csrc/qmm.cpp gguf_panels): name -> type id.
+# GGUF block types the kernel takes as they are (csrc/pack.cpp gguf_panels): name -> type id.
 GGUF_PANEL_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8}
 
 

@@ -10,6 +10,10 @@
 
 namespace mistral7b {
 
+// The panel layout (qmm.cpp's header): output rows per panel, inputs per block.
+constexpr int64_t kPanelRows = 16;
+constexpr int64_t kBlockInputs = 32;
+
 // One weight in our panels (qmm.cpp's header comment): w = d * q + m per group of inputs.
 struct QWeight {
   at::Tensor w, scale;
