@@ -1,5 +1,5 @@
 """GGUF Q4_0 / Q4_1 / Q8_0 blocks repacked straight into our kernel's panels (one C++ pass,
-csrc/qmm.cpp gguf_panels) equal, bit for bit, what importing them into the portable form and
+csrc/pack.cpp gguf_panels) equal, bit for bit, what importing them into the portable form and
 packing that gives (the path every other source takes); a whole GGUF model loads to the same
 buffers and the same logits through either."""
 
