@@ -360,9 +360,7 @@ class KVPool:
                plan: AttentionPlan) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this layer's chunk k/v (B, KV, T, D); return the keys/values to attend to,
         (B, KV, K, D), matching plan.mask's last dimension."""
-        ck, cv = self.k[layer], self.v[layer]                               # (KV, S, D)
-        ck[:, plan.write_slot] = k[plan.write_b, :, plan.write_t].transpose(0, 1)
-        cv[:, plan.write_slot] = v[plan.write_b, :, plan.write_t].transpose(0, 1)
+        ck, cv = self._write(layer, k, v, plan)                             # (KV, S, D)
         if plan.view is not None:
             start, stop = plan.view
             return ck[None, :, start:stop], cv[None, :, start:stop]
@@ -381,11 +379,17 @@ class KVPool:
         float32 on the CPU); a decode step and a speculative verification step compute every
         query's numbers alike."""
         assert self.paged is not None
+        ck, cv = self._write(layer, k, v, plan)
+        _, gather, start, stop, mask = plan.query_keys()
+        return self.paged.paged_attention(q, ck, cv, gather, start, stop, mask)
+
+    def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor,
+               plan: AttentionPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store a layer's chunk k/v (B, KV, T, D) in its slots; returns the layer's pools."""
         ck, cv = self.k[layer], self.v[layer]
         ck[:, plan.write_slot] = k[plan.write_b, :, plan.write_t].transpose(0, 1)
         cv[:, plan.write_slot] = v[plan.write_b, :, plan.write_t].transpose(0, 1)
-        _, gather, start, stop, mask = plan.query_keys()
-        return self.paged.paged_attention(q, ck, cv, gather, start, stop, mask)
+        return ck, cv
 
     # ----------------------------------------------------------------- blocks
 

@@ -54,13 +54,14 @@ def enabled() -> bool:
 class FusedDecode:
     """One model's layer stack as a DecodeStack, with what it was built from."""
 
-    def __init__(self, model: Transformer, stack: Any, checks: list[tuple[dict, str, Any]]):
+    def __init__(self, model: Transformer, stack: Any, checks: list[tuple[dict, str, Any]],
+                 hooks: list[dict]):
         self.model = model
         self.stack = stack
         self._dicts, self._keys, self._values = (list(c) for c in zip(*checks))
         # the step calls no module's forward: a hook anywhere (tensor parallel's all-reduces
         # and call broadcast, a user's) means the eager path
-        self._hooks = _all_hooks(model)
+        self._hooks = hooks
 
     @classmethod
     def build(cls, model: Transformer) -> FusedDecode | None:
@@ -69,8 +70,10 @@ class FusedDecode:
         cfg = model.config
         emb = model.tok_embeddings.weight
         if (ops is None or emb.device.type != "cpu" or emb.dtype != torch.float32
-                or type(model) is not Transformer or "forward" in model.__dict__
-                or any(map(len, _all_hooks(model)))):
+                or type(model) is not Transformer or "forward" in model.__dict__):
+            return None
+        hooks = _all_hooks(model)
+        if any(map(len, hooks)):
             return None
         stack = torch.classes.mistral7b_qmm.DecodeStack(cfg.n_heads, cfg.n_kv_heads,
                                                         cfg.head_dim, float(cfg.norm_eps))
@@ -95,8 +98,7 @@ class FusedDecode:
                 checks += [(store, key, t) for key, t in store.items()]
             stack.add_layer(norms[0].weight, norms[1].weight)   # the parameters themselves
         checks.append((model._modules, "layers", model.layers))
-        fused = cls(model, stack, checks)
-        return fused if fused.current() else None
+        return cls(model, stack, checks, hooks)
 
     def current(self) -> bool:
         """Whether every module, parameter and buffer the stack was built from is still the
@@ -114,10 +116,7 @@ class FusedDecode:
         cos, sin = rope_angles(positions.reshape(-1), cfg.head_dim, cfg.rope_theta)
         slots, gather, start, stop, mask = plan.query_keys()
         h = self.stack.forward(x, cos, sin, pool.k, pool.v, slots, gather, start, stop, mask)
-        h = h.view(B, T, cfg.dim)
-        if logits_index is not None:
-            h = torch.gather(h, 1, logits_index[:, :, None].expand(-1, -1, h.shape[-1]))
-        return model.output(model.norm(h)).float()
+        return model.head(h.view(B, T, cfg.dim), logits_index)
 
 
 def _all_hooks(model: nn.Module) -> list[dict]:

@@ -130,6 +130,11 @@ class Transformer(nn.Module):
         cos, sin = rope_angles(positions, self.config.head_dim, self.config.rope_theta)
         for layer in self.layers:
             x = layer(x, cos, sin, cache, plan)
+        return self.head(x, logits_index)
+
+    def head(self, x: torch.Tensor, logits_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states (B, T, D) after the last layer -> float32 logits (B, T, vocab), or
+        those of the positions `logits_index` (B, n) names only (B, n, vocab)."""
         if logits_index is not None:
             x = torch.gather(x, 1, logits_index[:, :, None].expand(-1, -1, x.shape[-1]))
         return self.output(self.norm(x)).float()
