@@ -73,9 +73,10 @@ class GGUFShard(GGUFReader):
     def shape(self, name: str) -> tuple[int, ...]:
         return self.plan.local_shape(name, super().shape(name))
 
-    def raw(self, name: str) -> RawTensor:
+    def raw(self, name: str, *, check: bool = True) -> RawTensor:
         part = self.plan.part(name)
-        return super().raw(name) if part is None else self.raw_part(name, *part)
+        return super().raw(name, check=check) if part is None else \
+            self.raw_part(name, *part, check=check)
 
 
 def shard_reader(reader: CheckpointReader, plan: TPPlan) -> CheckpointReader:

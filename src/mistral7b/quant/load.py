@@ -111,16 +111,20 @@ def load_quantized(reader: CheckpointReader, quant: str | None, *, dtype: torch.
 def gguf_panels(reader: CheckpointReader, name: str, quant: str,
                 device: torch.device | str) -> native.Panels | None:
     """A GGUF tensor whose blocks our kernel takes as they are (Q4_0 / Q4_1 in int4 mode,
-    Q8_0 in either), repacked in one C++ pass; None for everything else (source_weight)."""
+    Q8_0 in either), repacked in one C++ pass; None for everything else (source_weight).
+    The repack checks every block's scale as it copies it, so the bytes are read once: only
+    when it declines is the tensor checked the reader's way (a corrupt scale raises there)."""
     if not isinstance(reader, GGUFReader) or torch.device(device).type != "cpu":
         return None
-    raw = reader.raw(name)
-    kind = raw.qtype.name
+    kind = reader.qtype(name).name
     if kind != "Q8_0" and (quant != "int4" or kind not in native.GGUF_PANEL_TYPES):
         return None
+    raw = reader.raw(name, check=False)
     n_out, n_in = raw.shape
     panels = native.gguf_panels(kind, torch.from_numpy(raw.data), n_out, n_in)
-    if panels is not None and name != "tok_embeddings.weight":  # a tied table is still read
+    if panels is None:
+        reader.raw(name)
+    elif name != "tok_embeddings.weight":  # a tied table is still read
         release(raw.data, unmodified=True)
     return panels
 

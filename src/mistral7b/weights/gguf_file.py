@@ -74,16 +74,19 @@ class GGUFReader(CheckpointReader):
         """How a tensor is stored, from the header alone (no data read)."""
         return self._tensors[name].type
 
-    def raw(self, name: str) -> RawTensor:
-        """The tensor as stored; its values (floats) or block scales are checked on first use."""
+    def raw(self, name: str, *, check: bool = True) -> RawTensor:
+        """The tensor as stored; its values (floats) or block scales are checked on first use.
+        `check=False` is for a caller that checks the bytes itself as it reads them (the
+        kernel's GGUF repack), and checks here when it cannot tell."""
         t = self._tensors[name]
         raw = RawTensor(name, t.type, t.shape, tensor_view(self._data, t))
-        if name not in self._checked:
+        if check and name not in self._checked:
             self._check(raw)
             self._checked.add(name)
         return raw
 
-    def raw_part(self, name: str, dim: int, start: int, stop: int) -> RawTensor:
+    def raw_part(self, name: str, dim: int, start: int, stop: int, *,
+                 check: bool = True) -> RawTensor:
         """Rows (dim 0) or columns (dim 1) start..stop-1 of a 2-D tensor as stored, reading
         and checking only those bytes. Columns of a quantized tensor must be whole blocks."""
         t = self._tensors[name]
@@ -112,7 +115,8 @@ class GGUFReader(CheckpointReader):
             release(data, unmodified=True)
         shape = (stop - start, cols) if dim == 0 else (rows, stop - start)
         raw = RawTensor(name, kind, shape, part)
-        self._check(raw)
+        if check:
+            self._check(raw)
         return raw
 
     def _check(self, raw: RawTensor) -> None:
