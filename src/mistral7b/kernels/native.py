@@ -184,9 +184,10 @@ class Panels:
 
 
 def panel(s: torch.Tensor) -> torch.Tensor:
-    """Per-row group values (n_out, groups) -> (n_out / 16, groups, 16)."""
+    """Per-row group values (n_out, groups) -> (n_out / 16, groups, 16), in weight memory
+    (csrc/pack.cpp weight_empty: huge pages where offered)."""
     n, groups = s.shape
-    return s.reshape(n // 16, 16, groups).transpose(1, 2).contiguous()
+    return ops().weight_copy(s.reshape(n // 16, 16, groups).transpose(1, 2))
 
 
 def unpanel(s: torch.Tensor) -> torch.Tensor:
@@ -238,17 +239,18 @@ GGUF_PANEL_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8}
 def gguf_panels(qtype_name: str, data: torch.Tensor, n_out: int, n_in: int) -> Panels | None:
     """A GGUF Q4_0 / Q4_1 / Q8_0 tensor (its block bytes, uint8) straight into panels, equal
     bit for bit to importing it (gguf_import.py) and packing it (pack_int4 / pack_int8); None
-    where that rule would pick float32 scales (values beyond float16's safe range)."""
+    unless every scale (and min) is finite and below 65000, the values the kernel's float16
+    scales take safely: a Panels result vouches that the blocks' scales are sound."""
     namespace = ops()
     if namespace is None or qtype_name not in GGUF_PANEL_TYPES or not fits(n_out, n_in, 32):
         return None
     w, scale, mins, flags = namespace.gguf_panels(data, GGUF_PANEL_TYPES[qtype_name], n_out,
                                                   n_in)
     scales_ok, mins_ok, symmetric = flags.tolist()
-    if qtype_name == "Q8_0":  # one group per row is per-channel int8: float32, as pack_int8
-        return Panels(w, scale if n_in > 32 else scale.float(), None, 8, 32, 128.0, n_out, n_in)
     if not scales_ok or (qtype_name == "Q4_1" and not mins_ok):
         return None
+    if qtype_name == "Q8_0":  # one group per row is per-channel int8: float32, as pack_int8
+        return Panels(w, scale if n_in > 32 else scale.float(), None, 8, 32, 128.0, n_out, n_in)
     if qtype_name == "Q4_1" and not symmetric:
         return Panels(w, scale, mins, 4, 32, 8.0, n_out, n_in)
     return Panels(w, scale, None, 4, 32, 8.0, n_out, n_in)

@@ -31,6 +31,9 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
                            const std::optional<at::Tensor>& gather, int64_t start, int64_t stop,
                            const std::optional<at::Tensor>& mask);
 
+// pack.cpp: an empty tensor for weights, its whole 2 MiB pages advised for huge pages
+at::Tensor weight_empty(at::IntArrayRef sizes, at::ScalarType dtype);
+
 // norm.cpp
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps);
 
