@@ -52,6 +52,24 @@ def test_paged_attention_follows_its_rule(D, H, KV):
         reference_attention(q[:1], k, v, span, every[:1]), atol=2e-6, rtol=2e-5)
 
 
+@pytest.mark.parametrize("D,H,KV", [(16, 4, 2), (128, 32, 8)])
+def test_paged_attention_over_a_bfloat16_pool_follows_its_rule(D, H, KV):
+    """A bfloat16 pool (a quantized 7B's KV cache): keys and values widened exactly, every
+    sum in float32, so the rule holds on the bfloat16 values as stored."""
+    torch.manual_seed(D)
+    S, B, K = 120, 3, 29
+    q = torch.randn(B, H, D) * 2
+    k = torch.randn(KV, S, D).to(torch.bfloat16)
+    v = torch.randn(KV, S, D).to(torch.bfloat16)
+    slots = torch.randint(0, S, (B, K))
+    mask = torch.rand(B, K) < 0.7
+    mask[:, 0] = True
+    got = native.ops().paged_attention(q, k, v, slots, 0, 0, mask)
+    assert got.dtype == torch.float32
+    want = reference_attention(q, k.float(), v.float(), slots, mask)
+    torch.testing.assert_close(got.double(), want, atol=2e-6, rtol=2e-5)
+
+
 def test_paged_attention_rejects_what_would_read_outside_the_pool():
     q, k, v = torch.randn(1, 4, 16), torch.randn(2, 10, 16), torch.randn(2, 10, 16)
     with pytest.raises(RuntimeError, match="slot out of range"):

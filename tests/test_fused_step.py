@@ -35,6 +35,21 @@ PROMPTS = [[1, 5, 9, 13, 17], [1] + list(range(30, 40)), [1] + [7, 8, 9, 10, 11,
 
 
 def tiny(quant: str | None, window: int | None = WINDOW, seed: int = 0) -> Transformer:
+    """`quant` None, "int8" or "int4"; "int8/bf16" or "int4/bf16": those weights over a
+    bfloat16 embedding table and KV cache, computing in float32 (what load() makes of a big
+    quantized model on the CPU: Transformer.compute_in_float32)."""
+    quant, _, table = (quant or "").partition("/")
+    model = _tiny(quant or None, window, seed)
+    if table == "bf16":
+        model.tok_embeddings.to(torch.bfloat16)
+        for layer in model.layers:            # as loaded in bfloat16, then widened
+            for norm in (layer.attention_norm, layer.ffn_norm):
+                norm.weight.data = norm.weight.data.to(torch.bfloat16)
+        model.compute_in_float32()
+    return model
+
+
+def _tiny(quant: str | None, window: int | None, seed: int) -> Transformer:
     # shapes our int4/int8 kernel takes: outputs a multiple of 16, inputs of 32
     config = ModelConfig(dim=64, n_layers=2, head_dim=16, hidden_dim=96, n_heads=4,
                          n_kv_heads=2, norm_eps=1e-5, vocab_size=96, rope_theta=10000.0,
@@ -79,7 +94,7 @@ def greedy_steps(eng: Engine, n: int, feed: list[list[int]] | None = None):
         yield tokens, logits
 
 
-@pytest.mark.parametrize("quant", [None, "int8", "int4"])
+@pytest.mark.parametrize("quant", [None, "int8", "int4", "int8/bf16", "int4/bf16"])
 def test_fused_logits_equal_eager_on_a_ragged_batch_past_the_window(quant, monkeypatch):
     model = tiny(quant)
     fused_eng, eager_eng = engine(model, True), engine(model, False)
@@ -96,7 +111,7 @@ def test_fused_logits_equal_eager_on_a_ragged_batch_past_the_window(quant, monke
         assert torch.equal(a, b)                               # ... and what we claim
 
 
-@pytest.mark.parametrize("quant", ["int4", "int8"])
+@pytest.mark.parametrize("quant", ["int4", "int8", "int4/bf16"])
 def test_quantized_greedy_ids_are_identical_over_64_tokens(quant):
     model = tiny(quant)
     params = [SamplingParams(max_tokens=64, temperature=0.0)] * len(PROMPTS)

@@ -128,6 +128,8 @@ def load(model: str | Path = "default", *, device: str | torch.device | None = N
             net = build_model(reader, dtype=dt, device=dev)
         else:  # asked for, or a folder written by `mistral7b quantize`
             net = load_quantized(reader, quant, dtype=dt, device=dev)
+            if dev.type == "cpu" and dt != torch.float32:
+                net.compute_in_float32()   # the table and KV cache stay in `dt`
     tokenizer = checkpoint_tokenizer(reader)
     llm = LLM(net, reader.config, tokenizer, path, kv_cache_memory)
     llm.speculate = check_speculate(speculate)

@@ -106,9 +106,10 @@ class KVPool:
         self.k[:, :, :bs] = 0
         self.v[:, :, :bs] = 0
         self.device = torch.device(device)
-        # short steps' attention read in place (kernels/csrc/attention.cpp) where ours run
-        self.paged = native.ops() if self.device.type == "cpu" and dtype == torch.float32 \
-            else None
+        # short steps' attention read in place (kernels/csrc/attention.cpp) where ours run,
+        # for float32 queries (model.py asks only then)
+        self.paged = native.ops() if self.device.type == "cpu" and dtype in (
+            torch.float32, torch.bfloat16) else None
         self._free = list(range(1, n_blocks))           # a min-heap: low blocks first, so
         self._ref = [0] * n_blocks                      # the pages touched stay compact
         self._block_of: dict[bytes, int] = {}
@@ -375,8 +376,8 @@ class KVPool:
                         plan: AttentionPlan) -> torch.Tensor:
         """A short step's attention (at most PAGED_MAX_T tokens per row) read from the pool in
         place: store k/v (B, KV, T, D), then attend each query q (B*T, H, D) to its row's
-        visible keys -> (B*T, H * D). Only where `self.paged` is set (our kernel library,
-        float32 on the CPU); a decode step and a speculative verification step compute every
+        visible keys -> (B*T, H * D). Only where `self.paged` is set (our kernel library on
+        the CPU, a float32 or bfloat16 pool) and q is float32; a decode step and a speculative verification step compute every
         query's numbers alike."""
         assert self.paged is not None
         ck, cv = self._write(layer, k, v, plan)
@@ -386,9 +387,9 @@ class KVPool:
     def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor,
                plan: AttentionPlan) -> tuple[torch.Tensor, torch.Tensor]:
         """Store a layer's chunk k/v (B, KV, T, D) in its slots; returns the layer's pools."""
-        ck, cv = self.k[layer], self.v[layer]
-        ck[:, plan.write_slot] = k[plan.write_b, :, plan.write_t].transpose(0, 1)
-        cv[:, plan.write_slot] = v[plan.write_b, :, plan.write_t].transpose(0, 1)
+        ck, cv = self.k[layer], self.v[layer]   # float32 k/v round to a bfloat16 pool here
+        ck[:, plan.write_slot] = k[plan.write_b, :, plan.write_t].transpose(0, 1).to(ck.dtype)
+        cv[:, plan.write_slot] = v[plan.write_b, :, plan.write_t].transpose(0, 1).to(cv.dtype)
         return ck, cv
 
     # ----------------------------------------------------------------- blocks

@@ -175,7 +175,7 @@ class Engine:
         try:
             self.adapter_rows.set(adapters, self.device)
             forward: Callable[..., torch.Tensor] = self.model
-            if T <= PAGED_MAX_T and not (adapters and any(adapters)):
+            if T <= PAGED_MAX_T and pool.paged is not None and not (adapters and any(adapters)):
                 forward = self.fused_step() or self.model    # the same numbers, faster
             if all_logits:
                 out = forward(tokens, positions, pool, plan)

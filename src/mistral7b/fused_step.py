@@ -11,7 +11,9 @@ Every number is computed by the same kernel on the same shapes as model.py's ste
 logits are equal to the bit (tests/test_fused_step.py); it is used by `Engine.step` when it
 applies:
 
-- the model is on the CPU in float32 and our kernel library runs here (native.ops());
+- the model is on the CPU and computes in float32 (a float32 model, or a quantized one over a
+  bfloat16 table and KV cache: Transformer.compute_in_float32), and our kernel library runs
+  here (native.ops());
 - every linear of every layer is our native int4/int8 layer or a plain float32 nn.Linear
   without bias, every norm a plain RMSNorm, and no module has a hook: a LoRA wrapper, a
   served adapter, tensor parallel (its all-reduces are hooks) or PyTorch's fallback kernels
@@ -69,8 +71,9 @@ class FusedDecode:
         ops = native.ops()
         cfg = model.config
         emb = model.tok_embeddings.weight
-        if (ops is None or emb.device.type != "cpu" or emb.dtype != torch.float32
-                or type(model) is not Transformer or "forward" in model.__dict__):
+        if (ops is None or emb.device.type != "cpu" or type(model) is not Transformer
+                or (model.compute_dtype or emb.dtype) != torch.float32
+                or "forward" in model.__dict__):
             return None
         hooks = _all_hooks(model)
         if any(map(len, hooks)):
@@ -112,7 +115,7 @@ class FusedDecode:
         (B, n) those positions' only (B, n, V): Transformer.forward's contract."""
         model, cfg = self.model, self.model.config
         B, T = tokens.shape
-        x = model.tok_embeddings(tokens).reshape(B * T, cfg.dim)
+        x = model.embed(tokens).reshape(B * T, cfg.dim)
         cos, sin = rope_angles(positions.reshape(-1), cfg.head_dim, cfg.rope_theta)
         slots, gather, start, stop, mask = plan.query_keys()
         h = self.stack.forward(x, cos, sin, pool.k, pool.v, slots, gather, start, stop, mask)

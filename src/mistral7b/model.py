@@ -61,12 +61,15 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # (B, KV, T, Dh): the cache layout. Rotated k goes into the cache.
         k, v = k.transpose(1, 2), v.transpose(1, 2)
-        if T <= PAGED_MAX_T and cache is not None and cache.paged is not None:
+        if (T <= PAGED_MAX_T and cache is not None and cache.paged is not None
+                and q.dtype == torch.float32):
             # decode, verification: our kernel reads the keys in the pool where they are
             out = cache.paged_attention(self.layer_id, q.reshape(B * T, self.n_heads, Dh), k, v,
                                         plan)
             return self.wo(out.view(B, T, -1))
         keys, values = (k, v) if cache is None else cache.update(self.layer_id, k, v, plan)
+        if keys.dtype != q.dtype:   # float32 activations over a bfloat16 cache
+            keys, values = keys.to(q.dtype), values.to(q.dtype)
         # Grouped-query attention without copying k/v: fold each kv head's G query heads into
         # the query-length axis, (B, T, KV*G, Dh) -> (B, KV, G*T, Dh). Query heads
         # kv*G .. kv*G+G-1 share kv head kv, as in the reference (repeat_interleave order).
@@ -116,6 +119,24 @@ class Transformer(nn.Module):
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tied_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        # The activations' dtype where it is not the embedding table's: see compute_in_float32
+        self.compute_dtype: torch.dtype | None = None
+
+    def compute_in_float32(self) -> None:
+        """Compute in float32 over a lower-precision embedding table (and KV cache, which the
+        engine sizes by the table's dtype): for a model whose linears are all int4/int8 on the
+        CPU, where activations cost nothing to keep in float32 (as llama.cpp does) and they are
+        what the fused decode step takes. The norm weights become float32 (a few KB)."""
+        for module in self.modules():
+            if isinstance(module, RMSNorm) and module.weight.dtype != torch.float32:
+                module.weight = nn.Parameter(module.weight.detach().float(),
+                                             requires_grad=module.weight.requires_grad)
+        self.compute_dtype = torch.float32
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T) -> (B, T, D) in the dtype the layers compute in."""
+        x = self.tok_embeddings(tokens)
+        return x if self.compute_dtype is None else x.to(self.compute_dtype)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVPool | None,
                 plan: AttentionPlan, logits_index: torch.Tensor | None = None) -> torch.Tensor:
@@ -126,7 +147,7 @@ class Transformer(nn.Module):
         With `logits_index` (B, n) only those positions of each row get logits (B, n, vocab):
         generation needs just the last one, and the output projection is not cheap.
         """
-        x = self.tok_embeddings(tokens)                                      # (B, T, D)
+        x = self.embed(tokens)                                               # (B, T, D)
         cos, sin = rope_angles(positions, self.config.head_dim, self.config.rope_theta)
         for layer in self.layers:
             x = layer(x, cos, sin, cache, plan)

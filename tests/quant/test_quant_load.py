@@ -70,6 +70,37 @@ def test_quantized_checkpoint_loads_back_to_identical_logits(tiny, tmp_path, qua
     assert torch.equal(_logits(model), direct)
 
 
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_a_bfloat16_quantized_load_computes_in_float32_over_a_bfloat16_cache(tiny, quant):
+    """load(dtype=bfloat16, quant=...) on the CPU: the table and the KV cache in bfloat16, the
+    activations float32 (Transformer.compute_in_float32), decoded by the fused step. Its
+    logits are those of the float32 load of the same quantized weights to within the
+    bfloat16 rounding of the table and cached keys (a bfloat16 activation path drifts more)."""
+    import mistral7b
+
+    llm = mistral7b.load(tiny["gguf"], dtype="bfloat16", quant=quant)
+    model = llm.engine.model
+    assert model.compute_dtype == torch.float32
+    assert model.tok_embeddings.weight.dtype == torch.bfloat16
+    assert all(b.attention_norm.weight.dtype == torch.float32 for b in model.layers)
+    assert llm.engine.pool.k.dtype == torch.bfloat16
+    assert llm.engine.fused_step() is not None
+    ref = mistral7b.load(tiny["gguf"], dtype="float32", quant=quant).engine.logits(IDS)
+    ours = llm.engine.logits(IDS)
+    # the same load computing in bfloat16 throughout (what it did before)
+    old = mistral7b.load(tiny["gguf"], dtype="bfloat16", quant=quant)
+    old.engine.model.compute_dtype = None
+    for block in old.engine.model.layers:
+        for norm in (block.attention_norm, block.ffn_norm):
+            norm.weight.data = norm.weight.data.to(torch.bfloat16)
+    old.engine.model.norm.weight.data = old.engine.model.norm.weight.data.to(torch.bfloat16)
+    bf16_all = old.engine.logits(IDS)
+    assert ours.dtype == torch.float32
+    err, err_bf16 = (ours - ref).abs().max(), (bf16_all - ref).abs().max()
+    assert err < err_bf16
+    assert torch.nn.functional.cosine_similarity(ours, ref, dim=-1).min() > 0.995
+
+
 def test_quantized_checkpoint_refuses_the_other_mode(tiny, tmp_path):
     from mistral7b.errors import InputError
 

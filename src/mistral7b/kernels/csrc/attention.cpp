@@ -32,22 +32,32 @@ namespace {
 
 #if defined(__x86_64__)
 
-ATT_TARGET inline float dot(const float* a, const float* b, int64_t n) {
+// 16 keys' or values' elements as float32: the pool holds float32, or bfloat16 (float32's top
+// half: widening is exact)
+ATT_TARGET inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+
+ATT_TARGET inline __m512 load16(const at::BFloat16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+template <typename E>
+ATT_TARGET inline float dot(const float* a, const E* b, int64_t n) {
   __m512 acc = _mm512_setzero_ps();
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16)
-    acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), load16(b + i), acc);
   float s = _mm512_reduce_add_ps(acc);
-  for (; i < n; ++i) s += a[i] * b[i];
+  for (; i < n; ++i) s += a[i] * static_cast<float>(b[i]);
   return s;
 }
 
-ATT_TARGET inline void axpy(float alpha, const float* x, float* y, int64_t n) {
+template <typename E>
+ATT_TARGET inline void axpy(float alpha, const E* x, float* y, int64_t n) {
   const __m512 va = _mm512_set1_ps(alpha);
   int64_t i = 0;
   for (; i + 16 <= n; i += 16)
-    _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
-  for (; i < n; ++i) y[i] += alpha * x[i];
+    _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, load16(x + i), _mm512_loadu_ps(y + i)));
+  for (; i < n; ++i) y[i] += alpha * static_cast<float>(x[i]);
 }
 
 // e^x for x <= 0: 2^n e^r with n = round(x / ln 2), r = x - n ln 2 (ln 2 in two parts)
@@ -89,18 +99,19 @@ ATT_TARGET float softmax_numerators(float* s, int64_t n) {
 }
 
 // one row's kv head: G query heads (q, out: G x Dh), keys/values at `slots` of kh / vh
-ATT_TARGET void attend_group(const float* q, const float* kh, const float* vh,
+template <typename E>
+ATT_TARGET void attend_group(const float* q, const E* kh, const E* vh,
                              const int64_t* slots, int64_t n, int64_t G, int64_t Dh,
                              float scale, float* s, float* out) {
   for (int64_t j = 0; j < n; ++j) {
-    const float* kr = kh + slots[j] * Dh;
+    const E* kr = kh + slots[j] * Dh;
     for (int64_t g = 0; g < G; ++g) s[g * n + j] = dot(q + g * Dh, kr, Dh) * scale;
   }
   std::fill(out, out + G * Dh, 0.0f);
   std::vector<float> inv(G);
   for (int64_t g = 0; g < G; ++g) inv[g] = n ? 1.0f / softmax_numerators(s + g * n, n) : 0.0f;
   for (int64_t j = 0; j < n; ++j) {
-    const float* vr = vh + slots[j] * Dh;
+    const E* vr = vh + slots[j] * Dh;
     for (int64_t g = 0; g < G; ++g) axpy(s[g * n + j] * inv[g], vr, out + g * Dh, Dh);
   }
 }
@@ -111,15 +122,16 @@ ATT_TARGET void attend_group(const float* q, const float* kh, const float* vh,
 
 namespace mistral7b {
 
-// q (B, H, Dh) float32; k, v (KV, S, Dh) float32 contiguous (one layer of the pool).
-// Returns (B, H * Dh).
+// q (B, H, Dh) float32; k, v (KV, S, Dh) contiguous, float32 or bfloat16 (one layer of the
+// pool; the sums are float32 either way). Returns (B, H * Dh) float32.
 at::Tensor paged_attention(const at::Tensor& q_in, const at::Tensor& k, const at::Tensor& v,
                            const std::optional<at::Tensor>& gather, int64_t start, int64_t stop,
                            const std::optional<at::Tensor>& mask) {
   TORCH_CHECK(q_in.dim() == 3 && q_in.scalar_type() == at::kFloat, "q must be (B, H, Dh) float32");
   TORCH_CHECK(k.dim() == 3 && k.is_contiguous() && v.is_contiguous() &&
-                  k.scalar_type() == at::kFloat && v.sizes() == k.sizes(),
-              "k and v must be contiguous float32 (KV, S, Dh)");
+                  (k.scalar_type() == at::kFloat || k.scalar_type() == at::kBFloat16) &&
+                  v.scalar_type() == k.scalar_type() && v.sizes() == k.sizes(),
+              "k and v must be contiguous float32 or bfloat16 (KV, S, Dh)");
   const at::Tensor q = q_in.contiguous();
   const int64_t B = q.size(0), H = q.size(1), Dh = q.size(2), KV = k.size(0), S = k.size(1);
   TORCH_CHECK(k.size(2) == Dh && H % KV == 0, "q and k disagree on head_dim or heads");
@@ -147,21 +159,25 @@ at::Tensor paged_attention(const at::Tensor& q_in, const at::Tensor& k, const at
 #if defined(__x86_64__)
   const float scale = 1.0f / std::sqrt(static_cast<float>(Dh));
   const float* qp = q.data_ptr<float>();
-  const float* kp = k.data_ptr<float>();
-  const float* vp = v.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, B * KV, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<int64_t> seen(K);
-    std::vector<float> s(G * K);
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / KV, h = t % KV;
-      int64_t n = 0;
-      for (int64_t j = 0; j < K; ++j)
-        if (!mp || mp[b * K + j]) seen[n++] = sp[b * K + j];
-      attend_group(qp + (b * H + h * G) * Dh, kp + h * S * Dh, vp + h * S * Dh, seen.data(), n,
-                   G, Dh, scale, s.data(), op + (b * H + h * G) * Dh);
-    }
-  });
+  auto attend = [&](auto* kp, auto* vp) {
+    at::parallel_for(0, B * KV, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<int64_t> seen(K);
+      std::vector<float> s(G * K);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = t / KV, h = t % KV;
+        int64_t n = 0;
+        for (int64_t j = 0; j < K; ++j)
+          if (!mp || mp[b * K + j]) seen[n++] = sp[b * K + j];
+        attend_group(qp + (b * H + h * G) * Dh, kp + h * S * Dh, vp + h * S * Dh, seen.data(),
+                     n, G, Dh, scale, s.data(), op + (b * H + h * G) * Dh);
+      }
+    });
+  };
+  if (k.scalar_type() == at::kFloat)
+    attend(k.data_ptr<float>(), v.data_ptr<float>());
+  else
+    attend(k.data_ptr<at::BFloat16>(), v.data_ptr<at::BFloat16>());
 #else
   TORCH_CHECK(false, "paged_attention runs on x86-64 only");
 #endif

@@ -13,7 +13,8 @@
 //   h = rmsnorm(x) * ffn_norm;  x = x + (silu(h W1^T) * h W3^T) W2^T
 //
 // Linears are our int4/int8 panels (qmm.cpp) or float32 weights (at::linear, what F.linear
-// runs). Activations and the pool are float32. Every number is computed by the same kernel,
+// runs). Activations are float32; the pool float32 or bfloat16 (a quantized model's default
+// beyond ~1B parameters: model.py Transformer.compute_dtype). Every number is computed by the same kernel,
 // on the same shapes, as the eager step (RMSNorm and attention through norm.cpp and
 // attention.cpp as model.py does, SiLU through ATen; the rotation and the cache write by hand,
 // exact),
@@ -31,6 +32,7 @@
 #include <cstring>
 #include <initializer_list>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "kernels.h"
@@ -77,6 +79,32 @@ void rope(float* x, const float* cos, const float* sin, int64_t B, int64_t heads
         const float a = x0 * c[i], b = x1 * s[i], e = x0 * s[i], f = x1 * c[i];
         v[2 * i] = a - b;
         v[2 * i + 1] = e + f;
+      }
+    }
+}
+
+// Row b's k and v (B, KV * Dh) float32 -> slot slots[b] of each kv head of one layer's pool
+// (KV, S, Dh), skipping rows whose slot is -1. A bfloat16 pool rounds to nearest even, as
+// the eager step's tensor copy does.
+template <typename E>
+void write_slots(E* kl, E* vl, const at::Tensor& k, const at::Tensor& v, const int64_t* slots,
+                 int64_t B, int64_t KV, int64_t S, int64_t Dh) {
+  const float* kn = k.data_ptr<float>();
+  const float* vn = v.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t j = 0; j < KV && slots[b] >= 0; ++j) {
+      E* kd = kl + (j * S + slots[b]) * Dh;
+      E* vd = vl + (j * S + slots[b]) * Dh;
+      const float* ks = kn + (b * KV + j) * Dh;
+      const float* vs = vn + (b * KV + j) * Dh;
+      if constexpr (std::is_same_v<E, float>) {
+        std::memcpy(kd, ks, Dh * sizeof(float));
+        std::memcpy(vd, vs, Dh * sizeof(float));
+      } else {
+        for (int64_t i = 0; i < Dh; ++i) {
+          kd[i] = static_cast<E>(ks[i]);
+          vd[i] = static_cast<E>(vs[i]);
+        }
       }
     }
 }
@@ -129,7 +157,7 @@ class DecodeStack : public torch::CustomClassHolder {
 
   // Each of the B rows is one query token (a step's rows times its tokens, AttentionPlan.
   // query_keys). x (B, D) float32: the embedded tokens; cos, sin (B, Dh/2); k_pool, v_pool
-  // (L, KV, S, Dh) float32; write_slot (B,) the slot each token goes to (-1: padding, not
+  // (L, KV, S, Dh) float32 or bfloat16; write_slot (B,) the slot each token goes to (-1: padding, not
   // written). Keys: the slots [view_start, view_stop) when gather is None, else gather
   // (B, K); mask (B, K) bool, or None (every key visible): attention.cpp's paged_attention.
   // All tokens are written before any attends, as model.py does.
@@ -140,9 +168,12 @@ class DecodeStack : public torch::CustomClassHolder {
     const int64_t B = x.size(0), D = x.size(1), H = n_heads_, KV = n_kv_heads_,
                   Dh = head_dim_;
     TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be (B, D) float32");
+    const bool bf16_pool = k_pool.scalar_type() == at::kBFloat16;
     TORCH_CHECK(k_pool.dim() == 4 && k_pool.is_contiguous() && v_pool.is_contiguous() &&
-                    k_pool.scalar_type() == at::kFloat && v_pool.sizes() == k_pool.sizes(),
-                "the pools must be contiguous float32 (L, KV, S, Dh)");
+                    (bf16_pool || k_pool.scalar_type() == at::kFloat) &&
+                    v_pool.scalar_type() == k_pool.scalar_type() &&
+                    v_pool.sizes() == k_pool.sizes(),
+                "the pools must be contiguous float32 or bfloat16 (L, KV, S, Dh)");
     TORCH_CHECK(k_pool.size(0) == n_layers() && k_pool.size(1) == KV && k_pool.size(3) == Dh,
                 "pool shape does not match the stack");
     const int64_t S = k_pool.size(2);
@@ -162,15 +193,11 @@ class DecodeStack : public torch::CustomClassHolder {
       rope(q.data_ptr<float>(), cos.data_ptr<float>(), sin.data_ptr<float>(), B, H, Dh);
       rope(k.data_ptr<float>(), cos.data_ptr<float>(), sin.data_ptr<float>(), B, KV, Dh);
       at::Tensor ck = k_pool.select(0, li), cv = v_pool.select(0, li);     // (KV, S, Dh)
-      float* kl = ck.data_ptr<float>();
-      float* vl = cv.data_ptr<float>();
-      const float* kn = k.data_ptr<float>();
-      const float* vn = v.data_ptr<float>();
-      for (int64_t b = 0; b < B; ++b)
-        for (int64_t j = 0; j < KV && sp[b] >= 0; ++j) {
-          std::memcpy(kl + (j * S + sp[b]) * Dh, kn + (b * KV + j) * Dh, Dh * sizeof(float));
-          std::memcpy(vl + (j * S + sp[b]) * Dh, vn + (b * KV + j) * Dh, Dh * sizeof(float));
-        }
+      if (bf16_pool) {
+        write_slots(ck.data_ptr<at::BFloat16>(), cv.data_ptr<at::BFloat16>(), k, v, sp, B, KV, S, Dh);
+      } else {
+        write_slots(ck.data_ptr<float>(), cv.data_ptr<float>(), k, v, sp, B, KV, S, Dh);
+      }
       at::Tensor out = mistral7b::paged_attention(q.view({B, H, Dh}), ck, cv, gather,
                                                   view_start, view_stop, mask);
       x = x + L.wo(out.reshape({B, H * Dh}));
