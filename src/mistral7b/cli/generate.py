@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mistral7b.cli import common
+from mistral7b.cli import common, remote
 from mistral7b.errors import InputError
 
 if TYPE_CHECKING:
@@ -52,6 +52,7 @@ def add_parser(subparsers: Any) -> None:
     common.add_tp_arg(p)
     common.add_lora_arg(p)
     common.add_sampling_args(p, max_tokens=DEFAULT_MAX_TOKENS)
+    remote.add_client_args(p)
     p.set_defaults(run=run)
 
 
@@ -62,6 +63,9 @@ def run(args: argparse.Namespace) -> int:
     text = read_prompt(args)
     sampling = common.sampling_kwargs(args)
     response_format = common.read_response_format(args)
+    served = remote.pick_server(args)
+    if served is not None:
+        return run_served(args, served, text, {**sampling, "response_format": response_format})
     llm = common.load_model(args, quiet=args.quiet)
     common.use_response_format(llm, args, response_format, sampling)
     ids = encode_prompt(llm.require_tokenizer(), text,
@@ -98,6 +102,37 @@ def run(args: argparse.Namespace) -> int:
         common.log(common.verbose_stats(timings))
     elif not args.quiet:
         common.log(common.summary_line(timings))
+    return 0
+
+
+def run_served(args: argparse.Namespace, served: remote.Served, text: str,
+               sampling: dict[str, Any]) -> int:
+    """The same answer as `run`, from a server that holds the model (cli/remote.py)."""
+    body = remote.sampling_body(sampling)
+    if args.chat or args.system is not None or args.safe:
+        path = "/v1/chat/completions"
+        body.update(messages=remote.messages_for(text, args.system), safe_prompt=args.safe)
+    else:
+        path, body["prompt"] = "/v1/completions", text
+    answer = remote.Answer()
+    out = sys.stdout
+    try:
+        for delta in remote.stream_text(served, path, body, answer,
+                                        args.json_schema or args.grammar):
+            out.write(delta)
+            out.flush()
+    except KeyboardInterrupt:      # leaving the loop closed the connection: the server stops
+        out.write("\n")
+        out.flush()
+        common.log("interrupted")
+        return common.EXIT_INTERRUPTED
+    out.write("\n")
+    out.flush()
+    figures = remote.figures(answer)
+    if args.verbose:
+        common.log(remote.verbose_stats(served, figures))
+    elif not args.quiet:
+        common.log(remote.summary_line(served, figures))
     return 0
 
 
