@@ -166,7 +166,7 @@ def lora_key(spec: str) -> str:
 def sampling_body(sampling: dict[str, Any]) -> dict[str, Any]:
     """The request fields for the command's sampling flags: every field given explicitly,
     with the command line's defaults (the API's own defaults differ: temperature 1)."""
-    p = SamplingParams(**sampling)
+    p = SamplingParams(**{k: v for k, v in sampling.items() if k != "response_format"})
     body: dict[str, Any] = {
         "max_tokens": p.max_tokens, "temperature": p.temperature, "top_p": p.top_p,
         "top_k": p.top_k, "min_p": p.min_p, "repetition_penalty": p.repetition_penalty,
