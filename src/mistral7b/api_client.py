@@ -32,9 +32,11 @@ class ServerUnreachable(Mistral7BError):
 class ServerError(InputError):
     """The server refused the request (4xx) or failed it (5xx); `status` is the HTTP code."""
 
-    def __init__(self, message: str, *, status: int, param: str | None = None) -> None:
+    def __init__(self, message: str, *, status: int, param: str | None = None,
+                 code: str | None = None) -> None:
         super().__init__(message, param=param)
         self.status = status
+        self.code = code
 
 
 class ServerGone(Mistral7BError):
@@ -151,15 +153,15 @@ class APIClient:
 def _error(status: int, body: bytes, url: str) -> Mistral7BError:
     try:
         error = json.loads(body)["error"]
-        message, param = str(error["message"]), error.get("param")
+        message, param, code = str(error["message"]), error.get("param"), error.get("code")
     except (ValueError, KeyError, TypeError):
-        message, param = body.decode("utf-8", "replace").strip()[:200], None
+        message, param, code = body.decode("utf-8", "replace").strip()[:200], None, None
     if status == 401:
         return ServerError(f"the server at {url} needs an API key: give --api-key KEY or set "
                            "MISTRAL7B_API_KEY", status=status)
     if status >= 500:
         return ServerError(f"the server at {url} could not answer: {message}", status=status)
-    return ServerError(message, status=status, param=param)
+    return ServerError(message, status=status, param=param, code=code)
 
 
 def _reason(exc: BaseException) -> str:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import time
 from collections.abc import Generator
 from dataclasses import dataclass, field
@@ -212,11 +213,20 @@ def stream_text(served: Served, path: str, body: dict[str, Any], answer: Answer,
                         answer.first_token_s = time.perf_counter() - answer.started
                     yield text
     except ServerError as exc:
-        if response_format_file and exc.param and exc.param.startswith("response_format"):
-            raise InputError(f"{response_format_file}: {exc}") from None
-        raise
+        raise local_words(exc, response_format_file) from None
     finally:
         answer.total_s = time.perf_counter() - answer.started
+
+
+def local_words(exc: ServerError, response_format_file: str | None) -> InputError:
+    """The server's refusal in the words the local path uses for the same mistake."""
+    if response_format_file and exc.param and exc.param.startswith("response_format"):
+        return InputError(f"{response_format_file}: {exc}")
+    found = re.search(r"context length is (\d+) tokens, but the prompt has (\d+)", str(exc))
+    if exc.code == "context_length_exceeded" and found:      # batch.run_batch's words
+        return InputError(f"prompt 0 has {found.group(2)} tokens but the context is "
+                          f"{found.group(1)}: shorten the prompt or raise the context size")
+    return exc
 
 
 def figures(answer: Answer) -> dict[str, float]:

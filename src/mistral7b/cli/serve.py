@@ -209,15 +209,17 @@ def run(args: argparse.Namespace) -> int:
         for name, (path, scale) in served.items():
             llm.add_adapter(name, path, scale)
         common.log(f"model {settings.model_name} loaded in {llm.load_seconds:.1f} s: {llm!r}")
+        return llm
+
+    def ready(llm: Any) -> None:
         # `mistral7b generate` / `chat` / `ps` find this server from now on (servers.py)
         registered.append(register_server(args, llm, settings, f"http://{shown}:{port}"))
-        return llm
 
     def on_load_error(exc: BaseException) -> None:
         failed.append(exc)
         app.state.server.stop_server()
 
-    app = create_app(load, settings, on_load_error=on_load_error)
+    app = create_app(load, settings, on_load_error=on_load_error, on_ready=ready)
     common.log(f"listening on http://{shown}:{port} (model {args.model} loading; "
                "/health answers 200 when ready)")
     try:
