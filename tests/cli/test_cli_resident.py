@@ -32,9 +32,9 @@ class Serve:
     """`mistral7b serve -m default --port 0` registered under `home`; ready once its entry
     is written (the model has loaded)."""
 
-    def __init__(self, home: Path, *args: str) -> None:
+    def __init__(self, home: Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.home = home
-        self.env = cli_env(MISTRAL7B_HOME=str(home))
+        self.env = cli_env(MISTRAL7B_HOME=str(home), **(env or {}))
         self.log_path = home / f"serve-{time.monotonic_ns()}.log"
         home.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("wb") as log:
@@ -161,6 +161,52 @@ def test_a_refused_request_is_the_local_error_line(tmp_path):
         server.stop()
     line = assert_user_error(served, "tokens but the context is 16")
     assert line == assert_user_error(local)
+
+
+def _running_sequences(url: str) -> float:
+    import httpx
+
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    line = next(x for x in text.splitlines() if x.startswith("mistral7b_running_sequences "))
+    return float(line.split()[1])
+
+
+def test_ctrl_c_closes_the_request_and_the_server_frees_it(server):
+    client = subprocess.Popen([*CLI, "generate", PROMPT, "-n", "4000", "--ignore-eos"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=server.env)
+    try:
+        assert client.stdout is not None
+        client.stdout.read(8)                    # the answer is streaming
+        assert _running_sequences(server.entry.url) == 1
+        client.send_signal(signal.SIGINT)
+        _, err = client.communicate(timeout=60)
+    finally:
+        if client.poll() is None:
+            client.kill()
+    assert client.returncode == 130 and "interrupted" in err and "Traceback" not in err
+    deadline = time.monotonic() + 30
+    while _running_sequences(server.entry.url) != 0:
+        assert time.monotonic() < deadline, "the server kept decoding for a gone client"
+        time.sleep(0.1)
+
+
+def test_a_server_with_an_api_key(tmp_path):
+    server = Serve(tmp_path / "home", env={"MISTRAL7B_API_KEY": "sk-test"})
+    try:
+        assert server.entry.api_key_required
+        assert "sk-test" not in server.entry_path.read_text()
+        keyed = server.cli("generate", PROMPT, "-n", "4", "--api-key", "sk-test")
+        no_key = run_cli("generate", PROMPT, "-n", "4", env=cli_env(
+            MISTRAL7B_HOME=str(server.home)))
+        wrong = server.cli("generate", PROMPT, "-n", "4", "--host", server.entry.url,
+                           "--api-key", "nope")
+    finally:
+        server.stop()
+    assert keyed.returncode == 0 and served_by(server) in keyed.stderr
+    assert no_key.returncode == 0 and "served by" not in no_key.stderr   # runs here instead
+    assert no_key.stdout == keyed.stdout
+    assert_user_error(wrong, "needs an API key", "--api-key")
 
 
 # ------------------------------------------------------------------------ the registry
