@@ -163,6 +163,16 @@ def test_a_refused_request_is_the_local_error_line(tmp_path):
     assert line == assert_user_error(local)
 
 
+def long_answer(server: Serve) -> subprocess.Popen[str]:
+    """A served `generate` that streams for a long time, once its first bytes came."""
+    client = subprocess.Popen([*CLI, "generate", PROMPT, "-n", "4000", "--ignore-eos"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=server.env)
+    assert client.stdout is not None
+    client.stdout.read(8)
+    return client
+
+
 def _running_sequences(url: str) -> float:
     import httpx
 
@@ -172,12 +182,8 @@ def _running_sequences(url: str) -> float:
 
 
 def test_ctrl_c_closes_the_request_and_the_server_frees_it(server):
-    client = subprocess.Popen([*CLI, "generate", PROMPT, "-n", "4000", "--ignore-eos"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=server.env)
+    client = long_answer(server)
     try:
-        assert client.stdout is not None
-        client.stdout.read(8)                    # the answer is streaming
         assert _running_sequences(server.entry.url) == 1
         client.send_signal(signal.SIGINT)
         _, err = client.communicate(timeout=60)
@@ -244,12 +250,8 @@ def test_a_dead_servers_entry_is_ignored_and_removed(tmp_path):
 
 def test_the_server_dying_mid_answer_is_one_error_line(tmp_path):
     server = Serve(tmp_path / "home", "--no-prefix-cache")
-    client = subprocess.Popen([*CLI, "generate", PROMPT, "-n", "4000", "--ignore-eos"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=server.env)
+    client = long_answer(server)
     try:
-        assert client.stdout is not None
-        client.stdout.read(8)                    # the answer is streaming
         server.stop(signal.SIGKILL)
         _, err = client.communicate(timeout=60)
     finally:

@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -85,18 +86,8 @@ def run(args: argparse.Namespace) -> int:
             "timings": timings,
         }, ensure_ascii=False))
     else:
-        out = sys.stdout
-        try:
-            for delta in llm.stream(ids, max_context=args.ctx, **sampling):
-                out.write(delta)
-                out.flush()
-        except KeyboardInterrupt:
-            out.write("\n")
-            out.flush()
-            common.log("interrupted")
+        if not print_stream(llm.stream(ids, max_context=args.ctx, **sampling)):
             return common.EXIT_INTERRUPTED
-        out.write("\n")
-        out.flush()
         timings = common.timings(llm, time.perf_counter() - t0)
     if args.verbose:
         common.log(common.verbose_stats(timings))
@@ -115,25 +106,33 @@ def run_served(args: argparse.Namespace, served: remote.Served, text: str,
     else:
         path, body["prompt"] = "/v1/completions", text
     answer = remote.Answer()
-    out = sys.stdout
-    try:
-        for delta in remote.stream_text(served, path, body, answer,
-                                        args.json_schema or args.grammar):
-            out.write(delta)
-            out.flush()
-    except KeyboardInterrupt:      # leaving the loop closed the connection: the server stops
-        out.write("\n")
-        out.flush()
-        common.log("interrupted")
+    # Ctrl-C leaves the stream, which closes the connection: the server drops the request.
+    if not print_stream(remote.stream_text(served, path, body, answer,
+                                           args.json_schema or args.grammar)):
         return common.EXIT_INTERRUPTED
-    out.write("\n")
-    out.flush()
     figures = remote.figures(answer)
     if args.verbose:
         common.log(remote.verbose_stats(served, figures))
     elif not args.quiet:
         common.log(remote.summary_line(served, figures))
     return 0
+
+
+def print_stream(deltas: Iterable[str]) -> bool:
+    """Write the text as it comes, then a newline; False when Ctrl-C stopped it."""
+    out = sys.stdout
+    try:
+        for delta in deltas:
+            out.write(delta)
+            out.flush()
+    except KeyboardInterrupt:
+        out.write("\n")
+        out.flush()
+        common.log("interrupted")
+        return False
+    out.write("\n")
+    out.flush()
+    return True
 
 
 def read_prompt(args: argparse.Namespace) -> str:
