@@ -30,6 +30,17 @@ def _deterministic_threads():
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _own_mistral7b_home(tmp_path_factory):
+    """A MISTRAL7B_HOME of the test session's own (subprocesses inherit it): `generate` and
+    `chat` answer through the servers registered there, so no test may find a server that
+    someone else (or another test run) started. Tests of the store set their own."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("MISTRAL7B_HOME", str(tmp_path_factory.mktemp("mistral7b-home")))
+    yield
+    patch.undo()
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _kernel_built_once():
     """Our C++ kernel is compiled on first use (about a minute on a fresh machine, cached in
     ~/.cache/mistral7b): do it here, once, so that no test's subprocess (a CLI run, a server,

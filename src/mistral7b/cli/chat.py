@@ -27,7 +27,8 @@ import importlib.util
 import sys
 from typing import TYPE_CHECKING, Any, TextIO
 
-from mistral7b.cli import chat_commands, common
+from mistral7b.api_client import ServerGone, ServerUnreachable
+from mistral7b.cli import chat_commands, common, remote
 from mistral7b.errors import Mistral7BError
 
 if TYPE_CHECKING:
@@ -67,6 +68,7 @@ def add_parser(subparsers: Any) -> None:
     common.add_tp_arg(p)
     common.add_lora_arg(p)
     common.add_sampling_args(p, max_tokens=DEFAULT_MAX_TOKENS)
+    remote.add_client_args(p)
     p.set_defaults(run=run)
 
 
@@ -74,22 +76,30 @@ def run(args: argparse.Namespace) -> int:
     sampling = common.sampling_kwargs(args)
     response_format = common.read_response_format(args)
     interactive = sys.stdin is not None and sys.stdin.isatty()
-    llm = common.load_model(args, quiet=not (interactive or args.verbose))
-    common.use_response_format(llm, args, response_format, sampling)
+    served = remote.pick_server(args)
+    llm: LLM | remote.ServedModel
+    if served is not None:
+        llm = remote.ServedModel(served, args.json_schema or args.grammar)
+        if response_format is not None:
+            sampling["response_format"] = response_format
+        ready = f"answering through {served.label.removeprefix('served by ')}"
+    else:
+        llm = common.load_model(args, quiet=not (interactive or args.verbose))
+        common.use_response_format(llm, args, response_format, sampling)
+        ready = f"loaded in {llm.load_seconds:.1f} s"
     session = ChatSession(llm, sampling, system=args.system, safe=args.safe, ctx=args.ctx,
                           verbose=args.verbose, interactive=interactive)
     if interactive:
         if importlib.util.find_spec("readline") is not None:
             importlib.import_module("readline")  # gives input() line editing and history
-        common.log(f"loaded in {llm.load_seconds:.1f} s; /help for commands, /bye or Ctrl-D "
-                   "to exit")
+        common.log(f"{ready}; /help for commands, /bye or Ctrl-D to exit")
     return session.run()
 
 
 class ChatSession:
     """The conversation, the input loop and one streamed answer per user message."""
 
-    def __init__(self, llm: LLM, sampling: dict[str, Any], *, system: str | None = None,
+    def __init__(self, llm: LLM | remote.ServedModel, sampling: dict[str, Any], *, system: str | None = None,
                  safe: bool = False, ctx: int | None = None, verbose: bool = False,
                  interactive: bool = False, stdin: TextIO | None = None,
                  stdout: TextIO | None = None) -> None:
@@ -267,6 +277,8 @@ class ChatSession:
                 if not self.interactive:
                     raise                               # piped input: Ctrl-C ends the run
                 interrupted = True
+        except (ServerGone, ServerUnreachable):
+            raise                                       # no server: the session cannot go on
         except Mistral7BError as exc:
             # The conversation goes on: report, forget the message that failed.
             self.turns.pop()
@@ -280,7 +292,8 @@ class ChatSession:
         else:
             self.turns.append({"role": "assistant", "content": reply})
         if self.verbose and not interrupted:
-            common.log(common.summary_line(common.timings(self.llm), load=False))
+            common.log(self.llm.summary_line() if isinstance(self.llm, remote.ServedModel)
+                       else common.summary_line(common.timings(self.llm), load=False))
 
     def _newline(self) -> None:
         if self.interactive:

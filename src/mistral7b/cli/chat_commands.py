@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 from mistral7b.atomic import write_text_atomically
 from mistral7b.cli import common
+from mistral7b.cli.remote import ServedModel
 from mistral7b.errors import InputError, Mistral7BError
-from mistral7b.sampling import SamplingParams
+from mistral7b.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from mistral7b.cli.chat import ChatSession
@@ -118,6 +119,8 @@ def show_command(session: ChatSession, rest: str) -> None:
 
 
 def _info(session: ChatSession) -> str:
+    if isinstance(session.llm, ServedModel):
+        return session.llm.info()
     llm, cfg = session.llm, session.llm.config
     window = f"{cfg.sliding_window} tokens" if cfg.sliding_window else "none (full attention)"
     tok = type(llm.tokenizer).__name__ if llm.tokenizer is not None else "none"

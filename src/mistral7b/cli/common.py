@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mistral7b.errors import InputError
-from mistral7b.sampling import SamplingParams
+from mistral7b.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from mistral7b.api import LLM

@@ -11,10 +11,11 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mistral7b.cli import common
+from mistral7b.cli import common, remote
 from mistral7b.errors import InputError
 
 if TYPE_CHECKING:
@@ -52,6 +53,7 @@ def add_parser(subparsers: Any) -> None:
     common.add_tp_arg(p)
     common.add_lora_arg(p)
     common.add_sampling_args(p, max_tokens=DEFAULT_MAX_TOKENS)
+    remote.add_client_args(p)
     p.set_defaults(run=run)
 
 
@@ -62,6 +64,9 @@ def run(args: argparse.Namespace) -> int:
     text = read_prompt(args)
     sampling = common.sampling_kwargs(args)
     response_format = common.read_response_format(args)
+    served = remote.pick_server(args)
+    if served is not None:
+        return run_served(args, served, text, {**sampling, "response_format": response_format})
     llm = common.load_model(args, quiet=args.quiet)
     common.use_response_format(llm, args, response_format, sampling)
     ids = encode_prompt(llm.require_tokenizer(), text,
@@ -81,24 +86,53 @@ def run(args: argparse.Namespace) -> int:
             "timings": timings,
         }, ensure_ascii=False))
     else:
-        out = sys.stdout
-        try:
-            for delta in llm.stream(ids, max_context=args.ctx, **sampling):
-                out.write(delta)
-                out.flush()
-        except KeyboardInterrupt:
-            out.write("\n")
-            out.flush()
-            common.log("interrupted")
+        if not print_stream(llm.stream(ids, max_context=args.ctx, **sampling)):
             return common.EXIT_INTERRUPTED
-        out.write("\n")
-        out.flush()
         timings = common.timings(llm, time.perf_counter() - t0)
     if args.verbose:
         common.log(common.verbose_stats(timings))
     elif not args.quiet:
         common.log(common.summary_line(timings))
     return 0
+
+
+def run_served(args: argparse.Namespace, served: remote.Served, text: str,
+               sampling: dict[str, Any]) -> int:
+    """The same answer as `run`, from a server that holds the model (cli/remote.py)."""
+    body = remote.sampling_body(sampling)
+    if args.chat or args.system is not None or args.safe:
+        path = "/v1/chat/completions"
+        body.update(messages=remote.messages_for(text, args.system), safe_prompt=args.safe)
+    else:
+        path, body["prompt"] = "/v1/completions", text
+    answer = remote.Answer()
+    # Ctrl-C leaves the stream, which closes the connection: the server drops the request.
+    if not print_stream(remote.stream_text(served, path, body, answer,
+                                           args.json_schema or args.grammar)):
+        return common.EXIT_INTERRUPTED
+    figures = remote.figures(answer)
+    if args.verbose:
+        common.log(remote.verbose_stats(served, figures))
+    elif not args.quiet:
+        common.log(remote.summary_line(served, figures))
+    return 0
+
+
+def print_stream(deltas: Iterable[str]) -> bool:
+    """Write the text as it comes, then a newline; False when Ctrl-C stopped it."""
+    out = sys.stdout
+    try:
+        for delta in deltas:
+            out.write(delta)
+            out.flush()
+    except KeyboardInterrupt:
+        out.write("\n")
+        out.flush()
+        common.log("interrupted")
+        return False
+    out.write("\n")
+    out.flush()
+    return True
 
 
 def read_prompt(args: argparse.Namespace) -> str:

@@ -24,7 +24,7 @@ from typing import NoReturn
 from mistral7b.cli.common import EXIT_INTERRUPTED, EXIT_USAGE
 from mistral7b.errors import Mistral7BError
 
-COMMANDS = ("run", "generate", "chat", "serve", "pull", "list", "show", "rm", "create",
+COMMANDS = ("run", "generate", "chat", "serve", "ps", "pull", "list", "show", "rm", "create",
             "quantize", "export", "bench", "eval", "finetune", "moderate")
 SHARED = {"list": "models", "show": "models", "rm": "models", "create": "models"}
 
@@ -41,7 +41,10 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(EXIT_USAGE)
 
 
-def build_parser() -> ArgumentParser:
+def build_parser(only: str | None = None) -> ArgumentParser:
+    """The parser of every command, or of `only` that one (the others' modules are then not
+    imported: some import torch to read their defaults, and `generate` answered by a server
+    never needs torch)."""
     from mistral7b import __version__
 
     parser = ArgumentParser(
@@ -50,7 +53,7 @@ def build_parser() -> ArgumentParser:
                     "stream to stdout; logs, progress and timings go to stderr.")
     parser.add_argument("--version", action="version", version=f"mistral7b {__version__}")
     subparsers = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
-    for name in COMMANDS:
+    for name in COMMANDS if only not in COMMANDS else (only,):
         module = importlib.import_module(f"mistral7b.cli.{SHARED.get(name, name)}")
         getattr(module, f"add_{name}_parser" if name in SHARED else "add_parser")(subparsers)
     return parser
@@ -64,8 +67,9 @@ def one_line(exc: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(only=words[0] if words else None)
+    args = parser.parse_args(words)
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE

@@ -46,20 +46,20 @@ def run(args: argparse.Namespace) -> int:
         argv = ["chat", "-m", args.model, *flags]
     else:
         argv = ["generate", "--chat", "-m", args.model, *([prompt] if prompt else []), *flags]
-    target = build_parser().parse_args(argv)
+    target = build_parser(only=argv[0]).parse_args(argv)
     return int(target.run(target))
 
 
 def ensure_local(model: str) -> None:
     """Pull `model` when it names a repository the store does not have yet (offline, the
     resolver's one line says how to get it)."""
-    from huggingface_hub import constants
-
-    from mistral7b.cli.pull import download
-
     try:
         store.resolve(model)
     except store.ModelNotFound as missing:
+        from huggingface_hub import constants
+
+        from mistral7b.cli.pull import download
+
         try:
             store.repo_and_revision(model)
         except InputError:

@@ -20,10 +20,12 @@ import logging
 import os
 import socket
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mistral7b import servers
 from mistral7b.cli import common
 from mistral7b.errors import InputError
 
@@ -199,6 +201,8 @@ def run(args: argparse.Namespace) -> int:
     sock = bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
     failed: list[BaseException] = []
+    registered: list[int] = []
+    shown = f"[{host}]" if ":" in host else host
 
     def load() -> Any:
         llm = common.load_model(args, quiet=True, bars=True)
@@ -207,22 +211,49 @@ def run(args: argparse.Namespace) -> int:
         common.log(f"model {settings.model_name} loaded in {llm.load_seconds:.1f} s: {llm!r}")
         return llm
 
+    def ready(llm: Any) -> None:
+        # `mistral7b generate` / `chat` / `ps` find this server from now on (servers.py)
+        registered.append(register_server(args, llm, settings, f"http://{shown}:{port}"))
+
     def on_load_error(exc: BaseException) -> None:
         failed.append(exc)
         app.state.server.stop_server()
 
-    app = create_app(load, settings, on_load_error=on_load_error)
-    shown = f"[{host}]" if ":" in host else host
+    app = create_app(load, settings, on_load_error=on_load_error, on_ready=ready)
     common.log(f"listening on http://{shown}:{port} (model {args.model} loading; "
                "/health answers 200 when ready)")
     try:
         serve(app, sock, log_level=args.log_level, access_log=not args.no_access_log)
     finally:
+        for pid in registered:
+            servers.unregister(pid)
         sock.close()
     if failed:
         common.log(f"error: the model failed to load: {common_line(failed[0])}")
         return common.EXIT_USAGE if isinstance(failed[0], InputError) else EXIT_LOAD_FAILED
     return 0
+
+
+def register_server(args: argparse.Namespace, llm: Any, settings: Any, url: str) -> int:
+    """Write this server's entry in $MISTRAL7B_HOME/servers/ (servers.py); its pid."""
+    from mistral7b import __version__
+    from mistral7b.cli.remote import lora_key
+    from mistral7b.store import resolve
+
+    # A wildcard address is reached through loopback by the clients on this machine.
+    url = url.replace("//0.0.0.0:", "//127.0.0.1:").replace("//[::]:", "//[::1]:")
+    entry = servers.ServerEntry(
+        url=url, pid=os.getpid(), started=time.time(), model=args.model,
+        path=str(resolve(args.model).path.resolve()), quant_flag=args.quant,
+        quant=llm.quant or "none", dtype_flag=args.dtype,
+        dtype=str(llm.engine.dtype).removeprefix("torch."), device=str(llm.engine.device),
+        speculate=llm.speculate, lora=sorted(lora_key(s) for s in args.lora_specs),
+        adapters=sorted(llm.adapters), max_model_len=settings.max_model_len
+        or llm.config.max_seq_len, trained_len=llm.config.max_seq_len,
+        served_model_name=settings.model_name, api_key_required=bool(settings.api_key),
+        version=__version__)
+    servers.register(entry)
+    return entry.pid
 
 
 def common_line(exc: BaseException) -> str:

@@ -37,14 +37,19 @@ OPEN_PATHS = frozenset({"/health", "/version"})
 
 def create_app(llm_or_loader: LLM | Callable[[], LLM],
                settings: ServerSettings | None = None, *,
-               on_load_error: Callable[[BaseException], None] | None = None) -> FastAPI:
-    """An OpenAI-compatible app around a loaded LLM, or a zero-argument loader of one."""
+               on_load_error: Callable[[BaseException], None] | None = None,
+               on_ready: Callable[[LLM], None] | None = None) -> FastAPI:
+    """An OpenAI-compatible app around a loaded LLM, or a zero-argument loader of one.
+    `on_ready(llm)` runs once requests are served (`mistral7b serve` registers itself then)."""
     settings = settings or ServerSettings()
     state = ServerState(settings)
 
     def load(loader: Callable[[], LLM]) -> None:
         try:
-            state.install(loader())
+            llm = loader()
+            state.install(llm)
+            if on_ready is not None:
+                on_ready(llm)
         except BaseException as exc:  # noqa: BLE001 - reported to the operator, not raised
             state.load_error = str(exc) or type(exc).__name__
             log.error("the model failed to load: %s", state.load_error)
@@ -55,6 +60,8 @@ def create_app(llm_or_loader: LLM | Callable[[], LLM],
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if isinstance(llm_or_loader, LLM):
             state.install(llm_or_loader)
+            if on_ready is not None:
+                on_ready(llm_or_loader)
         else:
             threading.Thread(target=load, args=(llm_or_loader,), name="mistral7b-load",
                              daemon=True).start()

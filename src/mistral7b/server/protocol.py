@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from mistral7b.errors import InputError
-from mistral7b.sampling import MAX_TOP_LOGPROBS
+from mistral7b.sampling_params import MAX_TOP_LOGPROBS
 from mistral7b.tokenizer.base import check_strings as _check_strings
 
 MAX_STOP_STRINGS = 16

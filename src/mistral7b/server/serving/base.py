@@ -280,9 +280,13 @@ def json_response(model: Any) -> JSONResponse:
     return JSONResponse(model.model_dump(mode="json"))
 
 
-def event(model: Any) -> str:
-    """One server-sent event carrying `model` as JSON."""
-    return f"data: {json.dumps(model.model_dump(mode='json'), ensure_ascii=False)}\n\n"
+def event(model: Any, timings: dict[str, float] | None = None) -> str:
+    """One server-sent event carrying `model` as JSON. `timings` (the stream's last event,
+    with its usage) goes beside `usage`, as llama.cpp's server sends it."""
+    data = model.model_dump(mode="json")
+    if timings is not None:
+        data["timings"] = timings
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
 DONE_EVENT = "data: [DONE]\n\n"

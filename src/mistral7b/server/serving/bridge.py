@@ -55,6 +55,7 @@ class Job:
         self.requests: list[GenerationRequest] = []
         self.arrival = time.monotonic()
         self.first_token_at: float | None = None
+        self.finished_at: float | None = None
 
     def add(self, prompt: list[int], params: list[SamplingParams], max_tokens: int,
             prompt_logprobs: int | None = None, *, adapter: int = 0) -> None:
@@ -97,7 +98,27 @@ class Job:
                 self.first_token_at = time.monotonic()
             if out.finish_reason:
                 open_choices -= 1
+                if not open_choices:
+                    self.finished_at = time.monotonic()
             yield k, out
+
+    def timings(self, prompt_tokens: int, cached_tokens: int, completion_tokens: int
+                ) -> dict[str, float]:
+        """llama.cpp's `timings` object: pre-fill (arrival to first token, queueing
+        included) and decode (first token to the end) times and rates, in ms and tok/s."""
+        first = self.first_token_at or self.arrival
+        prompt_s = first - self.arrival
+        decode_s = (self.finished_at or time.monotonic()) - first
+        computed = prompt_tokens - cached_tokens
+        return {
+            "prompt_n": computed, "cached_n": cached_tokens,
+            "prompt_ms": round(prompt_s * 1000, 3),
+            "prompt_per_second": round(computed / prompt_s, 2) if prompt_s > 0 else 0.0,
+            "predicted_n": completion_tokens, "predicted_ms": round(decode_s * 1000, 3),
+            # the first token comes out of the pre-fill; decode steps make the rest
+            "predicted_per_second": round((completion_tokens - 1) / decode_s, 2)
+            if decode_s > 0 and completion_tokens > 1 else 0.0,
+        }
 
 
 def _failed(error: RequestFailed) -> APIError:

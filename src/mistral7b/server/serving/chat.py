@@ -135,11 +135,12 @@ class ServingChat(ServingBase):
                 yield chunk(out.choice, DeltaMessage(), finish=c.finish_reason)
         self.record(job, choices)
         if body.stream_options is not None and body.stream_options.include_usage:
-            use = usage(len(plan.ids), sum(c.completion_tokens for c in choices),
-                        max(c.cached_tokens for c in choices))
+            cached = max(c.cached_tokens for c in choices)
+            use = usage(len(plan.ids), sum(c.completion_tokens for c in choices), cached)
             yield event(ChatCompletionChunk(id=rid, created=created,
                                             model=self.settings.model_name, choices=[],
-                                            usage=use))
+                                            usage=use),
+                        job.timings(use.prompt_tokens, cached, use.completion_tokens))
         yield DONE_EVENT
 
 

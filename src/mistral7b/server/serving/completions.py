@@ -142,7 +142,8 @@ class ServingCompletions(ServingBase):
                         sum(c.completion_tokens for c in choices.values()), _cached(choices))
             yield event(CompletionResponse(id=rid, created=created,
                                            model=self.settings.model_name, choices=[],
-                                           usage=use))
+                                           usage=use),
+                        job.timings(use.prompt_tokens, _cached(choices), use.completion_tokens))
         yield DONE_EVENT
 
     def _prompts(self, prompt: Any) -> list[tuple[list[int], str]]:
