@@ -22,6 +22,11 @@ and otherwise yields t_i from p restricted to tokens other than d, renormalised:
 rejection-sampling rule of Leviathan et al. (2023) for a deterministic draft. Every emitted
 token is therefore distributed exactly as in plain decoding.
 
+A draft model (draft.py, `--draft-model`) proposes its k tokens greedily (argmax, no
+penalties), so its draft too is a deterministic function of the context and this same rule
+verifies it, unchanged: no q-ratio test (Leviathan et al.'s general rule, for a draft that
+samples) is needed.
+
 The KV written for rejected draft tokens is dropped (`KVPool.truncate`): the table keeps x
 and the accepted drafts, and the last emitted token is fed next step, as in plain decoding.
 """

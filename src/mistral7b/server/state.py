@@ -50,7 +50,7 @@ class ServerState:
                               max_queue=self.settings.max_queue, max_model_len=max_len,
                               prefill_chunk=self.settings.prefill_chunk,
                               prefix_cache=self.settings.prefix_cache,
-                              speculate=llm.speculate)
+                              speculate=llm.speculate, draft=llm.draft)
         pool = scheduler.pool
         log.info("KV cache: budget %.2f GiB (%d tokens at %d KiB each; --kv-cache-memory), "
                  "taken as sequences advance; up to %d sequences together",
