@@ -150,3 +150,28 @@ def test_speculate_out_of_range_is_one_line_error():
     result = run_cli("generate", "hi", "-n", "2", "--speculate", "99")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: speculate must be")
+
+
+def test_draft_model_gives_the_same_answer_and_names_the_draft():
+    """--draft-model default: the default model's int4 blocks (--draft-quant auto) draft for
+    its float weights; the greedy answer is plain decoding's, and the summary names the draft."""
+    common = ["generate", SPEC_PROMPT, "-n", "24", "--json", "--quant", "none"]
+    plain = run_cli(*common, "-q")
+    spec = run_cli(*common, "--draft-model", "default")
+    assert plain.returncode == 0 and spec.returncode == 0, spec.stderr
+    want, got = json.loads(plain.stdout), json.loads(spec.stdout)
+    assert got["token_ids"] == want["token_ids"] and got["text"] == want["text"]
+    assert got["timings"]["draft_model"] == "default"
+    assert 0 < got["timings"]["accepted_tokens"] <= got["timings"]["draft_tokens"]
+    text = run_cli("generate", SPEC_PROMPT, "-n", "8", "--draft-model", "default",
+                   "--speculate", "2")
+    assert text.returncode == 0, text.stderr
+    assert re.search(r"drafts accepted \(\d+%, draft model default\)", text.stderr), text.stderr
+
+
+def test_draft_model_with_another_vocabulary_is_one_line_error(tmp_path):
+    from tiny_models import mistral_v3_folder
+
+    folder = mistral_v3_folder(tmp_path / "v3")
+    result = run_cli("generate", "hi", "-n", "2", "--draft-model", str(folder))
+    assert_user_error(result, "does not share the vocabulary", "vocabulary sizes differ")

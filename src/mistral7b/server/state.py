@@ -56,6 +56,9 @@ class ServerState:
                  "taken as sequences advance; up to %d sequences together",
                  pool.nbytes / 2**30, pool.capacity_blocks * pool.block_size,
                  pool.slot_bytes // 1024, self.settings.max_concurrency)
+        if llm.draft is not None and llm.speculate:
+            log.info("speculative decoding: %s drafts %d tokens a step", llm.draft.name,
+                     llm.speculate)
         self.llm = llm
         self.serving = Serving.build(llm, scheduler, self.settings, self.metrics, max_len)
         self.scheduler = scheduler
