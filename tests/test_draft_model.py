@@ -234,7 +234,9 @@ def test_load_with_a_draft_model_gives_the_plain_answer(v3_folders):
         assert llm.stats.draft_tokens > 0
         if draft_path == target:
             assert llm.stats.acceptance_rate == 1.0
-        assert llm.draft.held_blocks == 0
+        assert llm.draft.held_blocks == 0 and llm.draft.pool.cached_bytes > 0
+        llm.clear_cache()                   # the draft's cached prefixes too
+        assert llm.draft.pool.cached_bytes == 0
     assert mistral7b.load(target, draft_model=padded, speculate=2).speculate == 2
 
 

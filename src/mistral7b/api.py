@@ -13,6 +13,7 @@ from mistral7b.batch import run_batch
 from mistral7b.chat_history import TurnMemory
 from mistral7b.chat_request import ChatPlan, plan_chat, with_tool_calls
 from mistral7b.config import ModelConfig
+from mistral7b.draft import DraftModel, attach_draft
 from mistral7b.engine import Engine
 from mistral7b.errors import InputError, Mistral7BError
 from mistral7b.grammar import Grammar, GrammarCompiler
@@ -21,7 +22,6 @@ from mistral7b.sampling import SamplingParams
 from mistral7b.sequence import Completion, GenerationStats, TokenLogprob
 
 if TYPE_CHECKING:
-    from mistral7b.draft import DraftModel
     from mistral7b.model import Transformer
     from mistral7b.tokenizer.base import Tokenizer
     from mistral7b.weights.base import CheckpointReader
@@ -120,8 +120,7 @@ def load(model: str | Path = "default", *, device: str | torch.device | None = N
             from mistral7b.distributed.tp_model import TensorParallel
 
             if lora is not None or speculate or draft_model is not None:
-                raise InputError("tensor parallel (tp > 1) runs without lora=, speculate= "
-                                 "and draft_model=")
+                raise InputError("tp > 1 runs without lora=, speculate= and draft_model=")
             group = TensorParallel(tp, dev)
             net = group.load(reader, quant, dtype=dt)
             if dev.type == "cpu" and dt == torch.bfloat16:
@@ -137,8 +136,6 @@ def load(model: str | Path = "default", *, device: str | torch.device | None = N
     llm = LLM(net, reader.config, tokenizer, path, kv_cache_memory)
     llm.speculate = check_speculate(speculate)
     if draft_model is not None:
-        from mistral7b.draft import attach_draft
-
         attach_draft(llm, load(draft_model, device=dev, quant=draft_quant, progress=progress),
                      str(draft_model))
     llm.quant = quant or stored
@@ -366,6 +363,8 @@ class LLM:
     def clear_cache(self) -> None:
         """Forget the KV of earlier calls (kept to be reused by prompts that extend them)."""
         self.engine.pool.clear_prefixes()
+        if self.draft is not None:
+            self.draft.clear_prefixes()
         self._turns.forget()
 
     @property

@@ -107,6 +107,11 @@ class DraftModel:
             engine.kv_cache_memory = int(tokens * 1.25 * _slot_bytes(engine)) + 1
         return engine.pool
 
+    def clear_prefixes(self) -> None:
+        """Forget the draft's cached prefixes (`LLM.clear_cache`)."""
+        if self.engine.pool_made:
+            self.engine.pool.clear_prefixes()
+
     @property
     def held_blocks(self) -> int:
         """Blocks the draft's rows hold now (cached prefixes not counted): 0 when idle."""
