@@ -99,6 +99,18 @@ def test_a_different_draft_gives_the_plain_greedy_output(window):
     assert draft.rows == 0 and draft.held_blocks == 0
 
 
+def test_rows_with_ids_the_draft_cannot_embed_decode_without_drafts():
+    """A draft whose embedding is smaller than the target's: a row holding a larger id (in
+    its prompt, or generated later) gets no more drafts; the output stays plain greedy."""
+    params = SamplingParams(max_tokens=40)
+    plain, _ = _run(TARGET, PROMPTS, params)
+    draft = DraftModel(_engine(_tiny(3, vocab=90)), vocab=VOCAB)    # PROMPTS[2] holds 90
+    assert draft.vocab == 90
+    spec, stats = _run(TARGET, PROMPTS, params, draft=draft, k=4)
+    assert spec == plain and stats.draft_tokens > 0
+    assert draft.rows == 0 and draft.held_blocks == 0
+
+
 def test_eos_and_stop_strings_inside_accepted_drafts():
     params = SamplingParams(max_tokens=40)
     plain, _ = _run(TARGET, PROMPTS, params)

@@ -62,6 +62,7 @@ SAMPLED_PIECES = 4096       # vocabulary entries compared, spread over the whole
 class _Row:
     table: BlockTable = field(default_factory=BlockTable)
     real: int = 0           # leading positions of the table that hold the row's own tokens
+    outside: bool = False   # the row holds an id the draft cannot embed: it gets no drafts
 
 
 class DraftModel:
@@ -184,10 +185,10 @@ class DraftModel:
             self.pool.reuse(state.table, row.tokens)
             state.real = state.table.length
         self.pool.truncate(state.table, state.real)     # drafts never accepted
-        if max(row.tokens[state.real:], default=0) >= self.vocab:
-            self.release(row)
-            return False
-        return True
+        if not state.outside and max(row.tokens[state.real:], default=0) >= self.vocab:
+            self.pool.release(state.table)          # kept, empty, until the row ends
+            state.outside = True
+        return not state.outside
 
     def _catch_up(self, rows: list[Sequence], states: list[_Row]) -> torch.Tensor:
         """Feed each row what its draft table lacks; the logits after its last token (B, V).
