@@ -6,18 +6,24 @@ requests end or are cancelled, and `load(..., draft_model=)` checking the vocabu
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
-import torch
-from test_speculate import TEMP, VOCAB, Decoder, _copying_model, _exact_joint
+from test_speculate import (
+    VOCAB,
+    Decoder,
+    _copying_model,
+    assert_matches_exact_joint,
+    sample_first_three,
+)
 from tiny_models import hf_mistral, mistral_v3_folder, save_consolidated
 
 import mistral7b
 from mistral7b.batch import run_batch
-from mistral7b.config import ModelConfig
 from mistral7b.draft import DEFAULT_DRAFT_TOKENS, DraftModel
 from mistral7b.engine import Engine
 from mistral7b.errors import InputError
-from mistral7b.model import Transformer
 from mistral7b.request import GenerationRequest
 from mistral7b.sampling import SamplingParams
 from mistral7b.scheduler import Scheduler
@@ -34,19 +40,12 @@ def _no_draft_failure(caplog):
     assert not failed, failed[0].getMessage()
 
 
-def _tiny(seed: int, window: int | None = 16, vocab: int = VOCAB) -> tuple[Transformer,
-                                                                            ModelConfig]:
-    """A random float32 decoder (the shape of tests/server/test_scheduler.py's tiny_model)."""
-    config = ModelConfig(dim=64, n_layers=2, head_dim=16, hidden_dim=96, n_heads=4,
-                         n_kv_heads=2, norm_eps=1e-5, vocab_size=vocab, rope_theta=10000.0,
-                         sliding_window=window, max_seq_len=256)
-    torch.manual_seed(seed)
-    model = Transformer(config).float().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.copy_(torch.randn_like(p) * (1.5 / p.shape[1] ** 0.5))
-    return model, config
+def _tiny(seed: int, window: int | None = 16, vocab: int = VOCAB):
+    """tests/server/test_scheduler.py's tiny random decoder, with other weights (seed)."""
+    sys.path.insert(0, str(Path(__file__).parent / "server"))
+    from test_scheduler import tiny_model
+
+    return tiny_model(window, seed=seed, vocab=vocab)
 
 
 def _engine(model, kv: int = 2**24) -> Engine:
@@ -181,32 +180,11 @@ def test_sampling_with_a_draft_model_keeps_the_distribution():
     greedy guess, the likeliest successor, is accepted about 60% of the time)."""
     model = _copying_model()
     prompt = [1, 7, 8, 9, 10, 11, 6, 7, 8, 9]
-    n = 3000
-    counts = torch.zeros(VOCAB ** 3)
     stats = GenerationStats()
-    engine = _engine(model)
     draft = _draft(model)
-    for start in range(0, n, 250):
-        params = [SamplingParams(max_tokens=3, temperature=TEMP, seed=s)
-                  for s in range(start, start + 250)]
-        got: dict[int, list[int]] = {}
-        for i, out in run_batch(engine, [prompt] * 250, params, stop_ids=frozenset(),
-                                new_decoder=Decoder, stats=stats, speculate=2, draft=draft):
-            if out.token_id is not None:
-                got.setdefault(i, []).append(out.token_id)
-        for ids in got.values():
-            counts[(ids[0] * VOCAB + ids[1]) * VOCAB + ids[2]] += 1
+    counts = sample_first_three(model, prompt, 3000, stats, speculate=2, draft=draft)
     assert stats.accepted_tokens > 100 and stats.accepted_tokens < stats.draft_tokens
-    expected = _exact_joint(model, prompt) * n
-    big = expected >= 5
-    observed, want = counts[big].double(), expected[big]
-    if expected[~big].sum() > 0:
-        observed = torch.cat([observed, counts[~big].sum()[None].double()])
-        want = torch.cat([want, expected[~big].sum()[None]])
-    chi2 = ((observed - want) ** 2 / want).sum()
-    df = torch.tensor(float(len(want) - 1))
-    p_value = float(torch.special.gammaincc(df / 2, chi2 / 2))
-    assert len(want) >= 4 and p_value > 1e-3, (p_value, chi2, len(want))
+    assert_matches_exact_joint(model, prompt, counts)
     assert draft.held_blocks == 0
 
 
