@@ -59,7 +59,7 @@ from mistral7b.queueing import THROUGHPUT_WINDOW_S, ChoiceSeq, RequestQueue
 from mistral7b.request import GenerationRequest, Output, RequestFailed
 from mistral7b.sampling import NonFiniteLogitsError, make_generator, sample_batch
 from mistral7b.sequence import GenerationStats, Sequence, prompt_logprobs
-from mistral7b.speculate import check_speculate, propose
+from mistral7b.speculate import check_speculate, propose, verify
 
 if TYPE_CHECKING:
     from mistral7b.draft import DraftModel
@@ -179,33 +179,19 @@ class Scheduler(RequestQueue):
         """Feed each row its last token and its draft in one step, then emit tokens position
         by position while they match the draft (speculate.py's verification rule)."""
         draft_of = {id(s): d for s, d in zip(seqs, drafts)}
-        kept_of = dict.fromkeys(map(id, seqs), 0)
         seqs, logits = self._step(seqs, [s.seq.pending(1) + d for s, d in zip(seqs, drafts)],
                                   all_logits=True)
         if logits is None:
             return
         drafts = [draft_of[id(s)] for s in seqs]
-        base = [s.seq.fed - 1 - len(d) for s, d in zip(seqs, drafts)]   # position of x
+        x_at = {id(s): s.seq.fed - 1 - len(d) for s, d in zip(seqs, drafts)}  # position of x
+        kept = verify(seqs, drafts, logits, self._sample,
+                      lambda s, n: self.pool.truncate(s.seq.table, x_at[id(s)] + n))
         self.stats.draft_tokens += sum(map(len, drafts))
-        active, pos = list(range(len(seqs))), 0
-        while active:
-            for i in active:     # the cache holds x and the drafts accepted so far
-                self.pool.truncate(seqs[i].seq.table, base[i] + 1 + pos)
-            emitted = [len(seqs[i].seq.output) for i in active]
-            self._sample([seqs[i] for i in active], logits[active, pos])
-            kept = []
-            for i, before in zip(active, emitted):
-                seq, draft = seqs[i].seq, drafts[i]
-                if seqs[i].req.done or seq.finish_reason or len(seq.output) == before:
-                    continue
-                if pos < len(draft) and seq.output[-1] == draft[pos]:
-                    self.stats.accepted_tokens += 1
-                    kept_of[id(seqs[i])] += 1
-                    kept.append(i)
-            active, pos = kept, pos + 1
+        self.stats.accepted_tokens += sum(kept)
         if self.draft is not None:      # rows that ended were released already
-            for s in seqs:
-                self.draft.accept(s.seq, kept_of[id(s)])
+            for s, n in zip(seqs, kept):
+                self.draft.accept(s.seq, n)
 
     def _free(self, s: ChoiceSeq) -> None:
         self.pool.release(s.seq.table, s.seq.tokens)

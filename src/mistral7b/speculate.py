@@ -33,7 +33,16 @@ and the accepted drafts, and the last emitted token is fed next step, as in plai
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import torch
+
+    from mistral7b.queueing import ChoiceSeq
 
 MAX_NGRAM = 4       # longest suffix looked up
 MIN_NGRAM = 1
@@ -68,6 +77,32 @@ def propose(tokens: list[int], k: int, *, max_ngram: int = MAX_NGRAM,
             if draft:
                 best = draft
     return best
+
+
+def verify(rows: list[ChoiceSeq], drafts: list[list[int]], logits: torch.Tensor,
+           sample: Callable[[list[ChoiceSeq], torch.Tensor], None],
+           truncate: Callable[[ChoiceSeq, int], None]) -> list[int]:
+    """The rule above, for the rows of one step fed [x, d1 .. dk] (logits (B, 1 + k, V)):
+    `sample(rows, logits)` samples and emits one position's token for each of the rows,
+    `truncate(row, n)` keeps the step's first n positions in the row's cache (x and the
+    drafts accepted so far). Returns how many drafts each row kept."""
+    kept_n = [0] * len(rows)
+    active, pos = list(range(len(rows))), 0
+    while active:
+        for i in active:
+            truncate(rows[i], 1 + pos)
+        emitted = [len(rows[i].seq.output) for i in active]
+        sample([rows[i] for i in active], logits[active, pos])
+        kept = []
+        for i, before in zip(active, emitted):
+            seq, draft = rows[i].seq, drafts[i]
+            if rows[i].req.done or seq.finish_reason or len(seq.output) == before:
+                continue                        # ended, failed, or nothing emitted
+            if pos < len(draft) and seq.output[-1] == draft[pos]:
+                kept_n[i] += 1
+                kept.append(i)
+        active, pos = kept, pos + 1
+    return kept_n
 
 
 def check_speculate(n: int) -> int:
