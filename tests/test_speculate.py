@@ -162,31 +162,29 @@ def _copying_model():
     return net, config
 
 
-def test_sampling_keeps_the_distribution():
-    """The first three tokens: token 1 comes from the pre-fill, token 2 from a step fed a
-    draft, token 3 from that step when token 2 matched the draft, else from the next one.
-    3000 seeded samples of (t1, t2, t3) against their exact joint distribution; chi-square
-    over bins with >= 5 expected counts, the rest pooled."""
-    model = _copying_model()
-    prompt = [1, 7, 8, 9, 10, 11, 6, 7, 8, 9]
-    n = 3000
-    prompts = [prompt] * n
+def sample_first_three(model, prompt: list[int], n: int, stats: GenerationStats,
+                       **speculation) -> torch.Tensor:
+    """Counts (VOCAB ** 3,) of the first three tokens of n seeded samples at TEMP, run in
+    batches of 250 with `speculation` (run_batch's speculate=, draft=)."""
     counts = torch.zeros(VOCAB ** 3)
-    stats = GenerationStats()
     engine = _engine(model)
     for start in range(0, n, 250):
         params = [SamplingParams(max_tokens=3, temperature=TEMP, seed=s)
                   for s in range(start, start + 250)]
         got: dict[int, list[int]] = {}
-        for i, out in run_batch(engine, prompts[start:start + 250], params,
-                                stop_ids=frozenset(), new_decoder=Decoder, stats=stats,
-                                speculate=2):
+        for i, out in run_batch(engine, [prompt] * 250, params, stop_ids=frozenset(),
+                                new_decoder=Decoder, stats=stats, **speculation):
             if out.token_id is not None:
                 got.setdefault(i, []).append(out.token_id)
         for ids in got.values():
             counts[(ids[0] * VOCAB + ids[1]) * VOCAB + ids[2]] += 1
-    assert stats.accepted_tokens > 100          # the speculative path was taken often
-    expected = _exact_joint(model, prompt) * n
+    return counts
+
+
+def assert_matches_exact_joint(model, prompt: list[int], counts: torch.Tensor) -> None:
+    """Chi-square of the counts against the exact joint distribution, over bins with >= 5
+    expected counts, the rest pooled into one."""
+    expected = _exact_joint(model, prompt) * counts.sum()
     big = expected >= 5
     observed, want = counts[big].double(), expected[big]
     if expected[~big].sum() > 0:            # the small bins pooled into one
@@ -196,3 +194,16 @@ def test_sampling_keeps_the_distribution():
     df = torch.tensor(float(len(want) - 1))
     p_value = float(torch.special.gammaincc(df / 2, chi2 / 2))
     assert len(want) >= 4 and p_value > 1e-3, (p_value, chi2, len(want))
+
+
+def test_sampling_keeps_the_distribution():
+    """The first three tokens: token 1 comes from the pre-fill, token 2 from a step fed a
+    draft, token 3 from that step when token 2 matched the draft, else from the next one.
+    3000 seeded samples of (t1, t2, t3) against their exact joint distribution; chi-square
+    over bins with >= 5 expected counts, the rest pooled."""
+    model = _copying_model()
+    prompt = [1, 7, 8, 9, 10, 11, 6, 7, 8, 9]
+    stats = GenerationStats()
+    counts = sample_first_three(model, prompt, 3000, stats, speculate=2)
+    assert stats.accepted_tokens > 100          # the speculative path was taken often
+    assert_matches_exact_joint(model, prompt, counts)

@@ -13,6 +13,7 @@ from mistral7b.batch import run_batch
 from mistral7b.chat_history import TurnMemory
 from mistral7b.chat_request import ChatPlan, plan_chat, with_tool_calls
 from mistral7b.config import ModelConfig
+from mistral7b.draft import DraftModel, attach_draft
 from mistral7b.engine import Engine
 from mistral7b.errors import InputError, Mistral7BError
 from mistral7b.grammar import Grammar, GrammarCompiler
@@ -70,7 +71,8 @@ def load(model: str | Path = "default", *, device: str | torch.device | None = N
          lora: str | Path | Sequence[str | Path | tuple[str | Path, float]] | None = None,
          lora_merge: bool = True,
          kv_cache_memory: int | None = None, speculate: int = 0,
-         progress: bool = False, tp: int | None = None) -> LLM:
+         progress: bool = False, tp: int | None = None, draft_model: str | Path | None = None,
+         draft_quant: str | None = "auto") -> LLM:
     """Load a model: a checkpoint folder (consolidated or HF), a .gguf file, "default", or a
     name in the local store: an alias (pinned revision), a pulled Hub repository id, a name
     given with `mistral7b create` (store.py; nothing is downloaded here).
@@ -85,6 +87,8 @@ def load(model: str | Path = "default", *, device: str | torch.device | None = N
     speculate: draft tokens per decode step by prompt lookup (speculate.py; 0 = off), the
     `speculate` attribute of the returned LLM: same output, fewer steps where the answer
     repeats its context.
+    draft_model: a model with the same tokenizer that drafts instead (draft.py; speculate=0
+    means 4), loaded with draft_quant ("auto": a GGUF's own blocks, the fast draft): llm.draft.
     kv_cache_memory: the KV cache's budget in bytes (default: half the memory available when
     it is first needed, or 80% of free GPU memory); memory is taken as sequences advance.
     progress: tqdm bars on stderr (a terminal only) while a large checkpoint loads.
@@ -115,8 +119,8 @@ def load(model: str | Path = "default", *, device: str | torch.device | None = N
         if tp is not None and tp != 1:
             from mistral7b.distributed.tp_model import TensorParallel
 
-            if lora is not None or speculate:
-                raise InputError("tensor parallel (tp > 1) runs without lora= and speculate=")
+            if lora is not None or speculate or draft_model is not None:
+                raise InputError("tp > 1 runs without lora=, speculate= and draft_model=")
             group = TensorParallel(tp, dev)
             net = group.load(reader, quant, dtype=dt)
             if dev.type == "cpu" and dt == torch.bfloat16:
@@ -133,6 +137,9 @@ def load(model: str | Path = "default", *, device: str | torch.device | None = N
     tokenizer = checkpoint_tokenizer(reader)
     llm = LLM(net, reader.config, tokenizer, path, kv_cache_memory)
     llm.speculate = check_speculate(speculate)
+    if draft_model is not None:
+        attach_draft(llm, load(draft_model, device=dev, quant=draft_quant, progress=progress),
+                     str(draft_model))
     llm.quant = quant or stored
     if group is not None:
         llm.engine.pool_type = group.pool_type
@@ -185,7 +192,8 @@ class LLM:
         self.path = path
         self.engine = Engine(model, config, kv_cache_memory)
         self.load_seconds = 0.0
-        self.speculate = 0          # prompt-lookup draft tokens per decode step (0 = off)
+        self.speculate = 0          # draft tokens per decode step (0 = off)
+        self.draft: DraftModel | None = None    # drafts instead of prompt lookup (draft.py)
         self.quant: str | None = None   # "int8" / "int4" weights, None for float
         self._stats = GenerationStats()
         self._grammar_compiler: GrammarCompiler | None = None
@@ -357,6 +365,8 @@ class LLM:
     def clear_cache(self) -> None:
         """Forget the KV of earlier calls (kept to be reused by prompts that extend them)."""
         self.engine.pool.clear_prefixes()
+        if self.draft is not None:
+            self.draft.clear_prefixes()
         self._turns.forget()
 
     @property
@@ -414,7 +424,8 @@ class LLM:
                 raise InputError(f"logit_bias: {exc}", param="logit_bias") from None
         return run_batch(self.engine, prompts, [params] * len(prompts), stop_ids=tok.stop_ids,
                          new_decoder=tok.decoder, max_context=max_context, stats=self._stats,
-                         speculate=self.speculate, grammar=grammar, adapter=adapter)
+                         speculate=self.speculate, grammar=grammar, adapter=adapter,
+                         draft=self.draft)
 
 
 class _CompletionBuilder:

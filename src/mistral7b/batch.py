@@ -17,6 +17,7 @@ from mistral7b.scheduler import Scheduler
 from mistral7b.sequence import GenerationStats
 
 if TYPE_CHECKING:
+    from mistral7b.draft import DraftModel
     from mistral7b.grammar import Grammar
     from mistral7b.tokenizer.base import IncrementalDecoder
 
@@ -25,12 +26,13 @@ def run_batch(engine: Engine, prompts: list[list[int]], params: list, *,
               stop_ids: frozenset[int], new_decoder: Callable[[], IncrementalDecoder],
               max_context: int | None = None, chunk_size: int | None = None,
               stats: GenerationStats | None = None, grammar: Grammar | None = None,
-              speculate: int = 0, adapter: int = 0
+              speculate: int = 0, adapter: int = 0, draft: DraftModel | None = None
               ) -> Generator[tuple[int, Output], None, None]:
     """Generate for a ragged batch on the caller's thread: the same loop the server runs,
     every prompt admitted at once. Yields (prompt index, Output) as they come; raises the
     first failure. Closing the iterator stops the batch and frees its blocks. `grammar`
-    (structured output) constrains every prompt's completion."""
+    (structured output) constrains every prompt's completion; `draft` drafts for
+    `speculate` instead of prompt lookup (draft.py)."""
     context = max_context or engine.config.max_seq_len
     requests: list[GenerationRequest] = []
     outputs: collections.deque[tuple[int, Output]] = collections.deque()
@@ -52,7 +54,8 @@ def run_batch(engine: Engine, prompts: list[list[int]], params: list, *,
     sched = Scheduler(engine, stop_ids=stop_ids, new_decoder=new_decoder,
                       max_concurrency=len(requests), max_queue=len(requests),
                       max_model_len=context, prefill_chunk=chunk,
-                      prefill_budget=chunk * len(requests), speculate=speculate)
+                      prefill_budget=chunk * len(requests), speculate=speculate,
+                      draft=draft)
     if stats is not None:
         sched.stats = stats
     for req in requests:

@@ -74,6 +74,9 @@ class BlockTable:
     # where the digest chain starts: b"" for the base weights; a served LoRA adapter's KV
     # differs, so its sequences start from their own salt and share blocks only among them
     salt: bytes = b""
+    # `trim` keeps what the query at this position sees (None: at `length`): a draft model's
+    # table feeds guesses that may be cut back (draft.py), so it trims for its last real token
+    trim_pos: int | None = None
 
 
 class KVPool:
@@ -290,7 +293,8 @@ class KVPool:
         """Give back the blocks no future query of the table can see (window only)."""
         if self.window is None:
             return
-        for j in range(self._first_needed(table.length)):
+        pos = table.length if table.trim_pos is None else min(table.length, table.trim_pos)
+        for j in range(self._first_needed(pos)):
             if table.blocks[j] > 0:
                 self._drop(table.blocks[j])
                 table.blocks[j] = -1

@@ -108,6 +108,11 @@ class Engine:
         assert self._pool is not None
         return self._pool
 
+    @property
+    def pool_made(self) -> bool:
+        """Whether the pool exists yet (`pool` makes it, taking its budget then)."""
+        return self._pool is not None
+
     def _new_pool(self, budget: int) -> KVPool:
         # Normal tensors even when first needed inside a step: inference tensors could not be
         # written outside inference mode (reuse copies a partial block, tests fill it).

@@ -12,7 +12,8 @@ draining, how a request ends) is `queueing.RequestQueue`; this module is what a 
        tokens (`KVPool.reuse`), then needs blocks for the rest plus one of headroom for
        each running sequence; one that does not fit waits;
     3. decodes: one forward feeds every decoding sequence its last token (B_d x 1), or with
-       `speculate` its last token and a prompt-lookup draft (speculate.py), verified at once;
+       `speculate` its last token and a draft, verified at once: a prompt-lookup draft
+       (speculate.py) or, given a `draft` model, that model's greedy guesses (draft.py);
     4. pre-fills: one forward feeds waiting prompts their next chunk (B_p x T), up to
        `prefill_budget` prompt tokens per step, so running streams are never starved;
     5. samples each row with its own parameters and generator (one place, `_sample`, which
@@ -58,9 +59,10 @@ from mistral7b.queueing import THROUGHPUT_WINDOW_S, ChoiceSeq, RequestQueue
 from mistral7b.request import GenerationRequest, Output, RequestFailed
 from mistral7b.sampling import NonFiniteLogitsError, make_generator, sample_batch
 from mistral7b.sequence import GenerationStats, Sequence, prompt_logprobs
-from mistral7b.speculate import check_speculate, propose
+from mistral7b.speculate import check_speculate, propose, verify
 
 if TYPE_CHECKING:
+    from mistral7b.draft import DraftModel
     from mistral7b.tokenizer.base import IncrementalDecoder
 
 log = logging.getLogger("mistral7b.scheduler")
@@ -84,7 +86,7 @@ class Scheduler(RequestQueue):
                  max_queue: int = 64, max_model_len: int,
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
                  prefill_budget: int | None = None, prefix_cache: bool = True,
-                 speculate: int = 0) -> None:
+                 speculate: int = 0, draft: DraftModel | None = None) -> None:
         if max_concurrency < 1 or max_queue < 0 or max_model_len < 2 or prefill_chunk < 1:
             raise ValueError("max_concurrency >= 1, max_queue >= 0, max_model_len >= 2 and "
                              "prefill_chunk >= 1 are required")
@@ -98,6 +100,7 @@ class Scheduler(RequestQueue):
         self.prefill_budget = prefill_budget or prefill_chunk
         self.prefix_cache = prefix_cache
         self.speculate = check_speculate(speculate)   # draft tokens per decode step (0: off)
+        self.draft = draft          # the draft model, or None: prompt lookup
         self._order = itertools.count()
         # figures for /metrics and the CLI, written by the loop only
         self.stats = GenerationStats()
@@ -145,7 +148,7 @@ class Scheduler(RequestQueue):
         decode = [s for s in self._running if s.seq.decoding]
         if decode:
             t0 = time.perf_counter()
-            drafts = [self._draft(s) for s in decode]
+            drafts = self._draft(decode)
             if any(drafts):
                 self._speculative_decode(decode, drafts)
             else:
@@ -164,11 +167,13 @@ class Scheduler(RequestQueue):
             self._prefill(prefill)
             self.stats.prefill_seconds += time.perf_counter() - t0
 
-    def _draft(self, s: ChoiceSeq) -> list[int]:
-        """Prompt-lookup draft tokens for a decoding row (speculate.py); at most what the row
-        may still emit, less the token the step samples anyway."""
-        room = min(self.speculate, s.seq.max_tokens - len(s.seq.output) - 1)
-        return propose(s.seq.tokens, room) if room > 0 else []
+    def _draft(self, rows: list[ChoiceSeq]) -> list[list[int]]:
+        """Draft tokens for each decoding row, the draft model's or else by prompt lookup; at
+        most what the row may still emit, less the token the step samples anyway."""
+        room = [min(self.speculate, s.seq.max_tokens - len(s.seq.output) - 1) for s in rows]
+        if self.draft is not None:
+            return self.draft.propose([s.seq for s in rows], room)
+        return [propose(s.seq.tokens, n) if n > 0 else [] for s, n in zip(rows, room)]
 
     def _speculative_decode(self, seqs: list[ChoiceSeq], drafts: list[list[int]]) -> None:
         """Feed each row its last token and its draft in one step, then emit tokens position
@@ -179,26 +184,19 @@ class Scheduler(RequestQueue):
         if logits is None:
             return
         drafts = [draft_of[id(s)] for s in seqs]
-        base = [s.seq.fed - 1 - len(d) for s, d in zip(seqs, drafts)]   # position of x
+        x_at = {id(s): s.seq.fed - 1 - len(d) for s, d in zip(seqs, drafts)}  # position of x
+        kept = verify(seqs, drafts, logits, self._sample,
+                      lambda s, n: self.pool.truncate(s.seq.table, x_at[id(s)] + n))
         self.stats.draft_tokens += sum(map(len, drafts))
-        active, pos = list(range(len(seqs))), 0
-        while active:
-            for i in active:     # the cache holds x and the drafts accepted so far
-                self.pool.truncate(seqs[i].seq.table, base[i] + 1 + pos)
-            emitted = [len(seqs[i].seq.output) for i in active]
-            self._sample([seqs[i] for i in active], logits[active, pos])
-            kept = []
-            for i, before in zip(active, emitted):
-                seq, draft = seqs[i].seq, drafts[i]
-                if seqs[i].req.done or seq.finish_reason or len(seq.output) == before:
-                    continue
-                if pos < len(draft) and seq.output[-1] == draft[pos]:
-                    self.stats.accepted_tokens += 1
-                    kept.append(i)
-            active, pos = kept, pos + 1
+        self.stats.accepted_tokens += sum(kept)
+        if self.draft is not None:      # rows that ended were released already
+            for s, n in zip(seqs, kept):
+                self.draft.accept(s.seq, n)
 
     def _free(self, s: ChoiceSeq) -> None:
         self.pool.release(s.seq.table, s.seq.tokens)
+        if self.draft is not None:
+            self.draft.release(s.seq)
 
     def _admit(self) -> None:
         """Forks and preempted sequences first, then new requests, while rows and memory
@@ -398,7 +396,7 @@ class Scheduler(RequestQueue):
         if victim is None:
             return None
         self._running.remove(victim)
-        self.pool.release(victim.seq.table, victim.seq.tokens)
+        self._free(victim)
         self._ready.appendleft(victim)
         self.preemptions += 1
         log.info("KV cache full: preempted a sequence of %d tokens (it resumes later)",

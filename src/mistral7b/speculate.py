@@ -22,13 +22,27 @@ and otherwise yields t_i from p restricted to tokens other than d, renormalised:
 rejection-sampling rule of Leviathan et al. (2023) for a deterministic draft. Every emitted
 token is therefore distributed exactly as in plain decoding.
 
+A draft model (draft.py, `--draft-model`) proposes its k tokens greedily (argmax, no
+penalties), so its draft too is a deterministic function of the context and this same rule
+verifies it, unchanged: no q-ratio test (Leviathan et al.'s general rule, for a draft that
+samples) is needed.
+
 The KV written for rejected draft tokens is dropped (`KVPool.truncate`): the table keeps x
 and the accepted drafts, and the last emitted token is fed next step, as in plain decoding.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import torch
+
+    from mistral7b.queueing import ChoiceSeq
 
 MAX_NGRAM = 4       # longest suffix looked up
 MIN_NGRAM = 1
@@ -63,6 +77,32 @@ def propose(tokens: list[int], k: int, *, max_ngram: int = MAX_NGRAM,
             if draft:
                 best = draft
     return best
+
+
+def verify(rows: list[ChoiceSeq], drafts: list[list[int]], logits: torch.Tensor,
+           sample: Callable[[list[ChoiceSeq], torch.Tensor], None],
+           truncate: Callable[[ChoiceSeq, int], None]) -> list[int]:
+    """The rule above, for the rows of one step fed [x, d1 .. dk] (logits (B, 1 + k, V)):
+    `sample(rows, logits)` samples and emits one position's token for each of the rows,
+    `truncate(row, n)` keeps the step's first n positions in the row's cache (x and the
+    drafts accepted so far). Returns how many drafts each row kept."""
+    kept_n = [0] * len(rows)
+    active, pos = list(range(len(rows))), 0
+    while active:
+        for i in active:
+            truncate(rows[i], 1 + pos)
+        emitted = [len(rows[i].seq.output) for i in active]
+        sample([rows[i] for i in active], logits[active, pos])
+        kept = []
+        for i, before in zip(active, emitted):
+            seq, draft = rows[i].seq, drafts[i]
+            if rows[i].req.done or seq.finish_reason or len(seq.output) == before:
+                continue                        # ended, failed, or nothing emitted
+            if pos < len(draft) and seq.output[-1] == draft[pos]:
+                kept_n[i] += 1
+                kept.append(i)
+        active, pos = kept, pos + 1
+    return kept_n
 
 
 def check_speculate(n: int) -> int:

@@ -132,17 +132,21 @@ SPEC_PROMPT = ("Copy this list exactly: red, green, blue, yellow, red, green, bl
                "green, blue, yellow, red,")
 
 
-def test_speculate_gives_the_same_answer_and_reports_acceptance():
-    """--speculate: the greedy answer of plain decoding (float weights: the invariant is exact
-    there), and the drafts it accepted in --json and on stderr."""
+@pytest.mark.parametrize("flags", [["--speculate", "4"], ["--draft-model", "default"]],
+                         ids=["lookup", "draft-model"])
+def test_speculate_gives_the_same_answer_and_reports_acceptance(flags):
+    """--speculate (prompt lookup) or --draft-model (here the default model's int4 blocks
+    drafting for its float weights): the greedy answer of plain decoding (float weights: the
+    invariant is exact there), and the drafts it accepted in --json and on stderr."""
     common = ["generate", SPEC_PROMPT, "-n", "24", "--json", "--quant", "none"]
     plain = run_cli(*common, "-q")
-    spec = run_cli(*common, "--speculate", "4")
+    spec = run_cli(*common, *flags)
     assert plain.returncode == 0 and spec.returncode == 0, spec.stderr
     want, got = json.loads(plain.stdout), json.loads(spec.stdout)
     assert got["token_ids"] == want["token_ids"] and got["text"] == want["text"]
     assert want["timings"]["draft_tokens"] == 0
     assert 0 < got["timings"]["accepted_tokens"] <= got["timings"]["draft_tokens"]
+    assert got["timings"].get("draft_model") == ("default" if "--draft-model" in flags else None)
     assert "drafts accepted" in spec.stderr
 
 
@@ -150,3 +154,18 @@ def test_speculate_out_of_range_is_one_line_error():
     result = run_cli("generate", "hi", "-n", "2", "--speculate", "99")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: speculate must be")
+
+
+def test_summary_line_names_the_draft_model():
+    text = run_cli("generate", SPEC_PROMPT, "-n", "8", "--draft-model", "default",
+                   "--speculate", "2")
+    assert text.returncode == 0, text.stderr
+    assert re.search(r"drafts accepted \(\d+%, draft model default\)", text.stderr), text.stderr
+
+
+def test_draft_model_with_another_vocabulary_is_one_line_error(tmp_path):
+    from tiny_models import mistral_v3_folder
+
+    folder = mistral_v3_folder(tmp_path / "v3")
+    result = run_cli("generate", "hi", "-n", "2", "--draft-model", str(folder))
+    assert_user_error(result, "does not share the vocabulary", "vocabulary sizes differ")

@@ -49,13 +49,13 @@ class FaultyEngine(Engine):
         return logits
 
 
-def tiny_model(window: int | None = 16,
-               max_seq_len: int = 256) -> tuple[Transformer, ModelConfig]:
+def tiny_model(window: int | None = 16, max_seq_len: int = 256, *, seed: int = 0,
+               vocab: int = 96) -> tuple[Transformer, ModelConfig]:
     """A random float32 decoder small enough to step in milliseconds (vocab 96)."""
     config = ModelConfig(dim=64, n_layers=2, head_dim=16, hidden_dim=96, n_heads=4,
-                         n_kv_heads=2, norm_eps=1e-5, vocab_size=96, rope_theta=10000.0,
+                         n_kv_heads=2, norm_eps=1e-5, vocab_size=vocab, rope_theta=10000.0,
                          sliding_window=window, max_seq_len=max_seq_len)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = Transformer(config).float().eval()
     with torch.no_grad():
         for p in model.parameters():

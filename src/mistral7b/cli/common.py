@@ -68,6 +68,13 @@ def add_model_args(p: argparse.ArgumentParser, quant_default: str = "auto") -> N
                         "prompt and answer so far and checked in one step (same output; "
                         "faster when the answer repeats its input: summaries, edits, "
                         "extraction; 0 = off, the default)")
+    g.add_argument("--draft-model", metavar="MODEL",
+                   help="speculative decoding with a draft model: a smaller model with the "
+                        "same tokenizer (named as for -m) guesses the next tokens, the model "
+                        "checks them in one step (same output; --speculate N guesses a step, "
+                        "default 4 with a draft model)")
+    g.add_argument("--draft-quant", choices=QUANT_CHOICES, default="auto",
+                   help="the draft model's weights, as --quant (default: %(default)s)")
     g.add_argument("-t", "--threads", type=int, metavar="N",
                    help="CPU threads for PyTorch, every step (default: PyTorch's count, "
                         "lowered while measured steps show fewer threads are faster, as on "
@@ -201,9 +208,10 @@ def load_model(args: argparse.Namespace, *, quiet: bool = False,
         from mistral7b.lora.multi import parse_lora_spec
 
         lora = [parse_lora_spec(text) for text in args.lora_specs]
-    quant = None if args.quant == "none" else args.quant
-    llm = mistral7b.load(args.model, device=args.device, dtype=args.dtype, quant=quant,
+    llm = mistral7b.load(args.model, device=args.device, dtype=args.dtype,
+                         quant=_quant(args.quant),
                          speculate=getattr(args, "speculate", 0),
+                         draft_model=args.draft_model, draft_quant=_quant(args.draft_quant),
                          kv_cache_memory=args.kv_cache_memory, lora=lora,
                          progress=not quiet if bars is None else bars,
                          **({"tp": tp} if (tp := tensor_parallel(args)) else {}))
@@ -211,6 +219,10 @@ def load_model(args: argparse.Namespace, *, quiet: bool = False,
     if args.threads is not None:
         llm.engine.adaptive_threads = False    # the user's count, every step
     return llm
+
+
+def _quant(flag: str) -> str | None:
+    return None if flag == "none" else flag
 
 
 def log(message: str) -> None:
@@ -228,7 +240,7 @@ def peak_memory() -> dict[str, float]:
     return out
 
 
-def timings(llm: LLM, total_s: float | None = None) -> dict[str, float]:
+def timings(llm: LLM, total_s: float | None = None) -> dict[str, Any]:
     """Figures of the last generation, for `--json` and the summary line; `total_s`: the
     wall time of the generation call, when the caller measured it."""
     s = llm.stats
@@ -246,11 +258,12 @@ def timings(llm: LLM, total_s: float | None = None) -> dict[str, float]:
         "generation_tps": round(s.decode_tps, 1),
         "draft_tokens": s.draft_tokens,
         "accepted_tokens": s.accepted_tokens,
+        **({"draft_model": llm.draft.name} if llm.draft is not None else {}),
         **{k: round(v, 1) for k, v in peak_memory().items()},
     }
 
 
-def summary_line(t: dict[str, float], *, load: bool = True) -> str:
+def summary_line(t: dict[str, Any], *, load: bool = True) -> str:
     """'load 1.23 s | prompt 41 tok, 278.1 tok/s | generated 64 tok, 52.3 tok/s | peak RSS 512 MiB'"""
     parts = [f"load {t['load_s']:.2f} s"] if load else []
     cached = f" ({t['cached_tokens']} cached)" if t.get("cached_tokens") else ""
@@ -258,15 +271,16 @@ def summary_line(t: dict[str, float], *, load: bool = True) -> str:
     parts.append(f"first token {t['first_token_s']:.2f} s")
     parts.append(f"generated {t['generated_tokens']} tok, {t['generation_tps']:.1f} tok/s")
     if t.get("draft_tokens"):
+        by = f", draft model {t['draft_model']}" if t.get("draft_model") else ""
         parts.append(f"speculative {t['accepted_tokens']}/{t['draft_tokens']} drafts accepted "
-                     f"({100 * t['accepted_tokens'] / t['draft_tokens']:.0f}%)")
+                     f"({100 * t['accepted_tokens'] / t['draft_tokens']:.0f}%{by})")
     parts.append(f"peak RSS {t['peak_rss_mib']:.0f} MiB")
     if "peak_cuda_mib" in t:
         parts.append(f"peak CUDA {t['peak_cuda_mib']:.0f} MiB")
     return " | ".join(parts)
 
 
-def verbose_stats(t: dict[str, float]) -> str:
+def verbose_stats(t: dict[str, Any]) -> str:
     """The figures of `timings` one per line, as `ollama run --verbose` prints them."""
     def rate(tokens: float, tps: float) -> str:
         return f"{tps:.2f} tokens/s" if tokens else "n/a"
@@ -286,7 +300,8 @@ def verbose_stats(t: dict[str, float]) -> str:
         ("eval rate", rate(t["generated_tokens"] > 1, t["generation_tps"])),
     ]
     if t.get("draft_tokens"):
-        drafts = f"{t['accepted_tokens']}/{t['draft_tokens']} accepted"
+        drafts = f"{t['accepted_tokens']}/{t['draft_tokens']} accepted" + (
+            f" (draft model {t['draft_model']})" if t.get("draft_model") else "")
         rows.append(("speculative drafts", drafts))
     rows.append(("peak memory", f"{t['peak_rss_mib']:.0f} MiB RSS"
                                 + (f", {t['peak_cuda_mib']:.0f} MiB CUDA"

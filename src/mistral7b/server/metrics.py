@@ -43,7 +43,7 @@ class SchedulerCollector(Collector):
                                   "Prompt tokens taken from the prefix cache instead of computed",
                                   value=s.cached_tokens)
         yield CounterMetricFamily("mistral7b_spec_draft_tokens",
-                                  "Speculative draft tokens proposed (serve --speculate)",
+                                  "Speculative draft tokens proposed (--speculate, --draft-model)",
                                   value=s.stats.draft_tokens)
         yield CounterMetricFamily("mistral7b_spec_accepted_tokens",
                                   "Speculative draft tokens accepted",

@@ -31,8 +31,11 @@ def _state(request: Request) -> ServerState:
 
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
-    _state(request).require()
-    return JSONResponse({"status": "ok"})
+    """{"status": "ok"}, and the draft model's name where one drafts (serve --draft-model)."""
+    state = _state(request)
+    state.require()
+    draft = state.llm.draft if state.llm is not None else None
+    return JSONResponse({"status": "ok", **({"draft_model": draft.name} if draft else {})})
 
 
 @router.get("/version")

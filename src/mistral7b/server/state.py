@@ -50,12 +50,15 @@ class ServerState:
                               max_queue=self.settings.max_queue, max_model_len=max_len,
                               prefill_chunk=self.settings.prefill_chunk,
                               prefix_cache=self.settings.prefix_cache,
-                              speculate=llm.speculate)
+                              speculate=llm.speculate, draft=llm.draft)
         pool = scheduler.pool
         log.info("KV cache: budget %.2f GiB (%d tokens at %d KiB each; --kv-cache-memory), "
                  "taken as sequences advance; up to %d sequences together",
                  pool.nbytes / 2**30, pool.capacity_blocks * pool.block_size,
                  pool.slot_bytes // 1024, self.settings.max_concurrency)
+        if llm.draft is not None and llm.speculate:
+            log.info("speculative decoding: %s drafts %d tokens a step", llm.draft.name,
+                     llm.speculate)
         self.llm = llm
         self.serving = Serving.build(llm, scheduler, self.settings, self.metrics, max_len)
         self.scheduler = scheduler
