@@ -178,3 +178,31 @@ def test_ops_have_shape_only_versions_for_tracing():
     y = ops.qmm(x, torch.empty(32 * 32, dtype=torch.uint8, device="meta"),
                 torch.empty(2, 2, 16, dtype=torch.float16, device="meta"), None, 4, 32, 8.0, 32)
     assert y.shape == (3, 32) and y.device.type == "meta"
+
+
+@pytest.mark.parametrize("nbytes", [1000, (4 << 20) + 12345, 24 << 20])
+def test_weight_memory_holds_what_was_copied(nbytes):
+    """Panels live in their own mapping, its whole 2 MiB pages advised for huge pages
+    (pack.cpp weight_empty): the copy holds the bytes, starts on a 2 MiB boundary when it is
+    big enough to have one, and gives its pages back when dropped."""
+    import os
+    import subprocess
+    import sys
+
+    src = torch.randint(0, 256, (nbytes,), dtype=torch.uint8)
+    for _ in range(3):        # allocated and unmapped again and again
+        copy = native.ops().weight_copy(src)
+        assert torch.equal(copy, src)
+        if nbytes >= 4 << 20:
+            assert copy.data_ptr() % (2 << 20) == 0
+        del copy
+    strided = torch.randn(3000, 700).half().t()
+    half = native.ops().weight_copy(strided)
+    assert half.is_contiguous() and torch.equal(half, strided)
+    # MISTRAL7B_HUGE_PAGES=0: PyTorch's allocator, the same values
+    code = ("import torch; from mistral7b.kernels import native; "
+            "t = torch.arange(3 << 20, dtype=torch.int32); "
+            "assert torch.equal(native.ops().weight_copy(t), t); print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "MISTRAL7B_HUGE_PAGES": "0"})
+    assert out.stdout.strip() == "ok", out.stderr

@@ -11,6 +11,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -31,7 +32,11 @@ at::Tensor weight_empty(at::IntArrayRef sizes, at::ScalarType dtype) {
   for (int64_t s : sizes) numel *= s;
   const size_t nbytes = static_cast<size_t>(numel) * at::elementSize(dtype);
   constexpr size_t kHuge = size_t{2} << 20, kPage = 4096;
-  if (nbytes < 2 * kHuge) return at::empty(sizes, at::dtype(dtype));
+  static const bool wanted = [] {
+    const char* v = std::getenv("MISTRAL7B_HUGE_PAGES");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  if (!wanted || nbytes < 2 * kHuge) return at::empty(sizes, at::dtype(dtype));
   const size_t len = (nbytes + kPage - 1) & ~(kPage - 1);
   const size_t span = len + kHuge;  // room to move the start to a 2 MiB boundary
   void* raw = mmap(nullptr, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
