@@ -185,7 +185,7 @@ class Panels:
 
 def panel(s: torch.Tensor) -> torch.Tensor:
     """Per-row group values (n_out, groups) -> (n_out / 16, groups, 16), in weight memory
-    (csrc/pack.cpp weight_empty: huge pages where offered)."""
+    (csrc/pack.cpp weight_empty: huge pages with MISTRAL7B_HUGE_PAGES=1)."""
     n, groups = s.shape
     return ops().weight_copy(s.reshape(n // 16, 16, groups).transpose(1, 2))
 

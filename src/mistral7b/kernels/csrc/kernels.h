@@ -31,7 +31,8 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
                            const std::optional<at::Tensor>& gather, int64_t start, int64_t stop,
                            const std::optional<at::Tensor>& mask);
 
-// pack.cpp: an empty tensor for weights, its whole 2 MiB pages advised for huge pages
+// pack.cpp: an empty tensor for weights (with MISTRAL7B_HUGE_PAGES=1 its whole 2 MiB pages
+// are advised for huge pages)
 at::Tensor weight_empty(at::IntArrayRef sizes, at::ScalarType dtype);
 
 // norm.cpp

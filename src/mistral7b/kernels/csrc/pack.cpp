@@ -20,13 +20,15 @@
 namespace mistral7b {
 
 // Decode reads every weight once per token, front to back. On 4 KiB pages that stream costs a
-// TLB miss every 4 KiB, and in a virtual machine each miss is a two-level page walk: a 14336 x
-// 4096 int4 product took 1.49 ms there against 1.13 ms on 2 MiB pages (bench/bench_kernels.py
-// vs the same layers loaded on small pages). So weights get their own mapping whose 2 MiB-
-// aligned interior is advised for huge pages (honoured when transparent huge pages are in
-// "madvise" or "always" mode; elsewhere it is plain memory). Only the whole 2 MiB pages inside
-// the tensor's bytes are advised, so nothing beyond them is ever committed; small tensors and a
-// failed mapping take PyTorch's allocator.
+// TLB miss every 4 KiB, and in a virtual machine each miss is a two-level page walk. With
+// MISTRAL7B_HUGE_PAGES=1, weights get their own mapping whose 2 MiB-aligned interior is advised
+// for huge pages (honoured when transparent huge pages are in "madvise" or "always" mode). On
+// the project's VMs a 14336 x 4096 int4 product ran 14% faster that way (1.25-1.35 against
+// 1.45-1.59 ms, alternating in one process), but whole-model decode showed no gain beyond the
+// runs' noise, while load took ~3 s longer for 7B: fresh 2 MiB pages fault in at ~0.5 GB/s
+// there. So it is off by default. Only whole 2 MiB pages inside the tensor's bytes are
+// advised, so nothing beyond them is ever committed; small tensors and a failed mapping take
+// PyTorch's allocator.
 at::Tensor weight_empty(at::IntArrayRef sizes, at::ScalarType dtype) {
   int64_t numel = 1;
   for (int64_t s : sizes) numel *= s;
@@ -34,7 +36,7 @@ at::Tensor weight_empty(at::IntArrayRef sizes, at::ScalarType dtype) {
   constexpr size_t kHuge = size_t{2} << 20, kPage = 4096;
   static const bool wanted = [] {
     const char* v = std::getenv("MISTRAL7B_HUGE_PAGES");
-    return v == nullptr || std::strcmp(v, "0") != 0;
+    return v != nullptr && std::strcmp(v, "1") == 0;
   }();
   if (!wanted || nbytes < 2 * kHuge) return at::empty(sizes, at::dtype(dtype));
   const size_t len = (nbytes + kPage - 1) & ~(kPage - 1);
