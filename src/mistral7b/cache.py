@@ -79,6 +79,12 @@ class BlockTable:
     trim_pos: int | None = None
 
 
+def slot_bytes(config: ModelConfig, dtype: torch.dtype) -> int:
+    """Bytes one token's k and v take over every layer."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * config.n_layers * config.n_kv_heads * config.head_dim * elem
+
+
 class KVPool:
     """The paged k/v memory of one model and its prefix index (the engine owns it)."""
 
@@ -86,8 +92,7 @@ class KVPool:
                  device: torch.device | str, block_size: int = BLOCK_SIZE) -> None:
         self.window = config.sliding_window
         self.block_size = bs = block_size
-        elem = torch.empty((), dtype=dtype).element_size()
-        self.slot_bytes = 2 * config.n_layers * config.n_kv_heads * config.head_dim * elem
+        self.slot_bytes = slot_bytes(config, dtype)
         self.block_bytes = self.slot_bytes * bs
         n_blocks = int(budget_bytes) // self.block_bytes + 1        # + the zero block
         if n_blocks < 2:

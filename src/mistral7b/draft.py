@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from mistral7b.attention_plan import PAGED_MAX_T
-from mistral7b.cache import BlockTable, KVCacheFull, KVPool
+from mistral7b.cache import BlockTable, KVCacheFull, KVPool, slot_bytes
 from mistral7b.engine import Engine
 from mistral7b.errors import InputError
 
@@ -105,7 +105,7 @@ class DraftModel:
         engine, target = self.engine, self._target
         if engine.kv_cache_memory is None and target is not None and not engine.pool_made:
             tokens = target.pool.capacity_blocks * target.pool.block_size
-            engine.kv_cache_memory = int(tokens * 1.25 * _slot_bytes(engine)) + 1
+            engine.kv_cache_memory = int(tokens * 1.25 * slot_bytes(engine.config, engine.dtype)) + 1
         return engine.pool
 
     def clear_prefixes(self) -> None:
@@ -225,12 +225,6 @@ def attach_draft(target: LLM, draft: LLM, name: str) -> None:
     DEFAULT_DRAFT_TOKENS a step unless `target.speculate` says otherwise."""
     target.draft = DraftModel.of(target, draft, name)
     target.speculate = target.speculate or DEFAULT_DRAFT_TOKENS
-
-
-def _slot_bytes(engine: Engine) -> int:
-    config = engine.config
-    elem = torch.empty((), dtype=engine.dtype).element_size()
-    return 2 * config.n_layers * config.n_kv_heads * config.head_dim * elem
 
 
 def check_same_vocabulary(target: Tokenizer, draft: Tokenizer, target_name: str,

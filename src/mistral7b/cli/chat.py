@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         llm = remote.ServedModel(served, args.json_schema or args.grammar)
         if response_format is not None:
             sampling["response_format"] = response_format
-        ready = f"answering through {served.label.removeprefix('served by ')}"
+        ready = f"answering through {served.where}"
     else:
         llm = common.load_model(args, quiet=not (interactive or args.verbose))
         common.use_response_format(llm, args, response_format, sampling)

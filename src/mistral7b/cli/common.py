@@ -264,48 +264,62 @@ def timings(llm: LLM, total_s: float | None = None) -> dict[str, Any]:
 
 
 def summary_line(t: dict[str, Any], *, load: bool = True) -> str:
-    """'load 1.23 s | prompt 41 tok, 278.1 tok/s | generated 64 tok, 52.3 tok/s | peak RSS 512 MiB'"""
-    parts = [f"load {t['load_s']:.2f} s"] if load else []
+    """'load 1.23 s | prompt 41 tok, 278.1 tok/s | generated 64 tok, 52.3 tok/s | peak RSS 512 MiB'
+
+    `t`: `timings` here, or a server's answer (cli/remote.py `figures`): it starts with
+    `served_by` and has no load or memory, and rates only where the server sent them."""
+    parts = [f"served by {t['served_by']}"] if "served_by" in t else []
+    if load and "load_s" in t:
+        parts.append(f"load {t['load_s']:.2f} s")
     cached = f" ({t['cached_tokens']} cached)" if t.get("cached_tokens") else ""
-    parts.append(f"prompt {t['prompt_tokens']} tok{cached}, {t['prompt_tps']:.1f} tok/s")
+    parts.append(f"prompt {t['prompt_tokens']} tok{cached}{_rate(t, 'prompt_tps')}")
     parts.append(f"first token {t['first_token_s']:.2f} s")
-    parts.append(f"generated {t['generated_tokens']} tok, {t['generation_tps']:.1f} tok/s")
+    parts.append(f"generated {t['generated_tokens']} tok{_rate(t, 'generation_tps')}")
     if t.get("draft_tokens"):
         by = f", draft model {t['draft_model']}" if t.get("draft_model") else ""
         parts.append(f"speculative {t['accepted_tokens']}/{t['draft_tokens']} drafts accepted "
                      f"({100 * t['accepted_tokens'] / t['draft_tokens']:.0f}%{by})")
-    parts.append(f"peak RSS {t['peak_rss_mib']:.0f} MiB")
+    if "peak_rss_mib" in t:
+        parts.append(f"peak RSS {t['peak_rss_mib']:.0f} MiB")
     if "peak_cuda_mib" in t:
         parts.append(f"peak CUDA {t['peak_cuda_mib']:.0f} MiB")
     return " | ".join(parts)
 
 
+def _rate(t: dict[str, Any], key: str) -> str:
+    return f", {t[key]:.1f} tok/s" if key in t else ""
+
+
 def verbose_stats(t: dict[str, Any]) -> str:
-    """The figures of `timings` one per line, as `ollama run --verbose` prints them."""
+    """The figures of `timings` (or of a server's answer, as for `summary_line`) one per
+    line, as `ollama run --verbose` prints them."""
     def rate(tokens: float, tps: float) -> str:
         return f"{tps:.2f} tokens/s" if tokens else "n/a"
 
-    # ollama's total: loading plus the generation call
-    rows = [("total duration", f"{t['load_s'] + t['total_s']:.3f} s")] if "total_s" in t else []
-    rows += [
-        ("load duration", f"{t['load_s']:.3f} s"),
-        ("prompt eval count", f"{t['prompt_tokens']} token(s)"
-                              + (f", {t['cached_tokens']} from the cache"
-                                 if t.get("cached_tokens") else "")),
-        ("prompt eval duration", f"{t['prompt_s']:.3f} s"),
-        ("prompt eval rate", rate(t["prompt_tokens"], t["prompt_tps"])),
-        ("time to first token", f"{t['first_token_s']:.3f} s"),
-        ("eval count", f"{t['generated_tokens']} token(s)"),
-        ("eval duration", f"{t['generation_s']:.3f} s"),
-        ("eval rate", rate(t["generated_tokens"] > 1, t["generation_tps"])),
-    ]
+    rows = [("served by", t["served_by"])] if "served_by" in t else []
+    if "total_s" in t:      # ollama's total: loading plus the generation call
+        rows.append(("total duration", f"{t.get('load_s', 0.0) + t['total_s']:.3f} s"))
+    if "load_s" in t:
+        rows.append(("load duration", f"{t['load_s']:.3f} s"))
+    rows.append(("prompt eval count", f"{t['prompt_tokens']} token(s)"
+                                      + (f", {t['cached_tokens']} from the cache"
+                                         if t.get("cached_tokens") else "")))
+    if "prompt_tps" in t:
+        rows += [("prompt eval duration", f"{t['prompt_s']:.3f} s"),
+                 ("prompt eval rate", rate(t["prompt_tokens"], t["prompt_tps"]))]
+    rows += [("time to first token", f"{t['first_token_s']:.3f} s"),
+             ("eval count", f"{t['generated_tokens']} token(s)")]
+    if "generation_tps" in t:
+        rows += [("eval duration", f"{t['generation_s']:.3f} s"),
+                 ("eval rate", rate(t["generated_tokens"] > 1, t["generation_tps"]))]
     if t.get("draft_tokens"):
         drafts = f"{t['accepted_tokens']}/{t['draft_tokens']} accepted" + (
             f" (draft model {t['draft_model']})" if t.get("draft_model") else "")
         rows.append(("speculative drafts", drafts))
-    rows.append(("peak memory", f"{t['peak_rss_mib']:.0f} MiB RSS"
-                                + (f", {t['peak_cuda_mib']:.0f} MiB CUDA"
-                                   if "peak_cuda_mib" in t else "")))
+    if "peak_rss_mib" in t:
+        rows.append(("peak memory", f"{t['peak_rss_mib']:.0f} MiB RSS"
+                                    + (f", {t['peak_cuda_mib']:.0f} MiB CUDA"
+                                       if "peak_cuda_mib" in t else "")))
     width = max(len(label) for label, _ in rows) + 2
     return "\n".join(f"{label + ':':{width}}{value}" for label, value in rows)
 

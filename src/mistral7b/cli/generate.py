@@ -110,11 +110,11 @@ def run_served(args: argparse.Namespace, served: remote.Served, text: str,
     if not print_stream(remote.stream_text(served, path, body, answer,
                                            args.json_schema or args.grammar)):
         return common.EXIT_INTERRUPTED
-    figures = remote.figures(answer)
+    figures = remote.figures(served, answer)
     if args.verbose:
-        common.log(remote.verbose_stats(served, figures))
+        common.log(common.verbose_stats(figures))
     elif not args.quiet:
-        common.log(remote.summary_line(served, figures))
+        common.log(common.summary_line(figures))
     return 0
 
 

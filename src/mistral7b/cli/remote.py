@@ -73,9 +73,10 @@ class Served:
     entry: servers.ServerEntry | None      # None: --host named a server not registered here
 
     @property
-    def label(self) -> str:
+    def where(self) -> str:
+        """'http://127.0.0.1:8000 (pid 1234)'"""
         pid = f" (pid {self.entry.pid})" if self.entry else ""
-        return f"served by {self.client.url}{pid}"
+        return f"{self.client.url}{pid}"
 
     @property
     def context(self) -> int | None:
@@ -229,14 +230,16 @@ def local_words(exc: ServerError, response_format_file: str | None) -> InputErro
     return exc
 
 
-def figures(answer: Answer) -> dict[str, float]:
-    """The summary's figures from the server's usage and timings and this client's clock."""
+def figures(served: Served, answer: Answer) -> dict[str, Any]:
+    """The summary's figures (common.summary_line / verbose_stats) from the server's usage
+    and timings and this client's clock."""
     u, t = answer.usage, answer.timings
-    generated = int(u.get("completion_tokens", 0))
-    cached = int((u.get("prompt_tokens_details") or {}).get("cached_tokens", 0))
-    out: dict[str, float] = {
-        "prompt_tokens": int(u.get("prompt_tokens", 0)), "cached_tokens": cached,
-        "generated_tokens": generated, "total_s": round(answer.total_s, 3),
+    out: dict[str, Any] = {
+        "served_by": served.where,
+        "prompt_tokens": int(u.get("prompt_tokens", 0)),
+        "cached_tokens": int((u.get("prompt_tokens_details") or {}).get("cached_tokens", 0)),
+        "generated_tokens": int(u.get("completion_tokens", 0)),
+        "total_s": round(answer.total_s, 3),
         "first_token_s": round(answer.first_token_s or answer.total_s, 3),
     }
     if t:
@@ -245,36 +248,6 @@ def figures(answer: Answer) -> dict[str, float]:
                    generation_s=round(t.get("predicted_ms", 0.0) / 1000, 3),
                    generation_tps=round(t.get("predicted_per_second", 0.0), 1))
     return out
-
-
-def summary_line(served: Served, f: dict[str, float]) -> str:
-    """'served by http://127.0.0.1:8000 (pid 1234) | prompt 6 tok, 310.2 tok/s | ...'"""
-    cached = f" ({f['cached_tokens']} cached)" if f.get("cached_tokens") else ""
-    rate = f", {f['prompt_tps']:.1f} tok/s" if "prompt_tps" in f else ""
-    parts = [served.label, f"prompt {f['prompt_tokens']} tok{cached}{rate}",
-             f"first token {f['first_token_s']:.2f} s"]
-    gen_rate = f", {f['generation_tps']:.1f} tok/s" if "generation_tps" in f else ""
-    parts.append(f"generated {f['generated_tokens']} tok{gen_rate}")
-    return " | ".join(parts)
-
-
-def verbose_stats(served: Served, f: dict[str, float]) -> str:
-    """The figures one per line, as `ollama run --verbose` prints them."""
-    rows = [("served by", served.label.removeprefix("served by ")),
-            ("total duration", f"{f['total_s']:.3f} s"),
-            ("prompt eval count", f"{f['prompt_tokens']} token(s)"
-                                  + (f", {f['cached_tokens']} from the cache"
-                                     if f.get("cached_tokens") else ""))]
-    if "prompt_tps" in f:
-        rows += [("prompt eval duration", f"{f['prompt_s']:.3f} s"),
-                 ("prompt eval rate", f"{f['prompt_tps']:.2f} tokens/s")]
-    rows += [("time to first token", f"{f['first_token_s']:.3f} s"),
-             ("eval count", f"{f['generated_tokens']} token(s)")]
-    if "generation_tps" in f:
-        rows += [("eval duration", f"{f['generation_s']:.3f} s"),
-                 ("eval rate", f"{f['generation_tps']:.2f} tokens/s")]
-    width = max(len(label) for label, _ in rows) + 2
-    return "\n".join(f"{label + ':':{width}}{value}" for label, value in rows)
 
 
 def messages_for(text: str, system: str | None) -> list[dict[str, str]]:
@@ -332,7 +305,7 @@ class ServedModel:
                            self.response_format_file)
 
     def summary_line(self) -> str:
-        return summary_line(self.served, figures(self.last))
+        return common.summary_line(figures(self.served, self.last))
 
     def info(self) -> str:
         e = self.served.entry
