@@ -4,13 +4,16 @@ Invariant: fused = eager. Both compute every number with the same kernels on the
 so the logits are equal to the bit (the issue asks float32 within 1e-5 and, for quantized
 weights, identical greedy ids over 64 tokens: equality implies both). Checked on ragged
 batches under a window shorter than the sequences (the paged keys wrap past it), in float32,
-int8 and int4; after a module or a parameter is swapped; and where the step must not apply.
+int8, int4 and the K-quants; after a module or a parameter is swapped; and where the step
+must not apply.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from tiny_models import random_k_blocks
 from torch import nn
 
 from mistral7b.attention_plan import PAGED_MAX_T
@@ -18,10 +21,11 @@ from mistral7b.batch import run_batch
 from mistral7b.cache import BlockTable
 from mistral7b.config import ModelConfig
 from mistral7b.engine import Engine
-from mistral7b.fused_step import FusedDecode
+from mistral7b.fused_step import _LINEARS, FusedDecode
 from mistral7b.kernels import native
 from mistral7b.model import Transformer
 from mistral7b.modules import set_parameter, swap_module
+from mistral7b.quant.klinear import KQuantLinear
 from mistral7b.quant.load import quantize_model
 from mistral7b.sampling import SamplingParams
 from mistral7b.sequence import GenerationStats
@@ -35,7 +39,8 @@ PROMPTS = [[1, 5, 9, 13, 17], [1] + list(range(30, 40)), [1] + [7, 8, 9, 10, 11,
 
 
 def tiny(quant: str | None, window: int | None = WINDOW, seed: int = 0) -> Transformer:
-    """`quant` None, "int8" or "int4"; "int8/bf16" or "int4/bf16": those weights over a
+    """`quant` None, "int8", "int4" or "kquant" (GGUF Q4_K / Q5_K / Q6_K blocks on their own
+    bits, kernels/csrc/kquant.cpp); "int8/bf16", "int4/bf16" or "kquant/bf16": those weights over a
     bfloat16 embedding table and KV cache, computing in float32 (what load() makes of a big
     quantized model on the CPU: Transformer.compute_in_float32)."""
     quant, _, table = (quant or "").partition("/")
@@ -50,10 +55,12 @@ def tiny(quant: str | None, window: int | None = WINDOW, seed: int = 0) -> Trans
 
 
 def _tiny(quant: str | None, window: int | None, seed: int) -> Transformer:
-    # shapes our int4/int8 kernel takes: outputs a multiple of 16, inputs of 32
-    config = ModelConfig(dim=64, n_layers=2, head_dim=16, hidden_dim=96, n_heads=4,
-                         n_kv_heads=2, norm_eps=1e-5, vocab_size=96, rope_theta=10000.0,
-                         sliding_window=window, max_seq_len=256)
+    # shapes our int4/int8 kernel takes: outputs a multiple of 16, inputs of 32 (K-quants: 256)
+    wide = quant == "kquant"
+    config = ModelConfig(dim=256 if wide else 64, n_layers=2, head_dim=64 if wide else 16,
+                         hidden_dim=256 if wide else 96, n_heads=4, n_kv_heads=2, norm_eps=1e-5,
+                         vocab_size=96, rope_theta=10000.0, sliding_window=window,
+                         max_seq_len=256)
     torch.manual_seed(seed)
     model = Transformer(config).float().eval()
     with torch.no_grad():
@@ -62,9 +69,27 @@ def _tiny(quant: str | None, window: int | None, seed: int) -> Transformer:
         for layer in model.layers:   # norms away from 1, so a wrong norm weight shows
             layer.attention_norm.weight.uniform_(0.5, 1.5)
             layer.ffn_norm.weight.uniform_(0.5, 1.5)
-    if quant is not None:
+    if wide:
+        _k_quantize(model, seed)
+    elif quant is not None:
         quantize_model(model, quant, group=32)
     return model
+
+
+def _k_quantize(model: Transformer, seed: int) -> None:
+    """Every linear of every layer a random K-quant weight, the three kinds in turn."""
+    rng = np.random.default_rng(seed)
+    kinds = ["Q4_K", "Q5_K", "Q6_K"]
+    for i, layer in enumerate(model.layers):
+        for j, (part, name) in enumerate(_LINEARS):
+            lin = getattr(getattr(layer, part), name)
+            kind = kinds[(i + j) % 3]
+            blocks = random_k_blocks(kind, lin.out_features, lin.in_features, rng, (2e-4, 8e-4))
+            panels = native.gguf_kpanels(kind, torch.from_numpy(blocks), lin.out_features,
+                                         lin.in_features)
+            assert panels is not None
+            setattr(getattr(layer, part), name, KQuantLinear.from_kpanels(panels,
+                                                                          dtype=torch.float32))
 
 
 class NoText:
@@ -94,7 +119,8 @@ def greedy_steps(eng: Engine, n: int, feed: list[list[int]] | None = None):
         yield tokens, logits
 
 
-@pytest.mark.parametrize("quant", [None, "int8", "int4", "int8/bf16", "int4/bf16"])
+@pytest.mark.parametrize("quant", [None, "int8", "int4", "int8/bf16", "int4/bf16", "kquant",
+                                   "kquant/bf16"])
 def test_fused_logits_equal_eager_on_a_ragged_batch_past_the_window(quant, monkeypatch):
     model = tiny(quant)
     fused_eng, eager_eng = engine(model, True), engine(model, False)
@@ -111,7 +137,7 @@ def test_fused_logits_equal_eager_on_a_ragged_batch_past_the_window(quant, monke
         assert torch.equal(a, b)                               # ... and what we claim
 
 
-@pytest.mark.parametrize("quant", ["int4", "int8", "int4/bf16"])
+@pytest.mark.parametrize("quant", ["int4", "int8", "int4/bf16", "kquant/bf16"])
 def test_quantized_greedy_ids_are_identical_over_64_tokens(quant):
     model = tiny(quant)
     params = [SamplingParams(max_tokens=64, temperature=0.0)] * len(PROMPTS)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tiny_models import hf_logits, hf_mistral, save_gguf
+from tiny_models import K_BLOCKS, hf_logits, hf_mistral, random_k_blocks, save_gguf
 from tolerance import assert_close
 
 import mistral7b
@@ -16,22 +16,14 @@ from mistral7b.weights import open_checkpoint
 gguf = pytest.importorskip("gguf")
 QT = gguf.GGMLQuantizationType
 
-# Byte offsets of the float16 super-block scales in each K-quant block (ggml's block_q*_K).
-K_SCALES = {QT.Q4_K: (144, [0, 2]), QT.Q5_K: (176, [0, 2]), QT.Q6_K: (210, [208])}
 
 
 def _blocks(w: np.ndarray, qtype, rng) -> np.ndarray:
     """Bytes of `w` in `qtype`: gguf's quantizer where it has one; random valid blocks for
     the K-quants (gguf-py only dequantizes those) with small finite scales."""
-    if qtype not in K_SCALES:
+    if qtype.name not in K_BLOCKS:
         return gguf.quants.quantize(w.astype(np.float32), qtype)
-    size, scale_at = K_SCALES[qtype]
-    rows, cols = w.shape
-    blocks = rng.integers(0, 256, size=(rows, cols // 256, size), dtype=np.uint8)
-    for at in scale_at:
-        scales = rng.uniform(0.002, 0.01, size=(rows, cols // 256)).astype(np.float16)
-        blocks[:, :, at: at + 2] = scales.view(np.uint8).reshape(rows, cols // 256, 2)
-    return blocks.reshape(rows, -1)
+    return random_k_blocks(qtype.name, *w.shape, rng)
 
 
 def test_q8_0_q4_0_q4_1_blocks_decode_per_the_ggml_layout(tmp_path, monkeypatch):

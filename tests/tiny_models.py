@@ -208,3 +208,21 @@ def mistral_v3_folder(folder: Path, seed: int = 0) -> Path:
         "mistral_instruct_tokenizer_240323.model.v3"
     shutil.copy(shipped, folder / "tokenizer.model.v3")
     return folder
+
+
+# Bytes per super-block of each K-quant and where its float16 factors (d, dmin) sit in it
+# (ggml's block_q4_K / block_q5_K / block_q6_K).
+K_BLOCKS = {"Q4_K": (144, (0, 2)), "Q5_K": (176, (0, 2)), "Q6_K": (210, (208,))}
+
+
+def random_k_blocks(kind: str, rows: int, cols: int, rng: np.random.Generator,
+                    scale: tuple[float, float] = (0.002, 0.01)) -> np.ndarray:
+    """(rows, cols / 256 * block bytes) random valid K-quant blocks (gguf-py only dequantizes
+    K-quants): every value, sub-block scale and min random, the float16 factors drawn from
+    `scale`, so that the weights are finite and small."""
+    size, factors = K_BLOCKS[kind]
+    blocks = rng.integers(0, 256, size=(rows, cols // 256, size), dtype=np.uint8)
+    for at in factors:
+        d = rng.uniform(*scale, size=(rows, cols // 256)).astype(np.float16)
+        blocks[:, :, at: at + 2] = d.view(np.uint8).reshape(rows, cols // 256, 2)
+    return blocks.reshape(rows, -1)

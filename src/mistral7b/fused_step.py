@@ -14,8 +14,8 @@ applies:
 - the model is on the CPU and computes in float32 (a float32 model, or a quantized one over a
   bfloat16 table and KV cache: Transformer.compute_in_float32), and our kernel library runs
   here (native.ops());
-- every linear of every layer is our native int4/int8 layer or a plain float32 nn.Linear
-  without bias, every norm a plain RMSNorm, and no module has a hook: a LoRA wrapper, a
+- every linear of every layer is our native int4/int8 or K-quant layer or a plain float32
+  nn.Linear without bias, every norm a plain RMSNorm, and no module has a hook: a LoRA wrapper, a
   served adapter, tensor parallel (its all-reduces are hooks) or PyTorch's fallback kernels
   keep the eager path;
 - the step feeds at most PAGED_MAX_T (16) tokens to each row: decode, speculative
@@ -41,6 +41,7 @@ from mistral7b.attention_plan import AttentionPlan
 from mistral7b.cache import KVPool
 from mistral7b.kernels import native
 from mistral7b.model import RMSNorm, Transformer
+from mistral7b.quant.klinear import KQuantLinear
 from mistral7b.quant.layers import Int4Linear, Int8Linear
 from mistral7b.rope import rope_angles
 
@@ -96,7 +97,7 @@ class FusedDecode:
                 if lin is None or not _add_linear(stack, lin):
                     return None
                 checks.append((parent._modules, name, lin))
-                store = lin._buffers if isinstance(lin, (Int4Linear, Int8Linear)) else \
+                store = lin._buffers if isinstance(lin, _QUANTIZED) else \
                     lin._parameters
                 checks += [(store, key, t) for key, t in store.items()]
             stack.add_layer(norms[0].weight, norms[1].weight)   # the parameters themselves
@@ -129,7 +130,14 @@ def _all_hooks(model: nn.Module) -> list[dict]:
             ] + [module_hooks._global_forward_hooks, module_hooks._global_forward_pre_hooks]
 
 
+_QUANTIZED = (Int4Linear, Int8Linear, KQuantLinear)
+
+
 def _add_linear(stack: Any, lin: nn.Module) -> bool:
+    if type(lin) is KQuantLinear:
+        stack.add_klinear(lin.qweight, lin.scales, lin.mins, lin.super_d, lin.super_min,
+                          lin.bits, lin.group, lin.out_features)
+        return True
     if isinstance(lin, (Int4Linear, Int8Linear)) and type(lin) in (Int4Linear, Int8Linear):
         if lin.kernel != "native":
             return False

@@ -33,7 +33,8 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name("csrc") / name
-                for name in ("qmm.cpp", "pack.cpp", "attention.cpp", "norm.cpp", "step.cpp"))
+                for name in ("qmm.cpp", "pack.cpp", "kquant.cpp", "attention.cpp", "norm.cpp",
+                                "step.cpp"))
 
 
 def cache_dir() -> Path:
@@ -126,6 +127,10 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("mistral7b_qmm::qmm")
     def _qmm(x, w, scale, mins, bits, group, offset, n_out):
+        return x.new_empty(x.shape[0], n_out)
+
+    @torch.library.register_fake("mistral7b_qmm::kqmm")
+    def _kqmm(x, w, scale, mins, d, dmin, bits, group, n_out):
         return x.new_empty(x.shape[0], n_out)
 
     @torch.library.register_fake("mistral7b_qmm::bf16_gemv")
@@ -264,3 +269,87 @@ def gguf_dequantize(qtype_name: str, data: torch.Tensor, n_out: int, n_in: int
     if namespace is None or qtype_name not in GGUF_PANEL_TYPES or n_in % 32:
         return None
     return namespace.gguf_dequantize(data, GGUF_PANEL_TYPES[qtype_name], n_out, n_in)
+
+
+# GGUF K-quant types the kernel runs on their own bits (csrc/kquant.cpp): name -> (ggml type
+# id, bits per value, values per sub-block scale).
+GGUF_KQUANT_TYPES = {"Q4_K": (12, 4, 32), "Q5_K": (13, 5, 32), "Q6_K": (14, 6, 16)}
+
+
+@dataclass
+class KPanels:
+    """One K-quant weight (n_out, n_in) in the kernel's layout (csrc/kquant.cpp's header):
+    w = d * sc * q - dmin * m per sub-block (Q4_K, Q5_K), d * sc * (q - 32) (Q6_K)."""
+
+    w: torch.Tensor               # uint8, the panels, flat
+    scale: torch.Tensor           # (n_out / 16, sub-blocks, 16) uint8 (Q6_K: int8)
+    mins: torch.Tensor | None     # like scale, uint8; None for Q6_K
+    d: torch.Tensor               # (n_out / 16, n_in / 256, 16) float16
+    dmin: torch.Tensor | None     # like d; None for Q6_K
+    bits: int
+    group: int                    # values per sub-block
+    n_out: int
+    n_in: int
+
+    @property
+    def kind(self) -> str:
+        return {4: "Q4_K", 5: "Q5_K", 6: "Q6_K"}[self.bits]
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """(M, n_in) float32, contiguous -> (M, n_out) float32."""
+        return ops().kqmm(x, self.w, self.scale, self.mins, self.d, self.dmin, self.bits,
+                          self.group, self.n_out)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (self.w, self.scale, self.mins, self.d, self.dmin)
+                   if t is not None)
+
+    def values(self) -> torch.Tensor:
+        """(n_out, n_in) the stored values, 0 .. 2^bits - 1."""
+        n, k, bits = self.n_out, self.n_in, self.bits
+        v = self.w.view(n // 16, k // 32, bits, 16, 4)                      # (p, b, c, r, t)
+        low = torch.stack([v[:, :, :4] & 0x0F, v[:, :, :4] >> 4], dim=2)     # (p, b, h, j, r, t)
+        if bits > 4:
+            # register i = 2j + h of the kernel's unpacking: its high bits (the header)
+            width = bits - 4
+            high = torch.stack([torch.stack([
+                (v[:, :, 4 + (2 * j + h) * width // 8] >> ((2 * j + h) * width % 8))
+                & ((1 << width) - 1) for j in range(4)], dim=2) for h in range(2)], dim=2)
+            low = low | (high << 4)
+        return low.permute(0, 4, 1, 2, 3, 5).reshape(n, k)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float weight, by gguf's own float32 arithmetic (its dequantizer, bit for bit):
+        d * sc and dmin * m first, then d_sc * q - dmin_m (Q6_K: d_sc * (q - 32))."""
+        n, k, g = self.n_out, self.n_in, self.group
+        per_super = 256 // g
+        d_sc = unpanel(self.d).float().repeat_interleave(per_super, dim=1) \
+            * unpanel(self.scale).float()                                   # (n, k / g)
+        q = self.values().float().view(n, k // g, g)
+        if self.mins is None:
+            w = d_sc[..., None] * (q - 32)
+        else:
+            assert self.dmin is not None
+            dm = unpanel(self.dmin).float().repeat_interleave(per_super, dim=1) \
+                * unpanel(self.mins).float()
+            w = d_sc[..., None] * q - dm[..., None]
+        return w.view(n, k).to(dtype)
+
+
+def gguf_kpanels(qtype_name: str, data: torch.Tensor, n_out: int, n_in: int
+                 ) -> KPanels | None:
+    """A GGUF Q4_K / Q5_K / Q6_K tensor (its block bytes, uint8) into the kernel's K-quant
+    panels in one C++ pass; None where the kernel does not run here, the shape does not fit
+    (n_out a multiple of 16, n_in of 256) or a block's d or dmin is not finite (the caller's
+    checked path reports the file then)."""
+    namespace = ops()
+    if namespace is None or qtype_name not in GGUF_KQUANT_TYPES or n_out % 16 or n_in % 256:
+        return None
+    kind, bits, group = GGUF_KQUANT_TYPES[qtype_name]
+    w, scale, mins, d, dmin, finite = namespace.gguf_kpanels(data, kind, n_out, n_in)
+    if not bool(finite):
+        return None
+    six = bits == 6
+    return KPanels(w, scale, None if six else mins, d, None if six else dmin, bits, group,
+                   n_out, n_in)

@@ -10,6 +10,13 @@ Where the weights come from, per linear layer:
     GGUF Q5_*, Q6_K                 int8 (kept above 4 bits, as     dequantize -> int8
                                     llama.cpp's Q4 files keep their output layer in Q6_K)
     our quantized checkpoint        the stored int4/int8 weights, as written (checkpoint.py)
+
+That is the portable form (what `mistral7b quantize` writes, and what runs off our CPU
+kernel). Loading a GGUF on the CPU where our kernel runs takes a shortcut first (load.py
+gguf_panels): Q4_0 / Q4_1 / Q8_0 blocks straight into its panels, and in int4 mode Q4_K /
+Q5_K / Q6_K on their own bits (quant/klinear.py), nothing widened or rounded. A checkpoint
+written from a K-quant file holds them as the table says: Q4_K with its d * sc scales
+rounded to float16, Q5_K / Q6_K as int8.
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ from mistral7b.quant.convert import (
     quantize_tensor,
     source_weight,
 )
+from mistral7b.quant.klinear import KQuantLinear
 from mistral7b.quant.layers import Int4Linear, Int4Weight, Int8Linear, Int8Weight
 from mistral7b.quant.memory import release, trim_heap
 from mistral7b.weights.base import CheckpointReader
@@ -38,8 +39,10 @@ from mistral7b.weights.loader import check_tensors
 from mistral7b.weights.names import expected_shapes, is_linear_weight
 
 
-def make_linear(weight: QuantWeight | native.Panels, *, dtype: torch.dtype,
-                device: torch.device | str) -> Int8Linear | Int4Linear:
+def make_linear(weight: QuantWeight | native.Panels | native.KPanels, *, dtype: torch.dtype,
+                device: torch.device | str) -> Int8Linear | Int4Linear | KQuantLinear:
+    if isinstance(weight, native.KPanels):
+        return KQuantLinear.from_kpanels(weight, dtype=dtype)
     if isinstance(weight, native.Panels):
         cls = Int8Linear if weight.bits == 8 else Int4Linear
         return cls.from_panels(weight, dtype=dtype)  # type: ignore[return-value]
@@ -73,7 +76,7 @@ def load_quantized(reader: CheckpointReader, quant: str | None, *, dtype: torch.
     for name in progress.bar(names, desc=f"loading ({mode})", unit="tensor",
                              show=progress.big(reader.size_bytes())):
         source = name if name in present else "tok_embeddings.weight"
-        weight: QuantWeight | native.Panels
+        weight: QuantWeight | native.Panels | native.KPanels
         if stored is not None:
             weight = read_stored_weight(reader, source, mode)
         else:
@@ -86,7 +89,7 @@ def load_quantized(reader: CheckpointReader, quant: str | None, *, dtype: torch.
                              "load it with quant='int8' (CLI: --quant int8) or unquantized"
                              ) from None
         swap_module(model, name.removesuffix(".weight"), linear)
-        if stored is not None and not isinstance(weight, native.Panels) and (
+        if stored is not None and not isinstance(weight, (native.Panels, native.KPanels)) and (
                 isinstance(weight, Int4Weight) or linear.kernel == "native"):
             # repacked into the kernel's layout: the mapped values are not needed again
             # (PyTorch's int8 kernel uses them in place from the map, zero-copy)
@@ -109,19 +112,22 @@ def load_quantized(reader: CheckpointReader, quant: str | None, *, dtype: torch.
 
 
 def gguf_panels(reader: CheckpointReader, name: str, quant: str,
-                device: torch.device | str) -> native.Panels | None:
-    """A GGUF tensor whose blocks our kernel takes as they are (Q4_0 / Q4_1 in int4 mode,
-    Q8_0 in either), repacked in one C++ pass; None for everything else (source_weight).
+                device: torch.device | str) -> native.Panels | native.KPanels | None:
+    """A GGUF tensor whose blocks our kernel takes as they are (Q4_0 / Q4_1 and the K-quants
+    Q4_K / Q5_K / Q6_K in int4 mode, Q8_0 in either), repacked in one C++ pass; None for
+    everything else (source_weight).
     The repack checks every block's scale as it copies it, so the bytes are read once: only
     when it declines is the tensor checked the reader's way (a corrupt scale raises there)."""
     if not isinstance(reader, GGUFReader) or torch.device(device).type != "cpu":
         return None
     kind = reader.qtype(name).name
-    if kind != "Q8_0" and (quant != "int4" or kind not in native.GGUF_PANEL_TYPES):
+    kquant = kind in native.GGUF_KQUANT_TYPES
+    if kind != "Q8_0" and (quant != "int4" or not (kind in native.GGUF_PANEL_TYPES or kquant)):
         return None
     raw = reader.raw(name, check=False)
     n_out, n_in = raw.shape
-    panels = native.gguf_panels(kind, torch.from_numpy(raw.data), n_out, n_in)
+    repack = native.gguf_kpanels if kquant else native.gguf_panels
+    panels = repack(kind, torch.from_numpy(raw.data), n_out, n_in)
     if panels is None:
         reader.raw(name)
     elif name != "tok_embeddings.weight":  # a tied table is still read

@@ -8,6 +8,15 @@
 #include <optional>
 #include <vector>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define M7_X86 1
+#define M7_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq,f16c,fma")))
+#else
+#define M7_X86 0
+#define M7_TARGET
+#endif
+
 namespace mistral7b {
 
 // The panel layout (qmm.cpp's header): output rows per panel, inputs per block.
@@ -15,16 +24,54 @@ constexpr int64_t kPanelRows = 16;
 constexpr int64_t kBlockInputs = 32;
 
 // One weight in our panels (qmm.cpp's header comment): w = d * q + m per group of inputs.
+// A K-quant (kquant.cpp's header) has its float16 super-block factors in super_d (and
+// super_min for Q4_K / Q5_K); then `scale` / `mins` are its 8-bit sub-block scales and mins,
+// `group` the sub-block's size and `bits` 4, 5 or 6.
 struct QWeight {
   at::Tensor w, scale;
   std::optional<at::Tensor> mins;
   int64_t bits = 0, group = 0, n_out = 0;
   double offset = 0.0;
+  std::optional<at::Tensor> super_d, super_min;
 };
+
+// Activation rows quantized to int8 per block of 32 (qmm.cpp): the values `q`, one scale `a`
+// per block, per group of G inputs the sum over its blocks of scale * (sum of the block's
+// values) `sg`, and the plain integer sum of every 16 values `s16`.
+struct ActBlocks {
+  std::vector<int8_t> q;
+  std::vector<float> a;
+  std::vector<float> sg;
+  std::vector<int32_t> s16;
+};
+
+// x (M, K) float32 or bfloat16, contiguous
+void quantize_acts(const at::Tensor& x, int64_t G, ActBlocks& acts);
+
+// One weight's part of a product of several weights with one x (qmm_many): `span` computes
+// its panels p0 .. p1 - 1 for the M rows of `acts` into y.
+struct Product {
+  const uint8_t* w;
+  const void* scale;
+  const void* mins;
+  const void* super_d;
+  const void* super_min;
+  float offset;
+  int64_t N, G;
+  float* y;
+  const ActBlocks* acts;
+  void (*span)(const Product&, int64_t M, int64_t K, int64_t p0, int64_t p1);
+};
+using SpanFn = decltype(Product::span);
 
 // qmm.cpp: y = x @ W^T; qmm_many: several weights of one x in one parallel region
 at::Tensor qmm(const at::Tensor& x, const QWeight& q);
 std::vector<at::Tensor> qmm_many(const at::Tensor& x, const std::vector<const QWeight*>& ws);
+
+// kquant.cpp: a K-quant weight's checks, its product, and its span for qmm_many
+void check_kweight(const QWeight& q, int64_t K);
+at::Tensor kqmm(const at::Tensor& x, const QWeight& q);
+SpanFn kquant_span(int64_t bits);
 
 // attention.cpp: decode attention read from one layer of the paged pool
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

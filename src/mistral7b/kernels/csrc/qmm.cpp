@@ -40,14 +40,6 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__x86_64__)
-#include <immintrin.h>
-#define M7_X86 1
-#define M7_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq,f16c,fma")))
-#else
-#define M7_X86 0
-#endif
-
 namespace {
 
 constexpr int64_t kBlock = mistral7b::kBlockInputs;  // inputs per activation block
@@ -76,13 +68,9 @@ bool cpu_has_bf16() {
 
 #if M7_X86
 
-// Activations of M rows, quantized: int8 values, one float scale per block of 32, and per group
-// of G the sum over its blocks of scale * (sum of the block's values).
-struct QuantizedActs {
-  std::vector<int8_t> q;
-  std::vector<float> a;
-  std::vector<float> sg;
-};
+// Activations of M rows, quantized (kernels.h)
+using QuantizedActs = mistral7b::ActBlocks;
+using mistral7b::Product;
 
 M7_TARGET inline __m512 load_x(const float* p) { return _mm512_loadu_ps(p); }
 
@@ -102,7 +90,8 @@ M7_TARGET inline void store_y(at::BFloat16* p, __m512 v) {  // round to nearest 
 }
 
 template <typename X>
-M7_TARGET void quantize_row(const X* x, int64_t K, int64_t G, int8_t* q, float* a, float* sg) {
+M7_TARGET void quantize_row(const X* x, int64_t K, int64_t G, int8_t* q, float* a, float* sg,
+                            int32_t* s16) {
   const __m512 sign = _mm512_set1_ps(-0.0f);
   const int64_t blocks_per_group = G / kBlock;
   float group_sum = 0.0f;
@@ -120,7 +109,9 @@ M7_TARGET void quantize_row(const X* x, int64_t K, int64_t G, int8_t* q, float* 
     _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * kBlock), _mm512_cvtsepi32_epi8(i0));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * kBlock + 16), _mm512_cvtsepi32_epi8(i1));
     a[b] = scale;
-    group_sum += scale * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1)));
+    s16[2 * b] = _mm512_reduce_add_epi32(i0);
+    s16[2 * b + 1] = _mm512_reduce_add_epi32(i1);
+    group_sum += scale * static_cast<float>(s16[2 * b] + s16[2 * b + 1]);
     if ((b + 1) % blocks_per_group == 0) {
       sg[(b + 1) / blocks_per_group - 1] = group_sum;
       group_sum = 0.0f;
@@ -207,10 +198,11 @@ void quantize_acts(const X* x, int64_t M, int64_t K, int64_t G, QuantizedActs& a
   acts.q.resize(M * K);
   acts.a.resize(M * n_blocks);
   acts.sg.resize(M * n_groups);
+  acts.s16.resize(M * K / 16);
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m)
       quantize_row(x + m * K, K, G, acts.q.data() + m * K, acts.a.data() + m * n_blocks,
-                   acts.sg.data() + m * n_groups);
+                   acts.sg.data() + m * n_groups, acts.s16.data() + m * K / 16);
   });
 }
 
@@ -253,19 +245,9 @@ void run(const X* x, int64_t M, int64_t K, int64_t N, int64_t G, const uint8_t* 
   });
 }
 
-// Several weights of the same input width times one float32 x, in one parallel region: the
-// panels of all of them are shared out together, each computed exactly as `run` does.
-struct Product {
-  const uint8_t* w;
-  const void* scale;
-  const void* mins;
-  float offset;
-  int64_t N, G;
-  float* y;
-  const QuantizedActs* acts;
-  void (*span)(const Product&, int64_t M, int64_t K, int64_t p0, int64_t p1);
-};
-
+// Several weights of the same input width times one float32 x, in one parallel region
+// (qmm_many): the panels of all of them are shared out together, each computed exactly as
+// `run` does.
 template <int BITS, typename S, bool AFFINE>
 void product_span(const Product& p, int64_t M, int64_t K, int64_t p0, int64_t p1) {
   panels_span<BITS, S, AFFINE, float>(*p.acts, M, K, p.N, p.G, p.w,
@@ -412,23 +394,29 @@ std::vector<at::Tensor> qmm_many(const at::Tensor& x,
 #if M7_X86
   std::vector<std::pair<int64_t, std::unique_ptr<QuantizedActs>>> acts;  // by group size
   for (const auto* q : ws) {
-    check_weight(x, q->w, q->scale, q->mins, q->bits, q->group, q->n_out);
+    const bool kquant = q->super_d.has_value();  // its activation sums are per block of 32
+    const int64_t act_group = kquant ? kBlock : q->group;
+    if (kquant) mistral7b::check_kweight(*q, K);
+    else check_weight(x, q->w, q->scale, q->mins, q->bits, q->group, q->n_out);
     ys.push_back(at::empty({M, q->n_out}, x.options()));
     const QuantizedActs* a = nullptr;
     for (const auto& [g, qa] : acts)
-      if (g == q->group) a = qa.get();
+      if (g == act_group) a = qa.get();
     if (a == nullptr) {
-      acts.emplace_back(q->group, std::make_unique<QuantizedActs>());
-      quantize_acts(x.data_ptr<float>(), M, K, q->group, *acts.back().second);
+      acts.emplace_back(act_group, std::make_unique<QuantizedActs>());
+      quantize_acts(x.data_ptr<float>(), M, K, act_group, *acts.back().second);
       a = acts.back().second.get();
     }
     const bool half = q->scale.scalar_type() == at::kHalf, affine = q->mins.has_value();
+    const auto span = kquant ? mistral7b::kquant_span(q->bits)
+                             : half ? span_for<at::Half>(q->bits, affine)
+                                    : span_for<float>(q->bits, affine);
     products.push_back(Product{q->w.data_ptr<uint8_t>(), q->scale.data_ptr(),
                                affine ? q->mins->data_ptr() : nullptr,
+                               kquant ? q->super_d->data_ptr() : nullptr,
+                               q->super_min ? q->super_min->data_ptr() : nullptr,
                                static_cast<float>(q->offset), q->n_out, q->group,
-                               ys.back().data_ptr<float>(), a,
-                               half ? span_for<at::Half>(q->bits, affine)
-                                    : span_for<float>(q->bits, affine)});
+                               ys.back().data_ptr<float>(), a, span});
     first_panel.push_back(first_panel.back() + q->n_out / kRows);
   }
   if (M == 0) return ys;
@@ -473,7 +461,19 @@ at::Tensor bf16_gemv(const at::Tensor& x, const at::Tensor& w) {
 
 namespace mistral7b {
 at::Tensor qmm(const at::Tensor& x, const QWeight& q) {
+  if (q.super_d.has_value()) return kqmm(x, q);
   return ::qmm(x, q.w, q.scale, q.mins, q.bits, q.group, q.offset, q.n_out);
+}
+
+void quantize_acts(const at::Tensor& x, int64_t G, ActBlocks& acts) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous 2-D tensor");
+  TORCH_CHECK(x.size(1) % G == 0 && G % kBlock == 0, "G must be a multiple of 32 dividing K");
+#if M7_X86
+  if (x.scalar_type() == at::kFloat)
+    ::quantize_acts(x.data_ptr<float>(), x.size(0), x.size(1), G, acts);
+  else
+    ::quantize_acts(x.data_ptr<at::BFloat16>(), x.size(0), x.size(1), G, acts);
+#endif
 }
 
 std::vector<at::Tensor> qmm_many(const at::Tensor& x, const std::vector<const QWeight*>& ws) {

@@ -12,7 +12,7 @@
 //   x = x + attn Wo^T
 //   h = rmsnorm(x) * ffn_norm;  x = x + (silu(h W1^T) * h W3^T) W2^T
 //
-// Linears are our int4/int8 panels (qmm.cpp) or float32 weights (at::linear, what F.linear
+// Linears are our int4/int8 or K-quant panels (qmm.cpp, kquant.cpp) or float32 weights (at::linear, what F.linear
 // runs). Activations are float32; the pool float32 or bfloat16 (a quantized model's default
 // beyond ~1B parameters: model.py Transformer.compute_dtype). Every number is computed by the same kernel,
 // on the same shapes, as the eager step (RMSNorm and attention through norm.cpp and
@@ -140,6 +140,21 @@ class DecodeStack : public torch::CustomClassHolder {
     pending_.push_back(std::move(l));
   }
 
+  // One K-quant linear (kquant.cpp), in the same order as add_linear's.
+  void add_klinear(at::Tensor w, at::Tensor scale, std::optional<at::Tensor> mins, at::Tensor d,
+                   std::optional<at::Tensor> dmin, int64_t bits, int64_t group, int64_t n_out) {
+    Linear l;
+    l.q.w = w;
+    l.q.scale = scale;
+    l.q.mins = mins;
+    l.q.super_d = d;
+    l.q.super_min = dmin;
+    l.q.bits = bits;
+    l.q.group = group;
+    l.q.n_out = n_out;
+    pending_.push_back(std::move(l));
+  }
+
   // Close a layer: its two norm weights and the last seven linears added.
   void add_layer(at::Tensor attention_norm, at::Tensor ffn_norm) {
     TORCH_CHECK(pending_.size() == 7, "add_layer needs exactly 7 linears, got ",
@@ -221,6 +236,7 @@ TORCH_LIBRARY_FRAGMENT(mistral7b_qmm, m) {
   m.class_<DecodeStack>("DecodeStack")
       .def(torch::init<int64_t, int64_t, int64_t, double>())
       .def("add_linear", &DecodeStack::add_linear)
+      .def("add_klinear", &DecodeStack::add_klinear)
       .def("add_layer", &DecodeStack::add_layer)
       .def("n_layers", &DecodeStack::n_layers)
       .def("forward", &DecodeStack::forward);

@@ -1,0 +1,145 @@
+"""GGUF K-quants (Q4_K, Q5_K, Q6_K) on their own bits (kernels/csrc/kquant.cpp,
+quant/klinear.py): the repack holds gguf's dequantized weights bit for bit, the kernel equals
+its written rule in float64, a quantized load of a K-quant file runs them (fused step
+included) at the file's size, and a layer moved elsewhere keeps its weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import hf_mistral, random_k_blocks, save_gguf
+
+import mistral7b
+from mistral7b.fused_step import FusedDecode
+from mistral7b.kernels import native
+from mistral7b.quant import Int4Linear, Int8Linear
+from mistral7b.quant.klinear import KQuantLinear
+from mistral7b.weights import open_checkpoint
+
+gguf = pytest.importorskip("gguf")
+pytestmark = pytest.mark.skipif(native.ops() is None,
+                                reason="needs an x86 CPU with AVX-512 VNNI and a C++ compiler")
+KINDS = ["Q4_K", "Q5_K", "Q6_K"]
+BITS = {"Q4_K": 4.5, "Q5_K": 5.5, "Q6_K": 6.5625}     # the file's bits per weight
+
+
+def _panels(kind: str, rows: int, cols: int, seed: int = 0):
+    blocks = random_k_blocks(kind, rows, cols, np.random.default_rng(seed))
+    want = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType[kind]).reshape(rows, cols)
+    p = native.gguf_kpanels(kind, torch.from_numpy(blocks), rows, cols)
+    assert p is not None
+    return p, torch.from_numpy(want)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_repack_holds_ggufs_weights_bit_for_bit(kind):
+    p, want = _panels(kind, 48, 768)
+    assert p.kind == kind and p.bits == int(kind[1])
+    assert torch.equal(p.dequantize(torch.float32), want)     # gguf-py's own arithmetic
+    assert int(p.values().max()) < 2 ** p.bits
+    # the file's bits, plus one byte per 32 for Q4_K / Q5_K's unpacked 6-bit (sc, m) pairs
+    extra = 0 if kind == "Q6_K" else 0.125
+    assert p.nbytes * 8 == pytest.approx(48 * 768 * (BITS[kind] + extra))
+
+
+def _activations_as_the_kernel_sees_them(x: torch.Tensor) -> torch.Tensor:
+    blocks = x.view(x.shape[0], -1, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    return (torch.round(blocks * inv).double() * (amax.double() / 127.0)).view_as(x)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9])
+def test_the_kernel_follows_its_rule(kind, m):
+    p, w = _panels(kind, 32, 512, seed=m)
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, 512, generator=g)
+    x[0, :32] = 0.0          # an all-zero block
+    x[-1, 300] = 40.0        # an outlier
+    want = _activations_as_the_kernel_sees_them(x) @ w.double().t()
+    slack = 1e-5 * (x.abs().double() @ w.abs().double().t()) + 1e-6
+    got = p.matmul(x)
+    assert ((got.double() - want).abs() <= slack).all(), float((got.double() - want).abs().max())
+
+
+def test_bad_k_quant_input_is_refused():
+    p, _ = _panels("Q6_K", 16, 256)
+    ops = native.ops()
+    with pytest.raises(RuntimeError, match="float32"):
+        p.matmul(torch.randn(2, 256, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="multiple of 16, K of 256"):
+        ops.kqmm(torch.randn(1, 128), p.w, p.scale, None, p.d, None, 6, 16, 16)
+    with pytest.raises(RuntimeError, match="super-blocks"):
+        ops.gguf_kpanels(torch.zeros(100, dtype=torch.uint8), 14, 16, 256)
+    # a block whose d is not finite: no panels (the loader's checked path reports the file)
+    blocks = random_k_blocks("Q4_K", 16, 256, np.random.default_rng(0))
+    blocks[3, 0:2] = np.array([np.inf], dtype=np.float16).view(np.uint8)
+    assert native.gguf_kpanels("Q4_K", torch.from_numpy(blocks), 16, 256) is None
+
+
+def _k_gguf(tmp_path):
+    """A tiny model whose linears are K-quants of every kind (shapes of 256 inputs)."""
+    model = hf_mistral(dim=256, hidden=256, n_heads=4, n_kv_heads=2, head_dim=64, vocab=128,
+                       seed=5)
+    rng = np.random.default_rng(6)
+    kinds = {"attn_q": "Q4_K", "attn_k": "Q5_K", "attn_v": "Q6_K", "attn_output": "Q4_K",
+             "ffn_gate": "Q4_K", "ffn_up": "Q5_K", "ffn_down": "Q6_K"}
+    raw = {}
+    for layer in range(2):
+        for name, kind in kinds.items():
+            rows = 128 if name in ("attn_k", "attn_v") else 256
+            raw[f"blk.{layer}.{name}.weight"] = (
+                random_k_blocks(kind, rows, 256, rng, (1e-4, 4e-4)),
+                gguf.GGMLQuantizationType[kind])
+    return save_gguf(model, tmp_path / "k.gguf", raw=raw), raw
+
+
+def test_a_quantized_load_runs_k_quants_on_their_bits(tmp_path):
+    path, raw = _k_gguf(tmp_path)
+    llm = mistral7b.load(path, quant="auto", dtype="float32")
+    reader = open_checkpoint(path)
+    held = 0
+    for i, layer in enumerate(llm.model.layers):
+        for parent, attr, ours in [(layer.attention, "wq", "attention.wq"),
+                                   (layer.attention, "wv", "attention.wv"),
+                                   (layer.feed_forward, "w3", "feed_forward.w3"),
+                                   (layer.feed_forward, "w2", "feed_forward.w2")]:
+            lin = getattr(parent, attr)
+            assert isinstance(lin, KQuantLinear), type(lin)
+            want = reader.tensor(f"layers.{i}.{ours}.weight")
+            assert torch.equal(lin.dequantize(torch.float32), want)
+            x = torch.randn(3, 256)
+            rule = _activations_as_the_kernel_sees_them(x) @ want.double().t()
+            slack = 1e-5 * (x.abs().double() @ want.abs().double().t()) + 1e-6
+            assert ((lin(x).double() - rule).abs() <= slack).all()
+        held += sum(t.nbytes for t in layer.buffers())
+    file_bytes = sum(blocks.nbytes for blocks, _ in raw.values())
+    assert file_bytes < held <= file_bytes * 1.03   # the file's size, not widened
+    # decode goes through the fused step, and equals the eager one to the bit
+    assert FusedDecode.build(llm.model) is not None
+    ids = list(range(3, 30))
+    fused = llm.logits(ids)
+    llm.engine.use_fused_step = False
+    assert torch.equal(llm.logits(ids), fused)
+
+
+def test_int8_mode_and_a_move_keep_the_weights(tmp_path):
+    path, _ = _k_gguf(tmp_path)
+    reader = open_checkpoint(path)
+    want = reader.tensor("layers.0.attention.wq.weight")          # Q4_K
+    llm = mistral7b.load(path, quant="auto", dtype="float32")
+    lin = llm.model.layers[0].attention.wq
+    # Q4_K's portable form is int4 with float32 scales: the same weights exactly
+    assert torch.equal(lin.portable().dequantize(torch.float32), want)
+    six = llm.model.layers[0].attention.wv                         # Q6_K: int8 elsewhere
+    w6 = six.dequantize(torch.float32)
+    step = six.portable().scale[:, None]
+    assert ((six.portable().dequantize(torch.float32) - w6).abs() <= step / 2 + 1e-7).all()
+    # a move to another device rebuilds the int4 / int8 layer there: here the meta device
+    lin.to("meta")
+    assert isinstance(lin, Int4Linear) and lin.qweight.device.type == "meta"
+    # int8 asked for: K-quants are dequantized and requantized, as before
+    llm8 = mistral7b.load(path, quant="int8", dtype="float32")
+    assert isinstance(llm8.model.layers[0].attention.wq, Int8Linear)
