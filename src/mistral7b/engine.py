@@ -83,11 +83,11 @@ class Engine:
 
     @property
     def device(self) -> torch.device:
-        return self.model.tok_embeddings.weight.device
+        return self.model.table_device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.tok_embeddings.weight.dtype
+        return self.model.table_dtype
 
     @property
     def pool(self) -> KVPool:

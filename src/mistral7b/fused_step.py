@@ -71,9 +71,8 @@ class FusedDecode:
         """The fused step for `model`, or None where it does not apply (see the module doc)."""
         ops = native.ops()
         cfg = model.config
-        emb = model.tok_embeddings.weight
-        if (ops is None or emb.device.type != "cpu" or type(model) is not Transformer
-                or (model.compute_dtype or emb.dtype) != torch.float32
+        if (ops is None or model.table_device.type != "cpu" or type(model) is not Transformer
+                or (model.compute_dtype or model.table_dtype) != torch.float32
                 or "forward" in model.__dict__):
             return None
         hooks = _all_hooks(model)

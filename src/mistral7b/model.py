@@ -133,6 +133,19 @@ class Transformer(nn.Module):
                                              requires_grad=module.weight.requires_grad)
         self.compute_dtype = torch.float32
 
+    @property
+    def table_device(self) -> torch.device:
+        """Where the embedding table is (a GGUF table kept in its blocks says so itself:
+        quant/qembedding.py)."""
+        emb = self.tok_embeddings
+        return getattr(emb, "table_device", None) or emb.weight.device
+
+    @property
+    def table_dtype(self) -> torch.dtype:
+        """The embedding table's dtype, which the KV cache takes (Engine.dtype)."""
+        emb = self.tok_embeddings
+        return getattr(emb, "table_dtype", None) or emb.weight.dtype
+
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, T) -> (B, T, D) in the dtype the layers compute in."""
         x = self.tok_embeddings(tokens)

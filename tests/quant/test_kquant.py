@@ -15,6 +15,7 @@ from mistral7b.fused_step import FusedDecode
 from mistral7b.kernels import native
 from mistral7b.quant import Int4Linear, Int8Linear
 from mistral7b.quant.klinear import KQuantLinear
+from mistral7b.quant.qembedding import QuantEmbedding
 from mistral7b.weights import open_checkpoint
 
 gguf = pytest.importorskip("gguf")
@@ -35,6 +36,9 @@ def _panels(kind: str, rows: int, cols: int, seed: int = 0):
 @pytest.mark.parametrize("kind", KINDS)
 def test_the_repack_holds_ggufs_weights_bit_for_bit(kind):
     p, want = _panels(kind, 48, 768)
+    blocks = random_k_blocks(kind, 48, 768, np.random.default_rng(0))   # _panels' blocks
+    assert torch.equal(native.gguf_dequantize(kind, torch.from_numpy(blocks).reshape(-1), 48,
+                                              768), want)
     assert p.kind == kind and p.bits == int(kind[1])
     assert torch.equal(p.dequantize(torch.float32), want)     # gguf-py's own arithmetic
     assert int(p.values().max()) < 2 ** p.bits
@@ -86,7 +90,8 @@ def _k_gguf(tmp_path):
     rng = np.random.default_rng(6)
     kinds = {"attn_q": "Q4_K", "attn_k": "Q5_K", "attn_v": "Q6_K", "attn_output": "Q4_K",
              "ffn_gate": "Q4_K", "ffn_up": "Q5_K", "ffn_down": "Q6_K"}
-    raw = {}
+    raw = {"token_embd.weight": (random_k_blocks("Q4_K", 128, 256, rng, (1e-3, 4e-3)),
+                                 gguf.GGMLQuantizationType.Q4_K)}
     for layer in range(2):
         for name, kind in kinds.items():
             rows = 128 if name in ("attn_k", "attn_v") else 256
@@ -115,7 +120,7 @@ def test_a_quantized_load_runs_k_quants_on_their_bits(tmp_path):
             slack = 1e-5 * (x.abs().double() @ want.abs().double().t()) + 1e-6
             assert ((lin(x).double() - rule).abs() <= slack).all()
         held += sum(t.nbytes for t in layer.buffers())
-    file_bytes = sum(blocks.nbytes for blocks, _ in raw.values())
+    file_bytes = sum(blocks.nbytes for name, (blocks, _) in raw.items() if name != "token_embd.weight")
     assert file_bytes < held <= file_bytes * 1.03   # the file's size, not widened
     # decode goes through the fused step, and equals the eager one to the bit
     assert FusedDecode.build(llm.model) is not None
@@ -143,3 +148,22 @@ def test_int8_mode_and_a_move_keep_the_weights(tmp_path):
     # int8 asked for: K-quants are dequantized and requantized, as before
     llm8 = mistral7b.load(path, quant="int8", dtype="float32")
     assert isinstance(llm8.model.layers[0].attention.wq, Int8Linear)
+
+
+def test_the_table_stays_in_its_blocks_and_gives_the_same_rows(tmp_path):
+    path, raw = _k_gguf(tmp_path)
+    llm = mistral7b.load(path, quant="auto", dtype="bfloat16")   # computing in float32
+    emb = llm.model.tok_embeddings
+    assert isinstance(emb, QuantEmbedding) and emb.blocks.nbytes == raw["token_embd.weight"][0].nbytes
+    want = open_checkpoint(path).tensor_as("tok_embeddings.weight", torch.bfloat16)
+    ids = torch.tensor([[0, 5, 127], [64, 64, 1]])
+    assert torch.equal(emb(ids), want[ids])
+    assert torch.equal(emb.weight, want)
+    assert llm.engine.dtype == torch.bfloat16          # the KV cache follows the table's dtype
+    with pytest.raises(IndexError):
+        emb(torch.tensor([128]))
+    # the same model over the dequantized table computes the same logits, to the bit
+    tokens = list(range(3, 30))
+    kept = llm.logits(tokens)
+    llm.model.tok_embeddings = torch.nn.Embedding(128, 256, _weight=want)
+    assert torch.equal(llm.logits(tokens), kept)

@@ -216,9 +216,9 @@ def _ours(args: argparse.Namespace):
 def _weight_bytes(model: Any) -> int:
     """Bytes a decode step reads: every parameter and buffer but the embedding table (one
     row of it)."""
-    table = model.tok_embeddings.weight
-    seen = {table.data_ptr()}
-    total = table[0].nbytes
+    tables = [*model.tok_embeddings.parameters(), *model.tok_embeddings.buffers()]
+    seen = {t.data_ptr() for t in tables}
+    total = sum(t[0].nbytes for t in tables)
     for t in [*model.parameters(), *model.buffers()]:
         if t.data_ptr() not in seen:
             seen.add(t.data_ptr())

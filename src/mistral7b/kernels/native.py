@@ -261,19 +261,24 @@ def gguf_panels(qtype_name: str, data: torch.Tensor, n_out: int, n_in: int) -> P
     return Panels(w, scale, None, 4, 32, 8.0, n_out, n_in)
 
 
-def gguf_dequantize(qtype_name: str, data: torch.Tensor, n_out: int, n_in: int
-                    ) -> torch.Tensor | None:
-    """GGUF Q4_0 / Q4_1 / Q8_0 blocks -> float32 (n_out, n_in) in one C++ pass, bit for bit
-    gguf's dequantizer; None where the kernel library does not run (numpy does it then)."""
-    namespace = ops()
-    if namespace is None or qtype_name not in GGUF_PANEL_TYPES or n_in % 32:
-        return None
-    return namespace.gguf_dequantize(data, GGUF_PANEL_TYPES[qtype_name], n_out, n_in)
-
-
 # GGUF K-quant types the kernel runs on their own bits (csrc/kquant.cpp): name -> (ggml type
 # id, bits per value, values per sub-block scale).
 GGUF_KQUANT_TYPES = {"Q4_K": (12, 4, 32), "Q5_K": (13, 5, 32), "Q6_K": (14, 6, 16)}
+
+
+def gguf_dequantize(qtype_name: str, data: torch.Tensor, n_out: int, n_in: int
+                    ) -> torch.Tensor | None:
+    """GGUF Q4_0 / Q4_1 / Q8_0 / Q4_K / Q5_K / Q6_K blocks -> float32 (n_out, n_in) in one C++
+    pass, bit for bit gguf's dequantizer; None where the kernel library does not run or the
+    type is another (numpy does it then)."""
+    namespace = ops()
+    if namespace is None:
+        return None
+    if qtype_name in GGUF_KQUANT_TYPES and n_in % 256 == 0:
+        return namespace.gguf_kdequantize(data, GGUF_KQUANT_TYPES[qtype_name][0], n_out, n_in)
+    if qtype_name not in GGUF_PANEL_TYPES or n_in % 32:
+        return None
+    return namespace.gguf_dequantize(data, GGUF_PANEL_TYPES[qtype_name], n_out, n_in)
 
 
 @dataclass
@@ -311,10 +316,11 @@ class KPanels:
         v = self.w.view(n // 16, k // 32, bits, 16, 4)                      # (p, b, c, r, t)
         low = torch.stack([v[:, :, :4] & 0x0F, v[:, :, :4] >> 4], dim=2)     # (p, b, h, j, r, t)
         if bits > 4:
-            # register i = 2j + h of the kernel's unpacking: its high bits (the header)
+            # value 16h + 4j + t of a block is 4k + t with k = 4h + j: its top bits are bits
+            # k * width .. of the high chunks' byte t (the header)
             width = bits - 4
             high = torch.stack([torch.stack([
-                (v[:, :, 4 + (2 * j + h) * width // 8] >> ((2 * j + h) * width % 8))
+                (v[:, :, 4 + (4 * h + j) * width // 8] >> ((4 * h + j) * width % 8))
                 & ((1 << width) - 1) for j in range(4)], dim=2) for h in range(2)], dim=2)
             low = low | (high << 4)
         return low.permute(0, 4, 1, 2, 3, 5).reshape(n, k)

@@ -33,6 +33,7 @@ from mistral7b.quant.convert import (
 from mistral7b.quant.klinear import KQuantLinear
 from mistral7b.quant.layers import Int4Linear, Int4Weight, Int8Linear, Int8Weight
 from mistral7b.quant.memory import release, trim_heap
+from mistral7b.quant.qembedding import QuantEmbedding
 from mistral7b.weights.base import CheckpointReader
 from mistral7b.weights.gguf_file import GGUFReader
 from mistral7b.weights.loader import check_tensors
@@ -97,8 +98,11 @@ def load_quantized(reader: CheckpointReader, quant: str | None, *, dtype: torch.
         del weight
         trim_heap()
     device = torch.device(device)
+    table = quant_table(reader, dtype, device)
+    if table is not None:
+        swap_module(model, "tok_embeddings", table)
     for name, want in expected_shapes(config).items():
-        if is_linear_weight(name):
+        if is_linear_weight(name) or (table is not None and name == "tok_embeddings.weight"):
             continue
         t = reader.tensor_as(name, dtype)
         if tuple(t.shape) != want:
@@ -133,6 +137,25 @@ def gguf_panels(reader: CheckpointReader, name: str, quant: str,
     elif name != "tok_embeddings.weight":  # a tied table is still read
         release(raw.data, unmodified=True)
     return panels
+
+
+def quant_table(reader: CheckpointReader, dtype: torch.dtype,
+                device: torch.device) -> QuantEmbedding | None:
+    """The token-embedding table kept in its GGUF blocks (qembedding.py) where that works: a
+    quantized table in a type our kernel library dequantizes, untied, on the CPU."""
+    name = "tok_embeddings.weight"
+    if (not isinstance(reader, GGUFReader) or device.type != "cpu"
+            or reader.config.tied_embeddings or native.ops() is None):
+        return None
+    kind = reader.qtype(name).name
+    rows, cols = reader.shape(name)
+    if not (kind in native.GGUF_PANEL_TYPES or kind in native.GGUF_KQUANT_TYPES) or (
+            (rows, cols) != (reader.config.vocab_size, reader.config.dim)):
+        return None   # (a wrong shape is reported by the float path)
+    raw = reader.raw(name)                                  # its block scales checked
+    blocks = torch.from_numpy(raw.data.reshape(rows, -1)).clone()
+    release(raw.data, unmodified=True)
+    return QuantEmbedding(blocks, kind, cols, dtype)
 
 
 def quantize_model(model: Transformer, quant: str,

@@ -14,8 +14,9 @@
 // Our layout keeps those bits, nothing widened: per panel of 16 rows and block b of 32
 // inputs, BITS x 64 bytes. The first 4 chunks hold the low nibbles exactly as qmm.cpp's 4-bit
 // panels do (register i = 0..7 after unpacking pairs with activation bytes 4(i/2) + t, plus
-// 16 for odd i); the next BITS - 4 chunks hold the high bits of the same 8 registers: Q5_K
-// bit i of chunk 4's byte (r, t), Q6_K bits 2(i%4), 2(i%4)+1 of chunk 4 + i/4's byte. The
+// 16 for odd i); the next BITS - 4 chunks hold the top bits of the block's value 4k + t
+// (k = 0..7) in byte t of lane r: Q5_K bit k of chunk 4, Q6_K bits 2(k%4), 2(k%4)+1 of chunk
+// 4 + k/4, so that the repack moves whole 32-bit words (put_block). The
 // 8-bit sub-block scales (and Q4_K/Q5_K mins) are stored [panel][sub-block][16 rows], the
 // float16 d (and dmin) [panel][super-block][16 rows]: 4.625, 5.625 and 6.5625 bits a weight,
 // the file's 4.5, 5.5 and 6.5625 plus a byte per 32 for Q4_K / Q5_K's unpacked 6-bit pairs.
@@ -61,19 +62,22 @@ M7_TARGET inline void unpack(const uint8_t* wb, __m512i wv[8]) {
     wv[2 * j] = _mm512_and_si512(v, low4);
     wv[2 * j + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
   }
+  // register i holds value 4k + t of the block, k = 4 (i % 2) + i / 2 (qmm.cpp's pairing)
   if constexpr (BITS == 5) {
-    // bit i of each byte to bit 4 (16-bit shifts: the mask drops what crosses bytes)
+    // bit k of each byte to bit 4 (16-bit shifts: the mask drops what crosses bytes)
     const __m512i h = _mm512_loadu_si512(wb + 256), bit4 = _mm512_set1_epi8(0x10);
     for (int i = 0; i < 8; ++i) {
-      const __m512i moved = i <= 4 ? _mm512_slli_epi16(h, 4 - i) : _mm512_srli_epi16(h, i - 4);
+      const int k = 4 * (i % 2) + i / 2;
+      const __m512i moved = k <= 4 ? _mm512_slli_epi16(h, 4 - k) : _mm512_srli_epi16(h, k - 4);
       wv[i] = _mm512_or_si512(wv[i], _mm512_and_si512(moved, bit4));
     }
   } else if constexpr (BITS == 6) {
+    // bits 2 (k % 4), + 1 of chunk 4 + k / 4 to bits 4, 5; k / 4 = i % 2, k % 4 = i / 2
     const __m512i h0 = _mm512_loadu_si512(wb + 256), h1 = _mm512_loadu_si512(wb + 320);
     const __m512i bits45 = _mm512_set1_epi8(0x30);
     for (int i = 0; i < 8; ++i) {
-      const __m512i h = i < 4 ? h0 : h1;
-      const int at = 2 * (i % 4);  // bits at, at + 1 to bits 4, 5
+      const __m512i h = i % 2 ? h1 : h0;
+      const int at = 2 * (i / 2);
       const __m512i moved = at <= 4 ? _mm512_slli_epi16(h, 4 - at) : _mm512_srli_epi16(h, at - 4);
       wv[i] = _mm512_or_si512(wv[i], _mm512_and_si512(moved, bits45));
     }
@@ -193,24 +197,18 @@ void kspan(const mistral7b::Product& p, int64_t M, int64_t K, int64_t p0, int64_
 
 #endif  // M7_X86
 
-// The 256 values (0 .. 2^bits - 1) of one GGUF super-block, the sub-block scales (Q4_K/Q5_K:
-// 8 unsigned 6-bit ones and 8 mins; Q6_K: 16 signed) and the float16 bits of d and dmin.
-void decode_super(int64_t kind, const uint8_t* blk, uint8_t* values, uint8_t* sc, uint8_t* mn,
-                  uint16_t* d, uint16_t* dmin) {
+// The sub-block scales of one GGUF super-block (Q4_K/Q5_K: 8 unsigned 6-bit ones and 8 mins,
+// ggml's get_scale_min_k4; Q6_K: 16 signed) and the float16 bits of d and dmin.
+void super_scales(int64_t kind, const uint8_t* blk, uint8_t* sc, uint8_t* mn, uint16_t* d,
+                  uint16_t* dmin) {
   if (kind == kQ6K) {
-    const uint8_t *ql = blk, *qh = blk + 128;
-    for (int i = 0; i < 256; ++i) {
-      const int half = i / 128, quarter = (i % 128) / 32, l = i % 32;
-      const uint8_t low = ql[half * 64 + l + (quarter & 1) * 32] >> (4 * (quarter >> 1)) & 0x0F;
-      values[i] = low | ((qh[half * 32 + l] >> (2 * quarter) & 3) << 4);
-    }
     std::memcpy(sc, blk + 192, 16);
     std::memcpy(d, blk + 208, 2);
     return;
   }
   std::memcpy(d, blk, 2);
   std::memcpy(dmin, blk + 2, 2);
-  const uint8_t* packed = blk + 4;  // ggml's get_scale_min_k4
+  const uint8_t* packed = blk + 4;
   for (int j = 0; j < 8; ++j) {
     if (j < 4) {
       sc[j] = packed[j] & 63;
@@ -220,14 +218,79 @@ void decode_super(int64_t kind, const uint8_t* blk, uint8_t* values, uint8_t* sc
       mn[j] = (packed[j + 4] >> 4) | ((packed[j] >> 6) << 4);
     }
   }
-  const uint8_t* qs = blk + (kind == kQ4K ? 16 : 48);
-  const uint8_t* qh = blk + 16;
-  for (int i = 0; i < 256; ++i) {
-    const int sub = i / 32, l = i % 32;
-    uint8_t v = qs[32 * (sub / 2) + l] >> (4 * (sub % 2)) & 0x0F;
-    if (kind == kQ5K) v |= ((qh[l] >> sub) & 1) << 4;
-    values[i] = v;
+}
+
+uint64_t load64(const uint8_t* p) {
+  uint64_t v;
+  std::memcpy(&v, p, 8);
+  return v;
+}
+
+uint32_t load32(const uint8_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+constexpr uint64_t kLow = 0x0F0F0F0F0F0F0F0FULL;
+
+// One 32-value block of one row into the panel block `ob` at lane r. `nib` points at the 32
+// bytes whose nibble `high` (0: low, 1: high) holds the block's values in order; `hi` at 32
+// bytes whose bits `shift` .. `shift` + BITS - 5 hold their top bits (BITS 5 or 6; else null).
+template <int BITS>
+void put_block(uint8_t* ob, int64_t r, const uint8_t* nib, int high, const uint8_t* hi,
+               int shift) {
+  // panel byte (chunk j, byte t) = value 4j + t in its low nibble, 16 + 4j + t in its high
+  for (int w = 0; w < 2; ++w) {
+    uint64_t a = load64(nib + 8 * w), b = load64(nib + 16 + 8 * w);
+    if (high) {
+      a >>= 4;
+      b >>= 4;
+    }
+    const uint64_t out = (a & kLow) | ((b & kLow) << 4);
+    std::memcpy(ob + 64 * (2 * w) + 4 * r, &out, 4);
+    const uint32_t upper = static_cast<uint32_t>(out >> 32);
+    std::memcpy(ob + 64 * (2 * w + 1) + 4 * r, &upper, 4);
   }
+  if constexpr (BITS > 4) {
+    // the top bits of value 4k + t go to byte t of the high chunk(s): BITS 5, bit k of
+    // chunk 4; BITS 6, bits 2(k % 4) of chunk 4 + k / 4
+    constexpr uint32_t mask = BITS == 5 ? 0x01010101u : 0x03030303u;
+    uint32_t dw[8];
+    for (int k = 0; k < 8; ++k) dw[k] = (load32(hi + 4 * k) >> shift) & mask;
+    if constexpr (BITS == 5) {
+      uint32_t out = 0;
+      for (int k = 0; k < 8; ++k) out |= dw[k] << k;
+      std::memcpy(ob + 256 + 4 * r, &out, 4);
+    } else {
+      for (int c = 0; c < 2; ++c) {
+        const uint32_t out = dw[4 * c] | dw[4 * c + 1] << 2 | dw[4 * c + 2] << 4 |
+                             dw[4 * c + 3] << 6;
+        std::memcpy(ob + 256 + 64 * c + 4 * r, &out, 4);
+      }
+    }
+  }
+}
+
+// One row's super-block `blk` into the 8 panel blocks from `ob` (lane r).
+template <int BITS>
+void put_super(int64_t kind, const uint8_t* blk, uint8_t* ob, int64_t r) {
+  constexpr int64_t kBlockBytes = BITS * 64;
+  if (kind == kQ6K) {
+    // value 128 h + 32 q + l: nibble q / 2 of ql[64 h + 32 (q % 2) + l], top bits 2q of
+    // qh[32 h + l]
+    for (int b = 0; b < 8; ++b) {
+      const int h = b / 4, q = b % 4;
+      put_block<BITS>(ob + b * kBlockBytes, r, blk + 64 * h + 32 * (q % 2), q / 2,
+                      blk + 128 + 32 * h, 2 * q);
+    }
+    return;
+  }
+  // Q4_K / Q5_K: value 32 s + l is nibble s % 2 of qs[32 (s / 2) + l]; Q5_K's fifth bit is
+  // bit s of qh[l]
+  const uint8_t* qs = blk + (kind == kQ4K ? 16 : 48);
+  for (int b = 0; b < 8; ++b)
+    put_block<BITS>(ob + b * kBlockBytes, r, qs + 32 * (b / 2), b % 2, blk + 16, b);
 }
 
 // GGUF Q4_K / Q5_K / Q6_K blocks (N rows of K / 256 super-blocks, uint8) -> the panels, the
@@ -255,47 +318,77 @@ std::vector<at::Tensor> gguf_kpanels(const at::Tensor& blocks, int64_t kind, int
   auto* omn = six ? nullptr : mn.data_ptr<uint8_t>();
   auto* od = reinterpret_cast<uint16_t*>(d.data_ptr());
   auto* odm = six ? nullptr : reinterpret_cast<uint16_t*>(dmin.data_ptr());
+  const auto put = bits == 4 ? &put_super<4> : bits == 5 ? &put_super<5> : &put_super<6>;
   std::atomic<bool> finite{true};
   auto is_finite = [](uint16_t h) { return (h & 0x7C00) != 0x7C00; };
   at::parallel_for(0, N / kRows, 1, [&](int64_t p0, int64_t p1) {
-    uint8_t values[256], sub_sc[16], sub_mn[8];
+    uint8_t sub_sc[16], sub_mn[8];
+    const int n_sub = six ? 16 : 8;
     for (int64_t p = p0; p < p1; ++p)
-      for (int64_t r = 0; r < kRows; ++r)
-        for (int64_t si = 0; si < ns; ++si) {
+      for (int64_t si = 0; si < ns; ++si)
+        for (int64_t r = 0; r < kRows; ++r) {
+          const uint8_t* blk = s + ((p * kRows + r) * ns + si) * bytes;
           uint16_t dh = 0, dmh = 0;
-          decode_super(kind, s + ((p * kRows + r) * ns + si) * bytes, values, sub_sc, sub_mn,
-                       &dh, &dmh);
+          super_scales(kind, blk, sub_sc, sub_mn, &dh, &dmh);
           if (!is_finite(dh) || !is_finite(dmh)) finite = false;
           od[(p * ns + si) * kRows + r] = dh;
           if (odm) odm[(p * ns + si) * kRows + r] = dmh;
-          const int n_sub = six ? 16 : 8;
           for (int j = 0; j < n_sub; ++j) {
             osc[(p * subs + si * n_sub + j) * kRows + r] = sub_sc[j];
             if (omn) omn[(p * subs + si * n_sub + j) * kRows + r] = sub_mn[j];
           }
-          for (int bb = 0; bb < 8; ++bb) {
-            uint8_t* ob = o + (p * nb + si * 8 + bb) * bits * 64;
-            const uint8_t* vb = values + 32 * bb;
-            for (int i = 0; i < 8; ++i)      // register i of the kernel's unpacking
-              for (int t = 0; t < 4; ++t) {
-                const uint8_t v = vb[(i % 2) * 16 + 4 * (i / 2) + t];
-                uint8_t& low = ob[64 * (i / 2) + 4 * r + t];
-                low = i % 2 ? (low & 0x0F) | ((v & 0x0F) << 4) : (low & 0xF0) | (v & 0x0F);
-                if (bits == 5) {
-                  uint8_t& h = ob[256 + 4 * r + t];
-                  h = (h & ~(1 << i)) | (((v >> 4) & 1) << i);
-                } else if (bits == 6) {
-                  uint8_t& h = ob[256 + 64 * (i / 4) + 4 * r + t];
-                  const int at = 2 * (i % 4);
-                  h = (h & ~(3 << at)) | (((v >> 4) & 3) << at);
-                }
-              }
-          }
+          put(kind, blk, o + (p * nb + si * 8) * bits * 64, r);
         }
   });
   at::Tensor flag = at::empty({1}, src.options().dtype(at::kBool));
   flag[0] = finite.load();
   return {w, sc, mn, d, dmin, flag};
+}
+
+// GGUF Q4_K / Q5_K / Q6_K blocks (N rows of K / 256 super-blocks) -> float32 (N, K) by
+// gguf's own arithmetic, bit for bit its dequantizer: d * sc and dmin * m rounded first, then
+// each product and difference rounded separately (no fused multiply-add). For the rows of a
+// table looked up (QuantEmbedding) and for tensors read as float.
+__attribute__((optimize("fp-contract=off")))
+at::Tensor gguf_kdequantize(const at::Tensor& blocks, int64_t kind, int64_t N, int64_t K) {
+  TORCH_CHECK(kind == kQ4K || kind == kQ5K || kind == kQ6K, "blocks must be Q4_K, Q5_K or Q6_K");
+  TORCH_CHECK(K % kSuper == 0, "K must be a multiple of 256");
+  const at::Tensor src = blocks.contiguous();
+  TORCH_CHECK(src.scalar_type() == at::kByte && src.numel() == N * (K / kSuper) * super_bytes(kind),
+              "blocks must be N * K / 256 GGUF super-blocks of uint8");
+  at::Tensor out = at::empty({N, K}, src.options().dtype(at::kFloat));
+  const uint8_t* s = src.data_ptr<uint8_t>();
+  float* o = out.data_ptr<float>();
+  const int64_t ns = K / kSuper, bytes = super_bytes(kind);
+  const auto half = [](uint16_t h) { return static_cast<float>(c10::Half(h, c10::Half::from_bits())); };
+  at::parallel_for(0, N, std::max<int64_t>(1, (1 << 16) / K), [&](int64_t r0, int64_t r1) {
+    uint8_t sc[16], mn[8];
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t si = 0; si < ns; ++si) {
+        const uint8_t* blk = s + (r * ns + si) * bytes;
+        float* y = o + r * K + si * kSuper;
+        uint16_t dh = 0, dmh = 0;
+        super_scales(kind, blk, sc, mn, &dh, &dmh);
+        const float d = half(dh), dmin = half(dmh);
+        for (int i = 0; i < 256; ++i) {
+          if (kind == kQ6K) {
+            const int h = i / 128, q = (i % 128) / 32, l = i % 32;
+            const int low = blk[64 * h + 32 * (q % 2) + l] >> (4 * (q / 2)) & 0x0F;
+            const int top = blk[128 + 32 * h + l] >> (2 * q) & 3;
+            const float d_sc = d * static_cast<float>(static_cast<int8_t>(sc[i / 16]));
+            y[i] = d_sc * static_cast<float>((low | top << 4) - 32);
+          } else {
+            const int sub = i / 32, l = i % 32;
+            int v = blk[(kind == kQ4K ? 16 : 48) + 32 * (sub / 2) + l] >> (4 * (sub % 2)) & 0x0F;
+            if (kind == kQ5K) v |= (blk[16 + l] >> sub & 1) << 4;
+            const float d_sc = d * static_cast<float>(sc[sub]);
+            const float dm = dmin * static_cast<float>(mn[sub]);
+            y[i] = d_sc * static_cast<float>(v) - dm;
+          }
+        }
+      }
+  });
+  return out;
 }
 
 }  // namespace
@@ -376,11 +469,13 @@ at::Tensor kqmm_op(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
 
 TORCH_LIBRARY_FRAGMENT(mistral7b_qmm, m) {
   m.def("gguf_kpanels(Tensor blocks, int kind, int n, int k) -> Tensor[]");
+  m.def("gguf_kdequantize(Tensor blocks, int kind, int n, int k) -> Tensor");
   m.def("kqmm(Tensor x, Tensor w, Tensor scale, Tensor? mins, Tensor d, Tensor? dmin, int bits, "
         "int group, int n_out) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mistral7b_qmm, CPU, m) {
   m.impl("gguf_kpanels", &gguf_kpanels);
+  m.impl("gguf_kdequantize", &gguf_kdequantize);
   m.impl("kqmm", &kqmm_op);
 }
