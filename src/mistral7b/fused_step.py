@@ -134,8 +134,8 @@ _QUANTIZED = (Int4Linear, Int8Linear, KQuantLinear)
 
 def _add_linear(stack: Any, lin: nn.Module) -> bool:
     if type(lin) is KQuantLinear:
-        stack.add_klinear(lin.qweight, lin.scales, lin.mins, lin.super_d, lin.super_min,
-                          lin.bits, lin.group, lin.out_features)
+        stack.add_klinear(lin.qweight, lin.scales, lin.super_d, lin.super_min, lin.bits,
+                          lin.group, lin.out_features)
         return True
     if isinstance(lin, (Int4Linear, Int8Linear)) and type(lin) in (Int4Linear, Int8Linear):
         if lin.kernel != "native":

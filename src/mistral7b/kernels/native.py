@@ -130,7 +130,7 @@ def _register_fakes() -> None:
         return x.new_empty(x.shape[0], n_out)
 
     @torch.library.register_fake("mistral7b_qmm::kqmm")
-    def _kqmm(x, w, scale, mins, d, dmin, bits, group, n_out):
+    def _kqmm(x, w, scale, d, dmin, bits, group, n_out):
         return x.new_empty(x.shape[0], n_out)
 
     @torch.library.register_fake("mistral7b_qmm::bf16_gemv")
@@ -287,8 +287,8 @@ class KPanels:
     w = d * sc * q - dmin * m per sub-block (Q4_K, Q5_K), d * sc * (q - 32) (Q6_K)."""
 
     w: torch.Tensor               # uint8, the panels, flat
-    scale: torch.Tensor           # (n_out / 16, sub-blocks, 16) uint8 (Q6_K: int8)
-    mins: torch.Tensor | None     # like scale, uint8; None for Q6_K
+    scale: torch.Tensor           # (n_out / 16, n_in / 256 * 12, 16) uint8: each super-block's
+    #                               packed 6-bit (sc, m) pairs; Q6_K (.., n_in / 16, 16) int8
     d: torch.Tensor               # (n_out / 16, n_in / 256, 16) float16
     dmin: torch.Tensor | None     # like d; None for Q6_K
     bits: int
@@ -302,13 +302,24 @@ class KPanels:
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """(M, n_in) float32, contiguous -> (M, n_out) float32."""
-        return ops().kqmm(x, self.w, self.scale, self.mins, self.d, self.dmin, self.bits,
-                          self.group, self.n_out)
+        return ops().kqmm(x, self.w, self.scale, self.d, self.dmin, self.bits, self.group,
+                          self.n_out)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in (self.w, self.scale, self.mins, self.d, self.dmin)
-                   if t is not None)
+        return sum(t.nbytes for t in (self.w, self.scale, self.d, self.dmin) if t is not None)
+
+    def scales_and_mins(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per row and sub-block (n_out, sub-blocks): the scales (Q6_K: signed) and the mins
+        (None for Q6_K), as integers."""
+        raw = unpanel(self.scale)
+        if self.dmin is None:
+            return raw.to(torch.int32), None
+        packed = raw.view(self.n_out, -1, 12).to(torch.int32)    # get_scale_min_k4
+        a, b, c = packed[..., 0:4], packed[..., 4:8], packed[..., 8:12]
+        sc = torch.cat([a & 63, (c & 0x0F) | ((a >> 6) << 4)], dim=-1)
+        m = torch.cat([b & 63, (c >> 4) | ((b >> 6) << 4)], dim=-1)
+        return sc.reshape(self.n_out, -1), m.reshape(self.n_out, -1)
 
     def values(self) -> torch.Tensor:
         """(n_out, n_in) the stored values, 0 .. 2^bits - 1."""
@@ -330,15 +341,13 @@ class KPanels:
         d * sc and dmin * m first, then d_sc * q - dmin_m (Q6_K: d_sc * (q - 32))."""
         n, k, g = self.n_out, self.n_in, self.group
         per_super = 256 // g
-        d_sc = unpanel(self.d).float().repeat_interleave(per_super, dim=1) \
-            * unpanel(self.scale).float()                                   # (n, k / g)
+        sc, m = self.scales_and_mins()
+        d_sc = unpanel(self.d).float().repeat_interleave(per_super, dim=1) * sc.float()
         q = self.values().float().view(n, k // g, g)
-        if self.mins is None:
+        if m is None or self.dmin is None:
             w = d_sc[..., None] * (q - 32)
         else:
-            assert self.dmin is not None
-            dm = unpanel(self.dmin).float().repeat_interleave(per_super, dim=1) \
-                * unpanel(self.mins).float()
+            dm = unpanel(self.dmin).float().repeat_interleave(per_super, dim=1) * m.float()
             w = d_sc[..., None] * q - dm[..., None]
         return w.view(n, k).to(dtype)
 
@@ -353,9 +362,7 @@ def gguf_kpanels(qtype_name: str, data: torch.Tensor, n_out: int, n_in: int
     if namespace is None or qtype_name not in GGUF_KQUANT_TYPES or n_out % 16 or n_in % 256:
         return None
     kind, bits, group = GGUF_KQUANT_TYPES[qtype_name]
-    w, scale, mins, d, dmin, finite = namespace.gguf_kpanels(data, kind, n_out, n_in)
+    w, scale, d, dmin, finite = namespace.gguf_kpanels(data, kind, n_out, n_in)
     if not bool(finite):
         return None
-    six = bits == 6
-    return KPanels(w, scale, None if six else mins, d, None if six else dmin, bits, group,
-                   n_out, n_in)
+    return KPanels(w, scale, d, None if bits == 6 else dmin, bits, group, n_out, n_in)

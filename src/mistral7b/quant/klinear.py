@@ -1,10 +1,10 @@
 """`KQuantLinear`: a GGUF K-quant weight (Q4_K, Q5_K, Q6_K, what Q4_K_M / Q5_K_M files hold)
 run on its own bits by our CPU kernel (kernels/csrc/kquant.cpp).
 
-Nothing is widened or rounded: the 4/5/6-bit values, the 8-bit sub-block scales and mins and
+Nothing is widened or rounded: the 4/5/6-bit values, the packed sub-block scales and mins and
 the float16 super-block factors are the file's, rearranged into panels, so the weights held
 are gguf's dequantized ones exactly (native.KPanels.dequantize) and the memory is the file's
-(4.625 / 5.625 / 6.5625 bits a weight against its 4.5 / 5.5 / 6.5625). Only built on the
+(4.5 / 5.5 / 6.5625 bits a weight). Only built on the
 CPU where our kernel runs (load.py); anywhere else a K-quant tensor becomes an int4 (Q4_K,
 exactly) or int8 (Q5_K, Q6_K, requantized) weight, which is also what `.to(device)` turns
 this layer into.
@@ -43,14 +43,14 @@ class KQuantLinear(_NativeLinear):
         layer.out_features, layer.in_features, layer.dtype = p.n_out, p.n_in, dtype
         layer.on_cpu, layer.compute_dtype, layer.kernel = True, torch.float32, "native"
         layer.bits, layer.group, layer.offset = p.bits, p.group, 0.0
-        for name, t in (("qweight", p.w), ("scales", p.scale), ("mins", p.mins),
+        for name, t in (("qweight", p.w), ("scales", p.scale), ("mins", None),
                         ("super_d", p.d), ("super_min", p.dmin)):
             layer.register_buffer(name, t)
         return layer
 
     def kpanels(self) -> native.KPanels:
-        return native.KPanels(self.qweight, self.scales, self.mins, self.super_d, self.super_min,
-                              self.bits, self.group, self.out_features, self.in_features)
+        return native.KPanels(self.qweight, self.scales, self.super_d, self.super_min, self.bits,
+                              self.group, self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -66,11 +66,10 @@ class KQuantLinear(_NativeLinear):
         p = self.kpanels()
         if self.bits != 4:
             return quantize_int8(p.dequantize(torch.float32))
-        assert p.dmin is not None and p.mins is not None
-        d_sc = native.unpanel(p.d).float().repeat_interleave(8, dim=1) \
-            * native.unpanel(p.scale).float()
-        dm = native.unpanel(p.dmin).float().repeat_interleave(8, dim=1) \
-            * native.unpanel(p.mins).float()
+        sc, m = p.scales_and_mins()
+        assert p.dmin is not None and m is not None
+        d_sc = native.unpanel(p.d).float().repeat_interleave(8, dim=1) * sc.float()
+        dm = native.unpanel(p.dmin).float().repeat_interleave(8, dim=1) * m.float()
         return Int4Weight(pack_nibbles(p.values()), d_sc, -dm, 32)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Any:

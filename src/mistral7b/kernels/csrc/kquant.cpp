@@ -16,10 +16,11 @@
 // panels do (register i = 0..7 after unpacking pairs with activation bytes 4(i/2) + t, plus
 // 16 for odd i); the next BITS - 4 chunks hold the top bits of the block's value 4k + t
 // (k = 0..7) in byte t of lane r: Q5_K bit k of chunk 4, Q6_K bits 2(k%4), 2(k%4)+1 of chunk
-// 4 + k/4, so that the repack moves whole 32-bit words (put_block). The
-// 8-bit sub-block scales (and Q4_K/Q5_K mins) are stored [panel][sub-block][16 rows], the
-// float16 d (and dmin) [panel][super-block][16 rows]: 4.625, 5.625 and 6.5625 bits a weight,
-// the file's 4.5, 5.5 and 6.5625 plus a byte per 32 for Q4_K / Q5_K's unpacked 6-bit pairs.
+// 4 + k/4, so that the repack moves whole 32-bit words (put_block). The sub-block scales
+// are the file's bytes too, stored [panel][super-block][byte][16 rows]: Q6_K's 16 int8
+// scales, Q4_K / Q5_K's 12 bytes of packed 6-bit (sc, m) pairs (unpacked per block in the
+// kernel, ggml's get_scale_min_k4); the float16 d (and dmin) [panel][super-block][16 rows].
+// So a weight takes the file's 4.5, 5.5 and 6.5625 bits, no more.
 //
 // Per 32-block b of one output row, with activation scale a_b, int8 values v and the 16-value
 // sums s16:
@@ -84,10 +85,6 @@ M7_TARGET inline void unpack(const uint8_t* wb, __m512i wv[8]) {
   }
 }
 
-M7_TARGET inline __m512 load_u8(const uint8_t* p) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-}
-
 M7_TARGET inline __m512 load_i8(const uint8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
@@ -98,8 +95,27 @@ M7_TARGET inline __m512 load_half(const at::Half* p) {
 
 // One panel (16 output rows) times T activation rows; pointers at the panel's own data and
 // the first activation row's.
+// Sub-block j's 6-bit scale and min of 16 rows from a super-block's 12 packed bytes (each
+// 16 rows wide): get_scale_min_k4 on 16 lanes.
+M7_TARGET inline void scale_min(const uint8_t* packed, int j, __m512* sc, __m512* mn) {
+  const auto at = [&](int i) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + 16 * i)); };
+  const __m128i six = _mm_set1_epi8(63), low4 = _mm_set1_epi8(0x0F), top2 = _mm_set1_epi8(-64);
+  __m128i s, m;
+  if (j < 4) {
+    s = _mm_and_si128(at(j), six);
+    m = _mm_and_si128(at(j + 4), six);
+  } else {  // low 4 bits from byte j + 4, top 2 from the top bits of bytes j - 4 / j
+    const __m128i c = at(j + 4);
+    s = _mm_or_si128(_mm_and_si128(c, low4), _mm_srli_epi16(_mm_and_si128(at(j - 4), top2), 2));
+    m = _mm_or_si128(_mm_and_si128(_mm_srli_epi16(c, 4), low4),
+                     _mm_srli_epi16(_mm_and_si128(at(j), top2), 2));
+  }
+  *sc = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(s));
+  *mn = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(m));
+}
+
 template <int BITS, int T>
-M7_TARGET void kpanel(const uint8_t* w, const uint8_t* sc, const uint8_t* mn, const at::Half* d,
+M7_TARGET void kpanel(const uint8_t* w, const uint8_t* sc, const at::Half* d,
                       const at::Half* dmin, const int8_t* q, const float* a, const float* sg,
                       const int32_t* s16, int64_t K, float* y, int64_t N) {
   constexpr bool kSixBit = BITS == 6;
@@ -135,7 +151,8 @@ M7_TARGET void kpanel(const uint8_t* w, const uint8_t* sc, const uint8_t* mn, co
           inner[t] = _mm512_fmadd_ps(part, _mm512_set1_ps(a[t * nb + b]), inner[t]);
         }
       } else {
-        const __m512 scv = load_u8(sc + b * kRows), mv = load_u8(mn + b * kRows);
+        __m512 scv, mv;
+        scale_min(sc + s * 12 * kRows, static_cast<int>(b - s * 8), &scv, &mv);
         for (int t = 0; t < T; ++t) {
           const int32_t* v = reinterpret_cast<const int32_t*>(q + t * K + b * kBlock);
           __m512i sums[4];
@@ -166,16 +183,15 @@ M7_TARGET void kpanel(const uint8_t* w, const uint8_t* sc, const uint8_t* mn, co
 template <int BITS>
 void kspan(const mistral7b::Product& p, int64_t M, int64_t K, int64_t p0, int64_t p1) {
   const mistral7b::ActBlocks& acts = *p.acts;
-  const int64_t nb = K / kBlock, subs = K / p.G, supers = K / kSuper;
+  // scale bytes per row: Q6_K one per 16 values, Q4_K / Q5_K 12 per super-block
+  const int64_t nb = K / kBlock, supers = K / kSuper, scale_bytes = BITS == 6 ? K / 16 : supers * 12;
   const auto* w = p.w;
   const auto* sc = static_cast<const uint8_t*>(p.scale);
-  const auto* mn = static_cast<const uint8_t*>(p.mins);
   const auto* d = static_cast<const at::Half*>(p.super_d);
   const auto* dmin = static_cast<const at::Half*>(p.super_min);
   for (int64_t pi = p0; pi < p1; ++pi) {
     const uint8_t* wp = w + pi * nb * BITS * 64;
-    const uint8_t* sp = sc + pi * subs * kRows;
-    const uint8_t* mp = mn ? mn + pi * subs * kRows : nullptr;
+    const uint8_t* sp = sc + pi * scale_bytes * kRows;
     const at::Half* dp = d + pi * supers * kRows;
     const at::Half* dmp = dmin ? dmin + pi * supers * kRows : nullptr;
     for (int64_t m = 0; m < M; m += kMaxTile) {
@@ -186,10 +202,10 @@ void kspan(const mistral7b::Product& p, int64_t M, int64_t K, int64_t p0, int64_
       const int32_t* vm = acts.s16.data() + m * (K / 16);
       float* ym = p.y + m * p.N + pi * kRows;
       switch (T) {
-        case 4: kpanel<BITS, 4>(wp, sp, mp, dp, dmp, qm, am, gm, vm, K, ym, p.N); break;
-        case 3: kpanel<BITS, 3>(wp, sp, mp, dp, dmp, qm, am, gm, vm, K, ym, p.N); break;
-        case 2: kpanel<BITS, 2>(wp, sp, mp, dp, dmp, qm, am, gm, vm, K, ym, p.N); break;
-        default: kpanel<BITS, 1>(wp, sp, mp, dp, dmp, qm, am, gm, vm, K, ym, p.N);
+        case 4: kpanel<BITS, 4>(wp, sp, dp, dmp, qm, am, gm, vm, K, ym, p.N); break;
+        case 3: kpanel<BITS, 3>(wp, sp, dp, dmp, qm, am, gm, vm, K, ym, p.N); break;
+        case 2: kpanel<BITS, 2>(wp, sp, dp, dmp, qm, am, gm, vm, K, ym, p.N); break;
+        default: kpanel<BITS, 1>(wp, sp, dp, dmp, qm, am, gm, vm, K, ym, p.N);
       }
     }
   }
@@ -294,8 +310,8 @@ void put_super(int64_t kind, const uint8_t* blk, uint8_t* ob, int64_t r) {
 }
 
 // GGUF Q4_K / Q5_K / Q6_K blocks (N rows of K / 256 super-blocks, uint8) -> the panels, the
-// sub-block scales and mins, d and dmin (the header's layout; Q6_K's mins and dmin empty), and
-// one flag: every d and dmin finite.
+// sub-block scale bytes, d and dmin (the header's layout; Q6_K's dmin empty), and one flag:
+// every d and dmin finite.
 std::vector<at::Tensor> gguf_kpanels(const at::Tensor& blocks, int64_t kind, int64_t N,
                                      int64_t K) {
   TORCH_CHECK(kind == kQ4K || kind == kQ5K || kind == kQ6K, "blocks must be Q4_K, Q5_K or Q6_K");
@@ -305,44 +321,40 @@ std::vector<at::Tensor> gguf_kpanels(const at::Tensor& blocks, int64_t kind, int
               "blocks must be N * K / 256 GGUF super-blocks of uint8");
   const int bits = bits_of(kind);
   const bool six = kind == kQ6K;
-  const int64_t nb = K / kBlock, ns = K / kSuper, subs = six ? K / 16 : K / 32;
-  const int64_t bytes = super_bytes(kind);
+  const int64_t nb = K / kBlock, ns = K / kSuper, per_super = six ? 16 : 12;
+  const int64_t bytes = super_bytes(kind), scale_at = six ? 192 : 4;
   at::Tensor w = mistral7b::weight_empty({N * K * bits / 8}, at::kByte);
-  at::Tensor sc = mistral7b::weight_empty({N / kRows, subs, kRows}, six ? at::kChar : at::kByte);
-  at::Tensor mn = at::empty({six ? 0 : N / kRows, subs, kRows}, src.options());
+  at::Tensor sc = mistral7b::weight_empty({N / kRows, ns * per_super, kRows},
+                                          six ? at::kChar : at::kByte);
   at::Tensor d = mistral7b::weight_empty({N / kRows, ns, kRows}, at::kHalf);
   at::Tensor dmin = at::empty({six ? 0 : N / kRows, ns, kRows}, src.options().dtype(at::kHalf));
   const uint8_t* s = src.data_ptr<uint8_t>();
   uint8_t* o = w.data_ptr<uint8_t>();
   auto* osc = static_cast<uint8_t*>(sc.data_ptr());
-  auto* omn = six ? nullptr : mn.data_ptr<uint8_t>();
   auto* od = reinterpret_cast<uint16_t*>(d.data_ptr());
   auto* odm = six ? nullptr : reinterpret_cast<uint16_t*>(dmin.data_ptr());
   const auto put = bits == 4 ? &put_super<4> : bits == 5 ? &put_super<5> : &put_super<6>;
   std::atomic<bool> finite{true};
   auto is_finite = [](uint16_t h) { return (h & 0x7C00) != 0x7C00; };
   at::parallel_for(0, N / kRows, 1, [&](int64_t p0, int64_t p1) {
-    uint8_t sub_sc[16], sub_mn[8];
-    const int n_sub = six ? 16 : 8;
     for (int64_t p = p0; p < p1; ++p)
       for (int64_t si = 0; si < ns; ++si)
         for (int64_t r = 0; r < kRows; ++r) {
           const uint8_t* blk = s + ((p * kRows + r) * ns + si) * bytes;
-          uint16_t dh = 0, dmh = 0;
-          super_scales(kind, blk, sub_sc, sub_mn, &dh, &dmh);
+          uint16_t dh, dmh = 0;
+          std::memcpy(&dh, blk + (six ? 208 : 0), 2);
+          if (!six) std::memcpy(&dmh, blk + 2, 2);
           if (!is_finite(dh) || !is_finite(dmh)) finite = false;
           od[(p * ns + si) * kRows + r] = dh;
           if (odm) odm[(p * ns + si) * kRows + r] = dmh;
-          for (int j = 0; j < n_sub; ++j) {
-            osc[(p * subs + si * n_sub + j) * kRows + r] = sub_sc[j];
-            if (omn) omn[(p * subs + si * n_sub + j) * kRows + r] = sub_mn[j];
-          }
+          for (int j = 0; j < per_super; ++j)
+            osc[((p * ns + si) * per_super + j) * kRows + r] = blk[scale_at + j];
           put(kind, blk, o + (p * nb + si * 8) * bits * 64, r);
         }
   });
   at::Tensor flag = at::empty({1}, src.options().dtype(at::kBool));
   flag[0] = finite.load();
-  return {w, sc, mn, d, dmin, flag};
+  return {w, sc, d, dmin, flag};
 }
 
 // GGUF Q4_K / Q5_K / Q6_K blocks (N rows of K / 256 super-blocks) -> float32 (N, K) by
@@ -404,12 +416,10 @@ void check_kweight(const QWeight& q, int64_t K) {
   TORCH_CHECK(q.w.scalar_type() == at::kByte && q.w.is_contiguous() &&
                   q.w.numel() == N * K * q.bits / 8,
               "w must hold ", N * K * q.bits / 8, " contiguous bytes");
-  TORCH_CHECK(q.scale.is_contiguous() && q.scale.numel() == N * (K / q.group) &&
-                  q.scale.element_size() == 1,
-              "sub-block scales: one byte per sub-block and row");
-  TORCH_CHECK(six || (q.mins.has_value() && q.mins->is_contiguous() &&
-                      q.mins->numel() == q.scale.numel() && q.mins->element_size() == 1),
-              "Q4_K / Q5_K need their sub-block mins");
+  TORCH_CHECK(q.scale.is_contiguous() && q.scale.element_size() == 1 &&
+                  q.scale.numel() == N * (six ? K / 16 : K / kSuper * 12),
+              "sub-block scales: the file's bytes, 16 (Q6_K) or 12 per super-block and row");
+  TORCH_CHECK(!q.mins.has_value(), "K-quant mins are packed with their scales");
   const auto halves = [&](const std::optional<at::Tensor>& t) {
     return t.has_value() && t->scalar_type() == at::kHalf && t->is_contiguous() &&
            t->numel() == N * (K / kSuper);
@@ -435,8 +445,7 @@ at::Tensor kqmm(const at::Tensor& x, const QWeight& q) {
   if (M == 0) return y;
   ActBlocks acts;
   quantize_acts(x, kBlock, acts);
-  const Product p{q.w.data_ptr<uint8_t>(), q.scale.data_ptr(),
-                  q.mins ? q.mins->data_ptr() : nullptr, q.super_d->data_ptr(),
+  const Product p{q.w.data_ptr<uint8_t>(), q.scale.data_ptr(), nullptr, q.super_d->data_ptr(),
                   q.super_min ? q.super_min->data_ptr() : nullptr, 0.0f, q.n_out, q.group,
                   y.data_ptr<float>(), &acts, kquant_span(q.bits)};
   at::parallel_for(0, q.n_out / kRows, 1, [&](int64_t p0, int64_t p1) { p.span(p, M, K, p0, p1); });
@@ -447,16 +456,15 @@ at::Tensor kqmm(const at::Tensor& x, const QWeight& q) {
 
 namespace {
 
-// x (M, K) float32; w the panels; scale / mins the sub-block bytes; d / dmin float16 (mins
-// and dmin None for Q6_K); bits 4, 5 or 6; group 32 or 16 (Q6_K). -> (M, N) float32.
+// x (M, K) float32; w the panels; scale the sub-block bytes; d / dmin float16 (dmin None for
+// Q6_K); bits 4, 5 or 6; group 32 or 16 (Q6_K). -> (M, N) float32.
 at::Tensor kqmm_op(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
-                   const std::optional<at::Tensor>& mins, const at::Tensor& d,
+                   const at::Tensor& d,
                    const std::optional<at::Tensor>& dmin, int64_t bits, int64_t group,
                    int64_t n_out) {
   mistral7b::QWeight q;
   q.w = w;
   q.scale = scale;
-  q.mins = mins;
   q.super_d = d;
   q.super_min = dmin;
   q.bits = bits;
@@ -470,7 +478,7 @@ at::Tensor kqmm_op(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
 TORCH_LIBRARY_FRAGMENT(mistral7b_qmm, m) {
   m.def("gguf_kpanels(Tensor blocks, int kind, int n, int k) -> Tensor[]");
   m.def("gguf_kdequantize(Tensor blocks, int kind, int n, int k) -> Tensor");
-  m.def("kqmm(Tensor x, Tensor w, Tensor scale, Tensor? mins, Tensor d, Tensor? dmin, int bits, "
+  m.def("kqmm(Tensor x, Tensor w, Tensor scale, Tensor d, Tensor? dmin, int bits, "
         "int group, int n_out) -> Tensor");
 }
 

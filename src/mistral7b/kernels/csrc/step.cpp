@@ -141,12 +141,11 @@ class DecodeStack : public torch::CustomClassHolder {
   }
 
   // One K-quant linear (kquant.cpp), in the same order as add_linear's.
-  void add_klinear(at::Tensor w, at::Tensor scale, std::optional<at::Tensor> mins, at::Tensor d,
-                   std::optional<at::Tensor> dmin, int64_t bits, int64_t group, int64_t n_out) {
+  void add_klinear(at::Tensor w, at::Tensor scale, at::Tensor d, std::optional<at::Tensor> dmin,
+                   int64_t bits, int64_t group, int64_t n_out) {
     Linear l;
     l.q.w = w;
     l.q.scale = scale;
-    l.q.mins = mins;
     l.q.super_d = d;
     l.q.super_min = dmin;
     l.q.bits = bits;
