@@ -114,10 +114,22 @@ M7_TARGET inline void scale_min(const uint8_t* packed, int j, __m512* sc, __m512
   *mn = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(m));
 }
 
+// Q4_K / Q5_K scales and mins of a panel's every block, unpacked once for many row tiles
+// (pre-fill): block b's 16 scales at out[32 b], its mins at out[32 b + 16].
+M7_TARGET void unpack_scales(const uint8_t* sc, int64_t nb, float* out) {
+  for (int64_t b = 0; b < nb; ++b) {
+    __m512 s, m;
+    scale_min(sc + b / 8 * 12 * kRows, static_cast<int>(b % 8), &s, &m);
+    _mm512_storeu_ps(out + 32 * b, s);
+    _mm512_storeu_ps(out + 32 * b + 16, m);
+  }
+}
+
+// `unpacked`: the panel's Q4_K / Q5_K scales from unpack_scales, or null (read from `sc`).
 template <int BITS, int T>
-M7_TARGET void kpanel(const uint8_t* w, const uint8_t* sc, const at::Half* d,
-                      const at::Half* dmin, const int8_t* q, const float* a, const float* sg,
-                      const int32_t* s16, int64_t K, float* y, int64_t N) {
+M7_TARGET void kpanel(const uint8_t* w, const uint8_t* sc, const float* unpacked,
+                      const at::Half* d, const at::Half* dmin, const int8_t* q, const float* a,
+                      const float* sg, const int32_t* s16, int64_t K, float* y, int64_t N) {
   constexpr bool kSixBit = BITS == 6;
   constexpr int64_t kBlockBytes = BITS * 64;
   const int64_t nb = K / kBlock;
@@ -152,7 +164,12 @@ M7_TARGET void kpanel(const uint8_t* w, const uint8_t* sc, const at::Half* d,
         }
       } else {
         __m512 scv, mv;
-        scale_min(sc + s * 12 * kRows, static_cast<int>(b - s * 8), &scv, &mv);
+        if (unpacked != nullptr) {
+          scv = _mm512_loadu_ps(unpacked + 32 * b);
+          mv = _mm512_loadu_ps(unpacked + 32 * b + 16);
+        } else {
+          scale_min(sc + s * 12 * kRows, static_cast<int>(b - s * 8), &scv, &mv);
+        }
         for (int t = 0; t < T; ++t) {
           const int32_t* v = reinterpret_cast<const int32_t*>(q + t * K + b * kBlock);
           __m512i sums[4];
@@ -189,11 +206,15 @@ void kspan(const mistral7b::Product& p, int64_t M, int64_t K, int64_t p0, int64_
   const auto* sc = static_cast<const uint8_t*>(p.scale);
   const auto* d = static_cast<const at::Half*>(p.super_d);
   const auto* dmin = static_cast<const at::Half*>(p.super_min);
+  // more than one tile of rows: each panel's scales unpacked once, not once a tile
+  std::vector<float> unpacked(BITS != 6 && M > kMaxTile ? 32 * nb : 0);
+  float* up = unpacked.empty() ? nullptr : unpacked.data();
   for (int64_t pi = p0; pi < p1; ++pi) {
     const uint8_t* wp = w + pi * nb * BITS * 64;
     const uint8_t* sp = sc + pi * scale_bytes * kRows;
     const at::Half* dp = d + pi * supers * kRows;
     const at::Half* dmp = dmin ? dmin + pi * supers * kRows : nullptr;
+    if (up != nullptr) unpack_scales(sp, nb, up);
     for (int64_t m = 0; m < M; m += kMaxTile) {
       const int64_t T = std::min<int64_t>(kMaxTile, M - m);
       const int8_t* qm = acts.q.data() + m * K;
@@ -202,10 +223,10 @@ void kspan(const mistral7b::Product& p, int64_t M, int64_t K, int64_t p0, int64_
       const int32_t* vm = acts.s16.data() + m * (K / 16);
       float* ym = p.y + m * p.N + pi * kRows;
       switch (T) {
-        case 4: kpanel<BITS, 4>(wp, sp, dp, dmp, qm, am, gm, vm, K, ym, p.N); break;
-        case 3: kpanel<BITS, 3>(wp, sp, dp, dmp, qm, am, gm, vm, K, ym, p.N); break;
-        case 2: kpanel<BITS, 2>(wp, sp, dp, dmp, qm, am, gm, vm, K, ym, p.N); break;
-        default: kpanel<BITS, 1>(wp, sp, dp, dmp, qm, am, gm, vm, K, ym, p.N);
+        case 4: kpanel<BITS, 4>(wp, sp, up, dp, dmp, qm, am, gm, vm, K, ym, p.N); break;
+        case 3: kpanel<BITS, 3>(wp, sp, up, dp, dmp, qm, am, gm, vm, K, ym, p.N); break;
+        case 2: kpanel<BITS, 2>(wp, sp, up, dp, dmp, qm, am, gm, vm, K, ym, p.N); break;
+        default: kpanel<BITS, 1>(wp, sp, up, dp, dmp, qm, am, gm, vm, K, ym, p.N);
       }
     }
   }
