@@ -1,7 +1,8 @@
 """The path for a CPU where our kernel library cannot run (no AVX-512 VNNI, no compiler),
 forced with MISTRAL7B_NATIVE=0 in a child process: PyTorch's int4 kernel, SDPA decode
-attention, the torch RMSNorm formula, no fused step. It runs, and its float32 decode logits
-equal this process's (our kernels) within float32 rounding."""
+attention, the torch RMSNorm formula, no fused step, K-quants as int4 / int8 and the
+embedding table as floats. It runs, and its float32 decode logits equal this process's (our
+kernels) within float32 rounding."""
 
 from __future__ import annotations
 
@@ -31,6 +32,12 @@ out["float"] = torch.stack([lg for _, lg in greedy_steps(eng, 24, feed=feed)])
 q = tiny("int4")
 out["int4_kernel"] = q.layers[0].attention.wq.kernel
 out["int4"] = torch.stack([lg for _, lg in greedy_steps(engine(q, True), 8, feed=feed)])
+import pathlib, tempfile, mistral7b
+from tiny_models import k_quant_gguf
+path, _ = k_quant_gguf(pathlib.Path(tempfile.mkdtemp()) / "k.gguf")
+llm = mistral7b.load(path, quant="auto", dtype="float32")
+out["k_layers"] = sorted({{type(m).__name__ for m in llm.model.modules()}})
+out["k_logits"] = llm.logits(list(range(3, 30)))
 torch.save(out, sys.argv[1])
 """
 
@@ -49,6 +56,10 @@ def test_without_our_kernels_everything_still_runs_and_agrees(tmp_path):
     assert not off["native"] and not off["fused"] and not off["paged"]
     assert off["int4_kernel"] == "torch"
     assert torch.isfinite(off["int4"]).all()
+    assert "KQuantLinear" not in off["k_layers"] and "QuantEmbedding" not in off["k_layers"]
+    assert {"Int4Linear", "Int8Linear", "Embedding"} <= set(off["k_layers"])
+    assert torch.isfinite(off["k_logits"]).all()
     if on["native"]:                      # a CPU where ours runs: both paths, one answer
         assert on["fused"] and on["paged"] and on["int4_kernel"] == "native"
+        assert {"KQuantLinear", "QuantEmbedding"} <= set(on["k_layers"])
         torch.testing.assert_close(on["float"], off["float"], atol=1e-5, rtol=1e-5)

@@ -226,3 +226,25 @@ def random_k_blocks(kind: str, rows: int, cols: int, rng: np.random.Generator,
         d = rng.uniform(*scale, size=(rows, cols // 256)).astype(np.float16)
         blocks[:, :, at: at + 2] = d.view(np.uint8).reshape(rows, cols // 256, 2)
     return blocks.reshape(rows, -1)
+
+
+def k_quant_gguf(path: Path) -> tuple[Path, dict]:
+    """A tiny GGUF (shapes of 256 inputs) whose linears are random K-quants of every kind
+    and whose embedding table is Q4_K; returns the path and the raw {GGUF name: (blocks,
+    type)} it holds."""
+    import gguf
+
+    model = hf_mistral(dim=256, hidden=256, n_heads=4, n_kv_heads=2, head_dim=64, vocab=128,
+                       seed=5)
+    rng = np.random.default_rng(6)
+    qt = gguf.GGMLQuantizationType
+    kinds = {"attn_q": "Q4_K", "attn_k": "Q5_K", "attn_v": "Q6_K", "attn_output": "Q4_K",
+             "ffn_gate": "Q4_K", "ffn_up": "Q5_K", "ffn_down": "Q6_K"}
+    raw = {"token_embd.weight": (random_k_blocks("Q4_K", 128, 256, rng, (1e-3, 4e-3)),
+                                 qt.Q4_K)}
+    for layer in range(2):
+        for name, kind in kinds.items():
+            rows = 128 if name in ("attn_k", "attn_v") else 256
+            raw[f"blk.{layer}.{name}.weight"] = (
+                random_k_blocks(kind, rows, 256, rng, (1e-4, 4e-4)), qt[kind])
+    return save_gguf(model, path, raw=raw), raw

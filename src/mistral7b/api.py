@@ -78,8 +78,10 @@ def load(model: str | Path = "default", *, device: str | torch.device | None = N
     given with `mistral7b create` (store.py; nothing is downloaded here).
 
     quant: None keeps float weights (a quantized GGUF is dequantized); "int8" / "int4"
-    quantize on load; "auto" runs a quantized GGUF on its own blocks (Q4_* as int4, Q8_0 as
-    int8), as the CLI and server do by default, and anything else in float.
+    quantize on load; "auto" runs a quantized GGUF on its own blocks (Q4_0/Q4_1 as int4,
+    Q8_0 as int8, Q4_K/Q5_K/Q6_K on their own bits with the embedding table kept in its
+    blocks, where our CPU kernel runs), as the CLI and server do by default, and anything
+    else in float.
     lora: a PEFT adapter folder or a Mistral lora.safetensors, or a list of them and
     (path, scale) pairs applied together; merged into the weights (lora_merge=True) or kept
     as separate low-rank modules (always beside quantized weights). Adapters chosen per call

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tiny_models import hf_mistral, random_k_blocks, save_gguf
+from tiny_models import k_quant_gguf, random_k_blocks
 
 import mistral7b
 from mistral7b.fused_step import FusedDecode
@@ -81,26 +81,8 @@ def test_bad_k_quant_input_is_refused():
     assert native.gguf_kpanels("Q4_K", torch.from_numpy(blocks), 16, 256) is None
 
 
-def _k_gguf(tmp_path):
-    """A tiny model whose linears are K-quants of every kind (shapes of 256 inputs)."""
-    model = hf_mistral(dim=256, hidden=256, n_heads=4, n_kv_heads=2, head_dim=64, vocab=128,
-                       seed=5)
-    rng = np.random.default_rng(6)
-    kinds = {"attn_q": "Q4_K", "attn_k": "Q5_K", "attn_v": "Q6_K", "attn_output": "Q4_K",
-             "ffn_gate": "Q4_K", "ffn_up": "Q5_K", "ffn_down": "Q6_K"}
-    raw = {"token_embd.weight": (random_k_blocks("Q4_K", 128, 256, rng, (1e-3, 4e-3)),
-                                 gguf.GGMLQuantizationType.Q4_K)}
-    for layer in range(2):
-        for name, kind in kinds.items():
-            rows = 128 if name in ("attn_k", "attn_v") else 256
-            raw[f"blk.{layer}.{name}.weight"] = (
-                random_k_blocks(kind, rows, 256, rng, (1e-4, 4e-4)),
-                gguf.GGMLQuantizationType[kind])
-    return save_gguf(model, tmp_path / "k.gguf", raw=raw), raw
-
-
 def test_a_quantized_load_runs_k_quants_on_their_bits(tmp_path):
-    path, raw = _k_gguf(tmp_path)
+    path, raw = k_quant_gguf(tmp_path / "k.gguf")
     llm = mistral7b.load(path, quant="auto", dtype="float32")
     reader = open_checkpoint(path)
     held = 0
@@ -129,7 +111,7 @@ def test_a_quantized_load_runs_k_quants_on_their_bits(tmp_path):
 
 
 def test_int8_mode_and_a_move_keep_the_weights(tmp_path):
-    path, _ = _k_gguf(tmp_path)
+    path, _ = k_quant_gguf(tmp_path / "k.gguf")
     reader = open_checkpoint(path)
     want = reader.tensor("layers.0.attention.wq.weight")          # Q4_K
     llm = mistral7b.load(path, quant="auto", dtype="float32")
@@ -149,7 +131,7 @@ def test_int8_mode_and_a_move_keep_the_weights(tmp_path):
 
 
 def test_the_table_stays_in_its_blocks_and_gives_the_same_rows(tmp_path):
-    path, raw = _k_gguf(tmp_path)
+    path, raw = k_quant_gguf(tmp_path / "k.gguf")
     llm = mistral7b.load(path, quant="auto", dtype="bfloat16")   # computing in float32
     emb = llm.model.tok_embeddings
     assert isinstance(emb, QuantEmbedding) and emb.blocks.nbytes == raw["token_embd.weight"][0].nbytes

@@ -60,7 +60,8 @@ def add_model_args(p: argparse.ArgumentParser, quant_default: str = "auto") -> N
                    help="float32, bfloat16 or float16 (default: bfloat16/float16 on CUDA; on "
                         "CPU float32 for small models, bfloat16 for 7B)")
     g.add_argument("--quant", choices=QUANT_CHOICES, default=quant_default,
-                   help="auto: a quantized GGUF runs on its own 4/8-bit blocks, anything else "
+                   help="auto: a quantized GGUF runs on its own blocks (Q4_0/Q4_1/Q8_0, and "
+                        "the K-quants of Q4_K_M/Q5_K_M files), anything else "
                         "in float; none: float weights (a GGUF is dequantized); int8/int4: "
                         "quantize on load (default: %(default)s)")
     g.add_argument("--speculate", type=int, default=0, metavar="N",

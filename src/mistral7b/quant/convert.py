@@ -48,7 +48,8 @@ QuantWeight = Int8Weight | Int4Weight
 def file_mode(reader: CheckpointReader) -> str | None:
     """What `quant="auto"` runs a checkpoint as: a GGUF whose linear layers are mostly
     quantized on its own blocks ("int8" when they are Q8_0, else "int4": 4-bit types copied,
-    wider ones kept as int8 by the table above), as llama.cpp and Ollama run it; float files
+    K-quants on their own bits where our kernel runs, else as the table above), as llama.cpp
+    and Ollama run it; float files
     stay float. By parameter count, so a Q4_K_M's Q6_K output layer does not decide."""
     if not isinstance(reader, GGUFReader):
         return None

@@ -35,6 +35,14 @@ struct QWeight {
   std::optional<at::Tensor> super_d, super_min;
 };
 
+// ggml's K-quants (kquant.cpp's header): type ids, values per super-block, their bits per
+// value and bytes per super-block.
+constexpr int64_t kGgmlQ4K = 12, kGgmlQ5K = 13, kGgmlQ6K = 14, kSuperInputs = 256;
+inline int64_t kquant_bits(int64_t kind) { return kind == kGgmlQ4K ? 4 : kind == kGgmlQ5K ? 5 : 6; }
+inline int64_t kquant_super_bytes(int64_t kind) {
+  return kind == kGgmlQ4K ? 144 : kind == kGgmlQ5K ? 176 : 210;
+}
+
 // Activation rows quantized to int8 per block of 32 (qmm.cpp): the values `q`, one scale `a`
 // per block, per group of G inputs the sum over its blocks of scale * (sum of the block's
 // values) `sg`, and the plain integer sum of every 16 values `s16`.
