@@ -116,13 +116,25 @@ M7_TARGET void unpack_scales(const uint8_t* sc, int64_t nb, float* out) {
   }
 }
 
+// A panel's every block unpacked once for many row tiles (pre-fill): block b's 8 registers of
+// values at out + 512 b, as `unpack` gives them.
+template <int BITS>
+M7_TARGET void unpack_values(const uint8_t* w, int64_t nb, uint8_t* out) {
+  for (int64_t b = 0; b < nb; ++b) {
+    __m512i wv[8];
+    unpack<BITS>(w + b * BITS * 64, wv);
+    for (int i = 0; i < 8; ++i) _mm512_storeu_si512(out + 512 * b + 64 * i, wv[i]);
+  }
+}
+
 // One panel (16 output rows) times T activation rows; pointers at the panel's own data and
-// the first activation row's. `unpacked`: the panel's Q4_K / Q5_K scales from unpack_scales,
-// or null (read from `sc`).
+// the first activation row's. `values` and `unpacked`: the panel's values (unpack_values) and
+// Q4_K / Q5_K scales (unpack_scales) unpacked beforehand, or null (read from `w` and `sc`).
 template <int BITS, int T>
-M7_TARGET void kpanel(const uint8_t* w, const uint8_t* sc, const float* unpacked,
-                      const at::Half* d, const at::Half* dmin, const int8_t* q, const float* a,
-                      const float* sg, const int32_t* s16, int64_t K, float* y, int64_t N) {
+M7_TARGET void kpanel(const uint8_t* w, const uint8_t* values, const uint8_t* sc,
+                      const float* unpacked, const at::Half* d, const at::Half* dmin,
+                      const int8_t* q, const float* a, const float* sg, const int32_t* s16,
+                      int64_t K, float* y, int64_t N) {
   constexpr bool kSixBit = BITS == 6;
   constexpr int64_t kBlockBytes = BITS * 64;
   const int64_t nb = K / kBlock;
@@ -133,7 +145,11 @@ M7_TARGET void kpanel(const uint8_t* w, const uint8_t* sc, const float* unpacked
     for (int t = 0; t < T; ++t) inner[t] = minner[t] = _mm512_setzero_ps();
     for (int64_t b = s * 8; b < s * 8 + 8; ++b) {
       __m512i wv[8];
-      unpack<BITS>(w + b * kBlockBytes, wv);
+      if (values != nullptr) {
+        for (int i = 0; i < 8; ++i) wv[i] = _mm512_loadu_si512(values + 512 * b + 64 * i);
+      } else {
+        unpack<BITS>(w + b * kBlockBytes, wv);
+      }
       if constexpr (kSixBit) {
         const __m512 sc_lo = load_i8(sc + 2 * b * kRows), sc_hi = load_i8(sc + (2 * b + 1) * kRows);
         for (int t = 0; t < T; ++t) {
@@ -199,14 +215,19 @@ void kspan(const mistral7b::Product& p, int64_t M, int64_t K, int64_t p0, int64_
   const auto* sc = static_cast<const uint8_t*>(p.scale);
   const auto* d = static_cast<const at::Half*>(p.super_d);
   const auto* dmin = static_cast<const at::Half*>(p.super_min);
-  // more than one tile of rows: each panel's scales unpacked once, not once a tile
-  std::vector<float> unpacked(BITS != 6 && M > kMaxTile ? 32 * nb : 0);
+  // more than one tile of rows: each panel's values and scales unpacked once, not once a
+  // tile (for K = 14336: 224 + 56 KB, in L2)
+  const bool once = M > kMaxTile;
+  std::vector<uint8_t> values(once ? 512 * nb : 0);
+  std::vector<float> unpacked(BITS != 6 && once ? 32 * nb : 0);
+  uint8_t* vp = once ? values.data() : nullptr;
   float* up = unpacked.empty() ? nullptr : unpacked.data();
   for (int64_t pi = p0; pi < p1; ++pi) {
     const uint8_t* wp = w + pi * nb * BITS * 64;
     const uint8_t* sp = sc + pi * scale_bytes * kRows;
     const at::Half* dp = d + pi * supers * kRows;
     const at::Half* dmp = dmin ? dmin + pi * supers * kRows : nullptr;
+    if (vp != nullptr) unpack_values<BITS>(wp, nb, vp);
     if (up != nullptr) unpack_scales(sp, nb, up);
     for (int64_t m = 0; m < M; m += kMaxTile) {
       const int64_t T = std::min<int64_t>(kMaxTile, M - m);
@@ -216,10 +237,10 @@ void kspan(const mistral7b::Product& p, int64_t M, int64_t K, int64_t p0, int64_
       const int32_t* vm = acts.s16.data() + m * (K / 16);
       float* ym = p.y + m * p.N + pi * kRows;
       switch (T) {
-        case 4: kpanel<BITS, 4>(wp, sp, up, dp, dmp, qm, am, gm, vm, K, ym, p.N); break;
-        case 3: kpanel<BITS, 3>(wp, sp, up, dp, dmp, qm, am, gm, vm, K, ym, p.N); break;
-        case 2: kpanel<BITS, 2>(wp, sp, up, dp, dmp, qm, am, gm, vm, K, ym, p.N); break;
-        default: kpanel<BITS, 1>(wp, sp, up, dp, dmp, qm, am, gm, vm, K, ym, p.N);
+        case 4: kpanel<BITS, 4>(wp, vp, sp, up, dp, dmp, qm, am, gm, vm, K, ym, p.N); break;
+        case 3: kpanel<BITS, 3>(wp, vp, sp, up, dp, dmp, qm, am, gm, vm, K, ym, p.N); break;
+        case 2: kpanel<BITS, 2>(wp, vp, sp, up, dp, dmp, qm, am, gm, vm, K, ym, p.N); break;
+        default: kpanel<BITS, 1>(wp, vp, sp, up, dp, dmp, qm, am, gm, vm, K, ym, p.N);
       }
     }
   }
