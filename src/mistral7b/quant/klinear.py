@@ -12,9 +12,6 @@ this layer into.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import torch
 from torch import nn
 
@@ -72,21 +69,13 @@ class KQuantLinear(_NativeLinear):
         dm = native.unpanel(p.dmin).float().repeat_interleave(8, dim=1) * m.float()
         return Int4Weight(pack_nibbles(p.values()), d_sc, -dm, 32)
 
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Any:
+    def rebuilt(self, device: torch.device) -> _NativeLinear:
         """Moved to another device, the layer becomes the int4/int8 layer of its portable
-        weight there (no K-quant kernel but ours); on the CPU it stays as it is."""
-        here = self.qweight.device
-        there = fn(torch.empty(0, device=here)).device
-        if there == here:
-            return nn.Module._apply(self, fn, recurse)
+        weight there (no K-quant kernel but ours)."""
         weight = self.portable()
-        fresh = (Int4Linear(weight, dtype=self.dtype, device=there)
-                 if isinstance(weight, Int4Weight)
-                 else Int8Linear(weight, dtype=self.dtype, device=there))
-        self.__class__ = type(fresh)  # type: ignore[assignment]
-        self.__dict__.clear()
-        self.__dict__.update(fresh.__dict__)
-        return self
+        if isinstance(weight, Int4Weight):
+            return Int4Linear(weight, dtype=self.dtype, device=device)
+        return Int8Linear(weight, dtype=self.dtype, device=device)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -221,9 +221,14 @@ class _NativeLinear(nn.Module):
         there = fn(torch.empty(0, device=here)).device
         if there == here:
             return super()._apply(fn, recurse)
-        fresh = type(self)(self.portable(), dtype=self.dtype, device=there)
+        fresh = self.rebuilt(there)
+        self.__class__ = type(fresh)
         self.__dict__.update(fresh.__dict__)
         return self
+
+    def rebuilt(self, device: torch.device) -> _NativeLinear:
+        """This layer's weight as a layer on `device` (what `.to(device)` turns it into)."""
+        return type(self)(self.portable(), dtype=self.dtype, device=device)
 
     def portable(self) -> Int8Weight | Int4Weight:
         raise NotImplementedError
