@@ -2,11 +2,13 @@
 pre-fill (M = 256) for a Mistral-7B FFN matrix (14336 x 4096), medians of several runs.
 
     python bench/bench_kernels.py [--threads 2] [--repeat 5] [--rows 1,256] [--only "int4 g32 ours"]
+    python bench/bench_kernels.py --rows 1,256 --only "int4 g32 ours float32,Q4_K,Q6_K"
 
 What it compares: bf16 F.linear (oneDNN) and our bf16 kernel (BF16Linear, M = 1); for int8
 (per channel) and int4 (groups of 32/128), with bf16 and float32 activations, our AVX-512
 VNNI kernel ("ours", kernels/native.py) against PyTorch's (aten._weight_int8pack_mm,
-aten._weight_int4pack_mm_for_cpu, "torch"); and dequantize-to-bf16 + matmul for pre-fill.
+aten._weight_int4pack_mm_for_cpu, "torch"); GGUF K-quants (Q4_K, Q5_K, Q6_K: random valid
+blocks) on our kernel; and dequantize-to-bf16 + matmul for pre-fill.
 Several copies of the matrix are cycled so each call reads its weights from memory, not
 cache.
 """
@@ -20,13 +22,17 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from random_gguf import random_blocks
+
 from mistral7b.kernels import native
 from mistral7b.quant import layers as qlayers
+from mistral7b.quant.klinear import KQuantLinear
 from mistral7b.quant.layers import (
     Int4Linear,
     Int8Linear,
@@ -75,7 +81,8 @@ def main() -> None:
     ap.add_argument("--copies", type=int, default=4)
     ap.add_argument("--rows", default="1,256",
                     help="activation rows M to time, comma-separated (serving: 1,8)")
-    ap.add_argument("--only", help="run only the rows whose name starts with this")
+    ap.add_argument("--only", help="run only the rows whose name starts with this (several: "
+                                   "comma-separated)")
     args = ap.parse_args()
     global ROWS
     ROWS = tuple(int(m) for m in args.rows.split(","))
@@ -85,7 +92,7 @@ def main() -> None:
     rows = []
 
     def report(name, layers, dtype, nbytes, sizes=None):
-        if args.only and not name.startswith(args.only):
+        if args.only and not name.startswith(tuple(args.only.split(","))):
             return
         for m in sizes or ROWS:
             x = torch.randn(m, K, dtype=dtype)
@@ -133,6 +140,14 @@ def main() -> None:
         sec = timed(lambda f, x=x: f(x), deq, max(2, args.repeat // 2))
         print(f"{'dequant(portable)+bf16 mm g' + str(group):34s} M=256  {sec * 1e3:8.2f} ms  "
               f"{2 * 256 * N * K / sec / 1e12:6.3f} TFLOP/s", flush=True)
+
+    if native.ops() is not None:
+        rng = np.random.default_rng(0)
+        for kind in ("Q4_K", "Q5_K", "Q6_K"):
+            panels = [native.gguf_kpanels(kind, torch.from_numpy(random_blocks(N, K, kind, rng)),
+                                          N, K) for _ in ws]
+            layers = [KQuantLinear.from_kpanels(p, dtype=torch.float32) for p in panels if p]
+            report(f"{kind} ours float32", layers, torch.float32, panels[0].nbytes)
 
 
 if __name__ == "__main__":

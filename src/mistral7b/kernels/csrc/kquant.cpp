@@ -148,6 +148,7 @@ M7_TARGET void kpanel(const uint8_t* w, const uint8_t* values, const uint8_t* sc
       if (values != nullptr) {
         for (int i = 0; i < 8; ++i) wv[i] = _mm512_loadu_si512(values + 512 * b + 64 * i);
       } else {
+        mistral7b::prefetch_lines(w + (b + mistral7b::kPrefetchBlocks) * kBlockBytes, BITS);
         unpack<BITS>(w + b * kBlockBytes, wv);
       }
       if constexpr (kSixBit) {

@@ -148,6 +148,7 @@ M7_TARGET void panel(const uint8_t* w, const S* scale, const S* mins, const int8
     for (int64_t bb = 0; bb < blocks_per_group; ++bb) {
       const int64_t b = g * blocks_per_group + bb;
       const uint8_t* wb = w + b * kBlockBytes;
+      mistral7b::prefetch_lines(wb + mistral7b::kPrefetchBlocks * kBlockBytes, kChunks);
       __m512i wv[8];
       if constexpr (BITS == 4) {
         for (int j = 0; j < 4; ++j) {
