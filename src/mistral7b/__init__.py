@@ -15,7 +15,7 @@ from typing import Any
 from mistral7b.errors import InputError, Mistral7BError, ModelFileError, TokenizerError
 
 _LAZY = {
-    "load": "mistral7b.api", "LLM": "mistral7b.api", "TextStream": "mistral7b.api",
+    "load": "mistral7b.api", "LLM": "mistral7b.api", "TextStream": "mistral7b.text_stream",
     "Completion": "mistral7b.sequence", "ModelConfig": "mistral7b.config",
     "PRESETS": "mistral7b.config", "SamplingParams": "mistral7b.sampling",
     "export": "mistral7b.exporter",

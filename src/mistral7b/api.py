@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Generator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
 
@@ -19,7 +19,8 @@ from mistral7b.errors import InputError, Mistral7BError
 from mistral7b.grammar import Grammar, GrammarCompiler
 from mistral7b.request import Output
 from mistral7b.sampling import SamplingParams
-from mistral7b.sequence import Completion, GenerationStats, TokenLogprob
+from mistral7b.sequence import Completion, GenerationStats
+from mistral7b.text_stream import CompletionBuilder, TextStream
 
 if TYPE_CHECKING:
     from mistral7b.model import Transformer
@@ -252,7 +253,7 @@ class LLM:
     def _complete(self, single: bool, prompts: list[list[int]], params: SamplingParams,
                   max_context: int | None, grammar: Grammar | None, adapter: int = 0
                   ) -> Completion | list[Completion]:
-        builders = [_CompletionBuilder(len(p), params.logprobs) for p in prompts]
+        builders = [CompletionBuilder(len(p), params.logprobs) for p in prompts]
         for i, out in self._events(prompts, params, max_context, grammar, adapter):
             builders[i].add(out)
         completions = [b.completion for b in builders]
@@ -428,66 +429,6 @@ class LLM:
                          new_decoder=tok.decoder, max_context=max_context, stats=self._stats,
                          speculate=self.speculate, grammar=grammar, adapter=adapter,
                          draft=self.draft)
-
-
-class _CompletionBuilder:
-    """Collects one sequence's outputs into its Completion."""
-
-    def __init__(self, prompt_tokens: int, logprobs: bool) -> None:
-        self.prompt_tokens = prompt_tokens
-        self.want_logprobs = logprobs
-        self.text: list[str] = []
-        self.ids: list[int] = []
-        self.logprobs: list[TokenLogprob] = []
-        self.finish_reason: str | None = None
-        self.cached_tokens = 0
-
-    def add(self, out: Output) -> None:
-        self.text.append(out.text)
-        if out.token_id is not None:
-            self.ids.append(out.token_id)
-        if out.logprob is not None:
-            self.logprobs.append(out.logprob)
-        self.cached_tokens = out.cached_tokens
-        if out.finish_reason:
-            self.finish_reason = out.finish_reason
-
-    @property
-    def completion(self) -> Completion:
-        return Completion("".join(self.text), self.ids, self.finish_reason or "length",
-                          self.prompt_tokens,
-                          self.logprobs if self.want_logprobs else None,
-                          self.cached_tokens)
-
-
-class TextStream:
-    """An iterator of text deltas; `.completion` is set when the generation has finished."""
-
-    def __init__(self, events: Generator[tuple[int, Output], None, None], prompt_tokens: int,
-                 params: SamplingParams,
-                 on_done: Callable[[Completion], None] | None = None) -> None:
-        self._events = events
-        self._builder = _CompletionBuilder(prompt_tokens, params.logprobs)
-        self._on_done = on_done
-        self.completion: Completion | None = None
-
-    def __iter__(self) -> Iterator[str]:
-        return self
-
-    def __next__(self) -> str:
-        for _, out in self._events:
-            self._builder.add(out)
-            if out.finish_reason:
-                self.completion = self._builder.completion
-                if self._on_done is not None:
-                    self._on_done(self.completion)
-            if out.text:
-                return out.text
-        raise StopIteration
-
-    def close(self) -> None:
-        """Stop generating (frees the cache); safe to call at any time."""
-        self._events.close()
 
 
 def _as_ids(ids: Any) -> list[int]:
