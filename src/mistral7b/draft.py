@@ -240,12 +240,12 @@ def check_same_vocabulary(target: Tokenizer, draft: Tokenizer, target_name: str,
 
     size = target.vocab_size
     checks: tuple[tuple[str, object, object], ...] = (
-                      ("vocabulary sizes", size, draft.vocab_size),
-                       ("BOS ids", target.bos_id, draft.bos_id),
-                       ("EOS ids", target.eos_id, draft.eos_id),
-                       ("stop ids", sorted(target.stop_ids), sorted(draft.stop_ids)),
-                       ("encodings of a probe text", target.encode(PROBE_TEXT, bos=True),
-                        draft.encode(PROBE_TEXT, bos=True)))
+        ("vocabulary sizes", size, draft.vocab_size),
+        ("BOS ids", target.bos_id, draft.bos_id),
+        ("EOS ids", target.eos_id, draft.eos_id),
+        ("stop ids", sorted(target.stop_ids), sorted(draft.stop_ids)),
+        ("encodings of a probe text", target.encode(PROBE_TEXT, bos=True),
+         draft.encode(PROBE_TEXT, bos=True)))
     for what, a, b in checks:
         if a != b:
             raise differ(what, a, b)

@@ -29,6 +29,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
@@ -310,17 +311,20 @@ class KPanels:
     def nbytes(self) -> int:
         return sum(t.nbytes for t in (self.w, self.scale, self.d, self.dmin) if t is not None)
 
-    def scales_and_mins(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Per row and sub-block (n_out, sub-blocks): the scales (Q6_K: signed) and the mins
-        (None for Q6_K), as integers."""
+    def sub_factors(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per row and sub-block (n_out, sub-blocks), in gguf's float32 arithmetic: d * sc,
+        and dmin * m (None for Q6_K)."""
+        per_super = 256 // self.group
         raw = unpanel(self.scale)
+
+        def times(factor: torch.Tensor, ints: torch.Tensor) -> torch.Tensor:
+            return unpanel(factor).float().repeat_interleave(per_super, dim=1) * ints.float()
+
         if self.dmin is None:
-            return raw.to(torch.int32), None
-        packed = raw.view(self.n_out, -1, 12).to(torch.int32)    # get_scale_min_k4
-        a, b, c = packed[..., 0:4], packed[..., 4:8], packed[..., 8:12]
-        sc = torch.cat([a & 63, (c & 0x0F) | ((a >> 6) << 4)], dim=-1)
-        m = torch.cat([b & 63, (c >> 4) | ((b >> 6) << 4)], dim=-1)
-        return sc.reshape(self.n_out, -1), m.reshape(self.n_out, -1)
+            return times(self.d, raw), None
+        sc, m = k4_scale_min(raw.view(self.n_out, -1, 12).numpy())
+        return (times(self.d, torch.from_numpy(sc).reshape(self.n_out, -1)),
+                times(self.dmin, torch.from_numpy(m).reshape(self.n_out, -1)))
 
     def values(self) -> torch.Tensor:
         """(n_out, n_in) the stored values, 0 .. 2^bits - 1."""
@@ -341,16 +345,21 @@ class KPanels:
         """The float weight, by gguf's own float32 arithmetic (its dequantizer, bit for bit):
         d * sc and dmin * m first, then d_sc * q - dmin_m (Q6_K: d_sc * (q - 32))."""
         n, k, g = self.n_out, self.n_in, self.group
-        per_super = 256 // g
-        sc, m = self.scales_and_mins()
-        d_sc = unpanel(self.d).float().repeat_interleave(per_super, dim=1) * sc.float()
+        d_sc, dm = self.sub_factors()
         q = self.values().float().view(n, k // g, g)
-        if m is None or self.dmin is None:
-            w = d_sc[..., None] * (q - 32)
-        else:
-            dm = unpanel(self.dmin).float().repeat_interleave(per_super, dim=1) * m.float()
-            w = d_sc[..., None] * q - dm[..., None]
+        w = d_sc[..., None] * (q - 32) if dm is None else d_sc[..., None] * q - dm[..., None]
         return w.view(n, k).to(dtype)
+
+
+def k4_scale_min(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ggml's 12-byte packing of eight 6-bit scales and eight 6-bit mins (Q4_K, Q5_K;
+    get_scale_min_k4), uint8 (..., 12) -> sc, m (..., 8): bytes 0-3 hold sc[0..3] in their
+    low 6 bits, bytes 4-7 m[0..3]; sc[4..7] and m[4..7] take their low 4 bits from bytes 8-11
+    (low / high nibble) and their top 2 bits from the top bits of bytes 0-3 / 4-7."""
+    a, b, c = packed[..., 0:4], packed[..., 4:8], packed[..., 8:12]
+    sc = np.concatenate([a & 0x3F, (c & 0x0F) | ((a >> 6) << 4)], axis=-1)
+    m = np.concatenate([b & 0x3F, (c >> 4) | ((b >> 6) << 4)], axis=-1)
+    return sc, m
 
 
 def gguf_kpanels(qtype_name: str, data: torch.Tensor, n_out: int, n_in: int

@@ -49,8 +49,8 @@ def file_mode(reader: CheckpointReader) -> str | None:
     """What `quant="auto"` runs a checkpoint as: a GGUF whose linear layers are mostly
     quantized on its own blocks ("int8" when they are Q8_0, else "int4": 4-bit types copied,
     K-quants on their own bits where our kernel runs, else as the table above), as llama.cpp
-    and Ollama run it; float files
-    stay float. By parameter count, so a Q4_K_M's Q6_K output layer does not decide."""
+    and Ollama run it; float files stay float. By parameter count, so a Q4_K_M's Q6_K output
+    layer does not decide."""
     if not isinstance(reader, GGUFReader):
         return None
     count: dict[str, int] = {}

@@ -19,7 +19,8 @@ min = -4.0, and column 0 holds 10 (low nibble of our byte 0), column 16 holds 3.
 
 Q8_0 is int8 with a scale per group of 32 (`Int8Weight` with a (rows, cols / 32) scale): its
 bytes are copied too. Q6_K (6-bit values with per-16 int8 scales) and Q5_* fit neither form:
-they are dequantized and requantized to per-channel int8 by the caller (see load.py).
+they are dequantized and requantized to per-channel int8 by the caller (see load.py). (Where
+our CPU kernel runs, a GGUF load takes the K-quants on their own bits instead: klinear.py.)
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from mistral7b.kernels.native import k4_scale_min
 from mistral7b.quant.layers import Int4Weight, Int8Weight, pack_nibbles
 
 # ggml type name -> bytes per block (of 32 values; 256 for Q4_K).
@@ -63,7 +65,7 @@ def import_q8_0(data: np.ndarray, shape: tuple[int, ...]) -> Int8Weight:
 def _q4_k(blocks: np.ndarray, rows: int, cols: int) -> Int4Weight:
     nb = cols // 256
     d, dmin = _f16(blocks[:, :, 0:2]), _f16(blocks[:, :, 2:4])               # (rows, nb)
-    sc, m = _k4_scale_min(blocks[:, :, 4:16])                                # (rows, nb, 8)
+    sc, m = k4_scale_min(blocks[:, :, 4:16])                                # (rows, nb, 8)
     scale = d[..., None] * sc.astype(np.float32)
     mins = -(dmin[..., None] * m.astype(np.float32))
     qs = blocks[:, :, 16:].reshape(rows, nb, 4, 1, 32)
@@ -71,17 +73,6 @@ def _q4_k(blocks: np.ndarray, rows: int, cols: int) -> Int4Weight:
     return Int4Weight(pack_nibbles(torch.from_numpy(q.reshape(rows, cols))),
                       torch.from_numpy(scale.reshape(rows, -1)),
                       torch.from_numpy(mins.reshape(rows, -1)), 32)
-
-
-def _k4_scale_min(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """ggml's 12-byte packing of eight 6-bit scales and eight 6-bit mins: bytes 0-3 hold
-    sc[0..3] in their low 6 bits, bytes 4-7 m[0..3]; sc[4..7] and m[4..7] take their low 4
-    bits from bytes 8-11 (low / high nibble) and their top 2 bits from the top bits of
-    bytes 0-3 / 4-7."""
-    a, b, c = packed[..., 0:4], packed[..., 4:8], packed[..., 8:12]
-    sc = np.concatenate([a & 0x3F, (c & 0x0F) | ((a >> 6) << 4)], axis=-1)
-    m = np.concatenate([b & 0x3F, (c >> 4) | ((b >> 6) << 4)], axis=-1)
-    return sc, m
 
 
 def _f16(two_bytes: np.ndarray) -> np.ndarray:

@@ -4,10 +4,9 @@ run on its own bits by our CPU kernel (kernels/csrc/kquant.cpp).
 Nothing is widened or rounded: the 4/5/6-bit values, the packed sub-block scales and mins and
 the float16 super-block factors are the file's, rearranged into panels, so the weights held
 are gguf's dequantized ones exactly (native.KPanels.dequantize) and the memory is the file's
-(4.5 / 5.5 / 6.5625 bits a weight). Only built on the
-CPU where our kernel runs (load.py); anywhere else a K-quant tensor becomes an int4 (Q4_K,
-exactly) or int8 (Q5_K, Q6_K, requantized) weight, which is also what `.to(device)` turns
-this layer into.
+(4.5 / 5.5 / 6.5625 bits a weight). Only built on the CPU where our kernel runs (load.py);
+anywhere else a K-quant tensor becomes an int4 (Q4_K, exactly) or int8 (Q5_K, Q6_K,
+requantized) weight, which is also what `.to(device)` turns this layer into.
 """
 
 from __future__ import annotations
@@ -63,10 +62,8 @@ class KQuantLinear(_NativeLinear):
         p = self.kpanels()
         if self.bits != 4:
             return quantize_int8(p.dequantize(torch.float32))
-        sc, m = p.scales_and_mins()
-        assert p.dmin is not None and m is not None
-        d_sc = native.unpanel(p.d).float().repeat_interleave(8, dim=1) * sc.float()
-        dm = native.unpanel(p.dmin).float().repeat_interleave(8, dim=1) * m.float()
+        d_sc, dm = p.sub_factors()
+        assert dm is not None
         return Int4Weight(pack_nibbles(p.values()), d_sc, -dm, 32)
 
     def rebuilt(self, device: torch.device) -> _NativeLinear:
