@@ -20,6 +20,7 @@ from mistral7b.config import ModelConfig
 from mistral7b.errors import InputError
 from mistral7b.fused_step import FusedDecode
 from mistral7b.fused_step import enabled as fused_step_enabled
+from mistral7b.heap import keep_step_memory
 from mistral7b.lora.layers import AdapterRows
 from mistral7b.model import Transformer
 from mistral7b.threads import ThreadGovernor
@@ -174,6 +175,8 @@ class Engine:
         tokens = torch.zeros(len(chunks), T, dtype=torch.long)
         for b, chunk in enumerate(chunks):
             tokens[b, : len(chunk)] = torch.as_tensor(chunk, dtype=torch.long)
+        if self.device.type == "cpu":
+            keep_step_memory()      # no page faults for the temporaries of every step (heap.py)
         tokens = tokens.to(self.device)
         pool = self.pool
         plan, positions = pool.plan(tables, n_new)

@@ -40,7 +40,9 @@ def _data(m, n, k, seed):
 
 @pytest.mark.parametrize(("m", "n", "k", "group"),
                          [(1, 16, 32, 32), (3, 48, 96, 32), (4, 32, 256, 64), (5, 32, 256, 128),
-                          (9, 64, 256, 256), (17, 16, 128, 32)])
+                          (9, 64, 256, 256), (17, 16, 128, 32),
+                          # several tiles of rows over groups of panels (qmm.cpp panels_span)
+                          (6, 336, 4096, 32)])
 @pytest.mark.parametrize("form", ["affine", "symmetric", "float32 scales"])
 def test_int4_kernel_follows_its_rule(m, n, k, group, form):
     x, w = _data(m, n, k, seed=m * 7 + n)
@@ -60,12 +62,27 @@ def test_int4_kernel_follows_its_rule(m, n, k, group, form):
     _close(p.matmul(x), _activations_as_the_kernel_sees_them(x) @ weights.double().t(), x, w)
 
 
-@pytest.mark.parametrize(("m", "n", "k"), [(1, 16, 32), (4, 48, 96), (7, 32, 512)])
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 16, 32), (4, 48, 96), (7, 32, 512),
+                                           (9, 208, 4096)])
 def test_int8_kernel_follows_its_rule(m, n, k):
     x, w = _data(m, n, k, seed=m + n)
     q = quantize_int8(w)
     p = native.pack_int8(q.q, q.scale)
     weights = q.q.double() * q.scale.double()[:, None]
+    assert torch.equal(p.dequantize(torch.float64), weights)
+    _close(p.matmul(x), _activations_as_the_kernel_sees_them(x) @ weights.t(), x, w)
+
+
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 16, 64), (5, 48, 96), (9, 208, 4096)])
+def test_int8_per_block_kernel_follows_its_rule(m, n, k):
+    """Q8_0's form: a scale per block of 32 (the kernel takes the offset off in int32)."""
+    x, w = _data(m, n, k, seed=m + n + 1)
+    blocks = w.view(n, -1, 32)
+    scale = (blocks.abs().amax(-1) / 127.0).half().float()          # Q8_0 keeps float16
+    q = torch.round(blocks / scale[..., None]).clamp(-127, 127).to(torch.int8).view(n, k)
+    p = native.pack_int8(q, scale)
+    assert p.group == 32 and p.scale.dtype == torch.float16
+    weights = (q.double().view(n, -1, 32) * scale.double()[..., None]).view(n, k)
     assert torch.equal(p.dequantize(torch.float64), weights)
     _close(p.matmul(x), _activations_as_the_kernel_sees_them(x) @ weights.t(), x, w)
 

@@ -1,6 +1,6 @@
 """Our CPU kernels (csrc/): int4/int8 weights (qmm.cpp, with pack.cpp laying weights out for
-it), GGUF K-quants on their own bits (kquant.cpp, laid out by kpack.cpp), decode attention
-over the paged KV pool (attention.cpp), RMSNorm (norm.cpp) and the fused decode step
+it), GGUF K-quants on their own bits (kquant.cpp, laid out by kpack.cpp), bf16 weights at
+decode (bf16.cpp), decode attention over the paged KV pool (attention.cpp), RMSNorm (norm.cpp) and the fused decode step
 (step.cpp), compiled on first use into one cached library.
 
     ops = native.ops()          # None where it cannot run: then layers.py uses PyTorch's kernels
@@ -35,8 +35,8 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name("csrc") / name
-                for name in ("qmm.cpp", "pack.cpp", "kquant.cpp", "kpack.cpp", "attention.cpp",
-                                "norm.cpp", "step.cpp"))
+                for name in ("qmm.cpp", "pack.cpp", "kquant.cpp", "kpack.cpp", "bf16.cpp",
+                             "attention.cpp", "norm.cpp", "step.cpp"))
 
 
 def cache_dir() -> Path:

@@ -57,15 +57,6 @@ bool cpu_has_vnni() {
 #endif
 }
 
-bool cpu_has_bf16() {
-#if M7_X86
-  __builtin_cpu_init();
-  return cpu_has_vnni() && __builtin_cpu_supports("avx512bf16");
-#else
-  return false;
-#endif
-}
-
 #if M7_X86
 
 // Activations of M rows, quantized (kernels.h)
@@ -130,16 +121,47 @@ M7_TARGET inline __m512 load16<at::Half>(const at::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
+// A block's 8 registers of weight values: unpacked nibbles or the 8-bit bytes as stored.
+template <int BITS>
+M7_TARGET inline void load_block(const uint8_t* wb, __m512i wv[8]) {
+  if constexpr (BITS == 4) {
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    for (int j = 0; j < 4; ++j) {
+      const __m512i v = _mm512_loadu_si512(wb + 64 * j);
+      wv[2 * j] = _mm512_and_si512(v, low4);
+      wv[2 * j + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+    }
+  } else {
+    for (int j = 0; j < 8; ++j) wv[j] = _mm512_loadu_si512(wb + 64 * j);
+  }
+}
+
+// The int32 dot products of one block's 8 registers with activation row v (32 int8 values),
+// summed over kChains independent chains: one chain of 8 dependent vpdpbusd would wait on
+// their latency (~5 cycles each), not on memory.
+template <int BITS, int kChains>
+M7_TARGET inline __m512i block_dot(const __m512i wv[8], const int8_t* q) {
+  const int32_t* v = reinterpret_cast<const int32_t*>(q);
+  __m512i sums[kChains];
+  for (int c = 0; c < kChains; ++c) sums[c] = _mm512_setzero_si512();
+  for (int i = 0; i < 8; ++i) {
+    // 4-bit: pair i is (low nibbles of chunk i/2, bytes 4(i/2)..) for even i, (high nibbles,
+    // bytes 16 + 4(i/2)..) for odd i; 8-bit: (chunk i, bytes 4i..)
+    const int dword = BITS == 4 ? (i % 2) * 4 + i / 2 : i;
+    sums[i % kChains] = _mm512_dpbusd_epi32(sums[i % kChains], wv[i], _mm512_set1_epi32(v[dword]));
+  }
+  for (int c = 1; c < kChains; ++c) sums[0] = _mm512_add_epi32(sums[0], sums[c]);
+  return sums[0];
+}
+
 // One panel (16 output rows) times T activation rows. BITS = 4 or 8; S = float or at::Half.
 template <int BITS, typename S, bool AFFINE, int T, typename Y>
 M7_TARGET void panel(const uint8_t* w, const S* scale, const S* mins, const int8_t* q,
                      const float* a, const float* sg, int64_t K, int64_t G, float offset,
                      Y* y, int64_t N) {
-  constexpr int kChunks = BITS == 4 ? 4 : 8;   // 64-byte loads per block
-  constexpr int64_t kBlockBytes = kChunks * 64;
+  constexpr int64_t kBlockBytes = BITS * 64;
   constexpr int kChains = T == 1 ? 4 : 2;
   const int64_t n_blocks = K / kBlock, n_groups = K / G, blocks_per_group = G / kBlock;
-  const __m512i low4 = _mm512_set1_epi8(0x0F);
   __m512 acc[T];
   for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
   for (int64_t g = 0; g < n_groups; ++g) {
@@ -148,33 +170,13 @@ M7_TARGET void panel(const uint8_t* w, const S* scale, const S* mins, const int8
     for (int64_t bb = 0; bb < blocks_per_group; ++bb) {
       const int64_t b = g * blocks_per_group + bb;
       const uint8_t* wb = w + b * kBlockBytes;
-      mistral7b::prefetch_lines(wb + mistral7b::kPrefetchBlocks * kBlockBytes, kChunks);
+      mistral7b::prefetch_lines(wb + mistral7b::kPrefetchBlocks * kBlockBytes, BITS);
       __m512i wv[8];
-      if constexpr (BITS == 4) {
-        for (int j = 0; j < 4; ++j) {
-          const __m512i v = _mm512_loadu_si512(wb + 64 * j);
-          wv[2 * j] = _mm512_and_si512(v, low4);
-          wv[2 * j + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-        }
-      } else {
-        for (int j = 0; j < 8; ++j) wv[j] = _mm512_loadu_si512(wb + 64 * j);
-      }
+      load_block<BITS>(wb, wv);
       for (int t = 0; t < T; ++t) {
-        const int32_t* v = reinterpret_cast<const int32_t*>(q + t * K + b * kBlock);
-        // The 8 products of a block go to kChains independent sums: one chain of 8 dependent
-        // vpdpbusd would wait on its latency (~5 cycles each), not on memory.
-        __m512i sums[kChains];
-        for (int c = 0; c < kChains; ++c) sums[c] = _mm512_setzero_si512();
-        for (int i = 0; i < 8; ++i) {
-          // 4-bit: pair i is (low nibbles of chunk i/2, bytes 4(i/2)..) for even i, (high
-          // nibbles, bytes 16 + 4(i/2)..) for odd i; 8-bit: (chunk i, bytes 4i..)
-          const int dword = BITS == 4 ? (i % 2) * 4 + i / 2 : i;
-          sums[i % kChains] =
-              _mm512_dpbusd_epi32(sums[i % kChains], wv[i], _mm512_set1_epi32(v[dword]));
-        }
-        for (int c = 1; c < kChains; ++c) sums[0] = _mm512_add_epi32(sums[0], sums[c]);
-        inner[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[0]),
-                                   _mm512_set1_ps(a[t * n_blocks + b]), inner[t]);
+        const __m512i sum = block_dot<BITS, kChains>(wv, q + t * K + b * kBlock);
+        inner[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(a[t * n_blocks + b]),
+                                   inner[t]);
       }
     }
     const __m512 d = load16(scale + g * kRows);
@@ -188,6 +190,36 @@ M7_TARGET void panel(const uint8_t* w, const S* scale, const S* mins, const int8
         const __m512 corr = _mm512_set1_ps(offset * sg[t * n_groups + g]);
         acc[t] = _mm512_fmadd_ps(d, _mm512_sub_ps(inner[t], corr), acc[t]);
       }
+    }
+  }
+  for (int t = 0; t < T; ++t) store_y(y + t * N, acc[t]);
+}
+
+// `panel` for the symmetric form with a scale per block of 32 (Q4_0, Q8_0): the offset is
+// taken off in int32 (the block's values sum to s16[2b] + s16[2b + 1]), so each block of each
+// row costs one conversion and two float operations, d * a and the accumulation: the float
+// work beside the 8 vpdpbusd is what bounds pre-fill (a third fewer float operations than
+// `panel`'s order: 3-6% faster at 256 rows, a scratch harness).
+template <int BITS, typename S, int T, typename Y>
+M7_TARGET void block_panel(const uint8_t* w, const S* scale, const int8_t* q, const float* a,
+                           const int32_t* s16, int64_t K, int32_t offset, Y* y, int64_t N) {
+  constexpr int64_t kBlockBytes = BITS * 64;
+  constexpr int kChains = T == 1 ? 4 : 2;
+  const int64_t n_blocks = K / kBlock;
+  __m512 acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    const uint8_t* wb = w + b * kBlockBytes;
+    mistral7b::prefetch_lines(wb + mistral7b::kPrefetchBlocks * kBlockBytes, BITS);
+    __m512i wv[8];
+    load_block<BITS>(wb, wv);
+    const __m512 d = load16(scale + b * kRows);
+    for (int t = 0; t < T; ++t) {
+      const int32_t* sv = s16 + t * (K / 16) + 2 * b;
+      const __m512i sum = _mm512_sub_epi32(block_dot<BITS, kChains>(wv, q + t * K + b * kBlock),
+                                           _mm512_set1_epi32(offset * (sv[0] + sv[1])));
+      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum),
+                               _mm512_mul_ps(d, _mm512_set1_ps(a[t * n_blocks + b])), acc[t]);
     }
   }
   for (int t = 0; t < T; ++t) store_y(y + t * N, acc[t]);
@@ -207,30 +239,45 @@ void quantize_acts(const X* x, int64_t M, int64_t K, int64_t G, QuantizedActs& a
   });
 }
 
-// panels p0 .. p1-1 of one weight times the M quantized activation rows
+// One panel times T <= kMaxTile activation rows from row m: `block_panel` where it applies.
+template <int BITS, typename S, bool AFFINE, int T, typename X>
+M7_TARGET void tile(const QuantizedActs& acts, int64_t m, int64_t K, int64_t N, int64_t G,
+                    const uint8_t* wp, const S* sp, const S* mp, float offset, X* y, int64_t p) {
+  const int64_t n_blocks = K / kBlock;
+  const int8_t* qm = acts.q.data() + m * K;
+  const float* am = acts.a.data() + m * n_blocks;
+  X* ym = y + m * N + p * kRows;
+  if (!AFFINE && G == kBlock)
+    block_panel<BITS, S, T>(wp, sp, qm, am, acts.s16.data() + m * (K / 16), K,
+                            static_cast<int32_t>(offset), ym, N);
+  else
+    panel<BITS, S, AFFINE, T>(wp, sp, mp, qm, am, acts.sg.data() + m * (K / G), K, G, offset,
+                              ym, N);
+}
+
+// panels p0 .. p1-1 of one weight times the M quantized activation rows. With more than one
+// tile of rows, a few panels (kGroupBytes of weights, kept in L2) go through all the tiles
+// together, so each tile's activations are read from L3 once per few panels, not per panel.
 template <int BITS, typename S, bool AFFINE, typename X>
 void panels_span(const QuantizedActs& acts, int64_t M, int64_t K, int64_t N, int64_t G,
                  const uint8_t* w, const S* scale, const S* mins, float offset, X* y,
                  int64_t p0, int64_t p1) {
-  const int64_t n_blocks = K / kBlock, n_groups = K / G;
-  constexpr int64_t kPanelBytesPerBlock = BITS == 4 ? 256 : 512;
-  const int64_t panel_bytes = n_blocks * kPanelBytesPerBlock;
-  const int64_t panel_scales = n_groups * kRows;
-  for (int64_t p = p0; p < p1; ++p) {
-    const uint8_t* wp = w + p * panel_bytes;
-    const S* sp = scale + p * panel_scales;
-    const S* mp = AFFINE ? mins + p * panel_scales : nullptr;
+  constexpr int64_t kGroupBytes = 256 << 10;
+  const int64_t panel_bytes = K / kBlock * BITS * 64, panel_scales = K / G * kRows;
+  const int64_t per_group = M > kMaxTile ? std::max<int64_t>(1, kGroupBytes / panel_bytes) : 1;
+  for (int64_t g0 = p0; g0 < p1; g0 += per_group) {
+    const int64_t g1 = std::min(p1, g0 + per_group);
     for (int64_t m = 0; m < M; m += kMaxTile) {
-      const int64_t T = std::min<int64_t>(kMaxTile, M - m);
-      const int8_t* qm = acts.q.data() + m * K;
-      const float* am = acts.a.data() + m * n_blocks;
-      const float* gm = acts.sg.data() + m * n_groups;
-      X* ym = y + m * N + p * kRows;
-      switch (T) {
-        case 4: panel<BITS, S, AFFINE, 4>(wp, sp, mp, qm, am, gm, K, G, offset, ym, N); break;
-        case 3: panel<BITS, S, AFFINE, 3>(wp, sp, mp, qm, am, gm, K, G, offset, ym, N); break;
-        case 2: panel<BITS, S, AFFINE, 2>(wp, sp, mp, qm, am, gm, K, G, offset, ym, N); break;
-        default: panel<BITS, S, AFFINE, 1>(wp, sp, mp, qm, am, gm, K, G, offset, ym, N);
+      for (int64_t p = g0; p < g1; ++p) {
+        const uint8_t* wp = w + p * panel_bytes;
+        const S* sp = scale + p * panel_scales;
+        const S* mp = AFFINE ? mins + p * panel_scales : nullptr;
+        switch (std::min<int64_t>(kMaxTile, M - m)) {
+          case 4: tile<BITS, S, AFFINE, 4>(acts, m, K, N, G, wp, sp, mp, offset, y, p); break;
+          case 3: tile<BITS, S, AFFINE, 3>(acts, m, K, N, G, wp, sp, mp, offset, y, p); break;
+          case 2: tile<BITS, S, AFFINE, 2>(acts, m, K, N, G, wp, sp, mp, offset, y, p); break;
+          default: tile<BITS, S, AFFINE, 1>(acts, m, K, N, G, wp, sp, mp, offset, y, p);
+        }
       }
     }
   }
@@ -274,50 +321,6 @@ void dispatch_affine(int64_t bits, bool affine, const X* x, int64_t M, int64_t K
     if (affine) run<8, S, true>(x, M, K, N, G, w, scale, mins, offset, y);
     else run<8, S, false>(x, M, K, N, G, w, scale, mins, offset, y);
   }
-}
-
-// ---------------------------------------------------------------- bf16 weights, few rows
-//
-// y = x @ W^T for a bf16 weight (N, K) as stored (row-major, untouched) and T <= 4 bf16
-// activation rows: decode is a stream over W, and `vdpbf16ps` multiplies 32 bf16 pairs into
-// 16 float32 lanes per instruction. R weight rows at a time share each activation load; the
-// R * T sums are independent chains, reduced across lanes once per row at the end.
-
-#define M7_TARGET_BF16 \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
-
-template <int R, int T>
-M7_TARGET_BF16 void bf16_rows(const at::BFloat16* w, const at::BFloat16* x, int64_t K,
-                              at::BFloat16* y, int64_t N) {
-  __m512 acc[R][T];
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 32) {
-    __m512bh xv[T];
-    for (int t = 0; t < T; ++t) xv[t] = (__m512bh)_mm512_loadu_si512(x + t * K + k);
-    for (int r = 0; r < R; ++r) {
-      const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + r * K + k);
-      for (int t = 0; t < T; ++t) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], wv, xv[t]);
-    }
-  }
-  for (int t = 0; t < T; ++t)
-    for (int r = 0; r < R; ++r) y[t * N + r] = at::BFloat16(_mm512_reduce_add_ps(acc[r][t]));
-}
-
-template <int T>
-void bf16_gemv_t(const at::BFloat16* w, const at::BFloat16* x, int64_t N, int64_t K,
-                 at::BFloat16* y) {
-  constexpr int64_t kR = 8;
-  at::parallel_for(0, (N + kR - 1) / kR, 16, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n = b * kR;
-      if (n + kR <= N) {
-        bf16_rows<kR, T>(w + n * K, x, K, y + n, N);
-      } else {
-        for (int64_t i = n; i < N; ++i) bf16_rows<1, T>(w + i * K, x, K, y + i, N);
-      }
-    }
-  });
 }
 
 #endif  // M7_X86
@@ -431,33 +434,6 @@ std::vector<at::Tensor> qmm_many(const at::Tensor& x,
   return ys;
 }
 
-bool has_bf16() { return cpu_has_bf16(); }
-
-// x (M, K) bf16 with M <= 4, w (N, K) bf16, both contiguous, K a multiple of 32 -> (M, N) bf16
-// (float32 sums, one rounding).
-at::Tensor bf16_gemv(const at::Tensor& x, const at::Tensor& w) {
-  TORCH_CHECK(cpu_has_bf16(), "mistral7b bf16_gemv needs a CPU with AVX-512 BF16");
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.scalar_type() == at::kBFloat16 &&
-                  w.scalar_type() == at::kBFloat16 && x.is_contiguous() && w.is_contiguous(),
-              "x and w must be contiguous 2-D bfloat16 tensors");
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  TORCH_CHECK(w.size(1) == K && K % 32 == 0, "w must be (N, K) with K a multiple of 32");
-  TORCH_CHECK(M >= 1 && M <= 4, "bf16_gemv takes 1 to 4 rows, got ", M);
-  at::Tensor y = at::empty({M, N}, x.options());
-#if M7_X86
-  const auto* wp = w.data_ptr<at::BFloat16>();
-  const auto* xp = x.data_ptr<at::BFloat16>();
-  auto* yp = y.data_ptr<at::BFloat16>();
-  switch (M) {
-    case 1: bf16_gemv_t<1>(wp, xp, N, K, yp); break;
-    case 2: bf16_gemv_t<2>(wp, xp, N, K, yp); break;
-    case 3: bf16_gemv_t<3>(wp, xp, N, K, yp); break;
-    default: bf16_gemv_t<4>(wp, xp, N, K, yp);
-  }
-#endif
-  return y;
-}
-
 }  // namespace
 
 namespace mistral7b {
@@ -487,13 +463,10 @@ std::vector<at::Tensor> qmm_many(const at::Tensor& x, const std::vector<const QW
 // through their fake (shape-only) implementations, registered in native.py.
 TORCH_LIBRARY(mistral7b_qmm, m) {
   m.def("has_vnni() -> bool", &has_vnni);
-  m.def("has_bf16() -> bool", &has_bf16);
   m.def("qmm(Tensor x, Tensor w, Tensor scale, Tensor? mins, int bits, int group, float offset, "
         "int n_out) -> Tensor");
-  m.def("bf16_gemv(Tensor x, Tensor w) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mistral7b_qmm, CPU, m) {
   m.impl("qmm", &qmm);
-  m.impl("bf16_gemv", &bf16_gemv);
 }
