@@ -53,11 +53,14 @@ def _activations_as_the_kernel_sees_them(x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9])
-def test_the_kernel_follows_its_rule(kind, m):
-    p, w = _panels(kind, 32, 512, seed=m)
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 32, 512), (2, 32, 512), (3, 32, 512),
+                                           (4, 32, 512), (5, 32, 512), (9, 32, 512),
+                                           # tiles of rows over groups of panels (kspan)
+                                           (6, 144, 4096)])
+def test_the_kernel_follows_its_rule(kind, m, n, k):
+    p, w = _panels(kind, n, k, seed=m)
     g = torch.Generator().manual_seed(m)
-    x = torch.randn(m, 512, generator=g)
+    x = torch.randn(m, k, generator=g)
     x[0, :32] = 0.0          # an all-zero block
     x[-1, 300] = 40.0        # an outlier
     want = _activations_as_the_kernel_sees_them(x) @ w.double().t()

@@ -217,31 +217,40 @@ void kspan(const mistral7b::Product& p, int64_t M, int64_t K, int64_t p0, int64_
   const auto* d = static_cast<const at::Half*>(p.super_d);
   const auto* dmin = static_cast<const at::Half*>(p.super_min);
   // more than one tile of rows: each panel's values and scales unpacked once, not once a
-  // tile (for K = 14336: 224 + 56 KB, in L2)
+  // tile, and a few panels (their unpacked values ~256 KB, in L2) taken through all the
+  // tiles together, so each tile's activations come from L3 once per few panels (qmm.cpp's
+  // panels_span does the same)
   const bool once = M > kMaxTile;
-  std::vector<uint8_t> values(once ? 512 * nb : 0);
-  std::vector<float> unpacked(BITS != 6 && once ? 32 * nb : 0);
-  uint8_t* vp = once ? values.data() : nullptr;
-  float* up = unpacked.empty() ? nullptr : unpacked.data();
-  for (int64_t pi = p0; pi < p1; ++pi) {
-    const uint8_t* wp = w + pi * nb * BITS * 64;
-    const uint8_t* sp = sc + pi * scale_bytes * kRows;
-    const at::Half* dp = d + pi * supers * kRows;
-    const at::Half* dmp = dmin ? dmin + pi * supers * kRows : nullptr;
-    if (vp != nullptr) unpack_values<BITS>(wp, nb, vp);
-    if (up != nullptr) unpack_scales(sp, nb, up);
+  const int64_t per_group = once ? std::max<int64_t>(1, (256 << 10) / (512 * nb)) : 1;
+  std::vector<uint8_t> values(once ? per_group * 512 * nb : 0);
+  std::vector<float> unpacked(BITS != 6 && once ? per_group * 32 * nb : 0);
+  for (int64_t g0 = p0; g0 < p1; g0 += per_group) {
+    const int64_t g1 = std::min(p1, g0 + per_group);
+    for (int64_t pi = g0; once && pi < g1; ++pi) {
+      unpack_values<BITS>(w + pi * nb * BITS * 64, nb, values.data() + (pi - g0) * 512 * nb);
+      if (!unpacked.empty())
+        unpack_scales(sc + pi * scale_bytes * kRows, nb, unpacked.data() + (pi - g0) * 32 * nb);
+    }
     for (int64_t m = 0; m < M; m += kMaxTile) {
       const int64_t T = std::min<int64_t>(kMaxTile, M - m);
       const int8_t* qm = acts.q.data() + m * K;
       const float* am = acts.a.data() + m * nb;
       const float* gm = acts.sg.data() + m * nb;
       const int32_t* vm = acts.s16.data() + m * (K / 16);
-      float* ym = p.y + m * p.N + pi * kRows;
-      switch (T) {
-        case 4: kpanel<BITS, 4>(wp, vp, sp, up, dp, dmp, qm, am, gm, vm, K, ym, p.N); break;
-        case 3: kpanel<BITS, 3>(wp, vp, sp, up, dp, dmp, qm, am, gm, vm, K, ym, p.N); break;
-        case 2: kpanel<BITS, 2>(wp, vp, sp, up, dp, dmp, qm, am, gm, vm, K, ym, p.N); break;
-        default: kpanel<BITS, 1>(wp, vp, sp, up, dp, dmp, qm, am, gm, vm, K, ym, p.N);
+      for (int64_t pi = g0; pi < g1; ++pi) {
+        const uint8_t* wp = w + pi * nb * BITS * 64;
+        const uint8_t* sp = sc + pi * scale_bytes * kRows;
+        const at::Half* dp = d + pi * supers * kRows;
+        const at::Half* dmp = dmin ? dmin + pi * supers * kRows : nullptr;
+        const uint8_t* vp = once ? values.data() + (pi - g0) * 512 * nb : nullptr;
+        const float* up = unpacked.empty() ? nullptr : unpacked.data() + (pi - g0) * 32 * nb;
+        float* ym = p.y + m * p.N + pi * kRows;
+        switch (T) {
+          case 4: kpanel<BITS, 4>(wp, vp, sp, up, dp, dmp, qm, am, gm, vm, K, ym, p.N); break;
+          case 3: kpanel<BITS, 3>(wp, vp, sp, up, dp, dmp, qm, am, gm, vm, K, ym, p.N); break;
+          case 2: kpanel<BITS, 2>(wp, vp, sp, up, dp, dmp, qm, am, gm, vm, K, ym, p.N); break;
+          default: kpanel<BITS, 1>(wp, vp, sp, up, dp, dmp, qm, am, gm, vm, K, ym, p.N);
+        }
       }
     }
   }
