@@ -1,5 +1,6 @@
 """`mistral7b bench` on the default model: it runs its engine in a worker process and reports
-its figures (no speed is asserted), including which decode step ran."""
+its figures (no speed is asserted), including which decode step ran and the machine's read
+bandwidth beside decode's."""
 
 from __future__ import annotations
 
@@ -19,8 +20,12 @@ def test_bench_reports_its_figures_and_the_decode_step(fused):
     run = run_cli("bench", "--prompt-tokens", "8", "--gen-tokens", "4", "--repeat", "1",
                   "-t", "1", "--json", env=cli_env(MISTRAL7B_FUSED_STEP=fused))
     assert run.returncode == 0, run.stderr[-2000:]
-    ours = json.loads(run.stdout)["mistral7b"]
+    results = json.loads(run.stdout)
+    ours = results["mistral7b"]
     assert KEYS <= ours.keys()
+    # the machine's read bandwidth, measured in the same run, and decode's share of it
+    assert results["machine"]["read_gbs"] > 0
+    assert "machine read bandwidth" in run.stderr and "decode streams" in run.stderr
     assert ours["decode_tps"] > 0 and ours["prefill_tps"] > 0 and len(ours["tokens"]) == 4
     expect = "fused" if fused == "1" and native.ops() is not None else "eager"
     assert ours["decode_step"] == expect

@@ -10,6 +10,8 @@ then repeats `--repeat` times: a pre-fill of `--prompt-tokens` random token ids 
 for every engine, from `--seed`) in one step, then `--gen-tokens` greedy tokens one step at a
 time (the first comes out of the pre-fill). Medians are reported. Time to first token is the
 pre-fill time plus one argmax. Peak RSS is the process's ru_maxrss (load included).
+Before the engines, a third process measures the machine's read bandwidth with the same
+threads (`torch.sum` over 1 GiB of float32, median of 7): the wall decode streams against.
 
 llama.cpp is driven through llama-cpp-python's low-level `eval` (no sampling chain) with the
 same thread count, so both sides do the same work: one batched forward, then single-token
@@ -34,6 +36,7 @@ from mistral7b.cli import common
 from mistral7b.errors import Mistral7BError
 
 ENGINES = ("mistral7b", "llama.cpp")
+MACHINE = "machine"     # the worker that measures read bandwidth (_read_bandwidth)
 
 
 def add_parser(subparsers: Any) -> None:
@@ -63,12 +66,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "number) beside each engine: speed on a machine that is doing "
                         "something else too")
     g.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
-    g.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
+    g.add_argument("--worker", choices=(*ENGINES, MACHINE), help=argparse.SUPPRESS)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.worker:
-        result = _measure(args)
+        result = _read_bandwidth(args.threads) if args.worker == MACHINE else _measure(args)
         print(json.dumps(result), flush=True)
         return 0
     threads = args.threads or 2
@@ -80,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         from mistral7b.errors import InputError
 
         raise InputError("--vs-llama-cpp needs a .gguf model (-m FILE.gguf)")
-    results = {}
+    results = {MACHINE: _spawn(args, MACHINE, threads)}
     for engine in engines:
         neighbours = [_start_neighbour() for _ in range(args.busy)]
         try:
@@ -116,6 +119,22 @@ def _spawn(args: argparse.Namespace, engine: str, threads: int) -> dict[str, Any
         raise Mistral7BError(
             f"the {engine} benchmark failed (exit {out.returncode}); its error is above")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _read_bandwidth(threads: int | None) -> dict[str, Any]:
+    """GB/s of `torch.sum` over 1 GiB of float32 (median of 7, after one warm-up)."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    x = torch.ones(1 << 28)
+    x.sum()
+    runs = []
+    for _ in range(7):
+        t = time.perf_counter()
+        x.sum()
+        runs.append(time.perf_counter() - t)
+    return {"read_gbs": x.numel() * 4 / statistics.median(runs) / 1e9}
 
 
 def _start_neighbour() -> subprocess.Popen:
@@ -273,6 +292,7 @@ def _gguf_weight_bytes(path: str) -> int:
 def _print_table(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> None:
     ours = results["mistral7b"]
     peer = results.get("llama.cpp")
+    wall = results.get(MACHINE, {}).get("read_gbs")
     rows = [("prefill tok/s", "prefill_tps", "{:.1f}"), ("decode tok/s", "decode_tps", "{:.2f}"),
             ("time to first token s", "ttft_s", "{:.3f}"), ("peak RSS GB", "peak_rss_gb",
                                                             "{:.2f}"),
@@ -289,6 +309,11 @@ def _print_table(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -
             ratio = ours[key] / peer[key] if peer[key] else float("nan")
             line += f"{fmt.format(peer[key]):>12s}{ratio:>7.2f}x"
         print(line, file=sys.stderr)
+    if wall:
+        shares = f"mistral7b {ours['bandwidth_gbs'] / wall:.0%}" + (
+            f", llama.cpp {peer['bandwidth_gbs'] / wall:.0%}" if peer else "")
+        print(f"machine read bandwidth (torch.sum, 1 GiB float32, same threads): {wall:.1f} "
+              f"GB/s; decode streams {shares} of it", file=sys.stderr)
     if peer:
         same = ours["tokens"] == peer["tokens"]
         print(f"greedy tokens agree: {same} (first 16: ours {ours['tokens'][:8]}..., "
