@@ -3,12 +3,15 @@ pre-fill (M = 256) for a Mistral-7B FFN matrix (14336 x 4096), medians of severa
 
     python bench/bench_kernels.py [--threads 2] [--repeat 5] [--rows 1,256] [--only "int4 g32 ours"]
     python bench/bench_kernels.py --rows 1,256 --only "int4 g32 ours float32,Q4_K,Q6_K"
+    python bench/bench_kernels.py --model m7b.Q4_0.gguf --layer 0 --rows 256
 
 What it compares: bf16 F.linear (oneDNN) and our bf16 kernel (BF16Linear, M = 1); for int8
 (per channel) and int4 (groups of 32/128), with bf16 and float32 activations, our AVX-512
 VNNI kernel ("ours", kernels/native.py) against PyTorch's (aten._weight_int8pack_mm,
 aten._weight_int4pack_mm_for_cpu, "torch"); GGUF K-quants (Q4_K, Q5_K, Q6_K: random valid
 blocks) on our kernel; and dequantize-to-bf16 + matmul for pre-fill.
+With --model, instead: each projection of one layer of that model as `load(quant="auto")`
+holds it (wq .. w2, whatever their layers and types), timed alone at --rows.
 Several copies of the matrix are cycled so each call reads its weights from memory, not
 cache.
 """
@@ -74,6 +77,33 @@ def forced(kernel: str):
         qlayers.use_native = saved
 
 
+def model_layer(args: argparse.Namespace) -> None:
+    """Each projection of layer args.layer of the loaded model at each row count: median and
+    best of args.repeat + 2 calls (the products of one layer fit in no cache: no copies)."""
+    import mistral7b
+
+    block = mistral7b.load(args.model, quant="auto").model.layers[args.layer]
+    mods = {"wq": block.attention.wq, "wk": block.attention.wk, "wv": block.attention.wv,
+            "wo": block.attention.wo, "w1": block.feed_forward.w1, "w3": block.feed_forward.w3,
+            "w2": block.feed_forward.w2}
+    for m in ROWS:
+        for name, layer in mods.items():
+            x = torch.randn(m, layer.in_features)
+            layer(x)
+            runs = []
+            for _ in range(args.repeat + 2):
+                t = time.perf_counter()
+                layer(x)
+                runs.append(time.perf_counter() - t)
+            ops = 2 * m * layer.in_features * layer.out_features
+            kind = getattr(layer, "bits", None)
+            print(f"layer {args.layer} {name} {type(layer).__name__}"
+                  f"{f' {kind}-bit' if kind else ''} {layer.out_features}x{layer.in_features} "
+                  f"M={m}: {statistics.median(runs) * 1e3:8.2f} ms  "
+                  f"{ops / statistics.median(runs) / 1e9:5.0f} GOP/s (best "
+                  f"{ops / min(runs) / 1e9:.0f})", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
@@ -83,10 +113,15 @@ def main() -> None:
                     help="activation rows M to time, comma-separated (serving: 1,8)")
     ap.add_argument("--only", help="run only the rows whose name starts with this (several: "
                                    "comma-separated)")
+    ap.add_argument("--model", help="time one layer's projections of this model instead")
+    ap.add_argument("--layer", type=int, default=0, help="which layer, with --model")
     args = ap.parse_args()
     global ROWS
     ROWS = tuple(int(m) for m in args.rows.split(","))
     torch.set_num_threads(args.threads)
+    if args.model:
+        model_layer(args)
+        return
     g = torch.Generator().manual_seed(0)
     ws = [torch.randn(N, K, generator=g).mul_(K**-0.5) for _ in range(args.copies)]
     rows = []

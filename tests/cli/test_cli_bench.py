@@ -12,7 +12,7 @@ from cli_helpers import cli_env, run_cli
 from mistral7b.kernels import native
 
 KEYS = {"prefill_tps", "decode_tps", "ttft_s", "peak_rss_gb", "bandwidth_gbs", "load_s",
-        "decode_step", "tokens"}
+        "decode_step", "tokens", "prefill_page_faults"}
 
 
 @pytest.mark.parametrize("fused", ["1", "0"])

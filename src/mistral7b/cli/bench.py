@@ -9,7 +9,8 @@ Each engine runs in a fresh subprocess (so its peak RSS is its own): it loads th
 then repeats `--repeat` times: a pre-fill of `--prompt-tokens` random token ids (the same ids
 for every engine, from `--seed`) in one step, then `--gen-tokens` greedy tokens one step at a
 time (the first comes out of the pre-fill). Medians are reported. Time to first token is the
-pre-fill time plus one argmax. Peak RSS is the process's ru_maxrss (load included).
+pre-fill time plus one argmax. Peak RSS is the process's ru_maxrss (load included); page
+faults are the minor faults (memory touched for the first time) during a pre-fill.
 Before the engines, a third process measures the machine's read bandwidth with the same
 threads (`torch.sum` over 1 GiB of float32, median of 7): the wall decode streams against.
 
@@ -161,9 +162,11 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
     tokens: list[int] = []
     for _ in range(args.repeat):
         reset()
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t = time.perf_counter()
         tok = prefill(ids)
         ttft = time.perf_counter() - t
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
         tokens = [tok]
         t = time.perf_counter()
         for _ in range(args.gen_tokens - 1):
@@ -171,7 +174,8 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
             tokens.append(tok)
         dec = time.perf_counter() - t
         runs.append({"prefill_tps": len(ids) / ttft, "ttft_s": ttft,
-                     "decode_tps": (args.gen_tokens - 1) / dec if dec else 0.0})
+                     "decode_tps": (args.gen_tokens - 1) / dec if dec else 0.0,
+                     "prefill_page_faults": faults})
     med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     # weights read per generated token (every linear layer and norm; one embedding row)
     med["bandwidth_gbs"] = weight_bytes * med["decode_tps"] / 1e9
@@ -296,7 +300,8 @@ def _print_table(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -
     rows = [("prefill tok/s", "prefill_tps", "{:.1f}"), ("decode tok/s", "decode_tps", "{:.2f}"),
             ("time to first token s", "ttft_s", "{:.3f}"), ("peak RSS GB", "peak_rss_gb",
                                                             "{:.2f}"),
-            ("decode bandwidth GB/s", "bandwidth_gbs", "{:.1f}"), ("load s", "load_s", "{:.2f}")]
+            ("decode bandwidth GB/s", "bandwidth_gbs", "{:.1f}"), ("load s", "load_s", "{:.2f}"),
+            ("pre-fill page faults", "prefill_page_faults", "{:.0f}")]
     head = f"{'':24s}{'mistral7b':>12s}" + (f"{'llama.cpp':>12s}{'ratio':>8s}" if peer else "")
     print(f"{args.model} quant={args.quant} threads={args.threads or 2} prompt="
           f"{args.prompt_tokens} gen={args.gen_tokens} repeat={args.repeat} (medians)"
