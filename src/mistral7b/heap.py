@@ -11,9 +11,9 @@ faults and 0.2-0.7 s of system time per step; with the thresholds below, none.
 So, on the first CPU step (`keep_step_memory`, called by the engine), the mmap threshold is
 fixed at glibc's largest (32 MiB: larger blocks, the weights among them, stay separate
 mappings and go back to the OS when freed) and the trim threshold raised to 256 MiB (what
-a step frees below 32 MiB stays in the heap for the next one). A user who tuned malloc
-(MALLOC_*_ or GLIBC_TUNABLES in the environment) keeps their settings; other C libraries
-are left alone.
+a step frees below 32 MiB stays in the heap for the next one). A user who set these
+thresholds (MALLOC_MMAP_THRESHOLD_ and the like, or glibc.malloc tunables) keeps their
+settings; other C libraries are left alone.
 """
 
 from __future__ import annotations
@@ -31,10 +31,15 @@ TRIM_THRESHOLD = 256 << 20
 _state: bool | None = None    # what the first call did
 
 
+# the environment variables by which a user sets the same thresholds (mallopt(3))
+USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
+                 "MALLOC_MMAP_MAX_")
+
+
 def user_tuned() -> bool:
     """Whether the environment already sets malloc's thresholds."""
-    return any(k.startswith("MALLOC_") and k.endswith("_") for k in os.environ) or (
-        "GLIBC_TUNABLES" in os.environ)
+    return any(k in os.environ for k in USER_SETTINGS) or (
+        "malloc" in os.environ.get("GLIBC_TUNABLES", ""))
 
 
 def keep_step_memory() -> bool:
