@@ -44,7 +44,7 @@ namespace {
 
 constexpr int64_t kBlock = mistral7b::kBlockInputs;  // inputs per activation block
 constexpr int64_t kRows = mistral7b::kPanelRows;     // output rows per panel
-constexpr int kMaxTile = 4;     // activation rows that share one unpacked weight block
+constexpr int kMaxTile = 8;     // activation rows that share one unpacked weight block
 
 bool cpu_has_vnni() {
 #if M7_X86
@@ -272,6 +272,10 @@ void panels_span(const QuantizedActs& acts, int64_t M, int64_t K, int64_t N, int
         const S* sp = scale + p * panel_scales;
         const S* mp = AFFINE ? mins + p * panel_scales : nullptr;
         switch (std::min<int64_t>(kMaxTile, M - m)) {
+          case 8: tile<BITS, S, AFFINE, 8>(acts, m, K, N, G, wp, sp, mp, offset, y, p); break;
+          case 7: tile<BITS, S, AFFINE, 7>(acts, m, K, N, G, wp, sp, mp, offset, y, p); break;
+          case 6: tile<BITS, S, AFFINE, 6>(acts, m, K, N, G, wp, sp, mp, offset, y, p); break;
+          case 5: tile<BITS, S, AFFINE, 5>(acts, m, K, N, G, wp, sp, mp, offset, y, p); break;
           case 4: tile<BITS, S, AFFINE, 4>(acts, m, K, N, G, wp, sp, mp, offset, y, p); break;
           case 3: tile<BITS, S, AFFINE, 3>(acts, m, K, N, G, wp, sp, mp, offset, y, p); break;
           case 2: tile<BITS, S, AFFINE, 2>(acts, m, K, N, G, wp, sp, mp, offset, y, p); break;
