@@ -5,8 +5,9 @@ A pre-fill step allocates and frees tens of MB per layer: a 256-token 7B step ma
 serves such blocks from fresh memory each time: above its mmap threshold each one is a new
 mapping, and below it, memory freed at the top of the heap goes back to the OS once more
 than the trim threshold is free. Either way every 4 KiB page is faulted in again on first
-touch. Measured on the 7B Q4_0 file (2 cores, 256-token pre-fill): 100k to 300k minor
-faults and 0.2-0.7 s of system time per step; with the thresholds below, none.
+touch. Measured on the 7B Q4_0 file (2 cores, 256-token pre-fill): 100k to 390k minor
+faults and 0.2-0.75 s of system time per step in some processes; with the thresholds
+below, none (tests/test_heap.py: a repeated step faults in 0-1 pages, 8,800 without).
 
 So, on the first CPU step (`keep_step_memory`, called by the engine), the mmap threshold is
 fixed at glibc's largest (32 MiB: larger blocks, the weights among them, stay separate
