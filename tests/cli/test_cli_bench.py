@@ -24,7 +24,7 @@ def test_bench_reports_its_figures_and_the_decode_step(fused):
     ours = results["mistral7b"]
     assert KEYS <= ours.keys()
     # the machine's read bandwidth, measured in the same run, and decode's share of it
-    assert results["machine"]["read_gbs"] > 0
+    assert results["machine"]["read_gbs"] > 0 and ours["machine_read_gbs"] > 0
     assert "machine read bandwidth" in run.stderr and "decode streams" in run.stderr
     assert ours["decode_tps"] > 0 and ours["prefill_tps"] > 0 and len(ours["tokens"]) == 4
     expect = "fused" if fused == "1" and native.ops() is not None else "eager"

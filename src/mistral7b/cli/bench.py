@@ -11,7 +11,7 @@ for every engine, from `--seed`) in one step, then `--gen-tokens` greedy tokens 
 time (the first comes out of the pre-fill). Medians are reported. Time to first token is the
 pre-fill time plus one argmax. Peak RSS is the process's ru_maxrss (load included); page
 faults are the minor faults (memory touched for the first time) during a pre-fill.
-Before the engines, a third process measures the machine's read bandwidth with the same
+Just before each engine, another process measures the machine's read bandwidth with the same
 threads (`torch.sum` over 1 GiB of float32, median of 7): the wall decode streams against.
 
 llama.cpp is driven through llama-cpp-python's low-level `eval` (no sampling chain) with the
@@ -84,11 +84,14 @@ def run(args: argparse.Namespace) -> int:
         from mistral7b.errors import InputError
 
         raise InputError("--vs-llama-cpp needs a .gguf model (-m FILE.gguf)")
-    results = {MACHINE: _spawn(args, MACHINE, threads)}
+    results: dict[str, dict[str, Any]] = {}
     for engine in engines:
+        # the read bandwidth just before each engine: on a VM it drifts from minute to minute
+        wall = _spawn(args, MACHINE, threads)
+        results.setdefault(MACHINE, wall)
         neighbours = [_start_neighbour() for _ in range(args.busy)]
         try:
-            results[engine] = _spawn(args, engine, threads)
+            results[engine] = {**_spawn(args, engine, threads), "machine_read_gbs": wall["read_gbs"]}
         finally:
             for neighbour in neighbours:
                 neighbour.kill()
@@ -296,7 +299,6 @@ def _gguf_weight_bytes(path: str) -> int:
 def _print_table(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> None:
     ours = results["mistral7b"]
     peer = results.get("llama.cpp")
-    wall = results.get(MACHINE, {}).get("read_gbs")
     rows = [("prefill tok/s", "prefill_tps", "{:.1f}"), ("decode tok/s", "decode_tps", "{:.2f}"),
             ("time to first token s", "ttft_s", "{:.3f}"), ("peak RSS GB", "peak_rss_gb",
                                                             "{:.2f}"),
@@ -316,11 +318,13 @@ def _print_table(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -
                 ratio = ours[key] / peer[key] if peer[key] else float("nan")
                 line += f"{ratio:>7.2f}x"
         print(line, file=sys.stderr)
-    if wall:
-        shares = f"mistral7b {ours['bandwidth_gbs'] / wall:.0%}" + (
-            f", llama.cpp {peer['bandwidth_gbs'] / wall:.0%}" if peer else "")
-        print(f"machine read bandwidth (torch.sum, 1 GiB float32, same threads): {wall:.1f} "
-              f"GB/s; decode streams {shares} of it", file=sys.stderr)
+    shares = [f"{name} {r['bandwidth_gbs'] / r['machine_read_gbs']:.0%} of "
+              f"{r['machine_read_gbs']:.1f}" for name, r in (("mistral7b", ours),
+                                                            ("llama.cpp", peer))
+              if r and r.get("machine_read_gbs")]
+    if shares:
+        print("machine read bandwidth (torch.sum, 1 GiB float32, same threads, just before "
+              f"each engine), GB/s: decode streams {'; '.join(shares)}", file=sys.stderr)
     if peer:
         same = ours["tokens"] == peer["tokens"]
         print(f"greedy tokens agree: {same} (first 16: ours {ours['tokens'][:8]}..., "
