@@ -1,7 +1,8 @@
 """Our CPU kernels (csrc/): int4/int8 weights (qmm.cpp, with pack.cpp laying weights out for
 it), GGUF K-quants on their own bits (kquant.cpp, laid out by kpack.cpp), bf16 weights at
-decode (bf16.cpp), decode attention over the paged KV pool (attention.cpp), RMSNorm (norm.cpp) and the fused decode step
-(step.cpp), compiled on first use into one cached library.
+decode (bf16.cpp), decode attention over the paged KV pool (attention.cpp), RMSNorm
+(norm.cpp) and the fused decode step (step.cpp), compiled on first use into one cached
+library; kernels.h holds what several of them share.
 
     ops = native.ops()          # None where it cannot run: then layers.py uses PyTorch's kernels
     y = ops.qmm(x, w, scale, mins, bits, group, offset, n_out)

@@ -32,6 +32,40 @@ constexpr int64_t kPrefetchBlocks = 8;  // how far ahead, in blocks of 32 inputs
 inline void prefetch_lines(const uint8_t* p, int lines) {
   for (int l = 0; l < lines; ++l) _mm_prefetch(reinterpret_cast<const char*>(p + 64 * l), _MM_HINT_T0);
 }
+
+// With more than one tile of activation rows (pre-fill, a batch of decode rows), a few panels
+// go through all the tiles together: about this many bytes of their weights (or unpacked
+// values), kept in L2, so each tile's activations come from L3 once per few panels.
+constexpr int64_t kGroupBytes = 256 << 10;
+
+// The 4 x 64 bytes of a block's nibbles as 8 registers of values 0..15: register 2j holds the
+// low nibbles of chunk j, 2j + 1 the high ones (qmm.cpp's header: value 4j + t, 16 + 4j + t).
+M7_TARGET inline void unpack_nibbles(const uint8_t* wb, __m512i wv[8]) {
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  for (int j = 0; j < 4; ++j) {
+    const __m512i v = _mm512_loadu_si512(wb + 64 * j);
+    wv[2 * j] = _mm512_and_si512(v, low4);
+    wv[2 * j + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+  }
+}
+
+// The int32 dot products of a block's 8 value registers with one activation row's 32 int8
+// values at q, in kChains independent chains (one chain of 8 dependent vpdpbusd would wait
+// on their latency, ~5 cycles each, not on memory). Register i pairs with activation dword
+// (i % 2) * 4 + i / 2 (4-bit pairing: low nibbles with bytes 4j.., high with 16 + 4j..), or
+// with dword i where `nibbles` is false (8-bit panels).
+template <bool nibbles, int kChains>
+M7_TARGET inline __m512i block_dot(const __m512i wv[8], const int8_t* q) {
+  const int32_t* v = reinterpret_cast<const int32_t*>(q);
+  __m512i sums[kChains];
+  for (int c = 0; c < kChains; ++c) sums[c] = _mm512_setzero_si512();
+  for (int i = 0; i < 8; ++i) {
+    const int dword = nibbles ? (i % 2) * 4 + i / 2 : i;
+    sums[i % kChains] = _mm512_dpbusd_epi32(sums[i % kChains], wv[i], _mm512_set1_epi32(v[dword]));
+  }
+  for (int c = 1; c < kChains; ++c) sums[0] = _mm512_add_epi32(sums[0], sums[c]);
+  return sums[0];
+}
 #endif
 
 // One weight in our panels (qmm.cpp's header comment): w = d * q + m per group of inputs.

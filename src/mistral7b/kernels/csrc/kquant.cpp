@@ -50,12 +50,7 @@ constexpr int kMaxTile = 4;  // activation rows that share one unpacked weight b
 
 template <int BITS>
 M7_TARGET inline void unpack(const uint8_t* wb, __m512i wv[8]) {
-  const __m512i low4 = _mm512_set1_epi8(0x0F);
-  for (int j = 0; j < 4; ++j) {
-    const __m512i v = _mm512_loadu_si512(wb + 64 * j);
-    wv[2 * j] = _mm512_and_si512(v, low4);
-    wv[2 * j + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-  }
+  mistral7b::unpack_nibbles(wb, wv);
   // register i holds value 4k + t of the block, k = 4 (i % 2) + i / 2 (qmm.cpp's pairing)
   if constexpr (BITS == 5) {
     // bit k of each byte to bit 4 (16-bit shifts: the mask drops what crosses bytes)
@@ -181,14 +176,7 @@ M7_TARGET void kpanel(const uint8_t* w, const uint8_t* values, const uint8_t* sc
           scale_min(sc + s * 12 * kRows, static_cast<int>(b - s * 8), &scv, &mv);
         }
         for (int t = 0; t < T; ++t) {
-          const int32_t* v = reinterpret_cast<const int32_t*>(q + t * K + b * kBlock);
-          __m512i sums[4];
-          for (int c = 0; c < 4; ++c) sums[c] = _mm512_setzero_si512();
-          for (int i = 0; i < 8; ++i)
-            sums[i % 4] = _mm512_dpbusd_epi32(sums[i % 4], wv[i],
-                                              _mm512_set1_epi32(v[(i % 2) * 4 + i / 2]));
-          const __m512i sum = _mm512_add_epi32(_mm512_add_epi32(sums[0], sums[1]),
-                                               _mm512_add_epi32(sums[2], sums[3]));
+          const __m512i sum = mistral7b::block_dot<true, 4>(wv, q + t * K + b * kBlock);
           inner[t] = _mm512_fmadd_ps(
               scv, _mm512_mul_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(a[t * nb + b])), inner[t]);
           minner[t] = _mm512_fmadd_ps(mv, _mm512_set1_ps(sg[t * nb + b]), minner[t]);
@@ -217,11 +205,11 @@ void kspan(const mistral7b::Product& p, int64_t M, int64_t K, int64_t p0, int64_
   const auto* d = static_cast<const at::Half*>(p.super_d);
   const auto* dmin = static_cast<const at::Half*>(p.super_min);
   // more than one tile of rows: each panel's values and scales unpacked once, not once a
-  // tile, and a few panels (their unpacked values ~256 KB, in L2) taken through all the
-  // tiles together, so each tile's activations come from L3 once per few panels (qmm.cpp's
-  // panels_span does the same)
+  // tile, and a few panels (kGroupBytes of unpacked values) taken through all the tiles
+  // together, as qmm.cpp's panels_span does
   const bool once = M > kMaxTile;
-  const int64_t per_group = once ? std::max<int64_t>(1, (256 << 10) / (512 * nb)) : 1;
+  const int64_t per_group =
+      once ? std::max<int64_t>(1, mistral7b::kGroupBytes / (512 * nb)) : 1;
   std::vector<uint8_t> values(once ? per_group * 512 * nb : 0);
   std::vector<float> unpacked(BITS != 6 && once ? per_group * 32 * nb : 0);
   for (int64_t g0 = p0; g0 < p1; g0 += per_group) {

@@ -125,33 +125,10 @@ M7_TARGET inline __m512 load16<at::Half>(const at::Half* p) {
 template <int BITS>
 M7_TARGET inline void load_block(const uint8_t* wb, __m512i wv[8]) {
   if constexpr (BITS == 4) {
-    const __m512i low4 = _mm512_set1_epi8(0x0F);
-    for (int j = 0; j < 4; ++j) {
-      const __m512i v = _mm512_loadu_si512(wb + 64 * j);
-      wv[2 * j] = _mm512_and_si512(v, low4);
-      wv[2 * j + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-    }
+    mistral7b::unpack_nibbles(wb, wv);
   } else {
     for (int j = 0; j < 8; ++j) wv[j] = _mm512_loadu_si512(wb + 64 * j);
   }
-}
-
-// The int32 dot products of one block's 8 registers with activation row v (32 int8 values),
-// summed over kChains independent chains: one chain of 8 dependent vpdpbusd would wait on
-// their latency (~5 cycles each), not on memory.
-template <int BITS, int kChains>
-M7_TARGET inline __m512i block_dot(const __m512i wv[8], const int8_t* q) {
-  const int32_t* v = reinterpret_cast<const int32_t*>(q);
-  __m512i sums[kChains];
-  for (int c = 0; c < kChains; ++c) sums[c] = _mm512_setzero_si512();
-  for (int i = 0; i < 8; ++i) {
-    // 4-bit: pair i is (low nibbles of chunk i/2, bytes 4(i/2)..) for even i, (high nibbles,
-    // bytes 16 + 4(i/2)..) for odd i; 8-bit: (chunk i, bytes 4i..)
-    const int dword = BITS == 4 ? (i % 2) * 4 + i / 2 : i;
-    sums[i % kChains] = _mm512_dpbusd_epi32(sums[i % kChains], wv[i], _mm512_set1_epi32(v[dword]));
-  }
-  for (int c = 1; c < kChains; ++c) sums[0] = _mm512_add_epi32(sums[0], sums[c]);
-  return sums[0];
 }
 
 // One panel (16 output rows) times T activation rows. BITS = 4 or 8; S = float or at::Half.
@@ -174,7 +151,7 @@ M7_TARGET void panel(const uint8_t* w, const S* scale, const S* mins, const int8
       __m512i wv[8];
       load_block<BITS>(wb, wv);
       for (int t = 0; t < T; ++t) {
-        const __m512i sum = block_dot<BITS, kChains>(wv, q + t * K + b * kBlock);
+        const __m512i sum = mistral7b::block_dot<BITS == 4, kChains>(wv, q + t * K + b * kBlock);
         inner[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(a[t * n_blocks + b]),
                                    inner[t]);
       }
@@ -215,8 +192,8 @@ M7_TARGET void block_panel(const uint8_t* w, const S* scale, const int8_t* q, co
     const __m512 d = load16(scale + b * kRows);
     for (int t = 0; t < T; ++t) {
       const int32_t* sv = s16 + t * (K / 16) + 2 * b;
-      const __m512i sum = _mm512_sub_epi32(block_dot<BITS, kChains>(wv, q + t * K + b * kBlock),
-                                           _mm512_set1_epi32(offset * (sv[0] + sv[1])));
+      const __m512i dot = mistral7b::block_dot<BITS == 4, kChains>(wv, q + t * K + b * kBlock);
+      const __m512i sum = _mm512_sub_epi32(dot, _mm512_set1_epi32(offset * (sv[0] + sv[1])));
       acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum),
                                _mm512_mul_ps(d, _mm512_set1_ps(a[t * n_blocks + b])), acc[t]);
     }
@@ -261,7 +238,7 @@ template <int BITS, typename S, bool AFFINE, typename X>
 void panels_span(const QuantizedActs& acts, int64_t M, int64_t K, int64_t N, int64_t G,
                  const uint8_t* w, const S* scale, const S* mins, float offset, X* y,
                  int64_t p0, int64_t p1) {
-  constexpr int64_t kGroupBytes = 256 << 10;
+  using mistral7b::kGroupBytes;
   const int64_t panel_bytes = K / kBlock * BITS * 64, panel_scales = K / G * kRows;
   const int64_t per_group = M > kMaxTile ? std::max<int64_t>(1, kGroupBytes / panel_bytes) : 1;
   for (int64_t g0 = p0; g0 < p1; g0 += per_group) {
