@@ -54,7 +54,8 @@ def _activations_as_the_kernel_sees_them(x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize(("m", "n", "k"), [(1, 32, 512), (2, 32, 512), (3, 32, 512),
-                                           (4, 32, 512), (5, 32, 512), (9, 32, 512),
+                                           (4, 32, 512), (5, 32, 512), (8, 32, 512),
+                                           (9, 32, 512), (15, 32, 512),
                                            # tiles of rows over groups of panels (kspan)
                                            (6, 144, 4096)])
 def test_the_kernel_follows_its_rule(kind, m, n, k):
@@ -67,6 +68,18 @@ def test_the_kernel_follows_its_rule(kind, m, n, k):
     slack = 1e-5 * (x.abs().double() @ w.abs().double().t()) + 1e-6
     got = p.matmul(x)
     assert ((got.double() - want).abs() <= slack).all(), float((got.double() - want).abs().max())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_row_gets_the_same_bits_in_any_batch(kind):
+    # pre-fill (values and factors unpacked once for tiles of 8 rows) against decode (one
+    # row, unpacked in registers): batched = alone, bit for bit
+    p, _ = _panels(kind, 144, 4096, seed=3)
+    x = torch.randn(19, 4096, generator=torch.Generator().manual_seed(3))
+    whole = p.matmul(x)
+    for i in (0, 7, 8, 18):
+        assert torch.equal(whole[i: i + 1], p.matmul(x[i: i + 1])), i
+    assert torch.equal(whole[16:], p.matmul(x[16:]))
 
 
 def test_bad_k_quant_input_is_refused():

@@ -24,9 +24,11 @@
 //
 // Per 32-block b of one output row, with activation scale a_b, int8 values v and the 16-value
 // sums s16:
-//   Q4_K/Q5_K  d * sum_b sc_b a_b (sum q v)  -  dmin * sum_b m_b a_b (sum v)
-//   Q6_K       d * sum_b a_b (sc_lo (sum_lo q v - 32 s16_lo) + sc_hi (sum_hi ... ))
-// the brackets exact in int32, the rest float32.
+//   Q4_K/Q5_K  sum_b (d sc_b) a_b (sum q v)  -  (dmin m_b) a_b (sum v)
+//   Q6_K       sum_b a_b ((d sc_lo) (sum_lo q v - 32 s16_lo) + (d sc_hi) (sum_hi ... ))
+// the brackets exact in int32, the factors (d sc) exact in float32, the rest float32. One
+// float accumulator per row and 16 outputs is all a tile of rows keeps in registers, beside
+// the block's 8 registers of values: tiles of 8 rows fit, as in qmm.cpp.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -44,7 +46,7 @@ namespace {
 constexpr int64_t kBlock = mistral7b::kBlockInputs;
 constexpr int64_t kRows = mistral7b::kPanelRows;
 constexpr int64_t kSuper = mistral7b::kSuperInputs;
-constexpr int kMaxTile = 4;  // activation rows that share one unpacked weight block
+constexpr int kMaxTile = 8;  // activation rows that share one unpacked weight block
 
 #if M7_X86
 
@@ -100,14 +102,34 @@ M7_TARGET inline void scale_min(const uint8_t* packed, int j, __m512* sc, __m512
   *mn = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(m));
 }
 
-// Q4_K / Q5_K scales and mins of a panel's every block, unpacked once for many row tiles
-// (pre-fill): block b's 16 scales at out[32 b], its mins at out[32 b + 16].
-M7_TARGET void unpack_scales(const uint8_t* sc, int64_t nb, float* out) {
+// Block b's two vectors of 16 float factors: Q4_K / Q5_K d sc and dmin m of its sub-block,
+// Q6_K d sc of its two halves. Each is exact in float32 (an 11-bit float16 mantissa times a
+// 6- or 8-bit integer), so folding d in here rounds nothing.
+template <int BITS>
+M7_TARGET inline void block_factors(const uint8_t* sc, const at::Half* d, const at::Half* dmin,
+                                    int64_t b, __m512* f0, __m512* f1) {
+  const __m512 dv = load_half(d + b / 8 * kRows);
+  if constexpr (BITS == 6) {
+    *f0 = _mm512_mul_ps(dv, load_i8(sc + 2 * b * kRows));
+    *f1 = _mm512_mul_ps(dv, load_i8(sc + (2 * b + 1) * kRows));
+  } else {
+    __m512 scv, mv;
+    scale_min(sc + b / 8 * 12 * kRows, static_cast<int>(b % 8), &scv, &mv);
+    *f0 = _mm512_mul_ps(dv, scv);
+    *f1 = _mm512_mul_ps(load_half(dmin + b / 8 * kRows), mv);
+  }
+}
+
+// A panel's every block's factors, computed once for many row tiles (pre-fill): block b's
+// at out[32 b] and out[32 b + 16].
+template <int BITS>
+M7_TARGET void unpack_factors(const uint8_t* sc, const at::Half* d, const at::Half* dmin,
+                              int64_t nb, float* out) {
   for (int64_t b = 0; b < nb; ++b) {
-    __m512 s, m;
-    scale_min(sc + b / 8 * 12 * kRows, static_cast<int>(b % 8), &s, &m);
-    _mm512_storeu_ps(out + 32 * b, s);
-    _mm512_storeu_ps(out + 32 * b + 16, m);
+    __m512 f0, f1;
+    block_factors<BITS>(sc, d, dmin, b, &f0, &f1);
+    _mm512_storeu_ps(out + 32 * b, f0);
+    _mm512_storeu_ps(out + 32 * b + 16, f1);
   }
 }
 
@@ -123,73 +145,61 @@ M7_TARGET void unpack_values(const uint8_t* w, int64_t nb, uint8_t* out) {
 }
 
 // One panel (16 output rows) times T activation rows; pointers at the panel's own data and
-// the first activation row's. `values` and `unpacked`: the panel's values (unpack_values) and
-// Q4_K / Q5_K scales (unpack_scales) unpacked beforehand, or null (read from `w` and `sc`).
+// the first activation row's. `values` and `factors`: the panel's values (unpack_values) and
+// block factors (unpack_factors) computed beforehand, or null (computed here from `w`, `sc`,
+// `d`, `dmin`); either way each row's arithmetic is the same, whatever T.
 template <int BITS, int T>
 M7_TARGET void kpanel(const uint8_t* w, const uint8_t* values, const uint8_t* sc,
-                      const float* unpacked, const at::Half* d, const at::Half* dmin,
+                      const float* factors, const at::Half* d, const at::Half* dmin,
                       const int8_t* q, const float* a, const float* sg, const int32_t* s16,
                       int64_t K, float* y, int64_t N) {
-  constexpr bool kSixBit = BITS == 6;
   constexpr int64_t kBlockBytes = BITS * 64;
   const int64_t nb = K / kBlock;
   __m512 acc[T];
   for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
-  for (int64_t s = 0; s < K / kSuper; ++s) {
-    __m512 inner[T], minner[T];
-    for (int t = 0; t < T; ++t) inner[t] = minner[t] = _mm512_setzero_ps();
-    for (int64_t b = s * 8; b < s * 8 + 8; ++b) {
-      __m512i wv[8];
-      if (values != nullptr) {
-        for (int i = 0; i < 8; ++i) wv[i] = _mm512_loadu_si512(values + 512 * b + 64 * i);
-      } else {
-        mistral7b::prefetch_lines(w + (b + mistral7b::kPrefetchBlocks) * kBlockBytes, BITS);
-        unpack<BITS>(w + b * kBlockBytes, wv);
-      }
-      if constexpr (kSixBit) {
-        const __m512 sc_lo = load_i8(sc + 2 * b * kRows), sc_hi = load_i8(sc + (2 * b + 1) * kRows);
-        for (int t = 0; t < T; ++t) {
-          const int32_t* v = reinterpret_cast<const int32_t*>(q + t * K + b * kBlock);
-          // even registers pair with inputs 0..15 of the block, odd ones with 16..31
-          __m512i lo0 = _mm512_setzero_si512(), lo1 = lo0, hi0 = lo0, hi1 = lo0;
-          lo0 = _mm512_dpbusd_epi32(lo0, wv[0], _mm512_set1_epi32(v[0]));
-          hi0 = _mm512_dpbusd_epi32(hi0, wv[1], _mm512_set1_epi32(v[4]));
-          lo1 = _mm512_dpbusd_epi32(lo1, wv[2], _mm512_set1_epi32(v[1]));
-          hi1 = _mm512_dpbusd_epi32(hi1, wv[3], _mm512_set1_epi32(v[5]));
-          lo0 = _mm512_dpbusd_epi32(lo0, wv[4], _mm512_set1_epi32(v[2]));
-          hi0 = _mm512_dpbusd_epi32(hi0, wv[5], _mm512_set1_epi32(v[6]));
-          lo1 = _mm512_dpbusd_epi32(lo1, wv[6], _mm512_set1_epi32(v[3]));
-          hi1 = _mm512_dpbusd_epi32(hi1, wv[7], _mm512_set1_epi32(v[7]));
-          const int32_t* sv = s16 + t * (K / 16) + 2 * b;
-          const __m512i lo = _mm512_sub_epi32(_mm512_add_epi32(lo0, lo1), _mm512_set1_epi32(32 * sv[0]));
-          const __m512i hi = _mm512_sub_epi32(_mm512_add_epi32(hi0, hi1), _mm512_set1_epi32(32 * sv[1]));
-          const __m512 part = _mm512_fmadd_ps(sc_hi, _mm512_cvtepi32_ps(hi),
-                                              _mm512_mul_ps(sc_lo, _mm512_cvtepi32_ps(lo)));
-          inner[t] = _mm512_fmadd_ps(part, _mm512_set1_ps(a[t * nb + b]), inner[t]);
-        }
-      } else {
-        __m512 scv, mv;
-        if (unpacked != nullptr) {
-          scv = _mm512_loadu_ps(unpacked + 32 * b);
-          mv = _mm512_loadu_ps(unpacked + 32 * b + 16);
-        } else {
-          scale_min(sc + s * 12 * kRows, static_cast<int>(b - s * 8), &scv, &mv);
-        }
-        for (int t = 0; t < T; ++t) {
-          const __m512i sum = mistral7b::block_dot<true, 4>(wv, q + t * K + b * kBlock);
-          inner[t] = _mm512_fmadd_ps(
-              scv, _mm512_mul_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(a[t * nb + b])), inner[t]);
-          minner[t] = _mm512_fmadd_ps(mv, _mm512_set1_ps(sg[t * nb + b]), minner[t]);
-        }
-      }
-    }
-    const __m512 dv = load_half(d + s * kRows);
-    if constexpr (kSixBit) {
-      for (int t = 0; t < T; ++t) acc[t] = _mm512_fmadd_ps(dv, inner[t], acc[t]);
+  for (int64_t b = 0; b < nb; ++b) {
+    __m512i wv[8];
+    __m512 f0, f1;
+    if (values != nullptr) {
+      for (int i = 0; i < 8; ++i) wv[i] = _mm512_loadu_si512(values + 512 * b + 64 * i);
+      f0 = _mm512_loadu_ps(factors + 32 * b);
+      f1 = _mm512_loadu_ps(factors + 32 * b + 16);
     } else {
-      const __m512 dm = load_half(dmin + s * kRows);
-      for (int t = 0; t < T; ++t)
-        acc[t] = _mm512_fmadd_ps(dv, inner[t], _mm512_fnmadd_ps(dm, minner[t], acc[t]));
+      mistral7b::prefetch_lines(w + (b + mistral7b::kPrefetchBlocks) * kBlockBytes, BITS);
+      unpack<BITS>(w + b * kBlockBytes, wv);
+      block_factors<BITS>(sc, d, dmin, b, &f0, &f1);
+    }
+#pragma GCC unroll 8
+    for (int t = 0; t < T; ++t) {   // unrolled, so that acc[] stays in registers
+      const int32_t* v = reinterpret_cast<const int32_t*>(q + t * K + b * kBlock);
+      if constexpr (BITS == 6) {
+        // even registers pair with inputs 0..15 of the block, odd ones with 16..31; the
+        // chains start at -32 x the halves' sums (q - 32); one row takes two chains a half,
+        // several rows are chains enough
+        const int32_t* sv = s16 + t * (K / 16) + 2 * b;
+        __m512i lo0 = _mm512_set1_epi32(-32 * sv[0]), hi0 = _mm512_set1_epi32(-32 * sv[1]);
+        __m512i lo1 = _mm512_setzero_si512(), hi1 = lo1;
+        __m512i& lo_b = T == 1 ? lo1 : lo0;
+        __m512i& hi_b = T == 1 ? hi1 : hi0;
+        lo0 = _mm512_dpbusd_epi32(lo0, wv[0], _mm512_set1_epi32(v[0]));
+        hi0 = _mm512_dpbusd_epi32(hi0, wv[1], _mm512_set1_epi32(v[4]));
+        lo_b = _mm512_dpbusd_epi32(lo_b, wv[2], _mm512_set1_epi32(v[1]));
+        hi_b = _mm512_dpbusd_epi32(hi_b, wv[3], _mm512_set1_epi32(v[5]));
+        lo0 = _mm512_dpbusd_epi32(lo0, wv[4], _mm512_set1_epi32(v[2]));
+        hi0 = _mm512_dpbusd_epi32(hi0, wv[5], _mm512_set1_epi32(v[6]));
+        lo_b = _mm512_dpbusd_epi32(lo_b, wv[6], _mm512_set1_epi32(v[3]));
+        hi_b = _mm512_dpbusd_epi32(hi_b, wv[7], _mm512_set1_epi32(v[7]));
+        const __m512i lo = T == 1 ? _mm512_add_epi32(lo0, lo1) : lo0;
+        const __m512i hi = T == 1 ? _mm512_add_epi32(hi0, hi1) : hi0;
+        const __m512 part = _mm512_fmadd_ps(f1, _mm512_cvtepi32_ps(hi),
+                                            _mm512_mul_ps(f0, _mm512_cvtepi32_ps(lo)));
+        acc[t] = _mm512_fmadd_ps(part, _mm512_set1_ps(a[t * nb + b]), acc[t]);
+      } else {
+        const __m512i sum = mistral7b::block_dot<true, T == 1 ? 4 : 2>(wv, q + t * K + b * kBlock);
+        acc[t] = _mm512_fmadd_ps(
+            f0, _mm512_mul_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(a[t * nb + b])), acc[t]);
+        acc[t] = _mm512_fnmadd_ps(f1, _mm512_set1_ps(sg[t * nb + b]), acc[t]);
+      }
     }
   }
   for (int t = 0; t < T; ++t) _mm512_storeu_ps(y + t * N, acc[t]);
@@ -211,13 +221,14 @@ void kspan(const mistral7b::Product& p, int64_t M, int64_t K, int64_t p0, int64_
   const int64_t per_group =
       once ? std::max<int64_t>(1, mistral7b::kGroupBytes / (512 * nb)) : 1;
   std::vector<uint8_t> values(once ? per_group * 512 * nb : 0);
-  std::vector<float> unpacked(BITS != 6 && once ? per_group * 32 * nb : 0);
+  std::vector<float> factors(once ? per_group * 32 * nb : 0);
   for (int64_t g0 = p0; g0 < p1; g0 += per_group) {
     const int64_t g1 = std::min(p1, g0 + per_group);
     for (int64_t pi = g0; once && pi < g1; ++pi) {
       unpack_values<BITS>(w + pi * nb * BITS * 64, nb, values.data() + (pi - g0) * 512 * nb);
-      if (!unpacked.empty())
-        unpack_scales(sc + pi * scale_bytes * kRows, nb, unpacked.data() + (pi - g0) * 32 * nb);
+      unpack_factors<BITS>(sc + pi * scale_bytes * kRows, d + pi * supers * kRows,
+                           dmin ? dmin + pi * supers * kRows : nullptr, nb,
+                           factors.data() + (pi - g0) * 32 * nb);
     }
     for (int64_t m = 0; m < M; m += kMaxTile) {
       const int64_t T = std::min<int64_t>(kMaxTile, M - m);
@@ -231,9 +242,13 @@ void kspan(const mistral7b::Product& p, int64_t M, int64_t K, int64_t p0, int64_
         const at::Half* dp = d + pi * supers * kRows;
         const at::Half* dmp = dmin ? dmin + pi * supers * kRows : nullptr;
         const uint8_t* vp = once ? values.data() + (pi - g0) * 512 * nb : nullptr;
-        const float* up = unpacked.empty() ? nullptr : unpacked.data() + (pi - g0) * 32 * nb;
+        const float* up = once ? factors.data() + (pi - g0) * 32 * nb : nullptr;
         float* ym = p.y + m * p.N + pi * kRows;
         switch (T) {
+          case 8: kpanel<BITS, 8>(wp, vp, sp, up, dp, dmp, qm, am, gm, vm, K, ym, p.N); break;
+          case 7: kpanel<BITS, 7>(wp, vp, sp, up, dp, dmp, qm, am, gm, vm, K, ym, p.N); break;
+          case 6: kpanel<BITS, 6>(wp, vp, sp, up, dp, dmp, qm, am, gm, vm, K, ym, p.N); break;
+          case 5: kpanel<BITS, 5>(wp, vp, sp, up, dp, dmp, qm, am, gm, vm, K, ym, p.N); break;
           case 4: kpanel<BITS, 4>(wp, vp, sp, up, dp, dmp, qm, am, gm, vm, K, ym, p.N); break;
           case 3: kpanel<BITS, 3>(wp, vp, sp, up, dp, dmp, qm, am, gm, vm, K, ym, p.N); break;
           case 2: kpanel<BITS, 2>(wp, vp, sp, up, dp, dmp, qm, am, gm, vm, K, ym, p.N); break;
