@@ -146,8 +146,8 @@ M7_TARGET void unpack_values(const uint8_t* w, int64_t nb, uint8_t* out) {
 
 // One panel (16 output rows) times T activation rows; pointers at the panel's own data and
 // the first activation row's. `values` and `factors`: the panel's values (unpack_values) and
-// block factors (unpack_factors) computed beforehand, or null (computed here from `w`, `sc`,
-// `d`, `dmin`); either way each row's arithmetic is the same, whatever T.
+// block factors (unpack_factors) computed beforehand, each or null (then computed here from
+// `w`, or `sc`, `d`, `dmin`); either way each row's arithmetic is the same, whatever T.
 template <int BITS, int T>
 M7_TARGET void kpanel(const uint8_t* w, const uint8_t* values, const uint8_t* sc,
                       const float* factors, const at::Half* d, const at::Half* dmin,
@@ -162,11 +162,14 @@ M7_TARGET void kpanel(const uint8_t* w, const uint8_t* values, const uint8_t* sc
     __m512 f0, f1;
     if (values != nullptr) {
       for (int i = 0; i < 8; ++i) wv[i] = _mm512_loadu_si512(values + 512 * b + 64 * i);
-      f0 = _mm512_loadu_ps(factors + 32 * b);
-      f1 = _mm512_loadu_ps(factors + 32 * b + 16);
     } else {
       mistral7b::prefetch_lines(w + (b + mistral7b::kPrefetchBlocks) * kBlockBytes, BITS);
       unpack<BITS>(w + b * kBlockBytes, wv);
+    }
+    if (factors != nullptr) {
+      f0 = _mm512_loadu_ps(factors + 32 * b);
+      f1 = _mm512_loadu_ps(factors + 32 * b + 16);
+    } else {
       block_factors<BITS>(sc, d, dmin, b, &f0, &f1);
     }
 #pragma GCC unroll 8
@@ -214,18 +217,24 @@ void kspan(const mistral7b::Product& p, int64_t M, int64_t K, int64_t p0, int64_
   const auto* sc = static_cast<const uint8_t*>(p.scale);
   const auto* d = static_cast<const at::Half*>(p.super_d);
   const auto* dmin = static_cast<const at::Half*>(p.super_min);
-  // more than one tile of rows: each panel's values and scales unpacked once, not once a
-  // tile, and a few panels (kGroupBytes of unpacked values) taken through all the tiles
-  // together, as qmm.cpp's panels_span does
+  // more than one tile of rows: each panel's block factors computed once, not once a tile,
+  // and a few panels (kGroupBytes of their weights) taken through all the tiles together, as
+  // qmm.cpp's panels_span does. Q5_K / Q6_K values are unpacked once into memory too (their
+  // top bits cost more to place than loading them back does); Q4_K's nibbles are unpacked
+  // in registers by each tile, as qmm.cpp does (measured faster, and a group then holds
+  // twice the panels)
   const bool once = M > kMaxTile;
-  const int64_t per_group =
-      once ? std::max<int64_t>(1, mistral7b::kGroupBytes / (512 * nb)) : 1;
-  std::vector<uint8_t> values(once ? per_group * 512 * nb : 0);
+  constexpr bool kUnpackOnce = BITS != 4;
+  const int64_t per_group = once ? std::max<int64_t>(1, mistral7b::kGroupBytes /
+                                                            ((kUnpackOnce ? 512 : BITS * 64) * nb))
+                                 : 1;
+  std::vector<uint8_t> values(once && kUnpackOnce ? per_group * 512 * nb : 0);
   std::vector<float> factors(once ? per_group * 32 * nb : 0);
   for (int64_t g0 = p0; g0 < p1; g0 += per_group) {
     const int64_t g1 = std::min(p1, g0 + per_group);
     for (int64_t pi = g0; once && pi < g1; ++pi) {
-      unpack_values<BITS>(w + pi * nb * BITS * 64, nb, values.data() + (pi - g0) * 512 * nb);
+      if (kUnpackOnce)
+        unpack_values<BITS>(w + pi * nb * BITS * 64, nb, values.data() + (pi - g0) * 512 * nb);
       unpack_factors<BITS>(sc + pi * scale_bytes * kRows, d + pi * supers * kRows,
                            dmin ? dmin + pi * supers * kRows : nullptr, nb,
                            factors.data() + (pi - g0) * 32 * nb);
@@ -241,7 +250,7 @@ void kspan(const mistral7b::Product& p, int64_t M, int64_t K, int64_t p0, int64_
         const uint8_t* sp = sc + pi * scale_bytes * kRows;
         const at::Half* dp = d + pi * supers * kRows;
         const at::Half* dmp = dmin ? dmin + pi * supers * kRows : nullptr;
-        const uint8_t* vp = once ? values.data() + (pi - g0) * 512 * nb : nullptr;
+        const uint8_t* vp = values.empty() ? nullptr : values.data() + (pi - g0) * 512 * nb;
         const float* up = once ? factors.data() + (pi - g0) * 32 * nb : nullptr;
         float* ym = p.y + m * p.N + pi * kRows;
         switch (T) {
