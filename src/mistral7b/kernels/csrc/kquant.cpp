@@ -103,12 +103,12 @@ M7_TARGET inline void scale_min(const uint8_t* packed, int j, __m512* sc, __m512
 }
 
 // Block b's two vectors of 16 float factors: Q4_K / Q5_K d sc and dmin m of its sub-block,
-// Q6_K d sc of its two halves. Each is exact in float32 (an 11-bit float16 mantissa times a
-// 6- or 8-bit integer), so folding d in here rounds nothing.
+// Q6_K d sc of its two halves; dv and dmv are its super-block's d and dmin. Each factor is
+// exact in float32 (an 11-bit float16 mantissa times a 6- or 8-bit integer), so folding d in
+// here rounds nothing.
 template <int BITS>
-M7_TARGET inline void block_factors(const uint8_t* sc, const at::Half* d, const at::Half* dmin,
-                                    int64_t b, __m512* f0, __m512* f1) {
-  const __m512 dv = load_half(d + b / 8 * kRows);
+M7_TARGET inline void block_factors(const uint8_t* sc, __m512 dv, __m512 dmv, int64_t b,
+                                    __m512* f0, __m512* f1) {
   if constexpr (BITS == 6) {
     *f0 = _mm512_mul_ps(dv, load_i8(sc + 2 * b * kRows));
     *f1 = _mm512_mul_ps(dv, load_i8(sc + (2 * b + 1) * kRows));
@@ -116,8 +116,16 @@ M7_TARGET inline void block_factors(const uint8_t* sc, const at::Half* d, const 
     __m512 scv, mv;
     scale_min(sc + b / 8 * 12 * kRows, static_cast<int>(b % 8), &scv, &mv);
     *f0 = _mm512_mul_ps(dv, scv);
-    *f1 = _mm512_mul_ps(load_half(dmin + b / 8 * kRows), mv);
+    *f1 = _mm512_mul_ps(dmv, mv);
   }
+}
+
+// Super-block s's d and dmin (Q6_K: d twice) of 16 rows.
+template <int BITS>
+M7_TARGET inline void super_factors(const at::Half* d, const at::Half* dmin, int64_t s,
+                                    __m512* dv, __m512* dmv) {
+  *dv = load_half(d + s * kRows);
+  *dmv = BITS == 6 ? *dv : load_half(dmin + s * kRows);
 }
 
 // A panel's every block's factors, computed once for many row tiles (pre-fill): block b's
@@ -125,9 +133,11 @@ M7_TARGET inline void block_factors(const uint8_t* sc, const at::Half* d, const 
 template <int BITS>
 M7_TARGET void unpack_factors(const uint8_t* sc, const at::Half* d, const at::Half* dmin,
                               int64_t nb, float* out) {
+  __m512 dv, dmv;
   for (int64_t b = 0; b < nb; ++b) {
     __m512 f0, f1;
-    block_factors<BITS>(sc, d, dmin, b, &f0, &f1);
+    if (b % 8 == 0) super_factors<BITS>(d, dmin, b / 8, &dv, &dmv);
+    block_factors<BITS>(sc, dv, dmv, b, &f0, &f1);
     _mm512_storeu_ps(out + 32 * b, f0);
     _mm512_storeu_ps(out + 32 * b + 16, f1);
   }
@@ -157,9 +167,11 @@ M7_TARGET void kpanel(const uint8_t* w, const uint8_t* values, const uint8_t* sc
   const int64_t nb = K / kBlock;
   __m512 acc[T];
   for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
+  __m512 dv = _mm512_setzero_ps(), dmv = dv;
   for (int64_t b = 0; b < nb; ++b) {
     __m512i wv[8];
     __m512 f0, f1;
+    if (factors == nullptr && b % 8 == 0) super_factors<BITS>(d, dmin, b / 8, &dv, &dmv);
     if (values != nullptr) {
       for (int i = 0; i < 8; ++i) wv[i] = _mm512_loadu_si512(values + 512 * b + 64 * i);
     } else {
@@ -170,7 +182,7 @@ M7_TARGET void kpanel(const uint8_t* w, const uint8_t* values, const uint8_t* sc
       f0 = _mm512_loadu_ps(factors + 32 * b);
       f1 = _mm512_loadu_ps(factors + 32 * b + 16);
     } else {
-      block_factors<BITS>(sc, d, dmin, b, &f0, &f1);
+      block_factors<BITS>(sc, dv, dmv, b, &f0, &f1);
     }
 #pragma GCC unroll 8
     for (int t = 0; t < T; ++t) {   // unrolled, so that acc[] stays in registers
