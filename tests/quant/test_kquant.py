@@ -72,8 +72,8 @@ def test_the_kernel_follows_its_rule(kind, m, n, k):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_row_gets_the_same_bits_in_any_batch(kind):
-    # pre-fill (values and factors unpacked once for tiles of 8 rows) against decode (one
-    # row, unpacked in registers): batched = alone, bit for bit
+    # pre-fill (block factors, and Q5_K / Q6_K values, unpacked once for tiles of 8 rows)
+    # against decode (one row, all unpacked in registers): batched = alone, bit for bit
     p, _ = _panels(kind, 144, 4096, seed=3)
     x = torch.randn(19, 4096, generator=torch.Generator().manual_seed(3))
     whole = p.matmul(x)
