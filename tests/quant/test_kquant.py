@@ -46,7 +46,9 @@ def test_the_repack_holds_ggufs_weights_bit_for_bit(kind):
 
 
 def _activations_as_the_kernel_sees_them(x: torch.Tensor) -> torch.Tensor:
-    blocks = x.view(x.shape[0], -1, 32)
+    # int8 with one scale per super-block of 256 inputs (ggml's Q8_K, what llama.cpp
+    # multiplies K-quants by), max|x| / 127, rounded to nearest even
+    blocks = x.view(x.shape[0], -1, 256)
     amax = blocks.abs().amax(-1, keepdim=True)
     inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
     return (torch.round(blocks * inv).double() * (amax.double() / 127.0)).view_as(x)
@@ -62,7 +64,7 @@ def test_the_kernel_follows_its_rule(kind, m, n, k):
     p, w = _panels(kind, n, k, seed=m)
     g = torch.Generator().manual_seed(m)
     x = torch.randn(m, k, generator=g)
-    x[0, :32] = 0.0          # an all-zero block
+    x[0, :256] = 0.0         # an all-zero super-block (scale 0)
     x[-1, 300] = 40.0        # an outlier
     want = _activations_as_the_kernel_sees_them(x) @ w.double().t()
     slack = 1e-5 * (x.abs().double() @ w.abs().double().t()) + 1e-6

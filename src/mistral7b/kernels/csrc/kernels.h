@@ -88,9 +88,10 @@ inline int64_t kquant_super_bytes(int64_t kind) {
   return kind == kGgmlQ4K ? 144 : kind == kGgmlQ5K ? 176 : 210;
 }
 
-// Activation rows quantized to int8 per block of 32 (qmm.cpp): the values `q`, one scale `a`
-// per block, per group of G inputs the sum over its blocks of scale * (sum of the block's
-// values) `sg`, and the plain integer sum of every 16 values `s16`.
+// Activation rows quantized to int8 in blocks of 32 (qmm.cpp): the values `q`, the scale `a`
+// of each block (one scale shared by every block of a span: 32 inputs, or a K-quant's
+// super-block of 256 as ggml's Q8_K), per group of G inputs the sum over its blocks of
+// scale * (sum of the block's values) `sg`, and the plain integer sum of every 16 values `s16`.
 struct ActBlocks {
   std::vector<int8_t> q;
   std::vector<float> a;
@@ -99,7 +100,7 @@ struct ActBlocks {
 };
 
 // x (M, K) float32 or bfloat16, contiguous
-void quantize_acts(const at::Tensor& x, int64_t G, ActBlocks& acts);
+void quantize_acts(const at::Tensor& x, int64_t G, ActBlocks& acts, int64_t span = kBlockInputs);
 
 // One weight's part of a product of several weights with one x (qmm_many): `span` computes
 // its panels p0 .. p1 - 1 for the M rows of `acts` into y.

@@ -1,6 +1,7 @@
 // ggml's K-quants (Q4_K, Q5_K, Q6_K: what a Q4_K_M or Q5_K_M file holds) on their own bits:
-// y = x @ W^T over their panels (kqmm), with the activations quantized per block of 32 as
-// qmm.cpp does; kpack.cpp repacks GGUF blocks into those panels (gguf_kpanels).
+// y = x @ W^T over their panels (kqmm), with the activations quantized to int8 with one scale
+// per super-block of 256 inputs (ggml's Q8_K, as llama.cpp does for K-quants; qmm.cpp's
+// quantize_acts with span 256); kpack.cpp repacks GGUF blocks into those panels (gguf_kpanels).
 //
 // GGUF super-blocks of 256 values, per row (ggml's k_quants, gguf-py's dequantizer):
 //
@@ -22,13 +23,17 @@
 // kernel, ggml's get_scale_min_k4); the float16 d (and dmin) [panel][super-block][16 rows].
 // So a weight takes the file's 4.5, 5.5 and 6.5625 bits, no more.
 //
-// Per 32-block b of one output row, with activation scale a_b, int8 values v and the 16-value
-// sums s16:
-//   Q4_K/Q5_K  sum_b (d sc_b) a_b (sum q v)  -  (dmin m_b) a_b (sum v)
-//   Q6_K       sum_b a_b ((d sc_lo) (sum_lo q v - 32 s16_lo) + (d sc_hi) (sum_hi ... ))
-// the brackets exact in int32, the factors (d sc) exact in float32, the rest float32. One
-// float accumulator per row and 16 outputs is all a tile of rows keeps in registers, beside
-// the block's 8 registers of values: tiles of 8 rows fit, as in qmm.cpp.
+// Per super-block s of one output row, with activation scale a_s, and per 32-block b in it
+// int8 values v, their 16-value sums s16 and sg_b = a_s (sum v):
+//   Q4_K/Q5_K  a_s sum_b (d sc_b) (sum q v)  -  sum_b (dmin m_b) sg_b
+//   Q6_K       a_s sum_b ((d sc_lo) (sum_lo q v - 32 s16_lo) + (d sc_hi) (sum_hi ... ))
+// the brackets exact in int32, the factors (d sc) exact in float32, the rest float32. A
+// block of a row costs a conversion and one accumulation (Q4_K / Q5_K a second for the min)
+// beside its 8 `vpdpbusd`; the scale per 256 saves the multiply by a scale per block, which
+// was the float work that bounded pre-fill (7-10% a kernel, bench/bench_kernels.py). Two
+// float accumulators per row (the super-block's part, the total) and 16 outputs is all a
+// tile of rows keeps in registers, beside the block's 8 registers of values: tiles of 8 rows
+// fit, as in qmm.cpp.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -163,59 +168,64 @@ M7_TARGET void kpanel(const uint8_t* w, const uint8_t* values, const uint8_t* sc
                       const float* factors, const at::Half* d, const at::Half* dmin,
                       const int8_t* q, const float* a, const float* sg, const int32_t* s16,
                       int64_t K, float* y, int64_t N) {
-  constexpr int64_t kBlockBytes = BITS * 64;
+  constexpr int64_t kBlockBytes = BITS * 64, kPerSuper = kSuper / kBlock;
   const int64_t nb = K / kBlock;
   __m512 acc[T];
   for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
-  __m512 dv = _mm512_setzero_ps(), dmv = dv;
-  for (int64_t b = 0; b < nb; ++b) {
-    __m512i wv[8];
-    __m512 f0, f1;
-    if (factors == nullptr && b % 8 == 0) super_factors<BITS>(d, dmin, b / 8, &dv, &dmv);
-    if (values != nullptr) {
-      for (int i = 0; i < 8; ++i) wv[i] = _mm512_loadu_si512(values + 512 * b + 64 * i);
-    } else {
-      mistral7b::prefetch_lines(w + (b + mistral7b::kPrefetchBlocks) * kBlockBytes, BITS);
-      unpack<BITS>(w + b * kBlockBytes, wv);
-    }
-    if (factors != nullptr) {
-      f0 = _mm512_loadu_ps(factors + 32 * b);
-      f1 = _mm512_loadu_ps(factors + 32 * b + 16);
-    } else {
-      block_factors<BITS>(sc, dv, dmv, b, &f0, &f1);
-    }
-#pragma GCC unroll 8
-    for (int t = 0; t < T; ++t) {   // unrolled, so that acc[] stays in registers
-      const int32_t* v = reinterpret_cast<const int32_t*>(q + t * K + b * kBlock);
-      if constexpr (BITS == 6) {
-        // even registers pair with inputs 0..15 of the block, odd ones with 16..31; the
-        // chains start at -32 x the halves' sums (q - 32); one row takes two chains a half,
-        // several rows are chains enough
-        const int32_t* sv = s16 + t * (K / 16) + 2 * b;
-        __m512i lo0 = _mm512_set1_epi32(-32 * sv[0]), hi0 = _mm512_set1_epi32(-32 * sv[1]);
-        __m512i lo1 = _mm512_setzero_si512(), hi1 = lo1;
-        __m512i& lo_b = T == 1 ? lo1 : lo0;
-        __m512i& hi_b = T == 1 ? hi1 : hi0;
-        lo0 = _mm512_dpbusd_epi32(lo0, wv[0], _mm512_set1_epi32(v[0]));
-        hi0 = _mm512_dpbusd_epi32(hi0, wv[1], _mm512_set1_epi32(v[4]));
-        lo_b = _mm512_dpbusd_epi32(lo_b, wv[2], _mm512_set1_epi32(v[1]));
-        hi_b = _mm512_dpbusd_epi32(hi_b, wv[3], _mm512_set1_epi32(v[5]));
-        lo0 = _mm512_dpbusd_epi32(lo0, wv[4], _mm512_set1_epi32(v[2]));
-        hi0 = _mm512_dpbusd_epi32(hi0, wv[5], _mm512_set1_epi32(v[6]));
-        lo_b = _mm512_dpbusd_epi32(lo_b, wv[6], _mm512_set1_epi32(v[3]));
-        hi_b = _mm512_dpbusd_epi32(hi_b, wv[7], _mm512_set1_epi32(v[7]));
-        const __m512i lo = T == 1 ? _mm512_add_epi32(lo0, lo1) : lo0;
-        const __m512i hi = T == 1 ? _mm512_add_epi32(hi0, hi1) : hi0;
-        const __m512 part = _mm512_fmadd_ps(f1, _mm512_cvtepi32_ps(hi),
-                                            _mm512_mul_ps(f0, _mm512_cvtepi32_ps(lo)));
-        acc[t] = _mm512_fmadd_ps(part, _mm512_set1_ps(a[t * nb + b]), acc[t]);
+  for (int64_t s = 0; s < nb / kPerSuper; ++s) {
+    // the super-block's sum before its activation scale (one scale per 256 inputs)
+    __m512 part[T];
+    for (int t = 0; t < T; ++t) part[t] = _mm512_setzero_ps();
+    __m512 dv = _mm512_setzero_ps(), dmv = dv;
+    if (factors == nullptr) super_factors<BITS>(d, dmin, s, &dv, &dmv);
+    for (int64_t b = s * kPerSuper; b < (s + 1) * kPerSuper; ++b) {
+      __m512i wv[8];
+      __m512 f0, f1;
+      if (values != nullptr) {
+        for (int i = 0; i < 8; ++i) wv[i] = _mm512_loadu_si512(values + 512 * b + 64 * i);
       } else {
-        const __m512i sum = mistral7b::block_dot<true, T == 1 ? 4 : 2>(wv, q + t * K + b * kBlock);
-        acc[t] = _mm512_fmadd_ps(
-            f0, _mm512_mul_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(a[t * nb + b])), acc[t]);
-        acc[t] = _mm512_fnmadd_ps(f1, _mm512_set1_ps(sg[t * nb + b]), acc[t]);
+        mistral7b::prefetch_lines(w + (b + mistral7b::kPrefetchBlocks) * kBlockBytes, BITS);
+        unpack<BITS>(w + b * kBlockBytes, wv);
+      }
+      if (factors != nullptr) {
+        f0 = _mm512_loadu_ps(factors + 32 * b);
+        f1 = _mm512_loadu_ps(factors + 32 * b + 16);
+      } else {
+        block_factors<BITS>(sc, dv, dmv, b, &f0, &f1);
+      }
+#pragma GCC unroll 8
+      for (int t = 0; t < T; ++t) {   // unrolled, so that acc[] and part[] stay in registers
+        const int32_t* v = reinterpret_cast<const int32_t*>(q + t * K + b * kBlock);
+        if constexpr (BITS == 6) {
+          // even registers pair with inputs 0..15 of the block, odd ones with 16..31; the
+          // chains start at -32 x the halves' sums (q - 32); one row takes two chains a
+          // half, several rows are chains enough
+          const int32_t* sv = s16 + t * (K / 16) + 2 * b;
+          __m512i lo0 = _mm512_set1_epi32(-32 * sv[0]), hi0 = _mm512_set1_epi32(-32 * sv[1]);
+          __m512i lo1 = _mm512_setzero_si512(), hi1 = lo1;
+          __m512i& lo_b = T == 1 ? lo1 : lo0;
+          __m512i& hi_b = T == 1 ? hi1 : hi0;
+          lo0 = _mm512_dpbusd_epi32(lo0, wv[0], _mm512_set1_epi32(v[0]));
+          hi0 = _mm512_dpbusd_epi32(hi0, wv[1], _mm512_set1_epi32(v[4]));
+          lo_b = _mm512_dpbusd_epi32(lo_b, wv[2], _mm512_set1_epi32(v[1]));
+          hi_b = _mm512_dpbusd_epi32(hi_b, wv[3], _mm512_set1_epi32(v[5]));
+          lo0 = _mm512_dpbusd_epi32(lo0, wv[4], _mm512_set1_epi32(v[2]));
+          hi0 = _mm512_dpbusd_epi32(hi0, wv[5], _mm512_set1_epi32(v[6]));
+          lo_b = _mm512_dpbusd_epi32(lo_b, wv[6], _mm512_set1_epi32(v[3]));
+          hi_b = _mm512_dpbusd_epi32(hi_b, wv[7], _mm512_set1_epi32(v[7]));
+          const __m512i lo = T == 1 ? _mm512_add_epi32(lo0, lo1) : lo0;
+          const __m512i hi = T == 1 ? _mm512_add_epi32(hi0, hi1) : hi0;
+          part[t] = _mm512_fmadd_ps(f0, _mm512_cvtepi32_ps(lo), part[t]);
+          part[t] = _mm512_fmadd_ps(f1, _mm512_cvtepi32_ps(hi), part[t]);
+        } else {
+          const __m512i sum = mistral7b::block_dot<true, T == 1 ? 4 : 2>(wv, q + t * K + b * kBlock);
+          part[t] = _mm512_fmadd_ps(f0, _mm512_cvtepi32_ps(sum), part[t]);
+          acc[t] = _mm512_fnmadd_ps(f1, _mm512_set1_ps(sg[t * nb + b]), acc[t]);  // scaled
+        }
       }
     }
+    for (int t = 0; t < T; ++t)
+      acc[t] = _mm512_fmadd_ps(part[t], _mm512_set1_ps(a[t * nb + s * kPerSuper]), acc[t]);
   }
   for (int t = 0; t < T; ++t) _mm512_storeu_ps(y + t * N, acc[t]);
 }
@@ -323,7 +333,7 @@ at::Tensor kqmm(const at::Tensor& x, const QWeight& q) {
   at::Tensor y = at::empty({M, q.n_out}, x.options());
   if (M == 0) return y;
   ActBlocks acts;
-  quantize_acts(x, kBlock, acts);
+  quantize_acts(x, kBlock, acts, kSuper);
   const Product p{q.w.data_ptr<uint8_t>(), q.scale.data_ptr(), nullptr, q.super_d->data_ptr(),
                   q.super_min ? q.super_min->data_ptr() : nullptr, 0.0f, q.n_out, q.group,
                   y.data_ptr<float>(), &acts, kquant_span(q.bits)};

@@ -81,22 +81,31 @@ M7_TARGET inline void store_y(at::BFloat16* p, __m512 v) {  // round to nearest 
 }
 
 template <typename X>
-M7_TARGET void quantize_row(const X* x, int64_t K, int64_t G, int8_t* q, float* a, float* sg,
-                            int32_t* s16) {
+M7_TARGET inline float block_amax(const X* x) {
   const __m512 sign = _mm512_set1_ps(-0.0f);
-  const int64_t blocks_per_group = G / kBlock;
-  float group_sum = 0.0f;
+  return _mm512_reduce_max_ps(_mm512_max_ps(_mm512_andnot_ps(sign, load_x(x)),
+                                            _mm512_andnot_ps(sign, load_x(x + 16))));
+}
+
+// One activation row: its blocks of 32 to int8 with one scale per `span` inputs (kBlock, or
+// kSuperInputs for K-quants); `a` still holds a scale per block (the same for the blocks of
+// one span).
+template <typename X>
+M7_TARGET void quantize_row(const X* x, int64_t K, int64_t G, int64_t span, int8_t* q, float* a,
+                            float* sg, int32_t* s16) {
+  const int64_t blocks_per_group = G / kBlock, blocks_per_span = span / kBlock;
+  float group_sum = 0.0f, amax = 0.0f;
   for (int64_t b = 0; b < K / kBlock; ++b) {
-    const __m512 x0 = load_x(x + b * kBlock);
-    const __m512 x1 = load_x(x + b * kBlock + 16);
-    const float amax = _mm512_reduce_max_ps(
-        _mm512_max_ps(_mm512_andnot_ps(sign, x0), _mm512_andnot_ps(sign, x1)));
+    if (b % blocks_per_span == 0) {
+      amax = 0.0f;
+      for (int64_t i = b; i < b + blocks_per_span; ++i) amax = std::max(amax, block_amax(x + i * kBlock));
+    }
     const float scale = amax / 127.0f;
     const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
     const __m512 vinv = _mm512_set1_ps(inv);
     // round to nearest, ties to even (the MXCSR default)
-    const __m512i i0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, vinv));
-    const __m512i i1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, vinv));
+    const __m512i i0 = _mm512_cvtps_epi32(_mm512_mul_ps(load_x(x + b * kBlock), vinv));
+    const __m512i i1 = _mm512_cvtps_epi32(_mm512_mul_ps(load_x(x + b * kBlock + 16), vinv));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * kBlock), _mm512_cvtsepi32_epi8(i0));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * kBlock + 16), _mm512_cvtsepi32_epi8(i1));
     a[b] = scale;
@@ -202,7 +211,8 @@ M7_TARGET void block_panel(const uint8_t* w, const S* scale, const int8_t* q, co
 }
 
 template <typename X>
-void quantize_acts(const X* x, int64_t M, int64_t K, int64_t G, QuantizedActs& acts) {
+void quantize_acts(const X* x, int64_t M, int64_t K, int64_t G, QuantizedActs& acts,
+                   int64_t span = kBlock) {
   const int64_t n_blocks = K / kBlock, n_groups = K / G;
   acts.q.resize(M * K);
   acts.a.resize(M * n_blocks);
@@ -210,7 +220,7 @@ void quantize_acts(const X* x, int64_t M, int64_t K, int64_t G, QuantizedActs& a
   acts.s16.resize(M * K / 16);
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m)
-      quantize_row(x + m * K, K, G, acts.q.data() + m * K, acts.a.data() + m * n_blocks,
+      quantize_row(x + m * K, K, G, span, acts.q.data() + m * K, acts.a.data() + m * n_blocks,
                    acts.sg.data() + m * n_groups, acts.s16.data() + m * K / 16);
   });
 }
@@ -376,19 +386,22 @@ std::vector<at::Tensor> qmm_many(const at::Tensor& x,
   std::vector<Product> products;
   std::vector<int64_t> first_panel{0};
 #if M7_X86
-  std::vector<std::pair<int64_t, std::unique_ptr<QuantizedActs>>> acts;  // by group size
+  // by (group, span): a K-quant's activations take a scale per super-block and sums per 32
+  std::vector<std::pair<std::pair<int64_t, int64_t>, std::unique_ptr<QuantizedActs>>> acts;
   for (const auto* q : ws) {
-    const bool kquant = q->super_d.has_value();  // its activation sums are per block of 32
-    const int64_t act_group = kquant ? kBlock : q->group;
+    const bool kquant = q->super_d.has_value();
+    const std::pair<int64_t, int64_t> act_form{kquant ? kBlock : q->group,
+                                               kquant ? mistral7b::kSuperInputs : kBlock};
     if (kquant) mistral7b::check_kweight(*q, K);
     else check_weight(x, q->w, q->scale, q->mins, q->bits, q->group, q->n_out);
     ys.push_back(at::empty({M, q->n_out}, x.options()));
     const QuantizedActs* a = nullptr;
-    for (const auto& [g, qa] : acts)
-      if (g == act_group) a = qa.get();
+    for (const auto& [form, qa] : acts)
+      if (form == act_form) a = qa.get();
     if (a == nullptr) {
-      acts.emplace_back(act_group, std::make_unique<QuantizedActs>());
-      quantize_acts(x.data_ptr<float>(), M, K, act_group, *acts.back().second);
+      acts.emplace_back(act_form, std::make_unique<QuantizedActs>());
+      quantize_acts(x.data_ptr<float>(), M, K, act_form.first, *acts.back().second,
+                    act_form.second);
       a = acts.back().second.get();
     }
     const bool half = q->scale.scalar_type() == at::kHalf, affine = q->mins.has_value();
@@ -422,14 +435,16 @@ at::Tensor qmm(const at::Tensor& x, const QWeight& q) {
   return ::qmm(x, q.w, q.scale, q.mins, q.bits, q.group, q.offset, q.n_out);
 }
 
-void quantize_acts(const at::Tensor& x, int64_t G, ActBlocks& acts) {
+void quantize_acts(const at::Tensor& x, int64_t G, ActBlocks& acts, int64_t span) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous 2-D tensor");
   TORCH_CHECK(x.size(1) % G == 0 && G % kBlock == 0, "G must be a multiple of 32 dividing K");
+  TORCH_CHECK(x.size(1) % span == 0 && span % kBlock == 0,
+              "the scale span must be a multiple of 32 dividing K");
 #if M7_X86
   if (x.scalar_type() == at::kFloat)
-    ::quantize_acts(x.data_ptr<float>(), x.size(0), x.size(1), G, acts);
+    ::quantize_acts(x.data_ptr<float>(), x.size(0), x.size(1), G, acts, span);
   else
-    ::quantize_acts(x.data_ptr<at::BFloat16>(), x.size(0), x.size(1), G, acts);
+    ::quantize_acts(x.data_ptr<at::BFloat16>(), x.size(0), x.size(1), G, acts, span);
 #endif
 }
 
