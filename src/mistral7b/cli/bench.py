@@ -6,17 +6,17 @@ with `--vs-llama-cpp` the same measurement of llama.cpp on the same GGUF, in the
     mistral7b bench --quant int8 --prompt-tokens 256 --gen-tokens 64 --repeat 3
 
 Each engine runs in a process of its own (so its peak RSS is its own, `bench_worker.py`): it
-loads the model once, then does `--repeat` timed runs: a pre-fill of `--prompt-tokens` random
-token ids (the same ids for every engine, from `--seed`) in one step, then `--gen-tokens`
-greedy tokens one step at a time (the first comes out of the pre-fill). Both engines load
-first, one after the other; then their runs take turns (ours, llama.cpp; llama.cpp, ours; ...),
-each just after a reading of the machine's read bandwidth with the same threads (`torch.sum`
-over 1 GiB of float32, median of 7, in a third process): on a VM speed and bandwidth drift
-from one minute to the next, and taking turns puts both engines in the same minutes. Medians
-are reported, and beside them the ratio of each round's pair of runs. Time to first token is
-the pre-fill time plus one argmax. Peak RSS is the process's high-water mark (load
-included); page faults are the minor faults (memory touched for the first time) during a
-pre-fill. With `--busy N`, N CPU-bound neighbours run during the timed runs.
+loads the model once, then does `--warmup` untimed and `--repeat` timed runs: a pre-fill of
+`--prompt-tokens` random token ids (the same ids for every engine, from `--seed`) in one step,
+then `--gen-tokens` greedy tokens one step at a time (the first comes out of the pre-fill).
+Both engines load first, one after the other; then their runs take turns (ours, llama.cpp;
+llama.cpp, ours; ...), each just after a reading of the machine's read bandwidth with the same
+threads (`torch.sum` over 1 GiB of float32, median of 7, in a third process): on a VM speed
+and bandwidth drift from one minute to the next, and taking turns puts both engines in the
+same minutes. Medians are reported, and beside them the ratio of each round's pair of runs.
+Time to first token is the pre-fill time plus one argmax. Peak RSS is the process's
+high-water mark (load included); page faults are the minor faults (memory touched for the
+first time) during a pre-fill. With `--busy N`, N CPU-bound neighbours run during the runs.
 
 llama.cpp is driven through llama-cpp-python's low-level `eval` (no sampling chain) with the
 same thread count, so both sides do the same work: one batched forward, then single-token
@@ -40,7 +40,7 @@ from typing import Any
 
 from mistral7b.cli import common
 from mistral7b.cli.bench_worker import MACHINE
-from mistral7b.errors import Mistral7BError
+from mistral7b.errors import InputError, Mistral7BError
 
 ENGINES = ("mistral7b", "llama.cpp")
 
@@ -65,6 +65,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--repeat", type=int, default=3, metavar="N",
                    help="timed runs per engine, the engines taking turns; medians are "
                         "reported (default: %(default)s)")
+    g.add_argument("--warmup", type=int, default=1, metavar="N",
+                   help="untimed runs per engine before the timed ones, as llama-bench does: "
+                        "first runs pay for buffers and caches (default: %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="seed of the random prompt ids")
     g.add_argument("--vs-llama-cpp", action="store_true",
                    help="also run llama.cpp (llama-cpp-python) on the same .gguf file")
@@ -82,14 +85,15 @@ def run(args: argparse.Namespace) -> int:
 
         bench_worker.serve(args)
         return 0
+    if args.repeat < 1 or args.warmup < 0:
+        raise InputError(f"--repeat must be >= 1 and --warmup >= 0 (got {args.repeat}, "
+                         f"{args.warmup})")
     threads = args.threads or 2
     engines = ["mistral7b"] + (["llama.cpp"] if args.vs_llama_cpp else [])
     from mistral7b.store import resolve
 
     args.model = str(resolve(args.model).path)     # a file both engines read
     if args.vs_llama_cpp and not str(args.model).endswith(".gguf"):
-        from mistral7b.errors import InputError
-
         raise InputError("--vs-llama-cpp needs a .gguf model (-m FILE.gguf)")
     with contextlib.ExitStack() as stack:
         machine = stack.enter_context(_Worker(args, MACHINE, threads))
@@ -98,6 +102,9 @@ def run(args: argparse.Namespace) -> int:
             workers[engine] = stack.enter_context(_Worker(args, engine, threads))
         runs: dict[str, list[dict[str, Any]]] = {engine: [] for engine in engines}
         with _neighbours(args.busy):
+            for _ in range(args.warmup):
+                for engine in engines:
+                    workers[engine].ask("run")
             for r in range(args.repeat):
                 # the engines take turns, the first one changing every round, each after a
                 # fresh reading of the read bandwidth: on a VM both drift minute by minute
