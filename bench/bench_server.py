@@ -5,6 +5,7 @@ clients, and time to first token (TTFT) under that load.
     python bench/bench_server.py -m /models/mistral-7b-int4 -t 16 --max-tokens 128
     python bench/bench_server.py --url http://127.0.0.1:8000 --api-key KEY   # a running server
     python bench/bench_server.py --random-adapters 2 --concurrency 8   # multi-LoRA serving
+    python bench/bench_server.py -m m7b.Q4_0.gguf -t 2 --concurrency 1,8 --rounds 3   # 1, 8, 1, 8, ...
 
 With adapters (--lora NAME=PATH, or --random-adapters N: rank-16 adapters on all seven
 projections, written to a temporary folder), each level runs twice: every client on the base
@@ -13,8 +14,11 @@ different adapters share the batch, each row with its own adapter).
 
 Each client streams /v1/completions requests one after another (greedy, `ignore_eos`, so
 every request generates exactly --max-tokens tokens) with its own prompt; a level runs
---requests requests per client. Aggregate tok/s = all generated tokens / the level's wall
-time. TTFT is measured by the client: request sent -> first streamed token.
+--requests requests per client. Every request's prompt is new to the server: it starts with
+its own number ("Request 12."), after the shared preamble of --system-tokens if any, so the
+prefix cache gives no level (the one-client baseline included) a prompt that an earlier
+request computed. Aggregate tok/s = all generated tokens / the level's wall time. TTFT is
+measured by the client: request sent -> first streamed token.
 Prints a table (or JSON with --json); figures only, no assertions.
 """
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import re
@@ -60,6 +65,10 @@ def parse_args() -> argparse.Namespace:
                    help="client counts to run (default: %(default)s)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--requests", type=int, default=2, help="requests per client per level")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every level this many times, the levels taking turns (1, 8, 1, "
+                        "8, ...: on a VM speed drifts by the minute); the table gives medians "
+                        "and each round's ratio to its own one-client level")
     p.add_argument("--system-tokens", type=int, default=0, metavar="N",
                    help="put a shared preamble of about N tokens before every prompt (a "
                         "system prompt that the prefix cache can share; compare with "
@@ -156,6 +165,9 @@ async def one_request(client: httpx.AsyncClient, prompt: str, max_tokens: int,
     return ttft or 0.0, tokens
 
 
+REQUEST_NUMBERS = itertools.count(1)     # every prompt of a run its own (the docstring)
+
+
 async def level(url: str, headers: dict, clients: int, requests: int, max_tokens: int,
                 system: str = "", models: list[str | None] | None = None) -> dict:
     models = models or [None]
@@ -163,8 +175,10 @@ async def level(url: str, headers: dict, clients: int, requests: int, max_tokens
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=3600,
                                  limits=limits) as client:
         async def worker(i: int) -> list[tuple[float, int]]:
-            return [await one_request(client, system + PROMPTS[(i + k) % len(PROMPTS)],
-                                      max_tokens, models[i % len(models)])
+            return [await one_request(
+                        client, f"{system}Request {next(REQUEST_NUMBERS)}. "
+                                f"{PROMPTS[(i + k) % len(PROMPTS)]}",
+                        max_tokens, models[i % len(models)])
                     for k in range(requests)]
 
         t0 = time.perf_counter()
@@ -198,32 +212,52 @@ def main() -> None:
         for mix in mixes[1:]:
             asyncio.run(level(url, headers, len(mix), 1, 8, models=mix))
         rows = []
-        for c in levels:
-            for mix in mixes:
-                rows.append(asyncio.run(level(url, headers, c, args.requests, args.max_tokens,
-                                              preamble(args.system_tokens), mix)))
-                print(f"  {c} client(s) on {rows[-1]['models']}: {rows[-1]['tok_s']:.1f} "
-                      "tok/s", file=sys.stderr)
+        for r in range(args.rounds):
+            for c in levels:
+                for mix in mixes:
+                    rows.append({"round": r, **asyncio.run(level(
+                        url, headers, c, args.requests, args.max_tokens,
+                        preamble(args.system_tokens), mix))})
+                    print(f"  round {r + 1}: {c} client(s) on {rows[-1]['models']}: "
+                          f"{rows[-1]['tok_s']:.1f} tok/s", file=sys.stderr)
     finally:
         workdir.cleanup()
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
-    base = rows[0]["tok_s"] if rows and rows[0]["clients"] == 1 else None
+    report(args, url, rows)
+
+
+def report(args: argparse.Namespace, url: str, rows: list[dict]) -> None:
+    """Each level's medians over the rounds, its ratio to the one-client level of the same
+    round (their median), and every round's ratio."""
+    base = {r["round"]: r["tok_s"] for r in rows if r["clients"] == 1 and r["models"] == "base"}
+    table: dict[tuple[int, str], list[dict]] = {}
+    for r in rows:
+        table.setdefault((r["clients"], r["models"]), []).append(r)
     if args.json:
         print(json.dumps({"url": url, "model": args.model if args.url is None else None,
                           "max_tokens": args.max_tokens, "levels": rows}, indent=2))
         return
     print(f"model: {args.model if args.url is None else url} | {args.max_tokens} tokens per "
-          f"request | {args.requests} requests per client")
+          f"request | {args.requests} requests per client | {args.rounds} round(s), medians")
     print("| clients | models | requests | generated tok | wall s | aggregate tok/s | vs 1 client "
           "| TTFT p50 s | TTFT p90 s |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        speedup = f"{r['tok_s'] / base:.2f}x" if base else "-"
-        print(f"| {r['clients']} | {r['models']} | {r['requests']} | {r['tokens']} "
-              f"| {r['wall_s']:.1f} | {r['tok_s']:.1f} | {speedup} | {r['ttft_p50_s']:.3f} "
-              f"| {r['ttft_p90_s']:.3f} |")
+    ratios = {}
+    for (clients, models), runs in table.items():
+        med = {k: statistics.median(r[k] for r in runs)
+               for k in ("requests", "tokens", "wall_s", "tok_s", "ttft_p50_s", "ttft_p90_s")}
+        ratios[clients, models] = [r["tok_s"] / base[r["round"]] for r in runs
+                                   if r["round"] in base]
+        speedup = f"{statistics.median(ratios[clients, models]):.2f}x" if base else "-"
+        print(f"| {clients} | {models} | {med['requests']:.0f} | {med['tokens']:.0f} "
+              f"| {med['wall_s']:.1f} | {med['tok_s']:.1f} | {speedup} | {med['ttft_p50_s']:.3f} "
+              f"| {med['ttft_p90_s']:.3f} |")
+    if args.rounds > 1 and base:
+        print("each round's ratio to its one-client level: " + "; ".join(
+            f"{clients} on {models}: " + ", ".join(f"{x:.2f}x" for x in values)
+            for (clients, models), values in ratios.items() if clients != 1 or models != "base"))
 
 
 if __name__ == "__main__":
