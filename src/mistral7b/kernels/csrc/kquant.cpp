@@ -29,8 +29,9 @@
 //   Q6_K       a_s sum_b ((d sc_lo) (sum_lo q v - 32 s16_lo) + (d sc_hi) (sum_hi ... ))
 // the brackets exact in int32, the factors (d sc) exact in float32, the rest float32. A
 // block of a row costs a conversion and one accumulation (Q4_K / Q5_K a second for the min)
-// beside its 8 `vpdpbusd`; the scale per 256 saves the multiply by a scale per block, which
-// was the float work that bounded pre-fill (7-10% a kernel, bench/bench_kernels.py). Two
+// beside its 8 `vpdpbusd`; the scale per 256 saves the multiply by a scale per block, float
+// work that bounded pre-fill (best of four at 256 rows: 1.23-1.37x, bench/bench_kernels.py;
+// the README's seventh-pass section has the figures and what the rounding costs). Two
 // float accumulators per row (the super-block's part, the total) and 16 outputs is all a
 // tile of rows keeps in registers, beside the block's 8 registers of values: tiles of 8 rows
 // fit, as in qmm.cpp.
