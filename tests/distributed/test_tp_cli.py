@@ -55,6 +55,19 @@ def test_generate_tp2_gives_the_single_process_ids(folder, one):
     assert got["text"] == want.text
 
 
+def test_bench_tp2_measures_rank_0_and_leaves_no_rank_behind(folder):
+    # rank 0 takes the bench's commands; the other rank follows its calls until it exits
+    run = subprocess.run([*CLI, "bench", "-m", str(folder), "--prompt-tokens", "6",
+                          "--gen-tokens", "3", "--repeat", "2", "--json", "--tp", "2",
+                          "-t", "2"], check=False, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ours = json.loads(run.stdout)["mistral7b"]
+    assert len(ours["runs"]) == 2 and ours["decode_tps"] > 0 and len(ours["tokens"]) == 3
+    left = [p.pid for p in psutil.process_iter(["cmdline"])
+            if "--worker" in (p.info["cmdline"] or []) and str(folder) in p.info["cmdline"]]
+    assert _descendants_gone(left) == []
+
+
 def test_serve_tp2_answers_as_one_process(folder, one, tmp_path):
     """Rank 0 serves HTTP; the repeated prompt and n=2 reuse and fork cached KV blocks,
     which the other rank must mirror. The server first sits idle for longer than the

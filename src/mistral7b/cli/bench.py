@@ -166,9 +166,15 @@ class _Worker:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.proc.poll() is None:
+        # its stdin's end asks it to finish (torchrun then stops its ranks); killed if not
+        with contextlib.suppress(OSError):
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
             self.proc.kill()
-        self.proc.wait()
+            self.proc.wait()
         self.log.close()
 
     def ask(self, command: str) -> dict[str, Any]:

@@ -6,7 +6,8 @@ reads on stdin: `run` does one timed repeat (an engine: a pre-fill of the prompt
 step, then greedy decode steps; the machine: `torch.sum` over 1 GiB), `end` prints the
 figures of the whole process (peak RSS, which decode step ran, the first tokens) and exits.
 So bench.py can alternate the engines repeat by repeat, each in a process of its own (its
-peak RSS its own). Under torchrun (`--tp`) rank 0 reads the commands and hands them on.
+peak RSS its own). Under torchrun (`--tp`) rank 0 alone takes the commands; the other ranks
+follow its model calls.
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ from mistral7b.cli import common
 
 def serve(args: argparse.Namespace) -> None:
     """A worker's life (the module docstring): load, then a reply per command."""
+    from mistral7b.distributed.runtime import is_worker_rank
+
+    if is_worker_rank():    # tensor parallel: inside load() it runs rank 0's calls until rank
+        _load(args)         # 0 exits (distributed/tp_model.py); rank 0 alone takes commands
+        return
     t0 = time.perf_counter()
     if args.worker == MACHINE:
         repeat, finish = _machine(args.threads)
@@ -39,27 +45,12 @@ MACHINE = "machine"     # the worker that measures read bandwidth
 
 
 def _next_command() -> str:
-    """The next line of stdin ('end' at its end); under torchrun rank 0 reads it for all."""
-    from mistral7b.distributed.runtime import this_rank, under_torchrun
-
-    rank = this_rank()
-    command = ""
-    if rank.is_main:
-        command = sys.stdin.readline().strip() or "end"
-    if under_torchrun() and rank.world_size > 1:
-        import torch.distributed as dist
-
-        box = [command]
-        dist.broadcast_object_list(box, src=0)
-        command = box[0]
-    return command
+    """The next line of stdin ('end' at its end)."""
+    return sys.stdin.readline().strip() or "end"
 
 
 def _say(message: dict[str, Any]) -> None:
-    from mistral7b.distributed.runtime import is_worker_rank
-
-    if not is_worker_rank():
-        print(json.dumps(message), flush=True)
+    print(json.dumps(message), flush=True)
 
 
 def _machine(threads: int | None):
@@ -132,18 +123,23 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _ours(args: argparse.Namespace):
+def _load(args: argparse.Namespace) -> Any:
     import torch
 
     import mistral7b
-    from mistral7b.cache import BlockTable
-    from mistral7b.engine import Engine
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    llm = mistral7b.load(args.model, device=args.device, dtype=args.dtype,
-                         quant=None if args.quant == "none" else args.quant,
-                         **({"tp": tp} if (tp := common.tensor_parallel(args)) else {}))
+    return mistral7b.load(args.model, device=args.device, dtype=args.dtype,
+                          quant=None if args.quant == "none" else args.quant,
+                          **({"tp": tp} if (tp := common.tensor_parallel(args)) else {}))
+
+
+def _ours(args: argparse.Namespace):
+    from mistral7b.cache import BlockTable
+    from mistral7b.engine import Engine
+
+    llm = _load(args)
     model, config = llm.model, llm.config
     engine = Engine(model, config)
     engine.pool_type = llm.engine.pool_type     # tensor parallel: the pool on every rank
