@@ -134,8 +134,9 @@ def _summary(worker: _Worker, runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 class _Worker:
-    """One bench_worker process: started (and loaded) on entry, asked for runs, killed on
-    exit if still running. Its stderr goes to a temporary file, shown when it fails."""
+    """One bench_worker process: started (and loaded) on entry, asked for runs; on exit its
+    stdin is closed, which asks it to finish, and it is killed if it has not within 30 s.
+    Its stderr goes to a temporary file, shown when it fails."""
 
     def __init__(self, args: argparse.Namespace, engine: str, threads: int) -> None:
         cmd = [sys.executable, "-m", "mistral7b.cli.bench", "--worker", engine, "-m",
@@ -241,8 +242,9 @@ def _print_table(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -
                                                             ("llama.cpp", peer))
               if r and r.get("machine_read_gbs")]
     if shares:
-        print("machine read bandwidth (torch.sum, 1 GiB float32, same threads, just before "
-              f"each engine), GB/s: decode streams {'; '.join(shares)}", file=sys.stderr)
+        print("machine read bandwidth (torch.sum, 1 GiB float32, same threads, read just "
+              f"before each run; medians), GB/s: decode streams {'; '.join(shares)}",
+              file=sys.stderr)
     if results.get("ratios"):
         rounds = "; ".join(f"{key.split('_')[0]} " + ", ".join(f"{r:.2f}x" for r in values)
                            for key, values in results["ratios"].items())

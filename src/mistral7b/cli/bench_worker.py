@@ -22,6 +22,8 @@ from typing import Any
 
 from mistral7b.cli import common
 
+MACHINE = "machine"     # the worker that measures read bandwidth
+
 
 def serve(args: argparse.Namespace) -> None:
     """A worker's life (the module docstring): load, then a reply per command."""
@@ -39,9 +41,6 @@ def serve(args: argparse.Namespace) -> None:
     while _next_command() == "run":
         _say({"run": repeat()})
     _say({"end": finish()})
-
-
-MACHINE = "machine"     # the worker that measures read bandwidth
 
 
 def _next_command() -> str:
