@@ -10,8 +10,10 @@ library; kernels.h holds what several of them share.
 The extension is built with the C++ compiler PyTorch's own extensions use (`CXX`, else `c++`)
 against the installed torch, into `$XDG_CACHE_HOME/mistral7b/` (default `~/.cache`), named by a
 hash of the source, the torch version and the compiler, so an upgrade rebuilds it. A build takes
-about a minute once per machine; it happens at the first quantized load. It is used only on an
-x86 CPU with AVX-512 VNNI (checked at run time); `MISTRAL7B_NATIVE=0` turns it off.
+about a minute once per machine; it happens at the first quantized load. It is used on an x86
+CPU with AVX-512 VNNI or, with the same kernels compiled for it, AVX2 (csrc/simd.h; chosen at
+run time, `MISTRAL7B_ISA=avx2` picks AVX2 on an AVX-512 CPU, `ops().isa()` says which);
+`MISTRAL7B_NATIVE=0` turns it off.
 
 Threads: the extension calls `at::parallel_for`, whose OpenMP runtime is the `libgomp.so.1`
 torch already loaded (the same soname), so both share one pool and never fight for cores.
@@ -38,6 +40,15 @@ log = logging.getLogger(__name__)
 SOURCES = tuple(Path(__file__).with_name("csrc") / name
                 for name in ("qmm.cpp", "pack.cpp", "kquant.cpp", "kpack.cpp", "bf16.cpp",
                              "attention.cpp", "norm.cpp", "step.cpp"))
+# the kernels' sources, compiled a second time for AVX2 (csrc/simd.h); the first build of
+# every source is AVX-512's and holds the ops
+TWICE = frozenset({"qmm.cpp", "kquant.cpp", "attention.cpp", "norm.cpp"})
+
+
+def _builds() -> list[tuple[Path, str]]:
+    """(source, M7_ISA) for every object of the library."""
+    return [(src, isa) for src in SOURCES
+            for isa in (("512", "2") if src.name in TWICE else ("512",))]
 
 
 def cache_dir() -> Path:
@@ -49,12 +60,13 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
 
 
-def _compile_command(cxx: str, src: Path, obj: Path) -> list[str]:
+def _compile_command(cxx: str, src: Path, isa: str, obj: Path) -> list[str]:
     from torch.utils.cpp_extension import include_paths
 
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     return [cxx, "-O3", "-std=c++17", "-fPIC", "-fopenmp", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
-            *[f"-I{p}" for p in include_paths()], "-c", str(src), "-o", str(obj)]
+            f"-DM7_ISA={isa}", *[f"-I{p}" for p in include_paths()], "-c", str(src),
+            "-o", str(obj)]
 
 
 def _link_command(cxx: str, objs: list[Path], out: Path) -> list[str]:
@@ -82,14 +94,16 @@ def build(verbose: bool = False) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        objs = [Path(tmp) / f"{src.stem}.o" for src in SOURCES]
+        builds = _builds()
+        objs = [Path(tmp) / f"{src.stem}.{isa}.o" for src, isa in builds]
         # the sources compile side by side (one process each), then link
-        steps = [_compile_command(cxx, src, obj) for src, obj in zip(SOURCES, objs)]
+        steps = [_compile_command(cxx, src, isa, obj) for (src, isa), obj in zip(builds, objs)]
         log.info("building the CPU kernels (once): %s", " ".join(steps[0]))
         procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True) for cmd in steps]
         errs = [proc.communicate()[1] for proc in procs]
-        results = [(src, proc.returncode, err) for src, proc, err in zip(SOURCES, procs, errs)]
+        results = [(src, proc.returncode, err)
+                   for (src, _), proc, err in zip(builds, procs, errs)]
         link = subprocess.run(_link_command(cxx, objs, out), check=False, capture_output=True,
                               text=True) if all(rc == 0 for _, rc, _ in results) else None
         for src, rc, err in results:
@@ -119,7 +133,9 @@ def ops():
                     exc)
         return None
     namespace = torch.ops.mistral7b_qmm
-    if not namespace.has_vnni():
+    if not namespace.isa():   # neither AVX-512 VNNI nor AVX2 here
+        log.warning("the CPU kernels need AVX2 or AVX-512 VNNI, which this CPU lacks: "
+                    "using PyTorch's slower ones")
         return None
     _register_fakes()
     return namespace

@@ -23,84 +23,69 @@
 
 #include "kernels.h"
 
-#if defined(__x86_64__)
-#include <immintrin.h>
-#define ATT_TARGET __attribute__((target("avx512f,avx512dq,fma")))
-#endif
+#include "simd.h"
 
-namespace {
-
-#if defined(__x86_64__)
-
-// 16 keys' or values' elements as float32: the pool holds float32, or bfloat16 (float32's top
-// half: widening is exact)
-ATT_TARGET inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-
-ATT_TARGET inline __m512 load16(const at::BFloat16* p) {
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
+namespace M7_NS {
 
 template <typename E>
-ATT_TARGET inline float dot(const float* a, const E* b, int64_t n) {
-  __m512 acc = _mm512_setzero_ps();
+M7_TARGET inline float dot(const float* a, const E* b, int64_t n) {
+  VF acc = f_zero();
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), load16(b + i), acc);
-  float s = _mm512_reduce_add_ps(acc);
+  for (; i + 16 <= n; i += 16) acc = f_fmadd(f_load(a + i), f_load(b + i), acc);
+  float s = f_sum(acc);
   for (; i < n; ++i) s += a[i] * static_cast<float>(b[i]);
   return s;
 }
 
 template <typename E>
-ATT_TARGET inline void axpy(float alpha, const E* x, float* y, int64_t n) {
-  const __m512 va = _mm512_set1_ps(alpha);
+M7_TARGET inline void axpy(float alpha, const E* x, float* y, int64_t n) {
+  const VF va = f_set1(alpha);
   int64_t i = 0;
   for (; i + 16 <= n; i += 16)
-    _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, load16(x + i), _mm512_loadu_ps(y + i)));
+    f_store(y + i, f_fmadd(va, f_load(x + i), f_load(y + i)));
   for (; i < n; ++i) y[i] += alpha * static_cast<float>(x[i]);
 }
 
 // e^x for x <= 0: 2^n e^r with n = round(x / ln 2), r = x - n ln 2 (ln 2 in two parts)
-ATT_TARGET inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 720);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
+M7_TARGET inline VF exp16(VF x) {
+  x = f_max(x, f_set1(-87.0f));
+  const VF n = f_round(f_mul(x, f_set1(1.44269504088896341f)));
+  VF r = f_fnmadd(n, f_set1(0.693145751953125f), x);
+  r = f_fnmadd(n, f_set1(1.428606765330187e-06f), r);
+  VF p = f_set1(1.0f / 720);
+  p = f_fmadd(p, r, f_set1(1.0f / 120));
+  p = f_fmadd(p, r, f_set1(1.0f / 24));
+  p = f_fmadd(p, r, f_set1(1.0f / 6));
+  p = f_fmadd(p, r, f_set1(0.5f));
+  p = f_fmadd(p, r, f_set1(1.0f));
+  p = f_fmadd(p, r, f_set1(1.0f));
+  return f_scale2(p, n);
 }
 
 // s[0..n) <- exp(s - max); returns their sum
-ATT_TARGET float softmax_numerators(float* s, int64_t n) {
+M7_TARGET float softmax_numerators(float* s, int64_t n) {
   float mx = -std::numeric_limits<float>::infinity();
   for (int64_t j = 0; j < n; ++j) mx = std::max(mx, s[j]);
-  const __m512 vmax = _mm512_set1_ps(mx);
-  __m512 acc = _mm512_setzero_ps();
+  const VF vmax = f_set1(mx);
+  VF acc = f_zero();
   int64_t j = 0;
   for (; j + 16 <= n; j += 16) {
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + j), vmax));
-    _mm512_storeu_ps(s + j, e);
-    acc = _mm512_add_ps(acc, e);
+    const VF e = exp16(f_sub(f_load(s + j), vmax));
+    f_store(s + j, e);
+    acc = f_add(acc, e);
   }
   if (j < n) {
-    const __mmask16 m = static_cast<__mmask16>((1u << (n - j)) - 1);
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + j), vmax));
-    _mm512_mask_storeu_ps(s + j, m, e);
-    acc = _mm512_add_ps(acc, _mm512_maskz_mov_ps(m, e));
+    const int rest = static_cast<int>(n - j);
+    const VF e = exp16(f_sub(f_load_first(s + j, rest), vmax));
+    f_store_first(s + j, e, rest);
+    acc = f_add(acc, f_first(e, rest));
   }
-  return _mm512_reduce_add_ps(acc);
+  return f_sum(acc);
 }
 
 // one row's kv head: G query heads (q, out: G x Dh), keys/values at `slots` of kh / vh
 template <typename E>
-ATT_TARGET void attend_group(const float* q, const E* kh, const E* vh,
+M7_TARGET void attend_group(const float* q, const E* kh, const E* vh,
                              const int64_t* slots, int64_t n, int64_t G, int64_t Dh,
                              float scale, float* s, float* out) {
   for (int64_t j = 0; j < n; ++j) {
@@ -116,10 +101,38 @@ ATT_TARGET void attend_group(const float* q, const E* kh, const E* vh,
   }
 }
 
-#endif
+// every row's kv heads: q (B, H, Dh) float32, k / v one layer of the pool, `slots` (B, K),
+// `visible` (B, K) or null; out (B, H * Dh)
+void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const int64_t* sp,
+            int64_t K, const bool* mp, at::Tensor& out) {
+  const int64_t B = q.size(0), H = q.size(1), Dh = q.size(2), KV = k.size(0), S = k.size(1);
+  const int64_t G = H / KV;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(Dh));
+  const float* qp = q.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  auto run = [&](auto* kp, auto* vp) {
+    at::parallel_for(0, B * KV, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<int64_t> seen(K);
+      std::vector<float> s(G * K);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = t / KV, h = t % KV;
+        int64_t n = 0;
+        for (int64_t j = 0; j < K; ++j)
+          if (!mp || mp[b * K + j]) seen[n++] = sp[b * K + j];
+        attend_group(qp + (b * H + h * G) * Dh, kp + h * S * Dh, vp + h * S * Dh, seen.data(),
+                     n, G, Dh, scale, s.data(), op + (b * H + h * G) * Dh);
+      }
+    });
+  };
+  if (k.scalar_type() == at::kFloat)
+    run(k.data_ptr<float>(), v.data_ptr<float>());
+  else
+    run(k.data_ptr<at::BFloat16>(), v.data_ptr<at::BFloat16>());
+}
 
-}  // namespace
+}  // namespace M7_NS
 
+#if M7_PRIMARY
 namespace mistral7b {
 
 // q (B, H, Dh) float32; k, v (KV, S, Dh) contiguous, float32 or bfloat16 (one layer of the
@@ -156,31 +169,8 @@ at::Tensor paged_attention(const at::Tensor& q_in, const at::Tensor& k, const at
   }
   const bool* mp = vis.defined() ? vis.data_ptr<bool>() : nullptr;
   at::Tensor out = at::empty({B, H * Dh}, q.options());
-#if defined(__x86_64__)
-  const float scale = 1.0f / std::sqrt(static_cast<float>(Dh));
-  const float* qp = q.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  auto attend = [&](auto* kp, auto* vp) {
-    at::parallel_for(0, B * KV, 1, [&](int64_t t0, int64_t t1) {
-      std::vector<int64_t> seen(K);
-      std::vector<float> s(G * K);
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t b = t / KV, h = t % KV;
-        int64_t n = 0;
-        for (int64_t j = 0; j < K; ++j)
-          if (!mp || mp[b * K + j]) seen[n++] = sp[b * K + j];
-        attend_group(qp + (b * H + h * G) * Dh, kp + h * S * Dh, vp + h * S * Dh, seen.data(),
-                     n, G, Dh, scale, s.data(), op + (b * H + h * G) * Dh);
-      }
-    });
-  };
-  if (k.scalar_type() == at::kFloat)
-    attend(k.data_ptr<float>(), v.data_ptr<float>());
-  else
-    attend(k.data_ptr<at::BFloat16>(), v.data_ptr<at::BFloat16>());
-#else
-  TORCH_CHECK(false, "paged_attention runs on x86-64 only");
-#endif
+  TORCH_CHECK(isa() != Isa::kNone, "paged_attention needs an x86 CPU with AVX2");
+  M7_ON_ISA(attend(q, k, v, sp, K, mp, out));
   return out;
 }
 
@@ -194,3 +184,5 @@ TORCH_LIBRARY_FRAGMENT(mistral7b_qmm, m) {
 TORCH_LIBRARY_IMPL(mistral7b_qmm, CPU, m) {
   m.impl("paged_attention", &mistral7b::paged_attention);
 }
+
+#endif  // M7_PRIMARY

@@ -12,10 +12,16 @@
 
 #include "kernels.h"
 
+#if M7_X86
+#include <immintrin.h>
+#endif
+
 namespace {
 
 bool cpu_has_bf16() {
 #if M7_X86
+  // (not where MISTRAL7B_ISA=avx2 asks for AVX2 alone)
+  if (mistral7b::isa() != mistral7b::Isa::kAvx512) return false;
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&

@@ -9,64 +9,35 @@
 #include <vector>
 
 #if defined(__x86_64__)
-#include <immintrin.h>
 #define M7_X86 1
-#define M7_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq,f16c,fma")))
 #else
 #define M7_X86 0
-#define M7_TARGET
 #endif
 
+// Each kernel source is compiled twice (native.py): M7_ISA=512 (AVX-512 VNNI) and M7_ISA=2
+// (AVX2), its kernels in namespace m7_avx512 or m7_avx2 (simd.h); what is not a kernel (the
+// ops, their checks, the registration with PyTorch) only in the first build, M7_PRIMARY.
+#ifndef M7_ISA
+#define M7_ISA 512
+#endif
+#define M7_PRIMARY (M7_ISA == 512)
+
 namespace mistral7b {
+
+// The instruction set the kernels run on here: AVX-512 with VNNI where the CPU has it, else
+// AVX2 (with FMA and F16C), else none (then native.py leaves the kernels unused).
+// MISTRAL7B_ISA=avx2 picks AVX2 on an AVX-512 CPU (tests, benchmarks); read once.
+enum class Isa { kNone = 0, kAvx2 = 2, kAvx512 = 512 };
+Isa isa();
 
 // The panel layout (qmm.cpp's header): output rows per panel, inputs per block.
 constexpr int64_t kPanelRows = 16;
 constexpr int64_t kBlockInputs = 32;
 
-#if M7_X86
-// Decode streams the weights: the kernels ask for the `lines` cache lines at p, a few blocks
-// ahead of the one they multiply (the unpacking between loads leaves too few misses in flight
-// for the hardware prefetcher alone: a 14336 x 4096 Q6_K product read 16.4 GB/s without, 37.9
-// with, bench/bench_kernels.py; past a panel's end these are the next panel's lines).
-constexpr int64_t kPrefetchBlocks = 8;  // how far ahead, in blocks of 32 inputs
-inline void prefetch_lines(const uint8_t* p, int lines) {
-  for (int l = 0; l < lines; ++l) _mm_prefetch(reinterpret_cast<const char*>(p + 64 * l), _MM_HINT_T0);
-}
-
 // With more than one tile of activation rows (pre-fill, a batch of decode rows), a few panels
 // go through all the tiles together: about this many bytes of their weights (or unpacked
 // values), kept in L2, so each tile's activations come from L3 once per few panels.
 constexpr int64_t kGroupBytes = 256 << 10;
-
-// The 4 x 64 bytes of a block's nibbles as 8 registers of values 0..15: register 2j holds the
-// low nibbles of chunk j, 2j + 1 the high ones (qmm.cpp's header: value 4j + t, 16 + 4j + t).
-M7_TARGET inline void unpack_nibbles(const uint8_t* wb, __m512i wv[8]) {
-  const __m512i low4 = _mm512_set1_epi8(0x0F);
-  for (int j = 0; j < 4; ++j) {
-    const __m512i v = _mm512_loadu_si512(wb + 64 * j);
-    wv[2 * j] = _mm512_and_si512(v, low4);
-    wv[2 * j + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-  }
-}
-
-// The int32 dot products of a block's 8 value registers with one activation row's 32 int8
-// values at q, in kChains independent chains (one chain of 8 dependent vpdpbusd would wait
-// on their latency, ~5 cycles each, not on memory). Register i pairs with activation dword
-// (i % 2) * 4 + i / 2 (4-bit pairing: low nibbles with bytes 4j.., high with 16 + 4j..), or
-// with dword i where `nibbles` is false (8-bit panels).
-template <bool nibbles, int kChains>
-M7_TARGET inline __m512i block_dot(const __m512i wv[8], const int8_t* q) {
-  const int32_t* v = reinterpret_cast<const int32_t*>(q);
-  __m512i sums[kChains];
-  for (int c = 0; c < kChains; ++c) sums[c] = _mm512_setzero_si512();
-  for (int i = 0; i < 8; ++i) {
-    const int dword = nibbles ? (i % 2) * 4 + i / 2 : i;
-    sums[i % kChains] = _mm512_dpbusd_epi32(sums[i % kChains], wv[i], _mm512_set1_epi32(v[dword]));
-  }
-  for (int c = 1; c < kChains; ++c) sums[0] = _mm512_add_epi32(sums[0], sums[c]);
-  return sums[0];
-}
-#endif
 
 // One weight in our panels (qmm.cpp's header comment): w = d * q + m per group of inputs.
 // A K-quant (kquant.cpp's header) has its float16 super-block factors in super_d (and
@@ -118,6 +89,26 @@ struct Product {
 };
 using SpanFn = decltype(Product::span);
 
+}  // namespace mistral7b
+
+// Each instruction set's kernels (simd.h), called by the ops through M7_ON_ISA.
+#define M7_ISA_ENTRY_POINTS                                                                   \
+  void qmm_into(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,            \
+                const std::optional<at::Tensor>& mins, int64_t bits, int64_t group,           \
+                double offset, at::Tensor& y);                                                \
+  void quantize_acts(const at::Tensor& x, int64_t G, mistral7b::ActBlocks& acts, int64_t span); \
+  mistral7b::SpanFn qmm_span(bool half, int64_t bits, bool affine);                           \
+  mistral7b::SpanFn kquant_span(int64_t bits);                                                \
+  void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,                  \
+              const int64_t* slots, int64_t K, const bool* visible, at::Tensor& out);         \
+  void rms_norm_rows(const float* x, const float* w, float* y, int64_t rows, int64_t D, float eps);
+namespace m7_avx512 { M7_ISA_ENTRY_POINTS }
+namespace m7_avx2 { M7_ISA_ENTRY_POINTS }
+#define M7_ON_ISA(call) \
+  (mistral7b::isa() == mistral7b::Isa::kAvx512 ? m7_avx512::call : m7_avx2::call)
+
+namespace mistral7b {
+
 // qmm.cpp: y = x @ W^T; qmm_many: several weights of one x in one parallel region
 at::Tensor qmm(const at::Tensor& x, const QWeight& q);
 std::vector<at::Tensor> qmm_many(const at::Tensor& x, const std::vector<const QWeight*>& ws);
@@ -125,7 +116,6 @@ std::vector<at::Tensor> qmm_many(const at::Tensor& x, const std::vector<const QW
 // kquant.cpp: a K-quant weight's checks, its product, and its span for qmm_many
 void check_kweight(const QWeight& q, int64_t K);
 at::Tensor kqmm(const at::Tensor& x, const QWeight& q);
-SpanFn kquant_span(int64_t bits);
 
 // attention.cpp: decode attention read from one layer of the paged pool
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

@@ -46,52 +46,47 @@
 #include <vector>
 
 #include "kernels.h"
+#include "simd.h"
 
-namespace {
+namespace M7_NS {
 
 constexpr int64_t kBlock = mistral7b::kBlockInputs;
 constexpr int64_t kRows = mistral7b::kPanelRows;
 constexpr int64_t kSuper = mistral7b::kSuperInputs;
 constexpr int kMaxTile = 8;  // activation rows that share one unpacked weight block
 
-#if M7_X86
-
 template <int BITS>
-M7_TARGET inline void unpack(const uint8_t* wb, __m512i wv[8]) {
-  mistral7b::unpack_nibbles(wb, wv);
+M7_TARGET inline void unpack(const uint8_t* wb, VI wv[8]) {
+  unpack_nibbles(wb, wv);
   // register i holds value 4k + t of the block, k = 4 (i % 2) + i / 2 (qmm.cpp's pairing)
   if constexpr (BITS == 5) {
     // bit k of each byte to bit 4 (16-bit shifts: the mask drops what crosses bytes)
-    const __m512i h = _mm512_loadu_si512(wb + 256), bit4 = _mm512_set1_epi8(0x10);
+    const VI h = i_load(wb + 256), bit4 = i_set1_8(0x10);
     for (int i = 0; i < 8; ++i) {
       const int k = 4 * (i % 2) + i / 2;
-      const __m512i moved = k <= 4 ? _mm512_slli_epi16(h, 4 - k) : _mm512_srli_epi16(h, k - 4);
-      wv[i] = _mm512_or_si512(wv[i], _mm512_and_si512(moved, bit4));
+      const VI moved = k <= 4 ? i_sll16(h, 4 - k) : i_srl16(h, k - 4);
+      wv[i] = i_or(wv[i], i_and(moved, bit4));
     }
   } else if constexpr (BITS == 6) {
     // bits 2 (k % 4), + 1 of chunk 4 + k / 4 to bits 4, 5; k / 4 = i % 2, k % 4 = i / 2
-    const __m512i h0 = _mm512_loadu_si512(wb + 256), h1 = _mm512_loadu_si512(wb + 320);
-    const __m512i bits45 = _mm512_set1_epi8(0x30);
+    const VI h0 = i_load(wb + 256), h1 = i_load(wb + 320);
+    const VI bits45 = i_set1_8(0x30);
     for (int i = 0; i < 8; ++i) {
-      const __m512i h = i % 2 ? h1 : h0;
+      const VI h = i % 2 ? h1 : h0;
       const int at = 2 * (i / 2);
-      const __m512i moved = at <= 4 ? _mm512_slli_epi16(h, 4 - at) : _mm512_srli_epi16(h, at - 4);
-      wv[i] = _mm512_or_si512(wv[i], _mm512_and_si512(moved, bits45));
+      const VI moved = at <= 4 ? i_sll16(h, 4 - at) : i_srl16(h, at - 4);
+      wv[i] = i_or(wv[i], i_and(moved, bits45));
     }
   }
 }
 
-M7_TARGET inline __m512 load_i8(const uint8_t* p) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-}
-
-M7_TARGET inline __m512 load_half(const at::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+M7_TARGET inline VF load_i8(const uint8_t* p) {
+  return f_from_i8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
 // Sub-block j's 6-bit scale and min of 16 rows from a super-block's 12 packed bytes (each
 // 16 rows wide): get_scale_min_k4 on 16 lanes.
-M7_TARGET inline void scale_min(const uint8_t* packed, int j, __m512* sc, __m512* mn) {
+M7_TARGET inline void scale_min(const uint8_t* packed, int j, VF* sc, VF* mn) {
   const auto at = [&](int i) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + 16 * i)); };
   const __m128i six = _mm_set1_epi8(63), low4 = _mm_set1_epi8(0x0F), top2 = _mm_set1_epi8(-64);
   __m128i s, m;
@@ -104,8 +99,8 @@ M7_TARGET inline void scale_min(const uint8_t* packed, int j, __m512* sc, __m512
     m = _mm_or_si128(_mm_and_si128(_mm_srli_epi16(c, 4), low4),
                      _mm_srli_epi16(_mm_and_si128(at(j), top2), 2));
   }
-  *sc = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(s));
-  *mn = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(m));
+  *sc = f_from_u8(s);
+  *mn = f_from_u8(m);
 }
 
 // Block b's two vectors of 16 float factors: Q4_K / Q5_K d sc and dmin m of its sub-block,
@@ -113,25 +108,25 @@ M7_TARGET inline void scale_min(const uint8_t* packed, int j, __m512* sc, __m512
 // exact in float32 (an 11-bit float16 mantissa times a 6- or 8-bit integer), so folding d in
 // here rounds nothing.
 template <int BITS>
-M7_TARGET inline void block_factors(const uint8_t* sc, __m512 dv, __m512 dmv, int64_t b,
-                                    __m512* f0, __m512* f1) {
+M7_TARGET inline void block_factors(const uint8_t* sc, VF dv, VF dmv, int64_t b,
+                                    VF* f0, VF* f1) {
   if constexpr (BITS == 6) {
-    *f0 = _mm512_mul_ps(dv, load_i8(sc + 2 * b * kRows));
-    *f1 = _mm512_mul_ps(dv, load_i8(sc + (2 * b + 1) * kRows));
+    *f0 = f_mul(dv, load_i8(sc + 2 * b * kRows));
+    *f1 = f_mul(dv, load_i8(sc + (2 * b + 1) * kRows));
   } else {
-    __m512 scv, mv;
+    VF scv, mv;
     scale_min(sc + b / 8 * 12 * kRows, static_cast<int>(b % 8), &scv, &mv);
-    *f0 = _mm512_mul_ps(dv, scv);
-    *f1 = _mm512_mul_ps(dmv, mv);
+    *f0 = f_mul(dv, scv);
+    *f1 = f_mul(dmv, mv);
   }
 }
 
 // Super-block s's d and dmin (Q6_K: d twice) of 16 rows.
 template <int BITS>
 M7_TARGET inline void super_factors(const at::Half* d, const at::Half* dmin, int64_t s,
-                                    __m512* dv, __m512* dmv) {
-  *dv = load_half(d + s * kRows);
-  *dmv = BITS == 6 ? *dv : load_half(dmin + s * kRows);
+                                    VF* dv, VF* dmv) {
+  *dv = f_load(d + s * kRows);
+  *dmv = BITS == 6 ? *dv : f_load(dmin + s * kRows);
 }
 
 // A panel's every block's factors, computed once for many row tiles (pre-fill): block b's
@@ -139,13 +134,13 @@ M7_TARGET inline void super_factors(const at::Half* d, const at::Half* dmin, int
 template <int BITS>
 M7_TARGET void unpack_factors(const uint8_t* sc, const at::Half* d, const at::Half* dmin,
                               int64_t nb, float* out) {
-  __m512 dv, dmv;
+  VF dv, dmv;
   for (int64_t b = 0; b < nb; ++b) {
-    __m512 f0, f1;
+    VF f0, f1;
     if (b % 8 == 0) super_factors<BITS>(d, dmin, b / 8, &dv, &dmv);
     block_factors<BITS>(sc, dv, dmv, b, &f0, &f1);
-    _mm512_storeu_ps(out + 32 * b, f0);
-    _mm512_storeu_ps(out + 32 * b + 16, f1);
+    f_store(out + 32 * b, f0);
+    f_store(out + 32 * b + 16, f1);
   }
 }
 
@@ -154,9 +149,9 @@ M7_TARGET void unpack_factors(const uint8_t* sc, const at::Half* d, const at::Ha
 template <int BITS>
 M7_TARGET void unpack_values(const uint8_t* w, int64_t nb, uint8_t* out) {
   for (int64_t b = 0; b < nb; ++b) {
-    __m512i wv[8];
+    VI wv[8];
     unpack<BITS>(w + b * BITS * 64, wv);
-    for (int i = 0; i < 8; ++i) _mm512_storeu_si512(out + 512 * b + 64 * i, wv[i]);
+    for (int i = 0; i < 8; ++i) i_store(out + 512 * b + 64 * i, wv[i]);
   }
 }
 
@@ -171,26 +166,26 @@ M7_TARGET void kpanel(const uint8_t* w, const uint8_t* values, const uint8_t* sc
                       int64_t K, float* y, int64_t N) {
   constexpr int64_t kBlockBytes = BITS * 64, kPerSuper = kSuper / kBlock;
   const int64_t nb = K / kBlock;
-  __m512 acc[T];
-  for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
+  VF acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = f_zero();
   for (int64_t s = 0; s < nb / kPerSuper; ++s) {
     // the super-block's sum before its activation scale (one scale per 256 inputs)
-    __m512 part[T];
-    for (int t = 0; t < T; ++t) part[t] = _mm512_setzero_ps();
-    __m512 dv = _mm512_setzero_ps(), dmv = dv;
+    VF part[T];
+    for (int t = 0; t < T; ++t) part[t] = f_zero();
+    VF dv = f_zero(), dmv = dv;
     if (factors == nullptr) super_factors<BITS>(d, dmin, s, &dv, &dmv);
     for (int64_t b = s * kPerSuper; b < (s + 1) * kPerSuper; ++b) {
-      __m512i wv[8];
-      __m512 f0, f1;
+      VI wv[8];
+      VF f0, f1;
       if (values != nullptr) {
-        for (int i = 0; i < 8; ++i) wv[i] = _mm512_loadu_si512(values + 512 * b + 64 * i);
+        for (int i = 0; i < 8; ++i) wv[i] = i_load(values + 512 * b + 64 * i);
       } else {
-        mistral7b::prefetch_lines(w + (b + mistral7b::kPrefetchBlocks) * kBlockBytes, BITS);
+        prefetch_lines(w + (b + kPrefetchBlocks) * kBlockBytes, BITS);
         unpack<BITS>(w + b * kBlockBytes, wv);
       }
       if (factors != nullptr) {
-        f0 = _mm512_loadu_ps(factors + 32 * b);
-        f1 = _mm512_loadu_ps(factors + 32 * b + 16);
+        f0 = f_load(factors + 32 * b);
+        f1 = f_load(factors + 32 * b + 16);
       } else {
         block_factors<BITS>(sc, dv, dmv, b, &f0, &f1);
       }
@@ -202,33 +197,33 @@ M7_TARGET void kpanel(const uint8_t* w, const uint8_t* values, const uint8_t* sc
           // chains start at -32 x the halves' sums (q - 32); one row takes two chains a
           // half, several rows are chains enough
           const int32_t* sv = s16 + t * (K / 16) + 2 * b;
-          __m512i lo0 = _mm512_set1_epi32(-32 * sv[0]), hi0 = _mm512_set1_epi32(-32 * sv[1]);
-          __m512i lo1 = _mm512_setzero_si512(), hi1 = lo1;
-          __m512i& lo_b = T == 1 ? lo1 : lo0;
-          __m512i& hi_b = T == 1 ? hi1 : hi0;
-          lo0 = _mm512_dpbusd_epi32(lo0, wv[0], _mm512_set1_epi32(v[0]));
-          hi0 = _mm512_dpbusd_epi32(hi0, wv[1], _mm512_set1_epi32(v[4]));
-          lo_b = _mm512_dpbusd_epi32(lo_b, wv[2], _mm512_set1_epi32(v[1]));
-          hi_b = _mm512_dpbusd_epi32(hi_b, wv[3], _mm512_set1_epi32(v[5]));
-          lo0 = _mm512_dpbusd_epi32(lo0, wv[4], _mm512_set1_epi32(v[2]));
-          hi0 = _mm512_dpbusd_epi32(hi0, wv[5], _mm512_set1_epi32(v[6]));
-          lo_b = _mm512_dpbusd_epi32(lo_b, wv[6], _mm512_set1_epi32(v[3]));
-          hi_b = _mm512_dpbusd_epi32(hi_b, wv[7], _mm512_set1_epi32(v[7]));
-          const __m512i lo = T == 1 ? _mm512_add_epi32(lo0, lo1) : lo0;
-          const __m512i hi = T == 1 ? _mm512_add_epi32(hi0, hi1) : hi0;
-          part[t] = _mm512_fmadd_ps(f0, _mm512_cvtepi32_ps(lo), part[t]);
-          part[t] = _mm512_fmadd_ps(f1, _mm512_cvtepi32_ps(hi), part[t]);
+          VI lo0 = i_set1(-32 * sv[0]), hi0 = i_set1(-32 * sv[1]);
+          VI lo1 = i_zero(), hi1 = lo1;
+          VI& lo_b = T == 1 ? lo1 : lo0;
+          VI& hi_b = T == 1 ? hi1 : hi0;
+          lo0 = dpbusd(lo0, wv[0], v[0]);
+          hi0 = dpbusd(hi0, wv[1], v[4]);
+          lo_b = dpbusd(lo_b, wv[2], v[1]);
+          hi_b = dpbusd(hi_b, wv[3], v[5]);
+          lo0 = dpbusd(lo0, wv[4], v[2]);
+          hi0 = dpbusd(hi0, wv[5], v[6]);
+          lo_b = dpbusd(lo_b, wv[6], v[3]);
+          hi_b = dpbusd(hi_b, wv[7], v[7]);
+          const VI lo = T == 1 ? i_add(lo0, lo1) : lo0;
+          const VI hi = T == 1 ? i_add(hi0, hi1) : hi0;
+          part[t] = f_fmadd(f0, f_from_i(lo), part[t]);
+          part[t] = f_fmadd(f1, f_from_i(hi), part[t]);
         } else {
-          const __m512i sum = mistral7b::block_dot<true, T == 1 ? 4 : 2>(wv, q + t * K + b * kBlock);
-          part[t] = _mm512_fmadd_ps(f0, _mm512_cvtepi32_ps(sum), part[t]);
-          acc[t] = _mm512_fnmadd_ps(f1, _mm512_set1_ps(sg[t * nb + b]), acc[t]);  // scaled
+          const VI sum = block_dot<true, T == 1 ? 4 : 2>(wv, q + t * K + b * kBlock);
+          part[t] = f_fmadd(f0, f_from_i(sum), part[t]);
+          acc[t] = f_fnmadd(f1, f_set1(sg[t * nb + b]), acc[t]);  // scaled
         }
       }
     }
     for (int t = 0; t < T; ++t)
-      acc[t] = _mm512_fmadd_ps(part[t], _mm512_set1_ps(a[t * nb + s * kPerSuper]), acc[t]);
+      acc[t] = f_fmadd(part[t], f_set1(a[t * nb + s * kPerSuper]), acc[t]);
   }
-  for (int t = 0; t < T; ++t) _mm512_storeu_ps(y + t * N, acc[t]);
+  for (int t = 0; t < T; ++t) f_store(y + t * N, acc[t]);
 }
 
 template <int BITS>
@@ -291,40 +286,36 @@ void kspan(const mistral7b::Product& p, int64_t M, int64_t K, int64_t p0, int64_
   }
 }
 
-#endif  // M7_X86
+mistral7b::SpanFn kquant_span(int64_t bits) {
+  return bits == 4 ? &kspan<4> : bits == 5 ? &kspan<5> : &kspan<6>;
+}
 
-}  // namespace
+}  // namespace M7_NS
 
+#if M7_PRIMARY
 namespace mistral7b {
 
 void check_kweight(const QWeight& q, int64_t K) {
   TORCH_CHECK(q.bits >= 4 && q.bits <= 6 && q.super_d.has_value(), "a K-quant has 4 to 6 bits");
   const bool six = q.bits == 6;
   const int64_t N = q.n_out;
-  TORCH_CHECK(N % kRows == 0 && K % kSuper == 0, "K-quants need N a multiple of 16, K of 256");
+  TORCH_CHECK(N % kPanelRows == 0 && K % kSuperInputs == 0, "K-quants need N a multiple of 16, K of 256");
   TORCH_CHECK(q.group == (six ? 16 : 32), "K-quant sub-blocks are 16 (Q6_K) or 32 inputs");
   TORCH_CHECK(q.w.scalar_type() == at::kByte && q.w.is_contiguous() &&
                   q.w.numel() == N * K * q.bits / 8,
               "w must hold ", N * K * q.bits / 8, " contiguous bytes");
   TORCH_CHECK(q.scale.is_contiguous() && q.scale.element_size() == 1 &&
-                  q.scale.numel() == N * (six ? K / 16 : K / kSuper * 12),
+                  q.scale.numel() == N * (six ? K / 16 : K / kSuperInputs * 12),
               "sub-block scales: the file's bytes, 16 (Q6_K) or 12 per super-block and row");
   TORCH_CHECK(!q.mins.has_value(), "K-quant mins are packed with their scales");
   const auto halves = [&](const std::optional<at::Tensor>& t) {
     return t.has_value() && t->scalar_type() == at::kHalf && t->is_contiguous() &&
-           t->numel() == N * (K / kSuper);
+           t->numel() == N * (K / kSuperInputs);
   };
   TORCH_CHECK(halves(q.super_d) && (six || halves(q.super_min)),
               "d (and dmin) must be float16, one per super-block and row");
 }
 
-SpanFn kquant_span(int64_t bits) {
-#if M7_X86
-  return bits == 4 ? &kspan<4> : bits == 5 ? &kspan<5> : &kspan<6>;
-#else
-  return nullptr;
-#endif
-}
 
 at::Tensor kqmm(const at::Tensor& x, const QWeight& q) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat,
@@ -334,11 +325,11 @@ at::Tensor kqmm(const at::Tensor& x, const QWeight& q) {
   at::Tensor y = at::empty({M, q.n_out}, x.options());
   if (M == 0) return y;
   ActBlocks acts;
-  quantize_acts(x, kBlock, acts, kSuper);
+  quantize_acts(x, kBlockInputs, acts, kSuperInputs);
   const Product p{q.w.data_ptr<uint8_t>(), q.scale.data_ptr(), nullptr, q.super_d->data_ptr(),
                   q.super_min ? q.super_min->data_ptr() : nullptr, 0.0f, q.n_out, q.group,
-                  y.data_ptr<float>(), &acts, kquant_span(q.bits)};
-  at::parallel_for(0, q.n_out / kRows, 1, [&](int64_t p0, int64_t p1) { p.span(p, M, K, p0, p1); });
+                  y.data_ptr<float>(), &acts, M7_ON_ISA(kquant_span(q.bits))};
+  at::parallel_for(0, q.n_out / kPanelRows, 1, [&](int64_t p0, int64_t p1) { p.span(p, M, K, p0, p1); });
   return y;
 }
 
@@ -373,3 +364,5 @@ TORCH_LIBRARY_FRAGMENT(mistral7b_qmm, m) {
 TORCH_LIBRARY_IMPL(mistral7b_qmm, CPU, m) {
   m.impl("kqmm", &kqmm_op);
 }
+
+#endif  // M7_PRIMARY

@@ -15,37 +15,38 @@
 
 #include "kernels.h"
 
-#if defined(__x86_64__)
-#include <immintrin.h>
-#define NORM_TARGET __attribute__((target("avx512f,avx512dq,fma")))
-#endif
+#include "simd.h"
 
-namespace {
+namespace M7_NS {
 
-#if defined(__x86_64__)
-NORM_TARGET void norm_row(const float* x, const float* w, float* y, int64_t D, float eps) {
-  __m512 acc = _mm512_setzero_ps();
+M7_TARGET void norm_row(const float* x, const float* w, float* y, int64_t D, float eps) {
+  VF acc = f_zero();
   int64_t i = 0;
   for (; i + 16 <= D; i += 16) {
-    const __m512 v = _mm512_loadu_ps(x + i);
-    acc = _mm512_fmadd_ps(v, v, acc);
+    const VF v = f_load(x + i);
+    acc = f_fmadd(v, v, acc);
   }
-  float ss = _mm512_reduce_add_ps(acc);
+  float ss = f_sum(acc);
   for (; i < D; ++i) ss += x[i] * x[i];
   const float r = 1.0f / std::sqrt(ss / static_cast<float>(D) + eps);
-  const __m512 vr = _mm512_set1_ps(r);
+  const VF vr = f_set1(r);
   for (i = 0; i + 16 <= D; i += 16)
-    _mm512_storeu_ps(y + i, _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(x + i), vr),
-                                          _mm512_loadu_ps(w + i)));
+    f_store(y + i, f_mul(f_mul(f_load(x + i), vr),
+                                          f_load(w + i)));
   for (; i < D; ++i) {
     const float xr = x[i] * r;
     y[i] = xr * w[i];
   }
 }
-#endif
+void rms_norm_rows(const float* x, const float* w, float* y, int64_t rows, int64_t D, float eps) {
+  at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) norm_row(x + r * D, w, y + r * D, D, eps);
+  });
+}
 
-}  // namespace
+}  // namespace M7_NS
 
+#if M7_PRIMARY
 namespace mistral7b {
 
 // x (..., D) float32, w (D,) float32 -> (..., D)
@@ -57,17 +58,9 @@ at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& w_in, double eps) 
   const at::Tensor x = x_in.contiguous(), w = w_in.contiguous();
   at::Tensor y = at::empty_like(x);
   const int64_t rows = D ? x.numel() / D : 0;
-#if defined(__x86_64__)
-  const float* xp = x.data_ptr<float>();
-  const float* wp = w.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r)
-      norm_row(xp + r * D, wp, yp + r * D, D, static_cast<float>(eps));
-  });
-#else
-  TORCH_CHECK(false, "rms_norm runs on x86-64 only");
-#endif
+  TORCH_CHECK(isa() != Isa::kNone, "rms_norm needs an x86 CPU with AVX2");
+  M7_ON_ISA(rms_norm_rows(x.data_ptr<float>(), w.data_ptr<float>(), y.data_ptr<float>(), rows, D,
+                          static_cast<float>(eps)));
   return y;
 }
 
@@ -78,3 +71,5 @@ TORCH_LIBRARY_FRAGMENT(mistral7b_qmm, m) {
 }
 
 TORCH_LIBRARY_IMPL(mistral7b_qmm, CPU, m) { m.impl("rms_norm", &mistral7b::rms_norm); }
+
+#endif  // M7_PRIMARY

@@ -1,4 +1,5 @@
-// y = x @ W^T for weights stored as 4- or 8-bit integers, on x86 CPUs with AVX-512 VNNI.
+// y = x @ W^T for weights stored as 4- or 8-bit integers, on x86 CPUs with AVX-512 VNNI or
+// AVX2 (simd.h: one text for both).
 //
 // The activations are quantized on the fly to int8 per block of 32 values (scale = max|x|/127,
 // as ggml's Q8_0 does), so every product is an 8-bit dot product: one `vpdpbusd` multiplies 64
@@ -34,57 +35,29 @@
 #include <memory>
 #include <utility>
 
-#include "kernels.h"
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
-namespace {
+#include "kernels.h"
+#include "simd.h"
+
+namespace M7_NS {
 
 constexpr int64_t kBlock = mistral7b::kBlockInputs;  // inputs per activation block
 constexpr int64_t kRows = mistral7b::kPanelRows;     // output rows per panel
 constexpr int kMaxTile = 8;     // activation rows that share one unpacked weight block
 
-bool cpu_has_vnni() {
-#if M7_X86
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
-         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("f16c");
-#else
-  return false;
-#endif
-}
-
-#if M7_X86
-
 // Activations of M rows, quantized (kernels.h)
 using QuantizedActs = mistral7b::ActBlocks;
 using mistral7b::Product;
 
-M7_TARGET inline __m512 load_x(const float* p) { return _mm512_loadu_ps(p); }
-
-M7_TARGET inline __m512 load_x(const at::BFloat16* p) {  // bf16 is float32's top half
-  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
-
-M7_TARGET inline void store_y(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-
-M7_TARGET inline void store_y(at::BFloat16* p, __m512 v) {  // round to nearest even
-  __m512i bits = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  bits = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
-                      _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
-}
-
 template <typename X>
 M7_TARGET inline float block_amax(const X* x) {
-  const __m512 sign = _mm512_set1_ps(-0.0f);
-  return _mm512_reduce_max_ps(_mm512_max_ps(_mm512_andnot_ps(sign, load_x(x)),
-                                            _mm512_andnot_ps(sign, load_x(x + 16))));
+  return f_hmax(f_max(f_abs(f_load(x)), f_abs(f_load(x + 16))));
 }
 
 // One activation row: its blocks of 32 to int8 with one scale per `span` inputs (kBlock, or
@@ -102,15 +75,15 @@ M7_TARGET void quantize_row(const X* x, int64_t K, int64_t G, int64_t span, int8
     }
     const float scale = amax / 127.0f;
     const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-    const __m512 vinv = _mm512_set1_ps(inv);
+    const VF vinv = f_set1(inv);
     // round to nearest, ties to even (the MXCSR default)
-    const __m512i i0 = _mm512_cvtps_epi32(_mm512_mul_ps(load_x(x + b * kBlock), vinv));
-    const __m512i i1 = _mm512_cvtps_epi32(_mm512_mul_ps(load_x(x + b * kBlock + 16), vinv));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * kBlock), _mm512_cvtsepi32_epi8(i0));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * kBlock + 16), _mm512_cvtsepi32_epi8(i1));
+    const VI i0 = f_round_i(f_mul(f_load(x + b * kBlock), vinv));
+    const VI i1 = f_round_i(f_mul(f_load(x + b * kBlock + 16), vinv));
+    i_store_i8(q + b * kBlock, i0);
+    i_store_i8(q + b * kBlock + 16, i1);
     a[b] = scale;
-    s16[2 * b] = _mm512_reduce_add_epi32(i0);
-    s16[2 * b + 1] = _mm512_reduce_add_epi32(i1);
+    s16[2 * b] = i_sum(i0);
+    s16[2 * b + 1] = i_sum(i1);
     group_sum += scale * static_cast<float>(s16[2 * b] + s16[2 * b + 1]);
     if ((b + 1) % blocks_per_group == 0) {
       sg[(b + 1) / blocks_per_group - 1] = group_sum;
@@ -119,24 +92,12 @@ M7_TARGET void quantize_row(const X* x, int64_t K, int64_t G, int64_t span, int8
   }
 }
 
-template <typename S>
-M7_TARGET inline __m512 load16(const S* p);
-
-template <>
-M7_TARGET inline __m512 load16<float>(const float* p) { return _mm512_loadu_ps(p); }
-
-template <>
-M7_TARGET inline __m512 load16<at::Half>(const at::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-
-// A block's 8 registers of weight values: unpacked nibbles or the 8-bit bytes as stored.
 template <int BITS>
-M7_TARGET inline void load_block(const uint8_t* wb, __m512i wv[8]) {
+M7_TARGET inline void load_block(const uint8_t* wb, VI wv[8]) {
   if constexpr (BITS == 4) {
-    mistral7b::unpack_nibbles(wb, wv);
+    unpack_nibbles(wb, wv);
   } else {
-    for (int j = 0; j < 8; ++j) wv[j] = _mm512_loadu_si512(wb + 64 * j);
+    for (int j = 0; j < 8; ++j) wv[j] = i_load(wb + 64 * j);
   }
 }
 
@@ -147,38 +108,38 @@ M7_TARGET void panel(const uint8_t* w, const S* scale, const S* mins, const int8
                      Y* y, int64_t N) {
   constexpr int64_t kBlockBytes = BITS * 64;
   constexpr int kChains = T == 1 ? 4 : 2;
+  constexpr float bias = BITS == 8 ? kEightBias : 0;  // block_dot's sums are of u - bias
   const int64_t n_blocks = K / kBlock, n_groups = K / G, blocks_per_group = G / kBlock;
-  __m512 acc[T];
-  for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
+  VF acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = f_zero();
   for (int64_t g = 0; g < n_groups; ++g) {
-    __m512 inner[T];
-    for (int t = 0; t < T; ++t) inner[t] = _mm512_setzero_ps();
+    VF inner[T];
+    for (int t = 0; t < T; ++t) inner[t] = f_zero();
     for (int64_t bb = 0; bb < blocks_per_group; ++bb) {
       const int64_t b = g * blocks_per_group + bb;
       const uint8_t* wb = w + b * kBlockBytes;
-      mistral7b::prefetch_lines(wb + mistral7b::kPrefetchBlocks * kBlockBytes, BITS);
-      __m512i wv[8];
+      prefetch_lines(wb + kPrefetchBlocks * kBlockBytes, BITS);
+      VI wv[8];
       load_block<BITS>(wb, wv);
       for (int t = 0; t < T; ++t) {
-        const __m512i sum = mistral7b::block_dot<BITS == 4, kChains>(wv, q + t * K + b * kBlock);
-        inner[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(a[t * n_blocks + b]),
-                                   inner[t]);
+        const VI sum = block_dot<BITS == 4, kChains>(wv, q + t * K + b * kBlock);
+        inner[t] = f_fmadd(f_from_i(sum), f_set1(a[t * n_blocks + b]), inner[t]);
       }
     }
-    const __m512 d = load16(scale + g * kRows);
+    const VF d = f_load(scale + g * kRows);
     if constexpr (AFFINE) {
-      const __m512 m = load16(mins + g * kRows);
+      // sums of (u - bias) v: w = d u + m = d (u - bias) + (m + bias d)
+      const VF m = bias ? f_fmadd(d, f_set1(bias), f_load(mins + g * kRows)) : f_load(mins + g * kRows);
       for (int t = 0; t < T; ++t)
-        acc[t] = _mm512_fmadd_ps(d, inner[t],
-                                 _mm512_fmadd_ps(m, _mm512_set1_ps(sg[t * n_groups + g]), acc[t]));
+        acc[t] = f_fmadd(d, inner[t], f_fmadd(m, f_set1(sg[t * n_groups + g]), acc[t]));
     } else {
       for (int t = 0; t < T; ++t) {
-        const __m512 corr = _mm512_set1_ps(offset * sg[t * n_groups + g]);
-        acc[t] = _mm512_fmadd_ps(d, _mm512_sub_ps(inner[t], corr), acc[t]);
+        const VF corr = f_set1((offset - bias) * sg[t * n_groups + g]);
+        acc[t] = f_fmadd(d, f_sub(inner[t], corr), acc[t]);
       }
     }
   }
-  for (int t = 0; t < T; ++t) store_y(y + t * N, acc[t]);
+  for (int t = 0; t < T; ++t) f_store(y + t * N, acc[t]);
 }
 
 // `panel` for the symmetric form with a scale per block of 32 (Q4_0, Q8_0): the offset is
@@ -191,23 +152,23 @@ M7_TARGET void block_panel(const uint8_t* w, const S* scale, const int8_t* q, co
   constexpr int64_t kBlockBytes = BITS * 64;
   constexpr int kChains = T == 1 ? 4 : 2;
   const int64_t n_blocks = K / kBlock;
-  __m512 acc[T];
-  for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
+  const int32_t unbiased = offset - (BITS == 8 ? kEightBias : 0);  // block_dot's sums: u - bias
+  VF acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = f_zero();
   for (int64_t b = 0; b < n_blocks; ++b) {
     const uint8_t* wb = w + b * kBlockBytes;
-    mistral7b::prefetch_lines(wb + mistral7b::kPrefetchBlocks * kBlockBytes, BITS);
-    __m512i wv[8];
+    prefetch_lines(wb + kPrefetchBlocks * kBlockBytes, BITS);
+    VI wv[8];
     load_block<BITS>(wb, wv);
-    const __m512 d = load16(scale + b * kRows);
+    const VF d = f_load(scale + b * kRows);
     for (int t = 0; t < T; ++t) {
       const int32_t* sv = s16 + t * (K / 16) + 2 * b;
-      const __m512i dot = mistral7b::block_dot<BITS == 4, kChains>(wv, q + t * K + b * kBlock);
-      const __m512i sum = _mm512_sub_epi32(dot, _mm512_set1_epi32(offset * (sv[0] + sv[1])));
-      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum),
-                               _mm512_mul_ps(d, _mm512_set1_ps(a[t * n_blocks + b])), acc[t]);
+      const VI dot = block_dot<BITS == 4, kChains>(wv, q + t * K + b * kBlock);
+      const VI sum = i_sub(dot, i_set1(unbiased * (sv[0] + sv[1])));
+      acc[t] = f_fmadd(f_from_i(sum), f_mul(d, f_set1(a[t * n_blocks + b])), acc[t]);
     }
   }
-  for (int t = 0; t < T; ++t) store_y(y + t * N, acc[t]);
+  for (int t = 0; t < T; ++t) f_store(y + t * N, acc[t]);
 }
 
 template <typename X>
@@ -313,11 +274,68 @@ void dispatch_affine(int64_t bits, bool affine, const X* x, int64_t M, int64_t K
   }
 }
 
-#endif  // M7_X86
+// ------------------------------------------------------- this instruction set's entry points
+
+void qmm_into(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
+              const std::optional<at::Tensor>& mins, int64_t bits, int64_t group, double offset,
+              at::Tensor& y) {
+  const int64_t M = x.size(0), K = x.size(1), N = y.size(1);
+  const bool affine = mins.has_value();
+  const auto* wp = w.data_ptr<uint8_t>();
+  const auto go = [&](auto* xp, auto* yp) {
+    if (scale.scalar_type() == at::kFloat)
+      dispatch_affine<float>(bits, affine, xp, M, K, N, group, wp, scale.data_ptr<float>(),
+                             affine ? mins->data_ptr<float>() : nullptr,
+                             static_cast<float>(offset), yp);
+    else
+      dispatch_affine<at::Half>(bits, affine, xp, M, K, N, group, wp,
+                                scale.data_ptr<at::Half>(),
+                                affine ? mins->data_ptr<at::Half>() : nullptr,
+                                static_cast<float>(offset), yp);
+  };
+  if (x.scalar_type() == at::kFloat)
+    go(x.data_ptr<float>(), y.data_ptr<float>());
+  else
+    go(x.data_ptr<at::BFloat16>(), y.data_ptr<at::BFloat16>());
+}
+
+void quantize_acts(const at::Tensor& x, int64_t G, QuantizedActs& acts, int64_t span) {
+  if (x.scalar_type() == at::kFloat)
+    quantize_acts(x.data_ptr<float>(), x.size(0), x.size(1), G, acts, span);
+  else
+    quantize_acts(x.data_ptr<at::BFloat16>(), x.size(0), x.size(1), G, acts, span);
+}
+
+mistral7b::SpanFn qmm_span(bool half, int64_t bits, bool affine) {
+  return half ? span_for<at::Half>(bits, affine) : span_for<float>(bits, affine);
+}
+
+}  // namespace M7_NS
 
 // ------------------------------------------------------------------------------------ ops
+// (once, in the library's first build of this file)
+#if M7_PRIMARY
 
-bool has_vnni() { return cpu_has_vnni(); }
+namespace {
+
+constexpr int64_t kBlock = mistral7b::kBlockInputs;
+constexpr int64_t kRows = mistral7b::kPanelRows;
+using mistral7b::Isa;
+
+std::string isa_name() {
+  switch (mistral7b::isa()) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    default: return "";
+  }
+}
+
+bool has_vnni() { return mistral7b::isa() == Isa::kAvx512; }
+
+void check_isa() {
+  TORCH_CHECK(mistral7b::isa() != Isa::kNone,
+              "mistral7b's CPU kernels need an x86 CPU with AVX2, FMA and F16C");
+}
 
 void check_weight(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
                   const std::optional<at::Tensor>& mins, int64_t bits, int64_t group,
@@ -347,30 +365,11 @@ void check_weight(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sc
 at::Tensor qmm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
                const std::optional<at::Tensor>& mins, int64_t bits, int64_t group,
                double offset, int64_t n_out) {
-  TORCH_CHECK(cpu_has_vnni(), "mistral7b qmm needs a CPU with AVX-512 VNNI");
+  check_isa();
   check_weight(x, w, scale, mins, bits, group, n_out);
-  const int64_t M = x.size(0), K = x.size(1), N = n_out;
-  const bool affine = mins.has_value();
-  at::Tensor y = at::empty({M, N}, x.options());
-  if (M == 0) return y;
-#if M7_X86
-  const auto* wp = w.data_ptr<uint8_t>();
-  const auto go = [&](auto* xp, auto* yp) {
-    if (scale.scalar_type() == at::kFloat)
-      dispatch_affine<float>(bits, affine, xp, M, K, N, group, wp, scale.data_ptr<float>(),
-                             affine ? mins->data_ptr<float>() : nullptr,
-                             static_cast<float>(offset), yp);
-    else
-      dispatch_affine<at::Half>(bits, affine, xp, M, K, N, group, wp,
-                                scale.data_ptr<at::Half>(),
-                                affine ? mins->data_ptr<at::Half>() : nullptr,
-                                static_cast<float>(offset), yp);
-  };
-  if (x.scalar_type() == at::kFloat)
-    go(x.data_ptr<float>(), y.data_ptr<float>());
-  else
-    go(x.data_ptr<at::BFloat16>(), y.data_ptr<at::BFloat16>());
-#endif
+  at::Tensor y = at::empty({x.size(0), n_out}, x.options());
+  if (x.size(0) == 0) return y;
+  M7_ON_ISA(qmm_into(x, w, scale, mins, bits, group, offset, y));
   return y;
 }
 
@@ -379,15 +378,14 @@ at::Tensor qmm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale
 // equals its own qmm call to the bit.
 std::vector<at::Tensor> qmm_many(const at::Tensor& x,
                                  const std::vector<const mistral7b::QWeight*>& ws) {
-  TORCH_CHECK(cpu_has_vnni(), "mistral7b qmm needs a CPU with AVX-512 VNNI");
+  check_isa();
   TORCH_CHECK(x.scalar_type() == at::kFloat, "qmm_many takes float32 x");
   const int64_t M = x.size(0), K = x.size(1);
   std::vector<at::Tensor> ys;
-  std::vector<Product> products;
+  std::vector<mistral7b::Product> products;
   std::vector<int64_t> first_panel{0};
-#if M7_X86
   // by (group, span): a K-quant's activations take a scale per super-block and sums per 32
-  std::vector<std::pair<std::pair<int64_t, int64_t>, std::unique_ptr<QuantizedActs>>> acts;
+  std::vector<std::pair<std::pair<int64_t, int64_t>, std::unique_ptr<mistral7b::ActBlocks>>> acts;
   for (const auto* q : ws) {
     const bool kquant = q->super_d.has_value();
     const std::pair<int64_t, int64_t> act_form{kquant ? kBlock : q->group,
@@ -395,25 +393,23 @@ std::vector<at::Tensor> qmm_many(const at::Tensor& x,
     if (kquant) mistral7b::check_kweight(*q, K);
     else check_weight(x, q->w, q->scale, q->mins, q->bits, q->group, q->n_out);
     ys.push_back(at::empty({M, q->n_out}, x.options()));
-    const QuantizedActs* a = nullptr;
+    const mistral7b::ActBlocks* a = nullptr;
     for (const auto& [form, qa] : acts)
       if (form == act_form) a = qa.get();
     if (a == nullptr) {
-      acts.emplace_back(act_form, std::make_unique<QuantizedActs>());
-      quantize_acts(x.data_ptr<float>(), M, K, act_form.first, *acts.back().second,
-                    act_form.second);
+      acts.emplace_back(act_form, std::make_unique<mistral7b::ActBlocks>());
+      mistral7b::quantize_acts(x, act_form.first, *acts.back().second, act_form.second);
       a = acts.back().second.get();
     }
     const bool half = q->scale.scalar_type() == at::kHalf, affine = q->mins.has_value();
-    const auto span = kquant ? mistral7b::kquant_span(q->bits)
-                             : half ? span_for<at::Half>(q->bits, affine)
-                                    : span_for<float>(q->bits, affine);
-    products.push_back(Product{q->w.data_ptr<uint8_t>(), q->scale.data_ptr(),
-                               affine ? q->mins->data_ptr() : nullptr,
-                               kquant ? q->super_d->data_ptr() : nullptr,
-                               q->super_min ? q->super_min->data_ptr() : nullptr,
-                               static_cast<float>(q->offset), q->n_out, q->group,
-                               ys.back().data_ptr<float>(), a, span});
+    const auto span = kquant ? M7_ON_ISA(kquant_span(q->bits))
+                             : M7_ON_ISA(qmm_span(half, q->bits, affine));
+    products.push_back(mistral7b::Product{q->w.data_ptr<uint8_t>(), q->scale.data_ptr(),
+                                          affine ? q->mins->data_ptr() : nullptr,
+                                          kquant ? q->super_d->data_ptr() : nullptr,
+                                          q->super_min ? q->super_min->data_ptr() : nullptr,
+                                          static_cast<float>(q->offset), q->n_out, q->group,
+                                          ys.back().data_ptr<float>(), a, span});
     first_panel.push_back(first_panel.back() + q->n_out / kRows);
   }
   if (M == 0) return ys;
@@ -423,29 +419,44 @@ std::vector<at::Tensor> qmm_many(const at::Tensor& x,
       if (lo < hi) products[i].span(products[i], M, K, lo - first_panel[i], hi - first_panel[i]);
     }
   });
-#endif
   return ys;
 }
 
 }  // namespace
 
 namespace mistral7b {
+
+Isa isa() {
+  static const Isa chosen = [] {
+#if defined(__x86_64__)
+    __builtin_cpu_init();
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                      __builtin_cpu_supports("f16c");
+    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
+                        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                        __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512dq");
+    const char* want = std::getenv("MISTRAL7B_ISA");
+    if (want != nullptr && std::string(want) == "avx2") return avx2 ? Isa::kAvx2 : Isa::kNone;
+    return avx512 ? Isa::kAvx512 : avx2 ? Isa::kAvx2 : Isa::kNone;
+#else
+    return Isa::kNone;
+#endif
+  }();
+  return chosen;
+}
+
 at::Tensor qmm(const at::Tensor& x, const QWeight& q) {
   if (q.super_d.has_value()) return kqmm(x, q);
   return ::qmm(x, q.w, q.scale, q.mins, q.bits, q.group, q.offset, q.n_out);
 }
 
 void quantize_acts(const at::Tensor& x, int64_t G, ActBlocks& acts, int64_t span) {
+  check_isa();
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous 2-D tensor");
   TORCH_CHECK(x.size(1) % G == 0 && G % kBlock == 0, "G must be a multiple of 32 dividing K");
   TORCH_CHECK(x.size(1) % span == 0 && span % kBlock == 0,
               "the scale span must be a multiple of 32 dividing K");
-#if M7_X86
-  if (x.scalar_type() == at::kFloat)
-    ::quantize_acts(x.data_ptr<float>(), x.size(0), x.size(1), G, acts, span);
-  else
-    ::quantize_acts(x.data_ptr<at::BFloat16>(), x.size(0), x.size(1), G, acts, span);
-#endif
+  M7_ON_ISA(quantize_acts(x, G, acts, span));
 }
 
 std::vector<at::Tensor> qmm_many(const at::Tensor& x, const std::vector<const QWeight*>& ws) {
@@ -457,6 +468,7 @@ std::vector<at::Tensor> qmm_many(const at::Tensor& x, const std::vector<const QW
 // dispatch key: that lets torch.compile trace the ops
 // through their fake (shape-only) implementations, registered in native.py.
 TORCH_LIBRARY(mistral7b_qmm, m) {
+  m.def("isa() -> str", &isa_name);
   m.def("has_vnni() -> bool", &has_vnni);
   m.def("qmm(Tensor x, Tensor w, Tensor scale, Tensor? mins, int bits, int group, float offset, "
         "int n_out) -> Tensor");
@@ -465,3 +477,5 @@ TORCH_LIBRARY(mistral7b_qmm, m) {
 TORCH_LIBRARY_IMPL(mistral7b_qmm, CPU, m) {
   m.impl("qmm", &qmm);
 }
+
+#endif  // M7_PRIMARY
