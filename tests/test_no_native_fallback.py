@@ -1,4 +1,4 @@
-"""The path for a CPU where our kernel library cannot run (no AVX-512 VNNI, no compiler),
+"""The path for a CPU where our kernel library cannot run (neither AVX2 nor AVX-512 VNNI, no compiler),
 forced with MISTRAL7B_NATIVE=0 in a child process: PyTorch's int4 kernel, SDPA decode
 attention, the torch RMSNorm formula, no fused step, K-quants as int4 / int8 and the
 embedding table as floats. It runs, and its float32 decode logits equal this process's (our

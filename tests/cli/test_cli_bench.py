@@ -12,7 +12,7 @@ from cli_helpers import cli_env, run_cli
 from mistral7b.kernels import native
 
 KEYS = {"prefill_tps", "decode_tps", "ttft_s", "peak_rss_gb", "bandwidth_gbs", "load_s",
-        "decode_step", "tokens", "prefill_page_faults"}
+        "decode_step", "kernels", "tokens", "prefill_page_faults"}
 
 
 @pytest.mark.parametrize("fused", ["1", "0"])
@@ -30,6 +30,7 @@ def test_bench_reports_its_figures_and_the_decode_step(fused):
     assert ours["decode_tps"] > 0 and ours["prefill_tps"] > 0 and len(ours["tokens"]) == 4
     expect = "fused" if fused == "1" and native.ops() is not None else "eager"
     assert ours["decode_step"] == expect
+    assert ours["kernels"] == (native.ops().isa() if native.ops() is not None else "torch")
 
 
 def test_a_worker_that_fails_to_load_is_reported(tmp_path):

@@ -72,7 +72,7 @@ def test_tp2_quantized_logits_equal_one_process(case, quant):
         pytest.skip("the quantized cases run on the GQA-4 model (one set keeps this fast)")
     """With the same weights, only the rounding of partial sums differs: each rank's wo/w2
     product is summed by the all-reduce, one process sums it in one pass (~1e-7 apart).
-    PyTorch's int8 kernel, used where the CPU lacks AVX-512 VNNI, returns bf16
+    PyTorch's int8 kernel, used where our kernels do not run, returns bf16
     (tests/quant/test_quant_layers.py: 2^-7 of |x||W| per product), each rank's partial sum
     rounded on its own. Our kernels round the activations to int8 per block of 32 (as
     llama.cpp's Q8_0 does), so a 1e-7 difference can move one activation across a rounding

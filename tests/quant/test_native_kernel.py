@@ -14,7 +14,7 @@ from mistral7b.kernels import native
 from mistral7b.quant.layers import quantize_int4, quantize_int8
 
 pytestmark = pytest.mark.skipif(native.ops() is None,
-                                reason="needs an x86 CPU with AVX-512 VNNI and a C++ compiler")
+                                reason="needs an x86 CPU with AVX2 and a C++ compiler")
 
 
 def _activations_as_the_kernel_sees_them(x: torch.Tensor) -> torch.Tensor:

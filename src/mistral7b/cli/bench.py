@@ -227,7 +227,8 @@ def _print_table(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -
     print(f"{args.model} quant={args.quant} threads={args.threads or 2} prompt="
           f"{args.prompt_tokens} gen={args.gen_tokens} repeat={args.repeat} (medians)"
           + (f" busy: {args.busy} CPU-bound neighbour(s)" if args.busy else "")
-          + f" decode step: {ours.get('decode_step', '?')}", file=sys.stderr)
+          + f" decode step: {ours.get('decode_step', '?')}"
+          + f" kernels: {ours.get('kernels', '?')}", file=sys.stderr)
     print(head, file=sys.stderr)
     for label, key, fmt in rows:
         line = f"{label:24s}{fmt.format(ours[key]):>12s}"

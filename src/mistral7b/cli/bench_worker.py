@@ -160,8 +160,13 @@ def _ours(args: argparse.Namespace):
             return int(engine.step([state["table"]], [[tok]])[0].argmax())
 
     def about() -> dict[str, Any]:
-        # which decode step ran: the fused C++ step (fused_step.py) or the eager modules
-        return {"decode_step": "fused" if engine.fused_step() is not None else "eager"}
+        # which decode step ran: the fused C++ step (fused_step.py) or the eager modules;
+        # which kernels: ours on AVX-512 or AVX2 (native.py), or PyTorch's
+        from mistral7b.kernels import native
+
+        ops = native.ops() if engine.device.type == "cpu" else None
+        return {"decode_step": "fused" if engine.fused_step() is not None else "eager",
+                "kernels": ops.isa() if ops is not None else "torch"}
 
     return config.vocab_size, reset, prefill, decode, _weight_bytes(model), about
 

@@ -10,9 +10,12 @@
 // reduction (relative error ~2e-7). Model.py's decode steps and the fused step (step.cpp)
 // both call this one function, so the two give the same numbers.
 
+#include "kernels.h"  // (first: it sets M7_PRIMARY)
+#if M7_PRIMARY
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
+#endif
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
@@ -21,7 +24,6 @@
 #include <optional>
 #include <vector>
 
-#include "kernels.h"
 
 #include "simd.h"
 

@@ -2,7 +2,10 @@
 // PyTorch under mistral7b_qmm:: for Python).
 #pragma once
 
-#include <ATen/ATen.h>
+// the light headers: the AVX2 build of a kernel source needs no more (M7_PRIMARY below)
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <cstdint>
 #include <optional>

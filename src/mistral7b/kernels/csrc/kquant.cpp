@@ -36,16 +36,18 @@
 // tile of rows keeps in registers, beside the block's 8 registers of values: tiles of 8 rows
 // fit, as in qmm.cpp.
 
+#include "kernels.h"  // (first: it sets M7_PRIMARY)
+#if M7_PRIMARY
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
+#endif
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
-#include "kernels.h"
 #include "simd.h"
 
 namespace M7_NS {

@@ -6,14 +6,16 @@
 // the sum of squares taken in 16 lanes (fused multiply-adds), then across the lanes, then the
 // tail of D % 16 values one by one.
 
+#include "kernels.h"  // (first: it sets M7_PRIMARY)
+#if M7_PRIMARY
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
+#endif
+#include <ATen/Parallel.h>
 
 #include <cmath>
 #include <cstdint>
 
-#include "kernels.h"
 
 #include "simd.h"
 

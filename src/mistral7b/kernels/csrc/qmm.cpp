@@ -26,9 +26,12 @@
 //
 // The second sum (`sg` below) depends on the activations only and is computed once per row.
 
+#include "kernels.h"  // (first: it sets M7_PRIMARY)
+#if M7_PRIMARY
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
+#endif
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <atomic>
@@ -42,7 +45,6 @@
 #include <string>
 #include <vector>
 
-#include "kernels.h"
 #include "simd.h"
 
 namespace M7_NS {
@@ -330,8 +332,6 @@ std::string isa_name() {
   }
 }
 
-bool has_vnni() { return mistral7b::isa() == Isa::kAvx512; }
-
 void check_isa() {
   TORCH_CHECK(mistral7b::isa() != Isa::kNone,
               "mistral7b's CPU kernels need an x86 CPU with AVX2, FMA and F16C");
@@ -469,7 +469,6 @@ std::vector<at::Tensor> qmm_many(const at::Tensor& x, const std::vector<const QW
 // through their fake (shape-only) implementations, registered in native.py.
 TORCH_LIBRARY(mistral7b_qmm, m) {
   m.def("isa() -> str", &isa_name);
-  m.def("has_vnni() -> bool", &has_vnni);
   m.def("qmm(Tensor x, Tensor w, Tensor scale, Tensor? mins, int bits, int group, float offset, "
         "int n_out) -> Tensor");
 }

@@ -11,7 +11,8 @@
 // take `dot_signed` there instead, which works on q itself (kEightBias says which).
 #pragma once
 
-#include <ATen/ATen.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <cstdint>
 #include <cstring>
@@ -286,9 +287,29 @@ M7_TARGET inline void unpack_nibbles(const uint8_t* wb, VI wv[8]) {
 // on their latency, ~5 cycles each, not on memory). Register i pairs with activation dword
 // (i % 2) * 4 + i / 2 (4-bit pairing: low nibbles with bytes 4j.., high with 16 + 4j..), or
 // with dword i where `nibbles` is false (8-bit panels: then the sums are of u - kEightBias).
+// With `nibbles` the values must be <= 31 (4- and 5-bit; AVX2 sums four products in int16).
 template <bool nibbles, int kChains>
 M7_TARGET inline VI block_dot(const VI wv[8], const int8_t* q) {
   const int32_t* v = reinterpret_cast<const int32_t*>(q);
+#if M7_ISA == 2
+  if constexpr (nibbles) {
+    // values <= 31 (4- and 5-bit): four vpmaddubsw pair sums (each |.| <= 31 x 127 x 2) add
+    // up exactly in int16, so a block takes 2 vpmaddwd a half, not 8
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i lo = _mm256_setzero_si256(), hi = lo;
+    for (int g = 0; g < 2; ++g) {
+      __m256i pl = _mm256_setzero_si256(), ph = pl;
+      for (int i = 4 * g; i < 4 * g + 4; ++i) {
+        const __m256i a = _mm256_set1_epi32(v[(i % 2) * 4 + i / 2]);
+        pl = _mm256_add_epi16(pl, _mm256_maddubs_epi16(wv[i].l, a));
+        ph = _mm256_add_epi16(ph, _mm256_maddubs_epi16(wv[i].h, a));
+      }
+      lo = _mm256_add_epi32(lo, _mm256_madd_epi16(pl, ones));
+      hi = _mm256_add_epi32(hi, _mm256_madd_epi16(ph, ones));
+    }
+    return VI{lo, hi};
+  }
+#endif
   VI sums[kChains];
   for (int c = 0; c < kChains; ++c) sums[c] = i_zero();
   for (int i = 0; i < 8; ++i) {
