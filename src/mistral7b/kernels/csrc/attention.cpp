@@ -33,7 +33,7 @@ template <typename E>
 M7_TARGET inline float dot(const float* a, const E* b, int64_t n) {
   VF acc = f_zero();
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) acc = f_fmadd(f_load(a + i), f_load(b + i), acc);
+  for (; i + kLanes <= n; i += kLanes) acc = f_fmadd(f_load(a + i), f_load(b + i), acc);
   float s = f_sum(acc);
   for (; i < n; ++i) s += a[i] * static_cast<float>(b[i]);
   return s;
@@ -43,13 +43,13 @@ template <typename E>
 M7_TARGET inline void axpy(float alpha, const E* x, float* y, int64_t n) {
   const VF va = f_set1(alpha);
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16)
+  for (; i + kLanes <= n; i += kLanes)
     f_store(y + i, f_fmadd(va, f_load(x + i), f_load(y + i)));
   for (; i < n; ++i) y[i] += alpha * static_cast<float>(x[i]);
 }
 
 // e^x for x <= 0: 2^n e^r with n = round(x / ln 2), r = x - n ln 2 (ln 2 in two parts)
-M7_TARGET inline VF exp16(VF x) {
+M7_TARGET inline VF vexp(VF x) {
   x = f_max(x, f_set1(-87.0f));
   const VF n = f_round(f_mul(x, f_set1(1.44269504088896341f)));
   VF r = f_fnmadd(n, f_set1(0.693145751953125f), x);
@@ -71,14 +71,14 @@ M7_TARGET float softmax_numerators(float* s, int64_t n) {
   const VF vmax = f_set1(mx);
   VF acc = f_zero();
   int64_t j = 0;
-  for (; j + 16 <= n; j += 16) {
-    const VF e = exp16(f_sub(f_load(s + j), vmax));
+  for (; j + kLanes <= n; j += kLanes) {
+    const VF e = vexp(f_sub(f_load(s + j), vmax));
     f_store(s + j, e);
     acc = f_add(acc, e);
   }
   if (j < n) {
     const int rest = static_cast<int>(n - j);
-    const VF e = exp16(f_sub(f_load_first(s + j, rest), vmax));
+    const VF e = vexp(f_sub(f_load_first(s + j, rest), vmax));
     f_store_first(s + j, e, rest);
     acc = f_add(acc, f_first(e, rest));
   }

@@ -82,13 +82,11 @@ M7_TARGET inline void unpack(const uint8_t* wb, VI wv[8]) {
   }
 }
 
-M7_TARGET inline VF load_i8(const uint8_t* p) {
-  return f_from_i8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
+constexpr int64_t kParts = kRows / kLanes;  // a panel's rows in registers of kLanes rows
 
-// Sub-block j's 6-bit scale and min of 16 rows from a super-block's 12 packed bytes (each
-// 16 rows wide): get_scale_min_k4 on 16 lanes.
-M7_TARGET inline void scale_min(const uint8_t* packed, int j, VF* sc, VF* mn) {
+// Sub-block j's 6-bit scale and min of rows r0 .. r0 + kLanes - 1 from a super-block's 12
+// packed bytes (each 16 rows wide): get_scale_min_k4 on 16 lanes.
+M7_TARGET inline void scale_min(const uint8_t* packed, int j, int64_t r0, VF* sc, VF* mn) {
   const auto at = [&](int i) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + 16 * i)); };
   const __m128i six = _mm_set1_epi8(63), low4 = _mm_set1_epi8(0x0F), top2 = _mm_set1_epi8(-64);
   __m128i s, m;
@@ -101,6 +99,10 @@ M7_TARGET inline void scale_min(const uint8_t* packed, int j, VF* sc, VF* mn) {
     m = _mm_or_si128(_mm_and_si128(_mm_srli_epi16(c, 4), low4),
                      _mm_srli_epi16(_mm_and_si128(at(j), top2), 2));
   }
+  if (r0 != 0) {  // (AVX2's second 8 rows)
+    s = _mm_srli_si128(s, 8);
+    m = _mm_srli_si128(m, 8);
+  }
   *sc = f_from_u8(s);
   *mn = f_from_u8(m);
 }
@@ -110,25 +112,25 @@ M7_TARGET inline void scale_min(const uint8_t* packed, int j, VF* sc, VF* mn) {
 // exact in float32 (an 11-bit float16 mantissa times a 6- or 8-bit integer), so folding d in
 // here rounds nothing.
 template <int BITS>
-M7_TARGET inline void block_factors(const uint8_t* sc, VF dv, VF dmv, int64_t b,
+M7_TARGET inline void block_factors(const uint8_t* sc, VF dv, VF dmv, int64_t b, int64_t r0,
                                     VF* f0, VF* f1) {
   if constexpr (BITS == 6) {
-    *f0 = f_mul(dv, load_i8(sc + 2 * b * kRows));
-    *f1 = f_mul(dv, load_i8(sc + (2 * b + 1) * kRows));
+    *f0 = f_mul(dv, f_from_i8(sc + 2 * b * kRows + r0));
+    *f1 = f_mul(dv, f_from_i8(sc + (2 * b + 1) * kRows + r0));
   } else {
     VF scv, mv;
-    scale_min(sc + b / 8 * 12 * kRows, static_cast<int>(b % 8), &scv, &mv);
+    scale_min(sc + b / 8 * 12 * kRows, static_cast<int>(b % 8), r0, &scv, &mv);
     *f0 = f_mul(dv, scv);
     *f1 = f_mul(dmv, mv);
   }
 }
 
-// Super-block s's d and dmin (Q6_K: d twice) of 16 rows.
+// Super-block s's d and dmin (Q6_K: d twice) of rows r0 .. r0 + kLanes - 1.
 template <int BITS>
 M7_TARGET inline void super_factors(const at::Half* d, const at::Half* dmin, int64_t s,
-                                    VF* dv, VF* dmv) {
-  *dv = f_load(d + s * kRows);
-  *dmv = BITS == 6 ? *dv : f_load(dmin + s * kRows);
+                                    int64_t r0, VF* dv, VF* dmv) {
+  *dv = f_load(d + s * kRows + r0);
+  *dmv = BITS == 6 ? *dv : f_load(dmin + s * kRows + r0);
 }
 
 // A panel's every block's factors, computed once for many row tiles (pre-fill): block b's
@@ -137,12 +139,14 @@ template <int BITS>
 M7_TARGET void unpack_factors(const uint8_t* sc, const at::Half* d, const at::Half* dmin,
                               int64_t nb, float* out) {
   VF dv, dmv;
-  for (int64_t b = 0; b < nb; ++b) {
-    VF f0, f1;
-    if (b % 8 == 0) super_factors<BITS>(d, dmin, b / 8, &dv, &dmv);
-    block_factors<BITS>(sc, dv, dmv, b, &f0, &f1);
-    f_store(out + 32 * b, f0);
-    f_store(out + 32 * b + 16, f1);
+  for (int64_t r0 = 0; r0 < kRows; r0 += kLanes) {
+    for (int64_t b = 0; b < nb; ++b) {
+      VF f0, f1;
+      if (b % 8 == 0) super_factors<BITS>(d, dmin, b / 8, r0, &dv, &dmv);
+      block_factors<BITS>(sc, dv, dmv, b, r0, &f0, &f1);
+      f_store(out + 32 * b + r0, f0);
+      f_store(out + 32 * b + 16 + r0, f1);
+    }
   }
 }
 
@@ -151,9 +155,11 @@ M7_TARGET void unpack_factors(const uint8_t* sc, const at::Half* d, const at::Ha
 template <int BITS>
 M7_TARGET void unpack_values(const uint8_t* w, int64_t nb, uint8_t* out) {
   for (int64_t b = 0; b < nb; ++b) {
-    VI wv[8];
-    unpack<BITS>(w + b * BITS * 64, wv);
-    for (int i = 0; i < 8; ++i) i_store(out + 512 * b + 64 * i, wv[i]);
+    for (int64_t r0 = 0; r0 < kRows; r0 += kLanes) {
+      VI wv[8];
+      unpack<BITS>(w + b * BITS * 64 + 4 * r0, wv);
+      for (int i = 0; i < 8; ++i) i_store(out + 512 * b + 64 * i + 4 * r0, wv[i]);
+    }
   }
 }
 
@@ -168,64 +174,67 @@ M7_TARGET void kpanel(const uint8_t* w, const uint8_t* values, const uint8_t* sc
                       int64_t K, float* y, int64_t N) {
   constexpr int64_t kBlockBytes = BITS * 64, kPerSuper = kSuper / kBlock;
   const int64_t nb = K / kBlock;
-  VF acc[T];
-  for (int t = 0; t < T; ++t) acc[t] = f_zero();
-  for (int64_t s = 0; s < nb / kPerSuper; ++s) {
-    // the super-block's sum before its activation scale (one scale per 256 inputs)
-    VF part[T];
-    for (int t = 0; t < T; ++t) part[t] = f_zero();
-    VF dv = f_zero(), dmv = dv;
-    if (factors == nullptr) super_factors<BITS>(d, dmin, s, &dv, &dmv);
-    for (int64_t b = s * kPerSuper; b < (s + 1) * kPerSuper; ++b) {
-      VI wv[8];
-      VF f0, f1;
-      if (values != nullptr) {
-        for (int i = 0; i < 8; ++i) wv[i] = i_load(values + 512 * b + 64 * i);
-      } else {
-        prefetch_lines(w + (b + kPrefetchBlocks) * kBlockBytes, BITS);
-        unpack<BITS>(w + b * kBlockBytes, wv);
-      }
-      if (factors != nullptr) {
-        f0 = f_load(factors + 32 * b);
-        f1 = f_load(factors + 32 * b + 16);
-      } else {
-        block_factors<BITS>(sc, dv, dmv, b, &f0, &f1);
-      }
-#pragma GCC unroll 8
-      for (int t = 0; t < T; ++t) {   // unrolled, so that acc[] and part[] stay in registers
-        const int32_t* v = reinterpret_cast<const int32_t*>(q + t * K + b * kBlock);
-        if constexpr (BITS == 6) {
-          // even registers pair with inputs 0..15 of the block, odd ones with 16..31; the
-          // chains start at -32 x the halves' sums (q - 32); one row takes two chains a
-          // half, several rows are chains enough
-          const int32_t* sv = s16 + t * (K / 16) + 2 * b;
-          VI lo0 = i_set1(-32 * sv[0]), hi0 = i_set1(-32 * sv[1]);
-          VI lo1 = i_zero(), hi1 = lo1;
-          VI& lo_b = T == 1 ? lo1 : lo0;
-          VI& hi_b = T == 1 ? hi1 : hi0;
-          lo0 = dpbusd(lo0, wv[0], v[0]);
-          hi0 = dpbusd(hi0, wv[1], v[4]);
-          lo_b = dpbusd(lo_b, wv[2], v[1]);
-          hi_b = dpbusd(hi_b, wv[3], v[5]);
-          lo0 = dpbusd(lo0, wv[4], v[2]);
-          hi0 = dpbusd(hi0, wv[5], v[6]);
-          lo_b = dpbusd(lo_b, wv[6], v[3]);
-          hi_b = dpbusd(hi_b, wv[7], v[7]);
-          const VI lo = T == 1 ? i_add(lo0, lo1) : lo0;
-          const VI hi = T == 1 ? i_add(hi0, hi1) : hi0;
-          part[t] = f_fmadd(f0, f_from_i(lo), part[t]);
-          part[t] = f_fmadd(f1, f_from_i(hi), part[t]);
+  for (int64_t pi = 0; pi < kParts; ++pi) {   // rows r0 .. r0 + kLanes - 1 of the panel
+    const int64_t r0 = pi * kLanes;
+    VF acc[T];
+    for (int t = 0; t < T; ++t) acc[t] = f_zero();
+    for (int64_t s = 0; s < nb / kPerSuper; ++s) {
+      // the super-block's sum before its activation scale (one scale per 256 inputs)
+      VF part[T];
+      for (int t = 0; t < T; ++t) part[t] = f_zero();
+      VF dv = f_zero(), dmv = dv;
+      if (factors == nullptr) super_factors<BITS>(d, dmin, s, r0, &dv, &dmv);
+      for (int64_t b = s * kPerSuper; b < (s + 1) * kPerSuper; ++b) {
+        VI wv[8];
+        VF f0, f1;
+        if (values != nullptr) {
+          for (int i = 0; i < 8; ++i) wv[i] = i_load(values + 512 * b + 64 * i + 4 * r0);
         } else {
-          const VI sum = block_dot<true, T == 1 ? 4 : 2>(wv, q + t * K + b * kBlock);
-          part[t] = f_fmadd(f0, f_from_i(sum), part[t]);
-          acc[t] = f_fnmadd(f1, f_set1(sg[t * nb + b]), acc[t]);  // scaled
+          prefetch_lines(w + (b + kPrefetchBlocks) * kBlockBytes, BITS);
+          unpack<BITS>(w + b * kBlockBytes + 4 * r0, wv);
+        }
+        if (factors != nullptr) {
+          f0 = f_load(factors + 32 * b + r0);
+          f1 = f_load(factors + 32 * b + 16 + r0);
+        } else {
+          block_factors<BITS>(sc, dv, dmv, b, r0, &f0, &f1);
+        }
+  #pragma GCC unroll 8
+        for (int t = 0; t < T; ++t) {   // unrolled, so that acc[] and part[] stay in registers
+          const int32_t* v = reinterpret_cast<const int32_t*>(q + t * K + b * kBlock);
+          if constexpr (BITS == 6) {
+            // even registers pair with inputs 0..15 of the block, odd ones with 16..31; the
+            // chains start at -32 x the halves' sums (q - 32); one row takes two chains a
+            // half, several rows are chains enough
+            const int32_t* sv = s16 + t * (K / 16) + 2 * b;
+            VI lo0 = i_set1(-32 * sv[0]), hi0 = i_set1(-32 * sv[1]);
+            VI lo1 = i_zero(), hi1 = lo1;
+            VI& lo_b = T == 1 ? lo1 : lo0;
+            VI& hi_b = T == 1 ? hi1 : hi0;
+            lo0 = dpbusd(lo0, wv[0], v[0]);
+            hi0 = dpbusd(hi0, wv[1], v[4]);
+            lo_b = dpbusd(lo_b, wv[2], v[1]);
+            hi_b = dpbusd(hi_b, wv[3], v[5]);
+            lo0 = dpbusd(lo0, wv[4], v[2]);
+            hi0 = dpbusd(hi0, wv[5], v[6]);
+            lo_b = dpbusd(lo_b, wv[6], v[3]);
+            hi_b = dpbusd(hi_b, wv[7], v[7]);
+            const VI lo = T == 1 ? i_add(lo0, lo1) : lo0;
+            const VI hi = T == 1 ? i_add(hi0, hi1) : hi0;
+            part[t] = f_fmadd(f0, f_from_i(lo), part[t]);
+            part[t] = f_fmadd(f1, f_from_i(hi), part[t]);
+          } else {
+            const VI sum = block_dot<true, T == 1 ? 4 : 2>(wv, q + t * K + b * kBlock);
+            part[t] = f_fmadd(f0, f_from_i(sum), part[t]);
+            acc[t] = f_fnmadd(f1, f_set1(sg[t * nb + b]), acc[t]);  // scaled
+          }
         }
       }
+      for (int t = 0; t < T; ++t)
+        acc[t] = f_fmadd(part[t], f_set1(a[t * nb + s * kPerSuper]), acc[t]);
     }
-    for (int t = 0; t < T; ++t)
-      acc[t] = f_fmadd(part[t], f_set1(a[t * nb + s * kPerSuper]), acc[t]);
+    for (int t = 0; t < T; ++t) f_store(y + t * N + r0, acc[t]);
   }
-  for (int t = 0; t < T; ++t) f_store(y + t * N, acc[t]);
 }
 
 template <int BITS>

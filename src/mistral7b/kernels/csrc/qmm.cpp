@@ -57,9 +57,13 @@ constexpr int kMaxTile = 8;     // activation rows that share one unpacked weigh
 using QuantizedActs = mistral7b::ActBlocks;
 using mistral7b::Product;
 
+constexpr int64_t kParts = kRows / kLanes;  // a panel's rows in registers of kLanes rows
+
 template <typename X>
 M7_TARGET inline float block_amax(const X* x) {
-  return f_hmax(f_max(f_abs(f_load(x)), f_abs(f_load(x + 16))));
+  VF m = f_abs(f_load(x));
+  for (int c = 1; c < kBlock / kLanes; ++c) m = f_max(m, f_abs(f_load(x + c * kLanes)));
+  return f_hmax(m);
 }
 
 // One activation row: its blocks of 32 to int8 with one scale per `span` inputs (kBlock, or
@@ -78,14 +82,14 @@ M7_TARGET void quantize_row(const X* x, int64_t K, int64_t G, int64_t span, int8
     const float scale = amax / 127.0f;
     const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
     const VF vinv = f_set1(inv);
-    // round to nearest, ties to even (the MXCSR default)
-    const VI i0 = f_round_i(f_mul(f_load(x + b * kBlock), vinv));
-    const VI i1 = f_round_i(f_mul(f_load(x + b * kBlock + 16), vinv));
-    i_store_i8(q + b * kBlock, i0);
-    i_store_i8(q + b * kBlock + 16, i1);
+    s16[2 * b] = s16[2 * b + 1] = 0;
+    for (int c = 0; c < kBlock / kLanes; ++c) {
+      // round to nearest, ties to even (the MXCSR default)
+      const VI v = f_round_i(f_mul(f_load(x + b * kBlock + c * kLanes), vinv));
+      i_store_i8(q + b * kBlock + c * kLanes, v);
+      s16[2 * b + c * kLanes / 16] += i_sum(v);
+    }
     a[b] = scale;
-    s16[2 * b] = i_sum(i0);
-    s16[2 * b + 1] = i_sum(i1);
     group_sum += scale * static_cast<float>(s16[2 * b] + s16[2 * b + 1]);
     if ((b + 1) % blocks_per_group == 0) {
       sg[(b + 1) / blocks_per_group - 1] = group_sum;
@@ -112,36 +116,40 @@ M7_TARGET void panel(const uint8_t* w, const S* scale, const S* mins, const int8
   constexpr int kChains = T == 1 ? 4 : 2;
   constexpr float bias = BITS == 8 ? kEightBias : 0;  // block_dot's sums are of u - bias
   const int64_t n_blocks = K / kBlock, n_groups = K / G, blocks_per_group = G / kBlock;
-  VF acc[T];
-  for (int t = 0; t < T; ++t) acc[t] = f_zero();
-  for (int64_t g = 0; g < n_groups; ++g) {
-    VF inner[T];
-    for (int t = 0; t < T; ++t) inner[t] = f_zero();
-    for (int64_t bb = 0; bb < blocks_per_group; ++bb) {
-      const int64_t b = g * blocks_per_group + bb;
-      const uint8_t* wb = w + b * kBlockBytes;
-      prefetch_lines(wb + kPrefetchBlocks * kBlockBytes, BITS);
-      VI wv[8];
-      load_block<BITS>(wb, wv);
-      for (int t = 0; t < T; ++t) {
-        const VI sum = block_dot<BITS == 4, kChains>(wv, q + t * K + b * kBlock);
-        inner[t] = f_fmadd(f_from_i(sum), f_set1(a[t * n_blocks + b]), inner[t]);
+  for (int64_t part = 0; part < kParts; ++part) {   // rows r0 .. r0 + kLanes - 1 of the panel
+    const int64_t r0 = part * kLanes;
+    VF acc[T];
+    for (int t = 0; t < T; ++t) acc[t] = f_zero();
+    for (int64_t g = 0; g < n_groups; ++g) {
+      VF inner[T];
+      for (int t = 0; t < T; ++t) inner[t] = f_zero();
+      for (int64_t bb = 0; bb < blocks_per_group; ++bb) {
+        const int64_t b = g * blocks_per_group + bb;
+        const uint8_t* wb = w + b * kBlockBytes;
+        prefetch_lines(wb + kPrefetchBlocks * kBlockBytes, BITS);
+        VI wv[8];
+        load_block<BITS>(wb + 4 * r0, wv);
+        for (int t = 0; t < T; ++t) {
+          const VI sum = block_dot<BITS == 4, kChains>(wv, q + t * K + b * kBlock);
+          inner[t] = f_fmadd(f_from_i(sum), f_set1(a[t * n_blocks + b]), inner[t]);
+        }
+      }
+      const VF d = f_load(scale + g * kRows + r0);
+      if constexpr (AFFINE) {
+        // sums of (u - bias) v: w = d u + m = d (u - bias) + (m + bias d)
+        const VF m0 = f_load(mins + g * kRows + r0);
+        const VF m = bias ? f_fmadd(d, f_set1(bias), m0) : m0;
+        for (int t = 0; t < T; ++t)
+          acc[t] = f_fmadd(d, inner[t], f_fmadd(m, f_set1(sg[t * n_groups + g]), acc[t]));
+      } else {
+        for (int t = 0; t < T; ++t) {
+          const VF corr = f_set1((offset - bias) * sg[t * n_groups + g]);
+          acc[t] = f_fmadd(d, f_sub(inner[t], corr), acc[t]);
+        }
       }
     }
-    const VF d = f_load(scale + g * kRows);
-    if constexpr (AFFINE) {
-      // sums of (u - bias) v: w = d u + m = d (u - bias) + (m + bias d)
-      const VF m = bias ? f_fmadd(d, f_set1(bias), f_load(mins + g * kRows)) : f_load(mins + g * kRows);
-      for (int t = 0; t < T; ++t)
-        acc[t] = f_fmadd(d, inner[t], f_fmadd(m, f_set1(sg[t * n_groups + g]), acc[t]));
-    } else {
-      for (int t = 0; t < T; ++t) {
-        const VF corr = f_set1((offset - bias) * sg[t * n_groups + g]);
-        acc[t] = f_fmadd(d, f_sub(inner[t], corr), acc[t]);
-      }
-    }
+    for (int t = 0; t < T; ++t) f_store(y + t * N + r0, acc[t]);
   }
-  for (int t = 0; t < T; ++t) f_store(y + t * N, acc[t]);
 }
 
 // `panel` for the symmetric form with a scale per block of 32 (Q4_0, Q8_0): the offset is
@@ -155,22 +163,25 @@ M7_TARGET void block_panel(const uint8_t* w, const S* scale, const int8_t* q, co
   constexpr int kChains = T == 1 ? 4 : 2;
   const int64_t n_blocks = K / kBlock;
   const int32_t unbiased = offset - (BITS == 8 ? kEightBias : 0);  // block_dot's sums: u - bias
-  VF acc[T];
-  for (int t = 0; t < T; ++t) acc[t] = f_zero();
-  for (int64_t b = 0; b < n_blocks; ++b) {
-    const uint8_t* wb = w + b * kBlockBytes;
-    prefetch_lines(wb + kPrefetchBlocks * kBlockBytes, BITS);
-    VI wv[8];
-    load_block<BITS>(wb, wv);
-    const VF d = f_load(scale + b * kRows);
-    for (int t = 0; t < T; ++t) {
-      const int32_t* sv = s16 + t * (K / 16) + 2 * b;
-      const VI dot = block_dot<BITS == 4, kChains>(wv, q + t * K + b * kBlock);
-      const VI sum = i_sub(dot, i_set1(unbiased * (sv[0] + sv[1])));
-      acc[t] = f_fmadd(f_from_i(sum), f_mul(d, f_set1(a[t * n_blocks + b])), acc[t]);
+  for (int64_t part = 0; part < kParts; ++part) {   // rows r0 .. r0 + kLanes - 1 of the panel
+    const int64_t r0 = part * kLanes;
+    VF acc[T];
+    for (int t = 0; t < T; ++t) acc[t] = f_zero();
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      const uint8_t* wb = w + b * kBlockBytes;
+      prefetch_lines(wb + kPrefetchBlocks * kBlockBytes, BITS);
+      VI wv[8];
+      load_block<BITS>(wb + 4 * r0, wv);
+      const VF d = f_load(scale + b * kRows + r0);
+      for (int t = 0; t < T; ++t) {
+        const int32_t* sv = s16 + t * (K / 16) + 2 * b;
+        const VI dot = block_dot<BITS == 4, kChains>(wv, q + t * K + b * kBlock);
+        const VI sum = i_sub(dot, i_set1(unbiased * (sv[0] + sv[1])));
+        acc[t] = f_fmadd(f_from_i(sum), f_mul(d, f_set1(a[t * n_blocks + b])), acc[t]);
+      }
     }
+    for (int t = 0; t < T; ++t) f_store(y + t * N + r0, acc[t]);
   }
-  for (int t = 0; t < T; ++t) f_store(y + t * N, acc[t]);
 }
 
 template <typename X>

@@ -1,9 +1,11 @@
-// The vector operations our kernels are written in, for one instruction set: 16 float32 or
-// int32 lanes (`VF`, `VI`; 64 bytes), one AVX-512 register or two AVX2 ones. Every kernel
+// The vector operations our kernels are written in, for one instruction set: VF / VI hold
+// kLanes float32 or int32 lanes, 16 in an AVX-512 register, 8 in an AVX2 one. Every kernel
 // source is compiled twice (native.py), once with M7_ISA=512 and once with M7_ISA=2, and
 // defines its kernels inside namespace M7_NS; the library picks one set at run time
-// (kernels.h, mistral7b::isa()). So one text of each kernel serves both kinds of CPU, in the
-// same panel layout, and the AVX-512 build is the instructions it always was.
+// (kernels.h, mistral7b::isa()). So one text of each kernel serves both kinds of CPU over the
+// same panel layout: a lane is a panel row, and AVX2 takes a panel's 16 rows in two parts of
+// 8 (kParts), whose bytes are the first and second 32 of each 64-byte chunk. The AVX-512
+// build is the instructions it always was (a loop of one part).
 //
 // AVX2 has no vpdpbusd: `dpbusd` multiplies bytes pairwise into int16 (vpmaddubsw) and those
 // pairs into int32 (vpmaddwd), exact while the unsigned bytes are <= 127 (two products of at
@@ -42,6 +44,7 @@ namespace M7_NS {
 
 using VF = __m512;
 using VI = __m512i;
+constexpr int kLanes = 16;  // lanes per register: a panel's 16 rows at once
 // an 8-bit block_dot sums (u - kEightBias) v for the stored bytes u = q + 128
 constexpr int kEightBias = 0;
 
@@ -89,8 +92,10 @@ M7_TARGET inline void f_store(at::BFloat16* p, VF v) {  // round to nearest even
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
                       _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
 }
-// 16 bytes as floats: signed, unsigned
-M7_TARGET inline VF f_from_i8(__m128i b) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)); }
+// kLanes bytes at p as floats: signed; 16 bytes' first kLanes, unsigned
+M7_TARGET inline VF f_from_i8(const uint8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
 M7_TARGET inline VF f_from_u8(__m128i b) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b)); }
 
 M7_TARGET inline VI i_zero() { return _mm512_setzero_si512(); }
@@ -115,149 +120,111 @@ M7_TARGET inline VI dpbusd(VI acc, VI w, int32_t a) {
 }
 M7_TARGET inline VI dot_signed(VI acc, VI w, int32_t a) { return dpbusd(acc, w, a); }
 
-#else  // AVX2: each value two 256-bit halves, lanes 0..7 and 8..15
+#else  // AVX2: 8 lanes; a panel's 16 rows are taken in two halves (kLanes)
 
-struct VF { __m256 l, h; };
-struct VI { __m256i l, h; };
+using VF = __m256;
+using VI = __m256i;
+constexpr int kLanes = 8;
 constexpr int kEightBias = 128;
 
-M7_TARGET inline VF f_zero() { return VF{_mm256_setzero_ps(), _mm256_setzero_ps()}; }
-M7_TARGET inline VF f_set1(float v) { const __m256 s = _mm256_set1_ps(v); return VF{s, s}; }
-M7_TARGET inline VF f_load(const float* p) { return VF{_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
-M7_TARGET inline void f_store(float* p, VF v) { _mm256_storeu_ps(p, v.l); _mm256_storeu_ps(p + 8, v.h); }
-M7_TARGET inline VF f_add(VF a, VF b) { return VF{_mm256_add_ps(a.l, b.l), _mm256_add_ps(a.h, b.h)}; }
-M7_TARGET inline VF f_sub(VF a, VF b) { return VF{_mm256_sub_ps(a.l, b.l), _mm256_sub_ps(a.h, b.h)}; }
-M7_TARGET inline VF f_mul(VF a, VF b) { return VF{_mm256_mul_ps(a.l, b.l), _mm256_mul_ps(a.h, b.h)}; }
-M7_TARGET inline VF f_max(VF a, VF b) { return VF{_mm256_max_ps(a.l, b.l), _mm256_max_ps(a.h, b.h)}; }
-M7_TARGET inline VF f_fmadd(VF a, VF b, VF c) {
-  return VF{_mm256_fmadd_ps(a.l, b.l, c.l), _mm256_fmadd_ps(a.h, b.h, c.h)};
-}
-M7_TARGET inline VF f_fnmadd(VF a, VF b, VF c) {
-  return VF{_mm256_fnmadd_ps(a.l, b.l, c.l), _mm256_fnmadd_ps(a.h, b.h, c.h)};
-}
-M7_TARGET inline VF f_abs(VF a) {
-  const __m256 sign = _mm256_set1_ps(-0.0f);
-  return VF{_mm256_andnot_ps(sign, a.l), _mm256_andnot_ps(sign, a.h)};
-}
-M7_TARGET inline float sum8(__m256 v) {
+M7_TARGET inline VF f_zero() { return _mm256_setzero_ps(); }
+M7_TARGET inline VF f_set1(float v) { return _mm256_set1_ps(v); }
+M7_TARGET inline VF f_load(const float* p) { return _mm256_loadu_ps(p); }
+M7_TARGET inline void f_store(float* p, VF v) { _mm256_storeu_ps(p, v); }
+M7_TARGET inline VF f_add(VF a, VF b) { return _mm256_add_ps(a, b); }
+M7_TARGET inline VF f_sub(VF a, VF b) { return _mm256_sub_ps(a, b); }
+M7_TARGET inline VF f_mul(VF a, VF b) { return _mm256_mul_ps(a, b); }
+M7_TARGET inline VF f_max(VF a, VF b) { return _mm256_max_ps(a, b); }
+M7_TARGET inline VF f_fmadd(VF a, VF b, VF c) { return _mm256_fmadd_ps(a, b, c); }
+M7_TARGET inline VF f_fnmadd(VF a, VF b, VF c) { return _mm256_fnmadd_ps(a, b, c); }
+M7_TARGET inline VF f_abs(VF a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
+M7_TARGET inline float f_sum(VF v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
-M7_TARGET inline float f_sum(VF a) { return sum8(_mm256_add_ps(a.l, a.h)); }
-M7_TARGET inline float f_hmax(VF a) {
-  const __m256 m8 = _mm256_max_ps(a.l, a.h);
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(m8), _mm256_extractf128_ps(m8, 1));
+M7_TARGET inline float f_hmax(VF v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   m = _mm_max_ps(m, _mm_movehl_ps(m, m));
   m = _mm_max_ss(m, _mm_movehdup_ps(m));
   return _mm_cvtss_f32(m);
 }
-M7_TARGET inline VF f_from_i(VI a) { return VF{_mm256_cvtepi32_ps(a.l), _mm256_cvtepi32_ps(a.h)}; }
-M7_TARGET inline VI f_round_i(VF a) { return VI{_mm256_cvtps_epi32(a.l), _mm256_cvtps_epi32(a.h)}; }
+M7_TARGET inline VF f_from_i(VI a) { return _mm256_cvtepi32_ps(a); }
+M7_TARGET inline VI f_round_i(VF a) { return _mm256_cvtps_epi32(a); }
 M7_TARGET inline VF f_round(VF a) {
-  constexpr int kMode = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-  return VF{_mm256_round_ps(a.l, kMode), _mm256_round_ps(a.h, kMode)};
+  return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
-M7_TARGET inline __m256 scale2_8(__m256 a, __m256 n) {  // 2^n built in the exponent bits
+M7_TARGET inline VF f_scale2(VF a, VF n) {  // 2^n built in the exponent bits
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(a, _mm256_castsi256_ps(e));
 }
-M7_TARGET inline VF f_scale2(VF a, VF n) { return VF{scale2_8(a.l, n.l), scale2_8(a.h, n.h)}; }
 M7_TARGET inline VF f_first(VF a, int n) {
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), count = _mm256_set1_epi32(n);
-  const __m256 lo = _mm256_castsi256_ps(_mm256_cmpgt_epi32(count, lane));
-  const __m256 hi = _mm256_castsi256_ps(
-      _mm256_cmpgt_epi32(count, _mm256_add_epi32(lane, _mm256_set1_epi32(8))));
-  return VF{_mm256_and_ps(a.l, lo), _mm256_and_ps(a.h, hi)};
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_and_ps(a, _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane)));
 }
 M7_TARGET inline VF f_load_first(const float* p, int n) {
-  float buf[16] = {};
+  float buf[kLanes] = {};
   std::memcpy(buf, p, sizeof(float) * n);
   return f_load(buf);
 }
 M7_TARGET inline void f_store_first(float* p, VF v, int n) {
-  float buf[16];
+  float buf[kLanes];
   f_store(buf, v);
   std::memcpy(p, buf, sizeof(float) * n);
 }
 M7_TARGET inline VF f_load(const at::Half* p) {
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return VF{_mm256_cvtph_ps(_mm256_castsi256_si128(h)), _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1))};
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 M7_TARGET inline VF f_load(const at::BFloat16* p) {
-  const __m128i* q = reinterpret_cast<const __m128i*>(p);
-  return VF{_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(q)), 16)),
-            _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(q + 1)), 16))};
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
 }
-M7_TARGET inline __m128i bf16_8(__m256 v) {  // round to nearest even, 8 bf16 values
+M7_TARGET inline void f_store(at::BFloat16* p, VF v) {  // round to nearest even
   __m256i bits = _mm256_castps_si256(v);
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
   bits = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb)), 16);
-  const __m256i packed = _mm256_packus_epi32(bits, bits);  // each half: 4 values twice
-  return _mm256_castsi256_si128(_mm256_permute4x64_epi64(packed, 0x08));
+  const __m256i packed = _mm256_packus_epi32(bits, bits);  // per 128-bit lane: 4 values twice
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm256_castsi256_si128(_mm256_permute4x64_epi64(packed, 0x08)));
 }
-M7_TARGET inline void f_store(at::BFloat16* p, VF v) {
-  __m128i* q = reinterpret_cast<__m128i*>(p);
-  _mm_storeu_si128(q, bf16_8(v.l));
-  _mm_storeu_si128(q + 1, bf16_8(v.h));
+// kLanes bytes at p as floats: signed; 16 bytes' first kLanes, unsigned
+M7_TARGET inline VF f_from_i8(const uint8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
-M7_TARGET inline VF f_from_i8(__m128i b) {
-  return VF{_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)),
-            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)))};
-}
-M7_TARGET inline VF f_from_u8(__m128i b) {
-  return VF{_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)),
-            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)))};
-}
+M7_TARGET inline VF f_from_u8(__m128i b) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)); }
 
-M7_TARGET inline VI i_zero() { return VI{_mm256_setzero_si256(), _mm256_setzero_si256()}; }
-M7_TARGET inline VI i_set1(int32_t v) { const __m256i s = _mm256_set1_epi32(v); return VI{s, s}; }
-M7_TARGET inline VI i_set1_8(int8_t v) { const __m256i s = _mm256_set1_epi8(v); return VI{s, s}; }
-M7_TARGET inline VI i_load(const void* p) {
-  const __m256i* q = reinterpret_cast<const __m256i*>(p);
-  return VI{_mm256_loadu_si256(q), _mm256_loadu_si256(q + 1)};
-}
-M7_TARGET inline void i_store(void* p, VI v) {
-  __m256i* q = reinterpret_cast<__m256i*>(p);
-  _mm256_storeu_si256(q, v.l);
-  _mm256_storeu_si256(q + 1, v.h);
-}
-M7_TARGET inline VI i_add(VI a, VI b) { return VI{_mm256_add_epi32(a.l, b.l), _mm256_add_epi32(a.h, b.h)}; }
-M7_TARGET inline VI i_sub(VI a, VI b) { return VI{_mm256_sub_epi32(a.l, b.l), _mm256_sub_epi32(a.h, b.h)}; }
-M7_TARGET inline VI i_and(VI a, VI b) { return VI{_mm256_and_si256(a.l, b.l), _mm256_and_si256(a.h, b.h)}; }
-M7_TARGET inline VI i_or(VI a, VI b) { return VI{_mm256_or_si256(a.l, b.l), _mm256_or_si256(a.h, b.h)}; }
-M7_TARGET inline VI i_srl16(VI a, int n) { return VI{_mm256_srli_epi16(a.l, n), _mm256_srli_epi16(a.h, n)}; }
-M7_TARGET inline VI i_sll16(VI a, int n) { return VI{_mm256_slli_epi16(a.l, n), _mm256_slli_epi16(a.h, n)}; }
+M7_TARGET inline VI i_zero() { return _mm256_setzero_si256(); }
+M7_TARGET inline VI i_set1(int32_t v) { return _mm256_set1_epi32(v); }
+M7_TARGET inline VI i_set1_8(int8_t v) { return _mm256_set1_epi8(v); }
+M7_TARGET inline VI i_load(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+M7_TARGET inline void i_store(void* p, VI v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
+M7_TARGET inline VI i_add(VI a, VI b) { return _mm256_add_epi32(a, b); }
+M7_TARGET inline VI i_sub(VI a, VI b) { return _mm256_sub_epi32(a, b); }
+M7_TARGET inline VI i_and(VI a, VI b) { return _mm256_and_si256(a, b); }
+M7_TARGET inline VI i_or(VI a, VI b) { return _mm256_or_si256(a, b); }
+M7_TARGET inline VI i_srl16(VI a, int n) { return _mm256_srli_epi16(a, n); }
+M7_TARGET inline VI i_sll16(VI a, int n) { return _mm256_slli_epi16(a, n); }
 M7_TARGET inline int32_t i_sum(VI a) {
-  const __m256i s8 = _mm256_add_epi32(a.l, a.h);
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256(s8, 1));
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
   s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
   s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
   return _mm_cvtsi128_si32(s);
 }
 M7_TARGET inline void i_store_i8(int8_t* p, VI a) {
-  const __m256i w16 = _mm256_permute4x64_epi64(_mm256_packs_epi32(a.l, a.h), 0xD8);  // 16 x int16
-  const __m128i b = _mm_packs_epi16(_mm256_castsi256_si128(w16), _mm256_extracti128_si256(w16, 1));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), b);
+  const __m128i w16 = _mm_packs_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_packs_epi16(w16, w16));
 }
-M7_TARGET inline __m256i dp8(__m256i acc, __m256i w, __m256i a) {
+M7_TARGET inline VI dpbusd_abs(VI acc, VI w, VI a) {
   return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), _mm256_set1_epi16(1)));
 }
 // exact for w <= 127 (the header)
-M7_TARGET inline VI dpbusd(VI acc, VI w, int32_t a) {
-  const __m256i av = _mm256_set1_epi32(a);
-  return VI{dp8(acc.l, w.l, av), dp8(acc.h, w.h, av)};
-}
+M7_TARGET inline VI dpbusd(VI acc, VI w, int32_t a) { return dpbusd_abs(acc, w, _mm256_set1_epi32(a)); }
 // for bytes u = q + 128: the sums of q a, |q| times a with q's sign (|q| <= 128 unsigned,
 // a in -127..127: two products fit an int16)
-M7_TARGET inline __m256i dps8(__m256i acc, __m256i u, __m256i a) {
+M7_TARGET inline VI dot_signed(VI acc, VI u, int32_t a) {
   const __m256i q = _mm256_xor_si256(u, _mm256_set1_epi8(-128));
-  return dp8(acc, _mm256_abs_epi8(q), _mm256_sign_epi8(a, q));
-}
-M7_TARGET inline VI dot_signed(VI acc, VI w, int32_t a) {
-  const __m256i av = _mm256_set1_epi32(a);
-  return VI{dps8(acc.l, w.l, av), dps8(acc.h, w.h, av)};
+  return dpbusd_abs(acc, _mm256_abs_epi8(q), _mm256_sign_epi8(_mm256_set1_epi32(a), q));
 }
 
 #endif  // M7_ISA
@@ -273,6 +240,7 @@ inline void prefetch_lines(const uint8_t* p, int lines) {
 
 // The 4 x 64 bytes of a block's nibbles as 8 registers of values 0..15: register 2j holds the
 // low nibbles of chunk j, 2j + 1 the high ones (qmm.cpp's header: value 4j + t, 16 + 4j + t).
+// wb points at the block plus 4 r0 for the part of rows from r0 (AVX2: the chunks' halves).
 M7_TARGET inline void unpack_nibbles(const uint8_t* wb, VI wv[8]) {
   const VI low4 = i_set1_8(0x0F);
   for (int j = 0; j < 4; ++j) {
@@ -294,20 +262,16 @@ M7_TARGET inline VI block_dot(const VI wv[8], const int8_t* q) {
 #if M7_ISA == 2
   if constexpr (nibbles) {
     // values <= 31 (4- and 5-bit): four vpmaddubsw pair sums (each |.| <= 31 x 127 x 2) add
-    // up exactly in int16, so a block takes 2 vpmaddwd a half, not 8
+    // up exactly in int16, so a block takes 2 vpmaddwd, not 8
     const __m256i ones = _mm256_set1_epi16(1);
-    __m256i lo = _mm256_setzero_si256(), hi = lo;
+    __m256i sum = _mm256_setzero_si256();
     for (int g = 0; g < 2; ++g) {
-      __m256i pl = _mm256_setzero_si256(), ph = pl;
-      for (int i = 4 * g; i < 4 * g + 4; ++i) {
-        const __m256i a = _mm256_set1_epi32(v[(i % 2) * 4 + i / 2]);
-        pl = _mm256_add_epi16(pl, _mm256_maddubs_epi16(wv[i].l, a));
-        ph = _mm256_add_epi16(ph, _mm256_maddubs_epi16(wv[i].h, a));
-      }
-      lo = _mm256_add_epi32(lo, _mm256_madd_epi16(pl, ones));
-      hi = _mm256_add_epi32(hi, _mm256_madd_epi16(ph, ones));
+      __m256i p = _mm256_maddubs_epi16(wv[4 * g], _mm256_set1_epi32(v[4 * g / 2]));
+      for (int i = 4 * g + 1; i < 4 * g + 4; ++i)
+        p = _mm256_add_epi16(p, _mm256_maddubs_epi16(wv[i], _mm256_set1_epi32(v[(i % 2) * 4 + i / 2])));
+      sum = _mm256_add_epi32(sum, _mm256_madd_epi16(p, ones));
     }
-    return VI{lo, hi};
+    return sum;
   }
 #endif
   VI sums[kChains];
