@@ -199,7 +199,7 @@ M7_TARGET void kpanel(const uint8_t* w, const uint8_t* values, const uint8_t* sc
         } else {
           block_factors<BITS>(sc, dv, dmv, b, r0, &f0, &f1);
         }
-  #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int t = 0; t < T; ++t) {   // unrolled, so that acc[] and part[] stay in registers
           const int32_t* v = reinterpret_cast<const int32_t*>(q + t * K + b * kBlock);
           if constexpr (BITS == 6) {
@@ -211,14 +211,10 @@ M7_TARGET void kpanel(const uint8_t* w, const uint8_t* values, const uint8_t* sc
             VI lo1 = i_zero(), hi1 = lo1;
             VI& lo_b = T == 1 ? lo1 : lo0;
             VI& hi_b = T == 1 ? hi1 : hi0;
-            lo0 = dpbusd(lo0, wv[0], v[0]);
-            hi0 = dpbusd(hi0, wv[1], v[4]);
-            lo_b = dpbusd(lo_b, wv[2], v[1]);
-            hi_b = dpbusd(hi_b, wv[3], v[5]);
-            lo0 = dpbusd(lo0, wv[4], v[2]);
-            hi0 = dpbusd(hi0, wv[5], v[6]);
-            lo_b = dpbusd(lo_b, wv[6], v[3]);
-            hi_b = dpbusd(hi_b, wv[7], v[7]);
+            lo0 = dpbusd2(lo0, wv[0], v[0], wv[2], v[1]);
+            hi0 = dpbusd2(hi0, wv[1], v[4], wv[3], v[5]);
+            lo_b = dpbusd2(lo_b, wv[4], v[2], wv[6], v[3]);
+            hi_b = dpbusd2(hi_b, wv[5], v[6], wv[7], v[7]);
             const VI lo = T == 1 ? i_add(lo0, lo1) : lo0;
             const VI hi = T == 1 ? i_add(hi0, hi1) : hi0;
             part[t] = f_fmadd(f0, f_from_i(lo), part[t]);

@@ -119,6 +119,10 @@ M7_TARGET inline VI dpbusd(VI acc, VI w, int32_t a) {
   return _mm512_dpbusd_epi32(acc, w, _mm512_set1_epi32(a));
 }
 M7_TARGET inline VI dot_signed(VI acc, VI w, int32_t a) { return dpbusd(acc, w, a); }
+// acc + the products of two registers of values <= 63 (6-bit) with their broadcast dwords
+M7_TARGET inline VI dpbusd2(VI acc, VI w0, int32_t a0, VI w1, int32_t a1) {
+  return dpbusd(dpbusd(acc, w0, a0), w1, a1);
+}
 
 #else  // AVX2: 8 lanes; a panel's 16 rows are taken in two halves (kLanes)
 
@@ -220,6 +224,12 @@ M7_TARGET inline VI dpbusd_abs(VI acc, VI w, VI a) {
 }
 // exact for w <= 127 (the header)
 M7_TARGET inline VI dpbusd(VI acc, VI w, int32_t a) { return dpbusd_abs(acc, w, _mm256_set1_epi32(a)); }
+// two registers of values <= 63: their pair sums (|.| <= 63 x 127 x 2 each) add up in int16
+M7_TARGET inline VI dpbusd2(VI acc, VI w0, int32_t a0, VI w1, int32_t a1) {
+  const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(w0, _mm256_set1_epi32(a0)),
+                                     _mm256_maddubs_epi16(w1, _mm256_set1_epi32(a1)));
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+}
 // for bytes u = q + 128: the sums of q a, |q| times a with q's sign (|q| <= 128 unsigned,
 // a in -127..127: two products fit an int16)
 M7_TARGET inline VI dot_signed(VI acc, VI u, int32_t a) {
