@@ -5,8 +5,9 @@ once per process, so the AVX2 side runs in a child process).
 - A child forced to AVX2 reports it, and keeps the bf16 kernel (AVX-512 BF16) off.
 - Integer products are exact on both and the float work per lane is the same sequence, so
   qmm and kqmm give the same bits on both (int4 affine / symmetric, int8 with q = -128 and
-  +127, Q4_K / Q5_K / Q6_K; one and many rows); RMSNorm and decode attention, whose sums
-  across lanes are ordered differently, agree within float32 rounding.
+  +127, Q4_K / Q5_K / Q6_K; one and many rows). RMSNorm and decode attention sum across 16
+  lanes in AVX-512's order on both (simd.h f_sum16), so they match too; they are held here
+  to float32 rounding only, which is what their callers rely on.
 - On an AVX-512 CPU the kernel rule tests run again in a child forced to AVX2 (on an AVX2
   CPU they run in this process).
 """

@@ -31,10 +31,13 @@ namespace M7_NS {
 
 template <typename E>
 M7_TARGET inline float dot(const float* a, const E* b, int64_t n) {
-  VF acc = f_zero();
+  VF acc[kWide];
+  for (int c = 0; c < kWide; ++c) acc[c] = f_zero();
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) acc = f_fmadd(f_load(a + i), f_load(b + i), acc);
-  float s = f_sum(acc);
+  for (; i + 16 <= n; i += 16)
+    for (int c = 0; c < kWide; ++c)
+      acc[c] = f_fmadd(f_load(a + i + c * kLanes), f_load(b + i + c * kLanes), acc[c]);
+  float s = f_sum16(acc);
   for (; i < n; ++i) s += a[i] * static_cast<float>(b[i]);
   return s;
 }
@@ -69,20 +72,24 @@ M7_TARGET float softmax_numerators(float* s, int64_t n) {
   float mx = -std::numeric_limits<float>::infinity();
   for (int64_t j = 0; j < n; ++j) mx = std::max(mx, s[j]);
   const VF vmax = f_set1(mx);
-  VF acc = f_zero();
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    const VF e = vexp(f_sub(f_load(s + j), vmax));
-    f_store(s + j, e);
-    acc = f_add(acc, e);
+  VF acc[kWide];
+  for (int c = 0; c < kWide; ++c) acc[c] = f_zero();
+  for (int64_t j = 0; j < n; j += 16) {
+    for (int c = 0; c < kWide; ++c) {
+      const int64_t at = j + c * kLanes;
+      const int rest = static_cast<int>(std::min<int64_t>(kLanes, std::max<int64_t>(0, n - at)));
+      if (rest == kLanes) {
+        const VF e = vexp(f_sub(f_load(s + at), vmax));
+        f_store(s + at, e);
+        acc[c] = f_add(acc[c], e);
+      } else if (rest > 0) {   // the tail: its lanes past n add zeros
+        const VF e = vexp(f_sub(f_load_first(s + at, rest), vmax));
+        f_store_first(s + at, e, rest);
+        acc[c] = f_add(acc[c], f_first(e, rest));
+      }
+    }
   }
-  if (j < n) {
-    const int rest = static_cast<int>(n - j);
-    const VF e = vexp(f_sub(f_load_first(s + j, rest), vmax));
-    f_store_first(s + j, e, rest);
-    acc = f_add(acc, f_first(e, rest));
-  }
-  return f_sum(acc);
+  return f_sum16(acc);
 }
 
 // one row's kv head: G query heads (q, out: G x Dh), keys/values at `slots` of kh / vh

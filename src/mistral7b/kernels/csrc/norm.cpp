@@ -3,8 +3,8 @@
 //
 //   y = (x * r) * w,   r = 1 / sqrt(sum(x^2) / D + eps)
 //
-// the sum of squares taken in the register's lanes (16 on AVX-512, 8 on AVX2; fused
-// multiply-adds), then across the lanes, then the tail of D % lanes values one by one.
+// the sum of squares taken in 16 lanes (fused multiply-adds; AVX2's two registers of 8),
+// then across the lanes (simd.h f_sum16), then the tail of D % 16 values one by one.
 
 #include "kernels.h"  // (first: it sets M7_PRIMARY)
 #if M7_PRIMARY
@@ -22,19 +22,20 @@
 namespace M7_NS {
 
 M7_TARGET void norm_row(const float* x, const float* w, float* y, int64_t D, float eps) {
-  VF acc = f_zero();
+  VF acc[kWide];
+  for (int c = 0; c < kWide; ++c) acc[c] = f_zero();
   int64_t i = 0;
-  for (; i + kLanes <= D; i += kLanes) {
-    const VF v = f_load(x + i);
-    acc = f_fmadd(v, v, acc);
-  }
-  float ss = f_sum(acc);
+  for (; i + 16 <= D; i += 16)
+    for (int c = 0; c < kWide; ++c) {
+      const VF v = f_load(x + i + c * kLanes);
+      acc[c] = f_fmadd(v, v, acc[c]);
+    }
+  float ss = f_sum16(acc);
   for (; i < D; ++i) ss += x[i] * x[i];
   const float r = 1.0f / std::sqrt(ss / static_cast<float>(D) + eps);
   const VF vr = f_set1(r);
   for (i = 0; i + kLanes <= D; i += kLanes)
-    f_store(y + i, f_mul(f_mul(f_load(x + i), vr),
-                                          f_load(w + i)));
+    f_store(y + i, f_mul(f_mul(f_load(x + i), vr), f_load(w + i)));
   for (; i < D; ++i) {
     const float xr = x[i] * r;
     y[i] = xr * w[i];

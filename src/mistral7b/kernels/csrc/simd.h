@@ -239,6 +239,16 @@ M7_TARGET inline VI dot_signed(VI acc, VI u, int32_t a) {
 
 #endif  // M7_ISA
 
+// Sums across 16 lanes (attention.cpp, norm.cpp) are taken over kWide registers, added in
+// AVX-512's order (_mm512_reduce_add_ps: the 256-bit halves, then 128, then pairs), so both
+// instruction sets give the same bits.
+constexpr int kWide = 16 / kLanes;
+M7_TARGET inline float f_sum16(const VF* acc) {
+  VF s = acc[0];
+  for (int c = 1; c < kWide; ++c) s = f_add(s, acc[c]);
+  return f_sum(s);
+}
+
 // Decode streams the weights: the kernels ask for the `lines` cache lines at p, a few blocks
 // ahead of the one they multiply (the unpacking between loads leaves too few misses in flight
 // for the hardware prefetcher alone: a 14336 x 4096 Q6_K product read 16.4 GB/s without, 37.9
