@@ -30,19 +30,6 @@
 namespace M7_NS {
 
 template <typename E>
-M7_TARGET inline float dot(const float* a, const E* b, int64_t n) {
-  VF acc[kWide];
-  for (int c = 0; c < kWide; ++c) acc[c] = f_zero();
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16)
-    for (int c = 0; c < kWide; ++c)
-      acc[c] = f_fmadd(f_load(a + i + c * kLanes), f_load(b + i + c * kLanes), acc[c]);
-  float s = f_sum16(acc);
-  for (; i < n; ++i) s += a[i] * static_cast<float>(b[i]);
-  return s;
-}
-
-template <typename E>
 M7_TARGET inline void axpy(float alpha, const E* x, float* y, int64_t n) {
   const VF va = f_set1(alpha);
   int64_t i = 0;
@@ -99,7 +86,7 @@ M7_TARGET void attend_group(const float* q, const E* kh, const E* vh,
                              float scale, float* s, float* out) {
   for (int64_t j = 0; j < n; ++j) {
     const E* kr = kh + slots[j] * Dh;
-    for (int64_t g = 0; g < G; ++g) s[g * n + j] = dot(q + g * Dh, kr, Dh) * scale;
+    for (int64_t g = 0; g < G; ++g) s[g * n + j] = f_dot(q + g * Dh, kr, Dh) * scale;
   }
   std::fill(out, out + G * Dh, 0.0f);
   std::vector<float> inv(G);
@@ -178,7 +165,7 @@ at::Tensor paged_attention(const at::Tensor& q_in, const at::Tensor& k, const at
   }
   const bool* mp = vis.defined() ? vis.data_ptr<bool>() : nullptr;
   at::Tensor out = at::empty({B, H * Dh}, q.options());
-  TORCH_CHECK(isa() != Isa::kNone, "paged_attention needs an x86 CPU with AVX2");
+  check_isa("paged_attention");
   M7_ON_ISA(attend(q, k, v, sp, K, mp, out));
   return out;
 }

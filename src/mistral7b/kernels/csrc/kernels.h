@@ -32,6 +32,8 @@ namespace mistral7b {
 // MISTRAL7B_ISA=avx2 picks AVX2 on an AVX-512 CPU (tests, benchmarks); read once.
 enum class Isa { kNone = 0, kAvx2 = 2, kAvx512 = 512 };
 Isa isa();
+// An error naming `op` where isa() is kNone: every op checks this before M7_ON_ISA.
+void check_isa(const char* op);
 
 // The panel layout (qmm.cpp's header): output rows per panel, inputs per block.
 constexpr int64_t kPanelRows = 16;

@@ -22,19 +22,11 @@
 namespace M7_NS {
 
 M7_TARGET void norm_row(const float* x, const float* w, float* y, int64_t D, float eps) {
-  VF acc[kWide];
-  for (int c = 0; c < kWide; ++c) acc[c] = f_zero();
-  int64_t i = 0;
-  for (; i + 16 <= D; i += 16)
-    for (int c = 0; c < kWide; ++c) {
-      const VF v = f_load(x + i + c * kLanes);
-      acc[c] = f_fmadd(v, v, acc[c]);
-    }
-  float ss = f_sum16(acc);
-  for (; i < D; ++i) ss += x[i] * x[i];
+  const float ss = f_dot(x, x, D);
   const float r = 1.0f / std::sqrt(ss / static_cast<float>(D) + eps);
   const VF vr = f_set1(r);
-  for (i = 0; i + kLanes <= D; i += kLanes)
+  int64_t i = 0;
+  for (; i + kLanes <= D; i += kLanes)
     f_store(y + i, f_mul(f_mul(f_load(x + i), vr), f_load(w + i)));
   for (; i < D; ++i) {
     const float xr = x[i] * r;
@@ -61,7 +53,7 @@ at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& w_in, double eps) 
   const at::Tensor x = x_in.contiguous(), w = w_in.contiguous();
   at::Tensor y = at::empty_like(x);
   const int64_t rows = D ? x.numel() / D : 0;
-  TORCH_CHECK(isa() != Isa::kNone, "rms_norm needs an x86 CPU with AVX2");
+  check_isa("rms_norm");
   M7_ON_ISA(rms_norm_rows(x.data_ptr<float>(), w.data_ptr<float>(), y.data_ptr<float>(), rows, D,
                           static_cast<float>(eps)));
   return y;

@@ -343,11 +343,6 @@ std::string isa_name() {
   }
 }
 
-void check_isa() {
-  TORCH_CHECK(mistral7b::isa() != Isa::kNone,
-              "mistral7b's CPU kernels need an x86 CPU with AVX2, FMA and F16C");
-}
-
 void check_weight(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
                   const std::optional<at::Tensor>& mins, int64_t bits, int64_t group,
                   int64_t n_out) {
@@ -376,7 +371,7 @@ void check_weight(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sc
 at::Tensor qmm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
                const std::optional<at::Tensor>& mins, int64_t bits, int64_t group,
                double offset, int64_t n_out) {
-  check_isa();
+  mistral7b::check_isa("qmm");
   check_weight(x, w, scale, mins, bits, group, n_out);
   at::Tensor y = at::empty({x.size(0), n_out}, x.options());
   if (x.size(0) == 0) return y;
@@ -389,7 +384,7 @@ at::Tensor qmm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale
 // equals its own qmm call to the bit.
 std::vector<at::Tensor> qmm_many(const at::Tensor& x,
                                  const std::vector<const mistral7b::QWeight*>& ws) {
-  check_isa();
+  mistral7b::check_isa("qmm");
   TORCH_CHECK(x.scalar_type() == at::kFloat, "qmm_many takes float32 x");
   const int64_t M = x.size(0), K = x.size(1);
   std::vector<at::Tensor> ys;
@@ -456,13 +451,17 @@ Isa isa() {
   return chosen;
 }
 
+void check_isa(const char* op) {
+  TORCH_CHECK(isa() != Isa::kNone, op, " needs an x86 CPU with AVX2, FMA and F16C");
+}
+
 at::Tensor qmm(const at::Tensor& x, const QWeight& q) {
   if (q.super_d.has_value()) return kqmm(x, q);
   return ::qmm(x, q.w, q.scale, q.mins, q.bits, q.group, q.offset, q.n_out);
 }
 
 void quantize_acts(const at::Tensor& x, int64_t G, ActBlocks& acts, int64_t span) {
-  check_isa();
+  check_isa("quantize_acts");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous 2-D tensor");
   TORCH_CHECK(x.size(1) % G == 0 && G % kBlock == 0, "G must be a multiple of 32 dividing K");
   TORCH_CHECK(x.size(1) % span == 0 && span % kBlock == 0,

@@ -249,6 +249,21 @@ M7_TARGET inline float f_sum16(const VF* acc) {
   return f_sum(s);
 }
 
+// sum a[i] b[i] over i < n: 16 lanes of fused multiply-adds, summed by f_sum16, then the
+// tail of n % 16 one by one (attention's q . k, RMSNorm's sum of squares)
+template <typename E>
+M7_TARGET inline float f_dot(const float* a, const E* b, int64_t n) {
+  VF acc[kWide];
+  for (int c = 0; c < kWide; ++c) acc[c] = f_zero();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int c = 0; c < kWide; ++c)
+      acc[c] = f_fmadd(f_load(a + i + c * kLanes), f_load(b + i + c * kLanes), acc[c]);
+  float s = f_sum16(acc);
+  for (; i < n; ++i) s += a[i] * static_cast<float>(b[i]);
+  return s;
+}
+
 // Decode streams the weights: the kernels ask for the `lines` cache lines at p, a few blocks
 // ahead of the one they multiply (the unpacking between loads leaves too few misses in flight
 // for the hardware prefetcher alone: a 14336 x 4096 Q6_K product read 16.4 GB/s without, 37.9
