@@ -82,8 +82,6 @@ M7_TARGET inline void unpack(const uint8_t* wb, VI wv[8]) {
   }
 }
 
-constexpr int64_t kParts = kRows / kLanes;  // a panel's rows in registers of kLanes rows
-
 // Sub-block j's 6-bit scale and min of rows r0 .. r0 + kLanes - 1 from a super-block's 12
 // packed bytes (each 16 rows wide): get_scale_min_k4 on 16 lanes.
 M7_TARGET inline void scale_min(const uint8_t* packed, int j, int64_t r0, VF* sc, VF* mn) {
@@ -174,62 +172,71 @@ M7_TARGET void kpanel(const uint8_t* w, const uint8_t* values, const uint8_t* sc
                       int64_t K, float* y, int64_t N) {
   constexpr int64_t kBlockBytes = BITS * 64, kPerSuper = kSuper / kBlock;
   const int64_t nb = K / kBlock;
-  for (int64_t pi = 0; pi < kParts; ++pi) {   // rows r0 .. r0 + kLanes - 1 of the panel
-    const int64_t r0 = pi * kLanes;
-    VF acc[T];
-    for (int t = 0; t < T; ++t) acc[t] = f_zero();
+  for (int64_t pass = 0; pass < kParts; pass += kTogether<T>) {   // rows r0 .. of the panel
+    VF acc[kTogether<T>][T];
+    for (auto& row : acc)
+      for (int t = 0; t < T; ++t) row[t] = f_zero();
     for (int64_t s = 0; s < nb / kPerSuper; ++s) {
       // the super-block's sum before its activation scale (one scale per 256 inputs)
-      VF part[T];
-      for (int t = 0; t < T; ++t) part[t] = f_zero();
-      VF dv = f_zero(), dmv = dv;
-      if (factors == nullptr) super_factors<BITS>(d, dmin, s, r0, &dv, &dmv);
+      VF part[kTogether<T>][T];
+      for (auto& row : part)
+        for (int t = 0; t < T; ++t) row[t] = f_zero();
+      VF dv[kTogether<T>], dmv[kTogether<T>];
+      for (int64_t h = 0; h < kTogether<T>; ++h) {
+        dv[h] = dmv[h] = f_zero();
+        if (factors == nullptr) super_factors<BITS>(d, dmin, s, (pass + h) * kLanes, &dv[h], &dmv[h]);
+      }
       for (int64_t b = s * kPerSuper; b < (s + 1) * kPerSuper; ++b) {
-        VI wv[8];
-        VF f0, f1;
-        if (values != nullptr) {
-          for (int i = 0; i < 8; ++i) wv[i] = i_load(values + 512 * b + 64 * i + 4 * r0);
-        } else {
-          prefetch_lines(w + (b + kPrefetchBlocks) * kBlockBytes, BITS);
-          unpack<BITS>(w + b * kBlockBytes + 4 * r0, wv);
-        }
-        if (factors != nullptr) {
-          f0 = f_load(factors + 32 * b + r0);
-          f1 = f_load(factors + 32 * b + 16 + r0);
-        } else {
-          block_factors<BITS>(sc, dv, dmv, b, r0, &f0, &f1);
-        }
-#pragma GCC unroll 8
-        for (int t = 0; t < T; ++t) {   // unrolled, so that acc[] and part[] stay in registers
-          const int32_t* v = reinterpret_cast<const int32_t*>(q + t * K + b * kBlock);
-          if constexpr (BITS == 6) {
-            // even registers pair with inputs 0..15 of the block, odd ones with 16..31; the
-            // chains start at -32 x the halves' sums (q - 32); one row takes two chains a
-            // half, several rows are chains enough
-            const int32_t* sv = s16 + t * (K / 16) + 2 * b;
-            VI lo0 = i_set1(-32 * sv[0]), hi0 = i_set1(-32 * sv[1]);
-            VI lo1 = i_zero(), hi1 = lo1;
-            VI& lo_b = T == 1 ? lo1 : lo0;
-            VI& hi_b = T == 1 ? hi1 : hi0;
-            lo0 = dpbusd2(lo0, wv[0], v[0], wv[2], v[1]);
-            hi0 = dpbusd2(hi0, wv[1], v[4], wv[3], v[5]);
-            lo_b = dpbusd2(lo_b, wv[4], v[2], wv[6], v[3]);
-            hi_b = dpbusd2(hi_b, wv[5], v[6], wv[7], v[7]);
-            const VI lo = T == 1 ? i_add(lo0, lo1) : lo0;
-            const VI hi = T == 1 ? i_add(hi0, hi1) : hi0;
-            part[t] = f_fmadd(f0, f_from_i(lo), part[t]);
-            part[t] = f_fmadd(f1, f_from_i(hi), part[t]);
+        if (values == nullptr) prefetch_lines(w + (b + kPrefetchBlocks) * kBlockBytes, BITS);
+        for (int64_t h = 0; h < kTogether<T>; ++h) {
+          const int64_t r0 = (pass + h) * kLanes;
+          VI wv[8];
+          VF f0, f1;
+          if (values != nullptr) {
+            for (int i = 0; i < 8; ++i) wv[i] = i_load(values + 512 * b + 64 * i + 4 * r0);
           } else {
-            const VI sum = block_dot<true, T == 1 ? 4 : 2>(wv, q + t * K + b * kBlock);
-            part[t] = f_fmadd(f0, f_from_i(sum), part[t]);
-            acc[t] = f_fnmadd(f1, f_set1(sg[t * nb + b]), acc[t]);  // scaled
+            unpack<BITS>(w + b * kBlockBytes + 4 * r0, wv);
+          }
+          if (factors != nullptr) {
+            f0 = f_load(factors + 32 * b + r0);
+            f1 = f_load(factors + 32 * b + 16 + r0);
+          } else {
+            block_factors<BITS>(sc, dv[h], dmv[h], b, r0, &f0, &f1);
+          }
+#pragma GCC unroll 8
+          for (int t = 0; t < T; ++t) {   // unrolled, so that acc[] and part[] stay in registers
+            const int32_t* v = reinterpret_cast<const int32_t*>(q + t * K + b * kBlock);
+            if constexpr (BITS == 6) {
+              // even registers pair with inputs 0..15 of the block, odd ones with 16..31; the
+              // chains start at -32 x the halves' sums (q - 32); one row takes two chains a
+              // half, several rows are chains enough
+              const int32_t* sv = s16 + t * (K / 16) + 2 * b;
+              VI lo0 = i_set1(-32 * sv[0]), hi0 = i_set1(-32 * sv[1]);
+              VI lo1 = i_zero(), hi1 = lo1;
+              VI& lo_b = T == 1 ? lo1 : lo0;
+              VI& hi_b = T == 1 ? hi1 : hi0;
+              lo0 = dpbusd2(lo0, wv[0], v[0], wv[2], v[1]);
+              hi0 = dpbusd2(hi0, wv[1], v[4], wv[3], v[5]);
+              lo_b = dpbusd2(lo_b, wv[4], v[2], wv[6], v[3]);
+              hi_b = dpbusd2(hi_b, wv[5], v[6], wv[7], v[7]);
+              const VI lo = T == 1 ? i_add(lo0, lo1) : lo0;
+              const VI hi = T == 1 ? i_add(hi0, hi1) : hi0;
+              part[h][t] = f_fmadd(f0, f_from_i(lo), part[h][t]);
+              part[h][t] = f_fmadd(f1, f_from_i(hi), part[h][t]);
+            } else {
+              const VI sum = block_dot<true, T == 1 ? 4 : 2>(wv, q + t * K + b * kBlock);
+              part[h][t] = f_fmadd(f0, f_from_i(sum), part[h][t]);
+              acc[h][t] = f_fnmadd(f1, f_set1(sg[t * nb + b]), acc[h][t]);  // scaled
+            }
           }
         }
       }
-      for (int t = 0; t < T; ++t)
-        acc[t] = f_fmadd(part[t], f_set1(a[t * nb + s * kPerSuper]), acc[t]);
+      for (int64_t h = 0; h < kTogether<T>; ++h)
+        for (int t = 0; t < T; ++t)
+          acc[h][t] = f_fmadd(part[h][t], f_set1(a[t * nb + s * kPerSuper]), acc[h][t]);
     }
-    for (int t = 0; t < T; ++t) f_store(y + t * N + r0, acc[t]);
+    for (int64_t h = 0; h < kTogether<T>; ++h)
+      for (int t = 0; t < T; ++t) f_store(y + t * N + (pass + h) * kLanes, acc[h][t]);
   }
 }
 

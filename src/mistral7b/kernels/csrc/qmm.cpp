@@ -57,7 +57,6 @@ constexpr int kMaxTile = 8;     // activation rows that share one unpacked weigh
 using QuantizedActs = mistral7b::ActBlocks;
 using mistral7b::Product;
 
-constexpr int64_t kParts = kRows / kLanes;  // a panel's rows in registers of kLanes rows
 
 template <typename X>
 M7_TARGET inline float block_amax(const X* x) {
@@ -116,39 +115,46 @@ M7_TARGET void panel(const uint8_t* w, const S* scale, const S* mins, const int8
   constexpr int kChains = T == 1 ? 4 : 2;
   constexpr float bias = BITS == 8 ? kEightBias : 0;  // block_dot's sums are of u - bias
   const int64_t n_blocks = K / kBlock, n_groups = K / G, blocks_per_group = G / kBlock;
-  for (int64_t part = 0; part < kParts; ++part) {   // rows r0 .. r0 + kLanes - 1 of the panel
-    const int64_t r0 = part * kLanes;
-    VF acc[T];
-    for (int t = 0; t < T; ++t) acc[t] = f_zero();
+  for (int64_t pass = 0; pass < kParts; pass += kTogether<T>) {   // rows r0 .. of the panel
+    VF acc[kTogether<T>][T];
+    for (auto& row : acc)
+      for (int t = 0; t < T; ++t) row[t] = f_zero();
     for (int64_t g = 0; g < n_groups; ++g) {
-      VF inner[T];
-      for (int t = 0; t < T; ++t) inner[t] = f_zero();
+      VF inner[kTogether<T>][T];
+      for (auto& row : inner)
+        for (int t = 0; t < T; ++t) row[t] = f_zero();
       for (int64_t bb = 0; bb < blocks_per_group; ++bb) {
         const int64_t b = g * blocks_per_group + bb;
         const uint8_t* wb = w + b * kBlockBytes;
         prefetch_lines(wb + kPrefetchBlocks * kBlockBytes, BITS);
-        VI wv[8];
-        load_block<BITS>(wb + 4 * r0, wv);
-        for (int t = 0; t < T; ++t) {
-          const VI sum = block_dot<BITS == 4, kChains>(wv, q + t * K + b * kBlock);
-          inner[t] = f_fmadd(f_from_i(sum), f_set1(a[t * n_blocks + b]), inner[t]);
+        for (int64_t h = 0; h < kTogether<T>; ++h) {
+          VI wv[8];
+          load_block<BITS>(wb + 4 * (pass + h) * kLanes, wv);
+          for (int t = 0; t < T; ++t) {
+            const VI sum = block_dot<BITS == 4, kChains>(wv, q + t * K + b * kBlock);
+            inner[h][t] = f_fmadd(f_from_i(sum), f_set1(a[t * n_blocks + b]), inner[h][t]);
+          }
         }
       }
-      const VF d = f_load(scale + g * kRows + r0);
-      if constexpr (AFFINE) {
-        // sums of (u - bias) v: w = d u + m = d (u - bias) + (m + bias d)
-        const VF m0 = f_load(mins + g * kRows + r0);
-        const VF m = bias ? f_fmadd(d, f_set1(bias), m0) : m0;
-        for (int t = 0; t < T; ++t)
-          acc[t] = f_fmadd(d, inner[t], f_fmadd(m, f_set1(sg[t * n_groups + g]), acc[t]));
-      } else {
-        for (int t = 0; t < T; ++t) {
-          const VF corr = f_set1((offset - bias) * sg[t * n_groups + g]);
-          acc[t] = f_fmadd(d, f_sub(inner[t], corr), acc[t]);
+      for (int64_t h = 0; h < kTogether<T>; ++h) {
+        const int64_t r0 = (pass + h) * kLanes;
+        const VF d = f_load(scale + g * kRows + r0);
+        if constexpr (AFFINE) {
+          // sums of (u - bias) v: w = d u + m = d (u - bias) + (m + bias d)
+          const VF m0 = f_load(mins + g * kRows + r0);
+          const VF m = bias ? f_fmadd(d, f_set1(bias), m0) : m0;
+          for (int t = 0; t < T; ++t)
+            acc[h][t] = f_fmadd(d, inner[h][t], f_fmadd(m, f_set1(sg[t * n_groups + g]), acc[h][t]));
+        } else {
+          for (int t = 0; t < T; ++t) {
+            const VF corr = f_set1((offset - bias) * sg[t * n_groups + g]);
+            acc[h][t] = f_fmadd(d, f_sub(inner[h][t], corr), acc[h][t]);
+          }
         }
       }
     }
-    for (int t = 0; t < T; ++t) f_store(y + t * N + r0, acc[t]);
+    for (int64_t h = 0; h < kTogether<T>; ++h)
+      for (int t = 0; t < T; ++t) f_store(y + t * N + (pass + h) * kLanes, acc[h][t]);
   }
 }
 
@@ -163,24 +169,28 @@ M7_TARGET void block_panel(const uint8_t* w, const S* scale, const int8_t* q, co
   constexpr int kChains = T == 1 ? 4 : 2;
   const int64_t n_blocks = K / kBlock;
   const int32_t unbiased = offset - (BITS == 8 ? kEightBias : 0);  // block_dot's sums: u - bias
-  for (int64_t part = 0; part < kParts; ++part) {   // rows r0 .. r0 + kLanes - 1 of the panel
-    const int64_t r0 = part * kLanes;
-    VF acc[T];
-    for (int t = 0; t < T; ++t) acc[t] = f_zero();
+  for (int64_t pass = 0; pass < kParts; pass += kTogether<T>) {   // rows r0 .. of the panel
+    VF acc[kTogether<T>][T];
+    for (auto& row : acc)
+      for (int t = 0; t < T; ++t) row[t] = f_zero();
     for (int64_t b = 0; b < n_blocks; ++b) {
       const uint8_t* wb = w + b * kBlockBytes;
       prefetch_lines(wb + kPrefetchBlocks * kBlockBytes, BITS);
-      VI wv[8];
-      load_block<BITS>(wb + 4 * r0, wv);
-      const VF d = f_load(scale + b * kRows + r0);
-      for (int t = 0; t < T; ++t) {
-        const int32_t* sv = s16 + t * (K / 16) + 2 * b;
-        const VI dot = block_dot<BITS == 4, kChains>(wv, q + t * K + b * kBlock);
-        const VI sum = i_sub(dot, i_set1(unbiased * (sv[0] + sv[1])));
-        acc[t] = f_fmadd(f_from_i(sum), f_mul(d, f_set1(a[t * n_blocks + b])), acc[t]);
+      for (int64_t h = 0; h < kTogether<T>; ++h) {
+        const int64_t r0 = (pass + h) * kLanes;
+        VI wv[8];
+        load_block<BITS>(wb + 4 * r0, wv);
+        const VF d = f_load(scale + b * kRows + r0);
+        for (int t = 0; t < T; ++t) {
+          const int32_t* sv = s16 + t * (K / 16) + 2 * b;
+          const VI dot = block_dot<BITS == 4, kChains>(wv, q + t * K + b * kBlock);
+          const VI sum = i_sub(dot, i_set1(unbiased * (sv[0] + sv[1])));
+          acc[h][t] = f_fmadd(f_from_i(sum), f_mul(d, f_set1(a[t * n_blocks + b])), acc[h][t]);
+        }
       }
     }
-    for (int t = 0; t < T; ++t) f_store(y + t * N + r0, acc[t]);
+    for (int64_t h = 0; h < kTogether<T>; ++h)
+      for (int t = 0; t < T; ++t) f_store(y + t * N + (pass + h) * kLanes, acc[h][t]);
   }
 }
 

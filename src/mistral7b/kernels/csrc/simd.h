@@ -19,6 +19,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "kernels.h"
+
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
@@ -238,6 +240,15 @@ M7_TARGET inline VI dot_signed(VI acc, VI u, int32_t a) {
 }
 
 #endif  // M7_ISA
+
+// A panel's rows (kernels.h) in registers of kLanes rows: its parts, 1 or 2
+constexpr int64_t kParts = mistral7b::kPanelRows / kLanes;
+// The parts a kernel takes in one pass over a panel's blocks: at decode (T = 1 activation
+// row) all of them, so each cache line is used whole as it arrives (AVX2's parts are the
+// halves of every line); a tile of rows one part a pass (its accumulators fill the
+// registers). Each row's arithmetic is the same either way.
+template <int T>
+constexpr int64_t kTogether = T == 1 ? kParts : 1;
 
 // Sums across 16 lanes (attention.cpp, norm.cpp) are taken over kWide registers, added in
 // AVX-512's order (_mm512_reduce_add_ps: the 256-bit halves, then 128, then pairs), so both
