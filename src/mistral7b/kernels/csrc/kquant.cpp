@@ -82,9 +82,9 @@ M7_TARGET inline void unpack(const uint8_t* wb, VI wv[8]) {
   }
 }
 
-// Sub-block j's 6-bit scale and min of rows r0 .. r0 + kLanes - 1 from a super-block's 12
-// packed bytes (each 16 rows wide): get_scale_min_k4 on 16 lanes.
-M7_TARGET inline void scale_min(const uint8_t* packed, int j, int64_t r0, VF* sc, VF* mn) {
+// Sub-block j's 6-bit scales and mins of the panel's 16 rows, a register per part, from a
+// super-block's 12 packed bytes (each 16 rows wide): get_scale_min_k4 on 16 lanes.
+M7_TARGET inline void scale_min(const uint8_t* packed, int j, VF sc[kParts], VF mn[kParts]) {
   const auto at = [&](int i) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + 16 * i)); };
   const __m128i six = _mm_set1_epi8(63), low4 = _mm_set1_epi8(0x0F), top2 = _mm_set1_epi8(-64);
   __m128i s, m;
@@ -97,29 +97,35 @@ M7_TARGET inline void scale_min(const uint8_t* packed, int j, int64_t r0, VF* sc
     m = _mm_or_si128(_mm_and_si128(_mm_srli_epi16(c, 4), low4),
                      _mm_srli_epi16(_mm_and_si128(at(j), top2), 2));
   }
-  if (r0 != 0) {  // (AVX2's second 8 rows)
-    s = _mm_srli_si128(s, 8);
-    m = _mm_srli_si128(m, 8);
+  sc[0] = f_from_u8(s);
+  mn[0] = f_from_u8(m);
+  if constexpr (kParts == 2) {  // AVX2's second 8 rows
+    sc[1] = f_from_u8(_mm_srli_si128(s, 8));
+    mn[1] = f_from_u8(_mm_srli_si128(m, 8));
   }
-  *sc = f_from_u8(s);
-  *mn = f_from_u8(m);
 }
 
-// Block b's two vectors of 16 float factors: Q4_K / Q5_K d sc and dmin m of its sub-block,
-// Q6_K d sc of its two halves; dv and dmv are its super-block's d and dmin. Each factor is
-// exact in float32 (an 11-bit float16 mantissa times a 6- or 8-bit integer), so folding d in
-// here rounds nothing.
-template <int BITS>
-M7_TARGET inline void block_factors(const uint8_t* sc, VF dv, VF dmv, int64_t b, int64_t r0,
-                                    VF* f0, VF* f1) {
+// Block b's two vectors of float factors for the parts `first` .. first + N - 1 of the panel
+// (one register of rows each): Q4_K / Q5_K d sc and dmin m of its sub-block, Q6_K d sc of
+// its two halves; dv and dmv are its super-block's d and dmin, per part. Each factor is exact
+// in float32 (an 11-bit float16 mantissa times a 6- or 8-bit integer), so folding d in here
+// rounds nothing.
+template <int BITS, int64_t N>
+M7_TARGET inline void block_factors(const uint8_t* sc, const VF* dv, const VF* dmv, int64_t b,
+                                    int64_t first, VF* f0, VF* f1) {
   if constexpr (BITS == 6) {
-    *f0 = f_mul(dv, f_from_i8(sc + 2 * b * kRows + r0));
-    *f1 = f_mul(dv, f_from_i8(sc + (2 * b + 1) * kRows + r0));
-  } else {
-    VF scv, mv;
-    scale_min(sc + b / 8 * 12 * kRows, static_cast<int>(b % 8), r0, &scv, &mv);
-    *f0 = f_mul(dv, scv);
-    *f1 = f_mul(dmv, mv);
+    for (int64_t h = 0; h < N; ++h) {
+      const int64_t r0 = (first + h) * kLanes;
+      f0[h] = f_mul(dv[h], f_from_i8(sc + 2 * b * kRows + r0));
+      f1[h] = f_mul(dv[h], f_from_i8(sc + (2 * b + 1) * kRows + r0));
+    }
+  } else {  // the packed bytes unpacked once for all the panel's rows
+    VF scv[kParts], mv[kParts];
+    scale_min(sc + b / 8 * 12 * kRows, static_cast<int>(b % 8), scv, mv);
+    for (int64_t h = 0; h < N; ++h) {
+      f0[h] = f_mul(dv[h], scv[first + h]);
+      f1[h] = f_mul(dmv[h], mv[first + h]);
+    }
   }
 }
 
@@ -137,11 +143,12 @@ template <int BITS>
 M7_TARGET void unpack_factors(const uint8_t* sc, const at::Half* d, const at::Half* dmin,
                               int64_t nb, float* out) {
   VF dv, dmv;
-  for (int64_t r0 = 0; r0 < kRows; r0 += kLanes) {
+  for (int64_t part = 0; part < kParts; ++part) {
+    const int64_t r0 = part * kLanes;
     for (int64_t b = 0; b < nb; ++b) {
       VF f0, f1;
       if (b % 8 == 0) super_factors<BITS>(d, dmin, b / 8, r0, &dv, &dmv);
-      block_factors<BITS>(sc, dv, dmv, b, r0, &f0, &f1);
+      block_factors<BITS, 1>(sc, &dv, &dmv, b, part, &f0, &f1);
       f_store(out + 32 * b + r0, f0);
       f_store(out + 32 * b + 16 + r0, f1);
     }
@@ -188,21 +195,18 @@ M7_TARGET void kpanel(const uint8_t* w, const uint8_t* values, const uint8_t* sc
       }
       for (int64_t b = s * kPerSuper; b < (s + 1) * kPerSuper; ++b) {
         if (values == nullptr) prefetch_lines(w + (b + kPrefetchBlocks) * kBlockBytes, BITS);
+        VF f0s[kTogether<T>], f1s[kTogether<T>];
+        if (factors == nullptr) block_factors<BITS, kTogether<T>>(sc, dv, dmv, b, pass, f0s, f1s);
         for (int64_t h = 0; h < kTogether<T>; ++h) {
           const int64_t r0 = (pass + h) * kLanes;
           VI wv[8];
-          VF f0, f1;
           if (values != nullptr) {
             for (int i = 0; i < 8; ++i) wv[i] = i_load(values + 512 * b + 64 * i + 4 * r0);
           } else {
             unpack<BITS>(w + b * kBlockBytes + 4 * r0, wv);
           }
-          if (factors != nullptr) {
-            f0 = f_load(factors + 32 * b + r0);
-            f1 = f_load(factors + 32 * b + 16 + r0);
-          } else {
-            block_factors<BITS>(sc, dv[h], dmv[h], b, r0, &f0, &f1);
-          }
+          const VF f0 = factors != nullptr ? f_load(factors + 32 * b + r0) : f0s[h];
+          const VF f1 = factors != nullptr ? f_load(factors + 32 * b + 16 + r0) : f1s[h];
 #pragma GCC unroll 8
           for (int t = 0; t < T; ++t) {   // unrolled, so that acc[] and part[] stay in registers
             const int32_t* v = reinterpret_cast<const int32_t*>(q + t * K + b * kBlock);
