@@ -130,7 +130,8 @@ M7_TARGET void panel(const uint8_t* w, const S* scale, const S* mins, const int8
         for (int64_t h = 0; h < kTogether<T>; ++h) {
           VI wv[8];
           load_block<BITS>(wb + 4 * (pass + h) * kLanes, wv);
-          for (int t = 0; t < T; ++t) {
+#pragma GCC unroll 8
+          for (int t = 0; t < T; ++t) {   // unrolled: acc[] stays in registers
             const VI sum = block_dot<BITS == 4, kChains>(wv, q + t * K + b * kBlock);
             inner[h][t] = f_fmadd(f_from_i(sum), f_set1(a[t * n_blocks + b]), inner[h][t]);
           }
@@ -181,7 +182,8 @@ M7_TARGET void block_panel(const uint8_t* w, const S* scale, const int8_t* q, co
         VI wv[8];
         load_block<BITS>(wb + 4 * r0, wv);
         const VF d = f_load(scale + b * kRows + r0);
-        for (int t = 0; t < T; ++t) {
+#pragma GCC unroll 8
+        for (int t = 0; t < T; ++t) {   // unrolled: acc[] stays in registers
           const int32_t* sv = s16 + t * (K / 16) + 2 * b;
           const VI dot = block_dot<BITS == 4, kChains>(wv, q + t * K + b * kBlock);
           const VI sum = i_sub(dot, i_set1(unbiased * (sv[0] + sv[1])));
