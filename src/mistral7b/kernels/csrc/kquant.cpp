@@ -55,7 +55,6 @@ namespace M7_NS {
 constexpr int64_t kBlock = mistral7b::kBlockInputs;
 constexpr int64_t kRows = mistral7b::kPanelRows;
 constexpr int64_t kSuper = mistral7b::kSuperInputs;
-constexpr int kMaxTile = 8;  // activation rows that share one unpacked weight block
 
 template <int BITS>
 M7_TARGET inline void unpack(const uint8_t* wb, VI wv[8]) {

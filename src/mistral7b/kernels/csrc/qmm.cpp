@@ -51,7 +51,6 @@ namespace M7_NS {
 
 constexpr int64_t kBlock = mistral7b::kBlockInputs;  // inputs per activation block
 constexpr int64_t kRows = mistral7b::kPanelRows;     // output rows per panel
-constexpr int kMaxTile = 8;     // activation rows that share one unpacked weight block
 
 // Activations of M rows, quantized (kernels.h)
 using QuantizedActs = mistral7b::ActBlocks;

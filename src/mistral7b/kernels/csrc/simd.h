@@ -250,6 +250,12 @@ constexpr int64_t kParts = mistral7b::kPanelRows / kLanes;
 template <int T>
 constexpr int64_t kTogether = T == 1 ? kParts : 1;
 
+// Activation rows that share one unpacked weight block (a tile; qmm, kquant). AVX2 takes 4:
+// its 16 registers hold a block's 8 value registers and 4 accumulators, where 8 spill
+// (7B Q4_0 projections at 64 rows, 1 thread: best 143-146 against 132-134 GOP/s,
+// bench/bench_kernels.py --model); AVX-512's 32 registers hold 8.
+constexpr int kMaxTile = kLanes == 8 ? 4 : 8;
+
 // Sums across 16 lanes (attention.cpp, norm.cpp) are taken over kWide registers, added in
 // AVX-512's order (_mm512_reduce_add_ps: the 256-bit halves, then 128, then pairs), so both
 // instruction sets give the same bits.
