@@ -34,7 +34,7 @@
 // the README's seventh-pass section has the figures and what the rounding costs). Two
 // float accumulators per row (the super-block's part, the total) and 16 outputs is all a
 // tile of rows keeps in registers, beside the block's 8 registers of values: tiles of 8 rows
-// fit, as in qmm.cpp.
+// fit AVX-512's 32 registers, 4 AVX2's 16 (simd.h kMaxTile), as in qmm.cpp.
 
 #include "kernels.h"  // (first: it sets M7_PRIMARY)
 #if M7_PRIMARY
