@@ -243,12 +243,14 @@ M7_TARGET inline VI dot_signed(VI acc, VI u, int32_t a) {
 
 // A panel's rows (kernels.h) in registers of kLanes rows: its parts, 1 or 2
 constexpr int64_t kParts = mistral7b::kPanelRows / kLanes;
-// The parts a kernel takes in one pass over a panel's blocks: at decode (T = 1 activation
-// row) all of them, so each cache line is used whole as it arrives (AVX2's parts are the
-// halves of every line); a tile of rows one part a pass (its accumulators fill the
-// registers). Each row's arithmetic is the same either way.
+// The parts a kernel takes in one pass over a panel's blocks: with up to 2 activation rows
+// (decode; two clients, a one-token draft) all of them, so each cache line is used whole as
+// it arrives (AVX2's parts are the halves of every line); larger tiles one part a pass
+// (their accumulators fill the registers: at 4 rows taking both parts gained nothing).
+// Each row's arithmetic is the same either way. AVX2, 14336 x 4096 at 2 rows, 2 threads:
+// int4 g32 1.82-1.87 -> 1.36-1.40 ms (bench/bench_kernels.py --rows 2).
 template <int T>
-constexpr int64_t kTogether = T == 1 ? kParts : 1;
+constexpr int64_t kTogether = T * kParts <= 4 ? kParts : 1;
 
 // Activation rows that share one unpacked weight block (a tile; qmm, kquant). AVX2 takes 4:
 // its 16 registers hold a block's 8 value registers and 4 accumulators, where 8 spill
