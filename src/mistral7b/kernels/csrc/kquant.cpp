@@ -128,12 +128,15 @@ M7_TARGET inline void block_factors(const uint8_t* sc, const VF* dv, const VF* d
   }
 }
 
-// Super-block s's d and dmin (Q6_K: d twice) of rows r0 .. r0 + kLanes - 1.
-template <int BITS>
+// Super-block s's d and dmin (Q6_K: d twice) for the parts `first` .. first + N - 1.
+template <int BITS, int64_t N>
 M7_TARGET inline void super_factors(const at::Half* d, const at::Half* dmin, int64_t s,
-                                    int64_t r0, VF* dv, VF* dmv) {
-  *dv = f_load(d + s * kRows + r0);
-  *dmv = BITS == 6 ? *dv : f_load(dmin + s * kRows + r0);
+                                    int64_t first, VF* dv, VF* dmv) {
+  for (int64_t h = 0; h < N; ++h) {
+    const int64_t r0 = (first + h) * kLanes;
+    dv[h] = f_load(d + s * kRows + r0);
+    dmv[h] = BITS == 6 ? dv[h] : f_load(dmin + s * kRows + r0);
+  }
 }
 
 // A panel's every block's factors, computed once for many row tiles (pre-fill): block b's
@@ -141,15 +144,14 @@ M7_TARGET inline void super_factors(const at::Half* d, const at::Half* dmin, int
 template <int BITS>
 M7_TARGET void unpack_factors(const uint8_t* sc, const at::Half* d, const at::Half* dmin,
                               int64_t nb, float* out) {
-  VF dv, dmv;
-  for (int64_t part = 0; part < kParts; ++part) {
-    const int64_t r0 = part * kLanes;
-    for (int64_t b = 0; b < nb; ++b) {
-      VF f0, f1;
-      if (b % 8 == 0) super_factors<BITS>(d, dmin, b / 8, r0, &dv, &dmv);
-      block_factors<BITS, 1>(sc, &dv, &dmv, b, part, &f0, &f1);
-      f_store(out + 32 * b + r0, f0);
-      f_store(out + 32 * b + 16 + r0, f1);
+  VF dv[kParts], dmv[kParts];
+  for (int64_t b = 0; b < nb; ++b) {
+    VF f0[kParts], f1[kParts];
+    if (b % 8 == 0) super_factors<BITS, kParts>(d, dmin, b / 8, 0, dv, dmv);
+    block_factors<BITS, kParts>(sc, dv, dmv, b, 0, f0, f1);
+    for (int64_t part = 0; part < kParts; ++part) {
+      f_store(out + 32 * b + part * kLanes, f0[part]);
+      f_store(out + 32 * b + 16 + part * kLanes, f1[part]);
     }
   }
 }
@@ -179,23 +181,23 @@ M7_TARGET void kpanel(const uint8_t* w, const uint8_t* values, const uint8_t* sc
   constexpr int64_t kBlockBytes = BITS * 64, kPerSuper = kSuper / kBlock;
   const int64_t nb = K / kBlock;
   for (int64_t pass = 0; pass < kParts; pass += kTogether<T>) {   // rows r0 .. of the panel
-    VF acc[kTogether<T>][T];
-    for (auto& row : acc)
-      for (int t = 0; t < T; ++t) row[t] = f_zero();
+    VF acc[kTogether<T>][T] = {};
     for (int64_t s = 0; s < nb / kPerSuper; ++s) {
       // the super-block's sum before its activation scale (one scale per 256 inputs)
-      VF part[kTogether<T>][T];
-      for (auto& row : part)
-        for (int t = 0; t < T; ++t) row[t] = f_zero();
-      VF dv[kTogether<T>], dmv[kTogether<T>];
-      for (int64_t h = 0; h < kTogether<T>; ++h) {
-        dv[h] = dmv[h] = f_zero();
-        if (factors == nullptr) super_factors<BITS>(d, dmin, s, (pass + h) * kLanes, &dv[h], &dmv[h]);
-      }
+      VF part[kTogether<T>][T] = {};
+      VF dv[kTogether<T>] = {}, dmv[kTogether<T>] = {};
+      if (factors == nullptr) super_factors<BITS, kTogether<T>>(d, dmin, s, pass, dv, dmv);
       for (int64_t b = s * kPerSuper; b < (s + 1) * kPerSuper; ++b) {
         if (values == nullptr) prefetch_lines(w + (b + kPrefetchBlocks) * kBlockBytes, BITS);
         VF f0s[kTogether<T>], f1s[kTogether<T>];
-        if (factors == nullptr) block_factors<BITS, kTogether<T>>(sc, dv, dmv, b, pass, f0s, f1s);
+        if (factors == nullptr) {
+          block_factors<BITS, kTogether<T>>(sc, dv, dmv, b, pass, f0s, f1s);
+        } else {
+          for (int64_t h = 0; h < kTogether<T>; ++h) {
+            f0s[h] = f_load(factors + 32 * b + (pass + h) * kLanes);
+            f1s[h] = f_load(factors + 32 * b + 16 + (pass + h) * kLanes);
+          }
+        }
         for (int64_t h = 0; h < kTogether<T>; ++h) {
           const int64_t r0 = (pass + h) * kLanes;
           VI wv[8];
@@ -204,8 +206,7 @@ M7_TARGET void kpanel(const uint8_t* w, const uint8_t* values, const uint8_t* sc
           } else {
             unpack<BITS>(w + b * kBlockBytes + 4 * r0, wv);
           }
-          const VF f0 = factors != nullptr ? f_load(factors + 32 * b + r0) : f0s[h];
-          const VF f1 = factors != nullptr ? f_load(factors + 32 * b + 16 + r0) : f1s[h];
+          const VF f0 = f0s[h], f1 = f1s[h];
 #pragma GCC unroll 8
           for (int t = 0; t < T; ++t) {   // unrolled, so that acc[] and part[] stay in registers
             const int32_t* v = reinterpret_cast<const int32_t*>(q + t * K + b * kBlock);

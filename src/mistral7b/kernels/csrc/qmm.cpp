@@ -56,7 +56,6 @@ constexpr int64_t kRows = mistral7b::kPanelRows;     // output rows per panel
 using QuantizedActs = mistral7b::ActBlocks;
 using mistral7b::Product;
 
-
 template <typename X>
 M7_TARGET inline float block_amax(const X* x) {
   VF m = f_abs(f_load(x));
@@ -115,13 +114,9 @@ M7_TARGET void panel(const uint8_t* w, const S* scale, const S* mins, const int8
   constexpr float bias = BITS == 8 ? kEightBias : 0;  // block_dot's sums are of u - bias
   const int64_t n_blocks = K / kBlock, n_groups = K / G, blocks_per_group = G / kBlock;
   for (int64_t pass = 0; pass < kParts; pass += kTogether<T>) {   // rows r0 .. of the panel
-    VF acc[kTogether<T>][T];
-    for (auto& row : acc)
-      for (int t = 0; t < T; ++t) row[t] = f_zero();
+    VF acc[kTogether<T>][T] = {};
     for (int64_t g = 0; g < n_groups; ++g) {
-      VF inner[kTogether<T>][T];
-      for (auto& row : inner)
-        for (int t = 0; t < T; ++t) row[t] = f_zero();
+      VF inner[kTogether<T>][T] = {};
       for (int64_t bb = 0; bb < blocks_per_group; ++bb) {
         const int64_t b = g * blocks_per_group + bb;
         const uint8_t* wb = w + b * kBlockBytes;
@@ -170,9 +165,7 @@ M7_TARGET void block_panel(const uint8_t* w, const S* scale, const int8_t* q, co
   const int64_t n_blocks = K / kBlock;
   const int32_t unbiased = offset - (BITS == 8 ? kEightBias : 0);  // block_dot's sums: u - bias
   for (int64_t pass = 0; pass < kParts; pass += kTogether<T>) {   // rows r0 .. of the panel
-    VF acc[kTogether<T>][T];
-    for (auto& row : acc)
-      for (int t = 0; t < T; ++t) row[t] = f_zero();
+    VF acc[kTogether<T>][T] = {};
     for (int64_t b = 0; b < n_blocks; ++b) {
       const uint8_t* wb = w + b * kBlockBytes;
       prefetch_lines(wb + kPrefetchBlocks * kBlockBytes, BITS);
