@@ -169,15 +169,16 @@ M7_TARGET void unpack_values(const uint8_t* w, int64_t nb, uint8_t* out) {
   }
 }
 
-// One panel (16 output rows) times T activation rows; pointers at the panel's own data and
-// the first activation row's. `values` and `factors`: the panel's values (unpack_values) and
-// block factors (unpack_factors) computed beforehand, each or null (then computed here from
-// `w`, or `sc`, `d`, `dmin`); either way each row's arithmetic is the same, whatever T.
+// One panel (16 output rows) times a tile of T activation rows; pointers at the panel's own
+// data and the tile's (ActBlocks). `values` and `factors`: the panel's values (unpack_values)
+// and block factors (unpack_factors) computed beforehand, each or null (then computed here
+// from `w`, or `sc`, `d`, `dmin`); either way each row's arithmetic is the same, whatever T.
+// `stream`: `w` comes from memory, ask for lines ahead (qmm.cpp's panel).
 template <int BITS, int T>
 M7_TARGET void kpanel(const uint8_t* w, const uint8_t* values, const uint8_t* sc,
                       const float* factors, const at::Half* d, const at::Half* dmin,
                       const int8_t* q, const float* a, const float* sg, const int32_t* s16,
-                      int64_t K, float* y, int64_t N) {
+                      int64_t K, bool stream, float* y, int64_t N) {
   constexpr int64_t kBlockBytes = BITS * 64, kPerSuper = kSuper / kBlock;
   const int64_t nb = K / kBlock;
   for (int64_t pass = 0; pass < kParts; pass += kTogether<T>) {   // rows r0 .. of the panel
@@ -188,7 +189,7 @@ M7_TARGET void kpanel(const uint8_t* w, const uint8_t* values, const uint8_t* sc
       VF dv[kTogether<T>] = {}, dmv[kTogether<T>] = {};
       if (factors == nullptr) super_factors<BITS, kTogether<T>>(d, dmin, s, pass, dv, dmv);
       for (int64_t b = s * kPerSuper; b < (s + 1) * kPerSuper; ++b) {
-        if (values == nullptr) prefetch_lines(w + (b + kPrefetchBlocks) * kBlockBytes, BITS);
+        if (stream && values == nullptr) prefetch_lines(w + (b + kPrefetchBlocks) * kBlockBytes, BITS);
         VF f0s[kTogether<T>], f1s[kTogether<T>];
         if (factors == nullptr) {
           block_factors<BITS, kTogether<T>>(sc, dv, dmv, b, pass, f0s, f1s);
@@ -209,12 +210,12 @@ M7_TARGET void kpanel(const uint8_t* w, const uint8_t* values, const uint8_t* sc
           const VF f0 = f0s[h], f1 = f1s[h];
 #pragma GCC unroll 8
           for (int t = 0; t < T; ++t) {   // unrolled, so that acc[] and part[] stay in registers
-            const int32_t* v = reinterpret_cast<const int32_t*>(q + t * K + b * kBlock);
+            const int32_t* v = reinterpret_cast<const int32_t*>(q + (b * T + t) * kBlock);
             if constexpr (BITS == 6) {
               // even registers pair with inputs 0..15 of the block, odd ones with 16..31; the
               // chains start at -32 x the halves' sums (q - 32); one row takes two chains a
               // half, several rows are chains enough
-              const int32_t* sv = s16 + t * (K / 16) + 2 * b;
+              const int32_t* sv = s16 + 2 * (b * T + t);
               VI lo0 = i_set1(-32 * sv[0]), hi0 = i_set1(-32 * sv[1]);
               VI lo1 = i_zero(), hi1 = lo1;
               VI& lo_b = T == 1 ? lo1 : lo0;
@@ -228,16 +229,16 @@ M7_TARGET void kpanel(const uint8_t* w, const uint8_t* values, const uint8_t* sc
               part[h][t] = f_fmadd(f0, f_from_i(lo), part[h][t]);
               part[h][t] = f_fmadd(f1, f_from_i(hi), part[h][t]);
             } else {
-              const VI sum = block_dot<true, T == 1 ? 4 : 2>(wv, q + t * K + b * kBlock);
+              const VI sum = block_dot<true, T == 1 ? 4 : 2>(wv, q + (b * T + t) * kBlock);
               part[h][t] = f_fmadd(f0, f_from_i(sum), part[h][t]);
-              acc[h][t] = f_fnmadd(f1, f_set1(sg[t * nb + b]), acc[h][t]);  // scaled
+              acc[h][t] = f_fnmadd(f1, f_set1(sg[b * T + t]), acc[h][t]);  // scaled
             }
           }
         }
       }
       for (int64_t h = 0; h < kTogether<T>; ++h)
         for (int t = 0; t < T; ++t)
-          acc[h][t] = f_fmadd(part[h][t], f_set1(a[t * nb + s * kPerSuper]), acc[h][t]);
+          acc[h][t] = f_fmadd(part[h][t], f_set1(a[s * kPerSuper * T + t]), acc[h][t]);
     }
     for (int64_t h = 0; h < kTogether<T>; ++h)
       for (int t = 0; t < T; ++t) f_store(y + t * N + (pass + h) * kLanes, acc[h][t]);
@@ -289,15 +290,16 @@ void kspan(const mistral7b::Product& p, int64_t M, int64_t K, int64_t p0, int64_
         const uint8_t* vp = values.empty() ? nullptr : values.data() + (pi - g0) * 512 * nb;
         const float* up = once ? factors.data() + (pi - g0) * 32 * nb : nullptr;
         float* ym = p.y + m * p.N + pi * kRows;
+        const bool stream = m == 0;   // the first tile brings the group's weights into L2
         switch (T) {
-          case 8: kpanel<BITS, 8>(wp, vp, sp, up, dp, dmp, qm, am, gm, vm, K, ym, p.N); break;
-          case 7: kpanel<BITS, 7>(wp, vp, sp, up, dp, dmp, qm, am, gm, vm, K, ym, p.N); break;
-          case 6: kpanel<BITS, 6>(wp, vp, sp, up, dp, dmp, qm, am, gm, vm, K, ym, p.N); break;
-          case 5: kpanel<BITS, 5>(wp, vp, sp, up, dp, dmp, qm, am, gm, vm, K, ym, p.N); break;
-          case 4: kpanel<BITS, 4>(wp, vp, sp, up, dp, dmp, qm, am, gm, vm, K, ym, p.N); break;
-          case 3: kpanel<BITS, 3>(wp, vp, sp, up, dp, dmp, qm, am, gm, vm, K, ym, p.N); break;
-          case 2: kpanel<BITS, 2>(wp, vp, sp, up, dp, dmp, qm, am, gm, vm, K, ym, p.N); break;
-          default: kpanel<BITS, 1>(wp, vp, sp, up, dp, dmp, qm, am, gm, vm, K, ym, p.N);
+          case 8: kpanel<BITS, 8>(wp, vp, sp, up, dp, dmp, qm, am, gm, vm, K, stream, ym, p.N); break;
+          case 7: kpanel<BITS, 7>(wp, vp, sp, up, dp, dmp, qm, am, gm, vm, K, stream, ym, p.N); break;
+          case 6: kpanel<BITS, 6>(wp, vp, sp, up, dp, dmp, qm, am, gm, vm, K, stream, ym, p.N); break;
+          case 5: kpanel<BITS, 5>(wp, vp, sp, up, dp, dmp, qm, am, gm, vm, K, stream, ym, p.N); break;
+          case 4: kpanel<BITS, 4>(wp, vp, sp, up, dp, dmp, qm, am, gm, vm, K, stream, ym, p.N); break;
+          case 3: kpanel<BITS, 3>(wp, vp, sp, up, dp, dmp, qm, am, gm, vm, K, stream, ym, p.N); break;
+          case 2: kpanel<BITS, 2>(wp, vp, sp, up, dp, dmp, qm, am, gm, vm, K, stream, ym, p.N); break;
+          default: kpanel<BITS, 1>(wp, vp, sp, up, dp, dmp, qm, am, gm, vm, K, stream, ym, p.N);
         }
       }
     }

@@ -65,10 +65,11 @@ M7_TARGET inline float block_amax(const X* x) {
 
 // One activation row: its blocks of 32 to int8 with one scale per `span` inputs (kBlock, or
 // kSuperInputs for K-quants); `a` still holds a scale per block (the same for the blocks of
-// one span).
+// one span). The row is row t of a tile of T (ActBlocks): the pointers are at its first
+// entries, and a block's (a group's) entries are T apart.
 template <typename X>
-M7_TARGET void quantize_row(const X* x, int64_t K, int64_t G, int64_t span, int8_t* q, float* a,
-                            float* sg, int32_t* s16) {
+M7_TARGET void quantize_row(const X* x, int64_t K, int64_t G, int64_t span, int64_t T, int8_t* q,
+                            float* a, float* sg, int32_t* s16, int32_t* s32) {
   const int64_t blocks_per_group = G / kBlock, blocks_per_span = span / kBlock;
   float group_sum = 0.0f, amax = 0.0f;
   for (int64_t b = 0; b < K / kBlock; ++b) {
@@ -79,17 +80,19 @@ M7_TARGET void quantize_row(const X* x, int64_t K, int64_t G, int64_t span, int8
     const float scale = amax / 127.0f;
     const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
     const VF vinv = f_set1(inv);
-    s16[2 * b] = s16[2 * b + 1] = 0;
+    int32_t* sb = s16 + 2 * b * T;
+    sb[0] = sb[1] = 0;
     for (int c = 0; c < kBlock / kLanes; ++c) {
       // round to nearest, ties to even (the MXCSR default)
       const VI v = f_round_i(f_mul(f_load(x + b * kBlock + c * kLanes), vinv));
-      i_store_i8(q + b * kBlock + c * kLanes, v);
-      s16[2 * b + c * kLanes / 16] += i_sum(v);
+      i_store_i8(q + b * T * kBlock + c * kLanes, v);
+      sb[c * kLanes / 16] += i_sum(v);
     }
-    a[b] = scale;
-    group_sum += scale * static_cast<float>(s16[2 * b] + s16[2 * b + 1]);
+    a[b * T] = scale;
+    s32[b * T] = sb[0] + sb[1];
+    group_sum += scale * static_cast<float>(s32[b * T]);
     if ((b + 1) % blocks_per_group == 0) {
-      sg[(b + 1) / blocks_per_group - 1] = group_sum;
+      sg[((b + 1) / blocks_per_group - 1) * T] = group_sum;
       group_sum = 0.0f;
     }
   }
@@ -104,15 +107,18 @@ M7_TARGET inline void load_block(const uint8_t* wb, VI wv[8]) {
   }
 }
 
-// One panel (16 output rows) times T activation rows. BITS = 4 or 8; S = float or at::Half.
+// One panel (16 output rows) times a tile of T activation rows (ActBlocks: q, a, sg at the
+// tile's). BITS = 4 or 8; S = float or at::Half. `stream`: the weights come from memory (the
+// first tile to take this panel), so the kernel asks for lines ahead; later tiles find them
+// in L2, where the requests only cost issue slots (7B Q4_0 pre-fill, AVX2: ~3%).
 template <int BITS, typename S, bool AFFINE, int T, typename Y>
 M7_TARGET void panel(const uint8_t* w, const S* scale, const S* mins, const int8_t* q,
                      const float* a, const float* sg, int64_t K, int64_t G, float offset,
-                     Y* y, int64_t N) {
+                     bool stream, Y* y, int64_t N) {
   constexpr int64_t kBlockBytes = BITS * 64;
   constexpr int kChains = T == 1 ? 4 : 2;
   constexpr float bias = BITS == 8 ? kEightBias : 0;  // block_dot's sums are of u - bias
-  const int64_t n_blocks = K / kBlock, n_groups = K / G, blocks_per_group = G / kBlock;
+  const int64_t n_groups = K / G, blocks_per_group = G / kBlock;
   for (int64_t pass = 0; pass < kParts; pass += kTogether<T>) {   // rows r0 .. of the panel
     VF acc[kTogether<T>][T] = {};
     for (int64_t g = 0; g < n_groups; ++g) {
@@ -120,14 +126,14 @@ M7_TARGET void panel(const uint8_t* w, const S* scale, const S* mins, const int8
       for (int64_t bb = 0; bb < blocks_per_group; ++bb) {
         const int64_t b = g * blocks_per_group + bb;
         const uint8_t* wb = w + b * kBlockBytes;
-        prefetch_lines(wb + kPrefetchBlocks * kBlockBytes, BITS);
+        if (stream) prefetch_lines(wb + kPrefetchBlocks * kBlockBytes, BITS);
         for (int64_t h = 0; h < kTogether<T>; ++h) {
           VI wv[8];
           load_block<BITS>(wb + 4 * (pass + h) * kLanes, wv);
 #pragma GCC unroll 8
           for (int t = 0; t < T; ++t) {   // unrolled: acc[] stays in registers
-            const VI sum = block_dot<BITS == 4, kChains>(wv, q + t * K + b * kBlock);
-            inner[h][t] = f_fmadd(f_from_i(sum), f_set1(a[t * n_blocks + b]), inner[h][t]);
+            const VI sum = block_dot<BITS == 4, kChains>(wv, q + (b * T + t) * kBlock);
+            inner[h][t] = f_fmadd(f_from_i(sum), f_set1(a[b * T + t]), inner[h][t]);
           }
         }
       }
@@ -139,10 +145,10 @@ M7_TARGET void panel(const uint8_t* w, const S* scale, const S* mins, const int8
           const VF m0 = f_load(mins + g * kRows + r0);
           const VF m = bias ? f_fmadd(d, f_set1(bias), m0) : m0;
           for (int t = 0; t < T; ++t)
-            acc[h][t] = f_fmadd(d, inner[h][t], f_fmadd(m, f_set1(sg[t * n_groups + g]), acc[h][t]));
+            acc[h][t] = f_fmadd(d, inner[h][t], f_fmadd(m, f_set1(sg[g * T + t]), acc[h][t]));
         } else {
           for (int t = 0; t < T; ++t) {
-            const VF corr = f_set1((offset - bias) * sg[t * n_groups + g]);
+            const VF corr = f_set1((offset - bias) * sg[g * T + t]);
             acc[h][t] = f_fmadd(d, f_sub(inner[h][t], corr), acc[h][t]);
           }
         }
@@ -153,22 +159,31 @@ M7_TARGET void panel(const uint8_t* w, const S* scale, const S* mins, const int8
   }
 }
 
+// The offset `block_panel` takes: q - 8 for 4-bit values (Q4_0, int4), q + 128 - 128 for
+// 8-bit ones (Q8_0, int8); tile() sends any other to `panel`.
+template <int BITS>
+constexpr int32_t kSymmetricOffset = BITS == 4 ? 8 : 128;
+
 // `panel` for the symmetric form with a scale per block of 32 (Q4_0, Q8_0): the offset is
-// taken off in int32 (the block's values sum to s16[2b] + s16[2b + 1]), so each block of each
-// row costs one conversion and two float operations, d * a and the accumulation (`panel`'s
-// order takes three): the float work beside the 8 vpdpbusd is what bounds pre-fill.
+// taken off in int32 (offset x the block's sum s32, a power of two: a shift of it), so each
+// block of each row costs one conversion and two float operations, d * a and the
+// accumulation (`panel`'s order takes three): the float work beside the 8 vpdpbusd is what
+// bounds pre-fill.
 template <int BITS, typename S, int T, typename Y>
 M7_TARGET void block_panel(const uint8_t* w, const S* scale, const int8_t* q, const float* a,
-                           const int32_t* s16, int64_t K, int32_t offset, Y* y, int64_t N) {
+                           const int32_t* s32, int64_t K, bool stream, Y* y, int64_t N) {
   constexpr int64_t kBlockBytes = BITS * 64;
   constexpr int kChains = T == 1 ? 4 : 2;
+  // block_dot's sums are of u - bias: what is left to take off, 8 (4-bit), 128 or none (8-bit)
+  constexpr int32_t kUnbiased = kSymmetricOffset<BITS> - (BITS == 8 ? kEightBias : 0);
+  static_assert(kUnbiased == 0 || kUnbiased == 8 || kUnbiased == 128);
+  constexpr int kShift = kUnbiased == 8 ? 3 : 7;
   const int64_t n_blocks = K / kBlock;
-  const int32_t unbiased = offset - (BITS == 8 ? kEightBias : 0);  // block_dot's sums: u - bias
   for (int64_t pass = 0; pass < kParts; pass += kTogether<T>) {   // rows r0 .. of the panel
     VF acc[kTogether<T>][T] = {};
     for (int64_t b = 0; b < n_blocks; ++b) {
       const uint8_t* wb = w + b * kBlockBytes;
-      prefetch_lines(wb + kPrefetchBlocks * kBlockBytes, BITS);
+      if (stream) prefetch_lines(wb + kPrefetchBlocks * kBlockBytes, BITS);
       for (int64_t h = 0; h < kTogether<T>; ++h) {
         const int64_t r0 = (pass + h) * kLanes;
         VI wv[8];
@@ -176,10 +191,9 @@ M7_TARGET void block_panel(const uint8_t* w, const S* scale, const int8_t* q, co
         const VF d = f_load(scale + b * kRows + r0);
 #pragma GCC unroll 8
         for (int t = 0; t < T; ++t) {   // unrolled: acc[] stays in registers
-          const int32_t* sv = s16 + t * (K / 16) + 2 * b;
-          const VI dot = block_dot<BITS == 4, kChains>(wv, q + t * K + b * kBlock);
-          const VI sum = i_sub(dot, i_set1(unbiased * (sv[0] + sv[1])));
-          acc[h][t] = f_fmadd(f_from_i(sum), f_mul(d, f_set1(a[t * n_blocks + b])), acc[h][t]);
+          const VI dot = block_dot<BITS == 4, kChains>(wv, q + (b * T + t) * kBlock);
+          const VI sum = kUnbiased == 0 ? dot : i_sub(dot, i_sll32(i_set1(s32[b * T + t]), kShift));
+          acc[h][t] = f_fmadd(f_from_i(sum), f_mul(d, f_set1(a[b * T + t])), acc[h][t]);
         }
       }
     }
@@ -196,27 +210,35 @@ void quantize_acts(const X* x, int64_t M, int64_t K, int64_t G, QuantizedActs& a
   acts.a.resize(M * n_blocks);
   acts.sg.resize(M * n_groups);
   acts.s16.resize(M * K / 16);
-  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m)
-      quantize_row(x + m * K, K, G, span, acts.q.data() + m * K, acts.a.data() + m * n_blocks,
-                   acts.sg.data() + m * n_groups, acts.s16.data() + m * K / 16);
+  acts.s32.resize(M * n_blocks);
+  // by tile, so no two threads write one tile's interleaved lines
+  const int64_t tiles = (M + kMaxTile - 1) / kMaxTile;
+  at::parallel_for(0, tiles, 16 / kMaxTile, [&](int64_t i0, int64_t i1) {
+    for (int64_t m = i0 * kMaxTile; m < std::min(M, i1 * kMaxTile); ++m) {
+      const int64_t tile = m - m % kMaxTile, T = std::min<int64_t>(kMaxTile, M - tile);
+      const int64_t t = m - tile;   // row t of the tile from row `tile` (ActBlocks)
+      quantize_row(x + m * K, K, G, span, T, acts.q.data() + tile * K + t * kBlock,
+                   acts.a.data() + tile * n_blocks + t, acts.sg.data() + tile * n_groups + t,
+                   acts.s16.data() + tile * K / 16 + 2 * t, acts.s32.data() + tile * n_blocks + t);
+    }
   });
 }
 
-// One panel times T <= kMaxTile activation rows from row m: `block_panel` where it applies.
+// One panel times the tile of T <= kMaxTile activation rows from row m: `block_panel` where
+// it applies.
 template <int BITS, typename S, bool AFFINE, int T, typename X>
 M7_TARGET void tile(const QuantizedActs& acts, int64_t m, int64_t K, int64_t N, int64_t G,
-                    const uint8_t* wp, const S* sp, const S* mp, float offset, X* y, int64_t p) {
+                    const uint8_t* wp, const S* sp, const S* mp, float offset, bool stream, X* y,
+                    int64_t p) {
   const int64_t n_blocks = K / kBlock;
   const int8_t* qm = acts.q.data() + m * K;
   const float* am = acts.a.data() + m * n_blocks;
   X* ym = y + m * N + p * kRows;
-  if (!AFFINE && G == kBlock)
-    block_panel<BITS, S, T>(wp, sp, qm, am, acts.s16.data() + m * (K / 16), K,
-                            static_cast<int32_t>(offset), ym, N);
+  if (!AFFINE && G == kBlock && offset == kSymmetricOffset<BITS>)
+    block_panel<BITS, S, T>(wp, sp, qm, am, acts.s32.data() + m * n_blocks, K, stream, ym, N);
   else
     panel<BITS, S, AFFINE, T>(wp, sp, mp, qm, am, acts.sg.data() + m * (K / G), K, G, offset,
-                              ym, N);
+                              stream, ym, N);
 }
 
 // panels p0 .. p1-1 of one weight times the M quantized activation rows. With more than one
@@ -236,15 +258,16 @@ void panels_span(const QuantizedActs& acts, int64_t M, int64_t K, int64_t N, int
         const uint8_t* wp = w + p * panel_bytes;
         const S* sp = scale + p * panel_scales;
         const S* mp = AFFINE ? mins + p * panel_scales : nullptr;
+        const bool stream = m == 0;   // the first tile brings the group's weights into L2
         switch (std::min<int64_t>(kMaxTile, M - m)) {
-          case 8: tile<BITS, S, AFFINE, 8>(acts, m, K, N, G, wp, sp, mp, offset, y, p); break;
-          case 7: tile<BITS, S, AFFINE, 7>(acts, m, K, N, G, wp, sp, mp, offset, y, p); break;
-          case 6: tile<BITS, S, AFFINE, 6>(acts, m, K, N, G, wp, sp, mp, offset, y, p); break;
-          case 5: tile<BITS, S, AFFINE, 5>(acts, m, K, N, G, wp, sp, mp, offset, y, p); break;
-          case 4: tile<BITS, S, AFFINE, 4>(acts, m, K, N, G, wp, sp, mp, offset, y, p); break;
-          case 3: tile<BITS, S, AFFINE, 3>(acts, m, K, N, G, wp, sp, mp, offset, y, p); break;
-          case 2: tile<BITS, S, AFFINE, 2>(acts, m, K, N, G, wp, sp, mp, offset, y, p); break;
-          default: tile<BITS, S, AFFINE, 1>(acts, m, K, N, G, wp, sp, mp, offset, y, p);
+          case 8: tile<BITS, S, AFFINE, 8>(acts, m, K, N, G, wp, sp, mp, offset, stream, y, p); break;
+          case 7: tile<BITS, S, AFFINE, 7>(acts, m, K, N, G, wp, sp, mp, offset, stream, y, p); break;
+          case 6: tile<BITS, S, AFFINE, 6>(acts, m, K, N, G, wp, sp, mp, offset, stream, y, p); break;
+          case 5: tile<BITS, S, AFFINE, 5>(acts, m, K, N, G, wp, sp, mp, offset, stream, y, p); break;
+          case 4: tile<BITS, S, AFFINE, 4>(acts, m, K, N, G, wp, sp, mp, offset, stream, y, p); break;
+          case 3: tile<BITS, S, AFFINE, 3>(acts, m, K, N, G, wp, sp, mp, offset, stream, y, p); break;
+          case 2: tile<BITS, S, AFFINE, 2>(acts, m, K, N, G, wp, sp, mp, offset, stream, y, p); break;
+          default: tile<BITS, S, AFFINE, 1>(acts, m, K, N, G, wp, sp, mp, offset, stream, y, p);
         }
       }
     }

@@ -111,6 +111,7 @@ M7_TARGET inline VI i_and(VI a, VI b) { return _mm512_and_si512(a, b); }
 M7_TARGET inline VI i_or(VI a, VI b) { return _mm512_or_si512(a, b); }
 M7_TARGET inline VI i_srl16(VI a, int n) { return _mm512_srli_epi16(a, n); }
 M7_TARGET inline VI i_sll16(VI a, int n) { return _mm512_slli_epi16(a, n); }
+M7_TARGET inline VI i_sll32(VI a, int n) { return _mm512_slli_epi32(a, n); }
 M7_TARGET inline int32_t i_sum(VI a) { return _mm512_reduce_add_epi32(a); }
 // 16 int32 within int8's range to 16 bytes at p
 M7_TARGET inline void i_store_i8(int8_t* p, VI a) {
@@ -211,6 +212,7 @@ M7_TARGET inline VI i_and(VI a, VI b) { return _mm256_and_si256(a, b); }
 M7_TARGET inline VI i_or(VI a, VI b) { return _mm256_or_si256(a, b); }
 M7_TARGET inline VI i_srl16(VI a, int n) { return _mm256_srli_epi16(a, n); }
 M7_TARGET inline VI i_sll16(VI a, int n) { return _mm256_slli_epi16(a, n); }
+M7_TARGET inline VI i_sll32(VI a, int n) { return _mm256_slli_epi32(a, n); }
 M7_TARGET inline int32_t i_sum(VI a) {
   __m128i s = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
   s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
