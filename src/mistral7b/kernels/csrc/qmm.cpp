@@ -214,12 +214,12 @@ void quantize_acts(const X* x, int64_t M, int64_t K, int64_t G, QuantizedActs& a
   // by tile, so no two threads write one tile's interleaved lines
   const int64_t tiles = (M + kMaxTile - 1) / kMaxTile;
   at::parallel_for(0, tiles, 16 / kMaxTile, [&](int64_t i0, int64_t i1) {
-    for (int64_t m = i0 * kMaxTile; m < std::min(M, i1 * kMaxTile); ++m) {
-      const int64_t tile = m - m % kMaxTile, T = std::min<int64_t>(kMaxTile, M - tile);
-      const int64_t t = m - tile;   // row t of the tile from row `tile` (ActBlocks)
-      quantize_row(x + m * K, K, G, span, T, acts.q.data() + tile * K + t * kBlock,
-                   acts.a.data() + tile * n_blocks + t, acts.sg.data() + tile * n_groups + t,
-                   acts.s16.data() + tile * K / 16 + 2 * t, acts.s32.data() + tile * n_blocks + t);
+    for (int64_t m = i0 * kMaxTile; m < std::min(M, i1 * kMaxTile); m += kMaxTile) {
+      const int64_t T = std::min<int64_t>(kMaxTile, M - m);   // the tile from row m
+      for (int64_t t = 0; t < T; ++t)
+        quantize_row(x + (m + t) * K, K, G, span, T, acts.q.data() + m * K + t * kBlock,
+                     acts.a.data() + m * n_blocks + t, acts.sg.data() + m * n_groups + t,
+                     acts.s16.data() + m * K / 16 + 2 * t, acts.s32.data() + m * n_blocks + t);
     }
   });
 }
