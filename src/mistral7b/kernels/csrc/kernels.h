@@ -67,8 +67,8 @@ inline int64_t kquant_super_bytes(int64_t kind) {
 // Activation rows quantized to int8 in blocks of 32 (qmm.cpp): the values `q`, the scale `a`
 // of each block (one scale shared by every block of a span: 32 inputs, or a K-quant's
 // super-block of 256 as ggml's Q8_K), per group of G inputs the sum over its blocks of
-// scale * (sum of the block's values) `sg`, and the plain integer sums of every 16 values
-// `s16` and of every block `s32`.
+// scale * (sum of the block's values) `sg`, the plain integer sums of every 16 values `s16`,
+// and `s32`: 8 x each block's sum (the 4-bit offset's term; qmm.cpp's block_panel).
 // Laid out by tile (simd.h kMaxTile rows; the last tile holds the rest): a tile of T rows
 // from row m starts where row m would (q at m K, a at m K / 32, ...), and within it each block
 // (or group) has its T rows' entries in turn, so a kernel reads one tile through one pointer

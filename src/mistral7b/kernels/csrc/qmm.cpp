@@ -46,6 +46,7 @@
 #include <vector>
 
 #include "simd.h"
+#include "qmm_avx2.h"
 
 namespace M7_NS {
 
@@ -89,8 +90,8 @@ M7_TARGET void quantize_row(const X* x, int64_t K, int64_t G, int64_t span, int6
       sb[c * kLanes / 16] += i_sum(v);
     }
     a[b * T] = scale;
-    s32[b * T] = sb[0] + sb[1];
-    group_sum += scale * static_cast<float>(s32[b * T]);
+    s32[b * T] = 8 * (sb[0] + sb[1]);
+    group_sum += scale * static_cast<float>(sb[0] + sb[1]);
     if ((b + 1) % blocks_per_group == 0) {
       sg[((b + 1) / blocks_per_group - 1) * T] = group_sum;
       group_sum = 0.0f;
@@ -165,7 +166,7 @@ template <int BITS>
 constexpr int32_t kSymmetricOffset = BITS == 4 ? 8 : 128;
 
 // `panel` for the symmetric form with a scale per block of 32 (Q4_0, Q8_0): the offset is
-// taken off in int32 (offset x the block's sum s32, a power of two: a shift of it), so each
+// taken off in int32 (offset x the block's sum: s32 holds 8 x it, 128 x is a shift of that), so each
 // block of each row costs one conversion and two float operations, d * a and the
 // accumulation (`panel`'s order takes three): the float work beside the 8 vpdpbusd is what
 // bounds pre-fill.
@@ -177,7 +178,7 @@ M7_TARGET void block_panel(const uint8_t* w, const S* scale, const int8_t* q, co
   // block_dot's sums are of u - bias: what is left to take off, 8 (4-bit), 128 or none (8-bit)
   constexpr int32_t kUnbiased = kSymmetricOffset<BITS> - (BITS == 8 ? kEightBias : 0);
   static_assert(kUnbiased == 0 || kUnbiased == 8 || kUnbiased == 128);
-  constexpr int kShift = kUnbiased == 8 ? 3 : 7;
+  constexpr int kShift = kUnbiased == 8 ? 0 : 4;   // s32 is 8 x the sum
   const int64_t n_blocks = K / kBlock;
   for (int64_t pass = 0; pass < kParts; pass += kTogether<T>) {   // rows r0 .. of the panel
     VF acc[kTogether<T>][T] = {};
@@ -192,7 +193,9 @@ M7_TARGET void block_panel(const uint8_t* w, const S* scale, const int8_t* q, co
 #pragma GCC unroll 8
         for (int t = 0; t < T; ++t) {   // unrolled: acc[] stays in registers
           const VI dot = block_dot<BITS == 4, kChains>(wv, q + (b * T + t) * kBlock);
-          const VI sum = kUnbiased == 0 ? dot : i_sub(dot, i_sll32(i_set1(s32[b * T + t]), kShift));
+          const VI sum = kUnbiased == 0   ? dot
+                         : kShift == 0    ? i_sub(dot, i_set1(s32[b * T + t]))
+                                          : i_sub(dot, i_sll32(i_set1(s32[b * T + t]), kShift));
           acc[h][t] = f_fmadd(f_from_i(sum), f_mul(d, f_set1(a[b * T + t])), acc[h][t]);
         }
       }
@@ -250,15 +253,33 @@ void panels_span(const QuantizedActs& acts, int64_t M, int64_t K, int64_t N, int
                  int64_t p0, int64_t p1) {
   using mistral7b::kGroupBytes;
   const int64_t panel_bytes = K / kBlock * BITS * 64, panel_scales = K / G * kRows;
+  // AVX2, 4-bit values with a scale per block (Q4_0, int4 g32): each group's values unpacked
+  // once, and its full tiles taken by qmm_avx2.h's block step
+  const bool unpack = kTile4<BITS, AFFINE> && M > kMaxTile && G == kBlock &&
+                      offset == kSymmetricOffset<BITS>;
+  const int64_t group_bytes = unpack ? 2 * panel_bytes : panel_bytes;
   const int64_t per_group = M > kMaxTile ? std::max<int64_t>(1, kGroupBytes / panel_bytes) : 1;
+  std::vector<uint8_t> values(unpack ? per_group * group_bytes : 0);
   for (int64_t g0 = p0; g0 < p1; g0 += per_group) {
     const int64_t g1 = std::min(p1, g0 + per_group);
+    if constexpr (kTile4<BITS, AFFINE>)
+      for (int64_t p = g0; unpack && p < g1; ++p)
+        unpack_nibble_panels(w + p * panel_bytes, K / kBlock, values.data() + (p - g0) * group_bytes);
     for (int64_t m = 0; m < M; m += kMaxTile) {
       for (int64_t p = g0; p < g1; ++p) {
         const uint8_t* wp = w + p * panel_bytes;
         const S* sp = scale + p * panel_scales;
         const S* mp = AFFINE ? mins + p * panel_scales : nullptr;
-        const bool stream = m == 0;   // the first tile brings the group's weights into L2
+        if constexpr (kTile4<BITS, AFFINE>) {
+          if (unpack && M - m >= kMaxTile) {
+            block_panel_tile4(values.data() + (p - g0) * group_bytes, sp, acts.q.data() + m * K,
+                              acts.a.data() + m * K / kBlock, acts.s32.data() + m * K / kBlock,
+                              K, y + m * N + p * kRows, N);
+            continue;
+          }
+        }
+        // the first tile brings the group's weights into L2 (or the unpacking did)
+        const bool stream = m == 0 && !unpack;
         switch (std::min<int64_t>(kMaxTile, M - m)) {
           case 8: tile<BITS, S, AFFINE, 8>(acts, m, K, N, G, wp, sp, mp, offset, stream, y, p); break;
           case 7: tile<BITS, S, AFFINE, 7>(acts, m, K, N, G, wp, sp, mp, offset, stream, y, p); break;
