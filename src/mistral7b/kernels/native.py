@@ -1,8 +1,8 @@
-"""Our CPU kernels (csrc/): int4/int8 weights (qmm.cpp, with pack.cpp laying weights out for
-it), GGUF K-quants on their own bits (kquant.cpp, laid out by kpack.cpp), bf16 weights at
-decode (bf16.cpp), decode attention over the paged KV pool (attention.cpp), RMSNorm
-(norm.cpp) and the fused decode step (step.cpp), compiled on first use into one cached
-library; kernels.h holds what several of them share.
+"""Our CPU kernels (csrc/): int4/int8 weights (qmm.cpp, its AVX2 pre-fill step qmm_avx2.h, its
+ops qmm_ops.cpp, with pack.cpp laying weights out for it), GGUF K-quants on their own bits
+(kquant.cpp, laid out by kpack.cpp), bf16 weights at decode (bf16.cpp), decode attention over
+the paged KV pool (attention.cpp), RMSNorm (norm.cpp) and the fused decode step (step.cpp),
+compiled on first use into one cached library; kernels.h holds what several of them share.
 
     ops = native.ops()          # None where it cannot run: then layers.py uses PyTorch's kernels
     y = ops.qmm(x, w, scale, mins, bits, group, offset, n_out)
@@ -38,8 +38,8 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name("csrc") / name
-                for name in ("qmm.cpp", "pack.cpp", "kquant.cpp", "kpack.cpp", "bf16.cpp",
-                             "attention.cpp", "norm.cpp", "step.cpp"))
+                for name in ("qmm.cpp", "qmm_ops.cpp", "pack.cpp", "kquant.cpp", "kpack.cpp",
+                             "bf16.cpp", "attention.cpp", "norm.cpp", "step.cpp"))
 # the kernels' sources, compiled a second time for AVX2 (csrc/simd.h); the first build of
 # every source is AVX-512's and holds the ops
 TWICE = frozenset({"qmm.cpp", "kquant.cpp", "attention.cpp", "norm.cpp"})

@@ -31,7 +31,7 @@ namespace mistral7b {
 // AVX2 (with FMA and F16C), else none (then native.py leaves the kernels unused).
 // MISTRAL7B_ISA=avx2 picks AVX2 on an AVX-512 CPU (tests, benchmarks); read once.
 enum class Isa { kNone = 0, kAvx2 = 2, kAvx512 = 512 };
-Isa isa();
+Isa isa();   // qmm_ops.cpp
 // An error naming `op` where isa() is kNone: every op checks this before M7_ON_ISA.
 void check_isa(const char* op);
 
@@ -121,7 +121,8 @@ namespace m7_avx2 { M7_ISA_ENTRY_POINTS }
 
 namespace mistral7b {
 
-// qmm.cpp: y = x @ W^T; qmm_many: several weights of one x in one parallel region
+// qmm_ops.cpp (qmm.cpp's ops): y = x @ W^T; qmm_many: several weights of one x in one
+// parallel region
 at::Tensor qmm(const at::Tensor& x, const QWeight& q);
 std::vector<at::Tensor> qmm_many(const at::Tensor& x, const std::vector<const QWeight*>& ws);
 
