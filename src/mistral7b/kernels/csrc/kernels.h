@@ -70,16 +70,28 @@ inline int64_t kquant_super_bytes(int64_t kind) {
 // scale * (sum of the block's values) `sg`, the plain integer sums of every 16 values `s16`,
 // and `s32`: 8 x each block's sum (the 4-bit offset's term; qmm.cpp's block_panel).
 // Laid out by tile (simd.h kMaxTile rows; the last tile holds the rest): a tile of T rows
-// from row m starts where row m would (q at m K, a at m K / 32, ...), and within it each block
-// (or group) has its T rows' entries in turn, so a kernel reads one tile through one pointer
-// a field (q + (b T + t) 32, a[b T + t], sg[g T + t], s16[2 (b T + t) + half]). One row is
-// plain row order.
+// from row m starts where row m would (tile(): q at m K, a at m K / 32, ...), and within it
+// each block (or group) has its T rows' entries in turn, so a kernel reads one tile through
+// one pointer a field (q + (b T + t) 32, a[b T + t], sg[g T + t], s16[2 (b T + t) + half]).
+// One row is plain row order.
 struct ActBlocks {
   std::vector<int8_t> q;
   std::vector<float> a;
   std::vector<float> sg;
   std::vector<int32_t> s16;
   std::vector<int32_t> s32;
+
+  // Where the tile of rows from row m starts in each field (K inputs, groups of G).
+  struct Tile {
+    const int8_t* q;
+    const float *a, *sg;
+    const int32_t *s16, *s32;
+  };
+  Tile tile(int64_t m, int64_t K, int64_t G) const {
+    const int64_t blocks = K / kBlockInputs;
+    return {q.data() + m * K, a.data() + m * blocks, sg.data() + m * (K / G),
+            s16.data() + m * (K / 16), s32.data() + m * blocks};
+  }
 };
 
 // x (M, K) float32 or bfloat16, contiguous

@@ -278,10 +278,10 @@ void kspan(const mistral7b::Product& p, int64_t M, int64_t K, int64_t p0, int64_
     }
     for (int64_t m = 0; m < M; m += kMaxTile) {
       const int64_t T = std::min<int64_t>(kMaxTile, M - m);
-      const int8_t* qm = acts.q.data() + m * K;
-      const float* am = acts.a.data() + m * nb;
-      const float* gm = acts.sg.data() + m * nb;
-      const int32_t* vm = acts.s16.data() + m * (K / 16);
+      const mistral7b::ActBlocks::Tile at = acts.tile(m, K, kBlock);
+      const int8_t* qm = at.q;
+      const float *am = at.a, *gm = at.sg;
+      const int32_t* vm = at.s16;
       for (int64_t pi = g0; pi < g1; ++pi) {
         const uint8_t* wp = w + pi * nb * BITS * 64;
         const uint8_t* sp = sc + pi * scale_bytes * kRows;
@@ -291,16 +291,10 @@ void kspan(const mistral7b::Product& p, int64_t M, int64_t K, int64_t p0, int64_
         const float* up = once ? factors.data() + (pi - g0) * 32 * nb : nullptr;
         float* ym = p.y + m * p.N + pi * kRows;
         const bool stream = m == 0;   // the first tile brings the group's weights into L2
-        switch (T) {
-          case 8: kpanel<BITS, 8>(wp, vp, sp, up, dp, dmp, qm, am, gm, vm, K, stream, ym, p.N); break;
-          case 7: kpanel<BITS, 7>(wp, vp, sp, up, dp, dmp, qm, am, gm, vm, K, stream, ym, p.N); break;
-          case 6: kpanel<BITS, 6>(wp, vp, sp, up, dp, dmp, qm, am, gm, vm, K, stream, ym, p.N); break;
-          case 5: kpanel<BITS, 5>(wp, vp, sp, up, dp, dmp, qm, am, gm, vm, K, stream, ym, p.N); break;
-          case 4: kpanel<BITS, 4>(wp, vp, sp, up, dp, dmp, qm, am, gm, vm, K, stream, ym, p.N); break;
-          case 3: kpanel<BITS, 3>(wp, vp, sp, up, dp, dmp, qm, am, gm, vm, K, stream, ym, p.N); break;
-          case 2: kpanel<BITS, 2>(wp, vp, sp, up, dp, dmp, qm, am, gm, vm, K, stream, ym, p.N); break;
-          default: kpanel<BITS, 1>(wp, vp, sp, up, dp, dmp, qm, am, gm, vm, K, stream, ym, p.N);
-        }
+        with_tile(T, [&](auto rows) {
+          constexpr int R = decltype(rows)::value;
+          kpanel<BITS, R>(wp, vp, sp, up, dp, dmp, qm, am, gm, vm, K, stream, ym, p.N);
+        });
       }
     }
   }

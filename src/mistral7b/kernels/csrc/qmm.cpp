@@ -230,15 +230,12 @@ template <int BITS, typename S, bool AFFINE, int T, typename X>
 M7_TARGET void tile(const QuantizedActs& acts, int64_t m, int64_t K, int64_t N, int64_t G,
                     const uint8_t* wp, const S* sp, const S* mp, float offset, bool stream, X* y,
                     int64_t p) {
-  const int64_t n_blocks = K / kBlock;
-  const int8_t* qm = acts.q.data() + m * K;
-  const float* am = acts.a.data() + m * n_blocks;
+  const QuantizedActs::Tile at = acts.tile(m, K, G);
   X* ym = y + m * N + p * kRows;
   if (!AFFINE && G == kBlock && offset == kSymmetricOffset<BITS>)
-    block_panel<BITS, S, T>(wp, sp, qm, am, acts.s32.data() + m * n_blocks, K, stream, ym, N);
+    block_panel<BITS, S, T>(wp, sp, at.q, at.a, at.s32, K, stream, ym, N);
   else
-    panel<BITS, S, AFFINE, T>(wp, sp, mp, qm, am, acts.sg.data() + m * (K / G), K, G, offset,
-                              stream, ym, N);
+    panel<BITS, S, AFFINE, T>(wp, sp, mp, at.q, at.a, at.sg, K, G, offset, stream, ym, N);
 }
 
 // panels p0 .. p1-1 of one weight times the M quantized activation rows. With more than one
@@ -269,24 +266,18 @@ void panels_span(const QuantizedActs& acts, int64_t M, int64_t K, int64_t N, int
         const S* mp = AFFINE ? mins + p * panel_scales : nullptr;
         if constexpr (kTile4<BITS, AFFINE>) {
           if (unpack && M - m >= kMaxTile) {
-            block_panel_tile4(values.data() + (p - g0) * group_bytes, sp, acts.q.data() + m * K,
-                              acts.a.data() + m * K / kBlock, acts.s32.data() + m * K / kBlock,
-                              K, y + m * N + p * kRows, N);
+            const QuantizedActs::Tile at = acts.tile(m, K, G);
+            block_panel_tile4(values.data() + (p - g0) * group_bytes, sp, at.q, at.a, at.s32, K,
+                              y + m * N + p * kRows, N);
             continue;
           }
         }
         // the first tile brings the group's weights into L2 (or the unpacking did)
         const bool stream = m == 0 && !unpack;
-        switch (std::min<int64_t>(kMaxTile, M - m)) {
-          case 8: tile<BITS, S, AFFINE, 8>(acts, m, K, N, G, wp, sp, mp, offset, stream, y, p); break;
-          case 7: tile<BITS, S, AFFINE, 7>(acts, m, K, N, G, wp, sp, mp, offset, stream, y, p); break;
-          case 6: tile<BITS, S, AFFINE, 6>(acts, m, K, N, G, wp, sp, mp, offset, stream, y, p); break;
-          case 5: tile<BITS, S, AFFINE, 5>(acts, m, K, N, G, wp, sp, mp, offset, stream, y, p); break;
-          case 4: tile<BITS, S, AFFINE, 4>(acts, m, K, N, G, wp, sp, mp, offset, stream, y, p); break;
-          case 3: tile<BITS, S, AFFINE, 3>(acts, m, K, N, G, wp, sp, mp, offset, stream, y, p); break;
-          case 2: tile<BITS, S, AFFINE, 2>(acts, m, K, N, G, wp, sp, mp, offset, stream, y, p); break;
-          default: tile<BITS, S, AFFINE, 1>(acts, m, K, N, G, wp, sp, mp, offset, stream, y, p);
-        }
+        with_tile(M - m, [&](auto rows) {
+          constexpr int R = decltype(rows)::value;
+          tile<BITS, S, AFFINE, R>(acts, m, K, N, G, wp, sp, mp, offset, stream, y, p);
+        });
       }
     }
   }

@@ -18,6 +18,8 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+#include <utility>
 
 #include "kernels.h"
 
@@ -259,6 +261,18 @@ constexpr int64_t kTogether = T * kParts <= 4 ? kParts : 1;
 // (7B Q4_0 projections at 64 rows, 1 thread: best 143-146 against 132-134 GOP/s,
 // bench/bench_kernels.py --model); AVX-512's 32 registers hold 8.
 constexpr int kMaxTile = kLanes == 8 ? 4 : 8;
+
+// f(std::integral_constant<int, T>{}) for the tile height T = n (1 .. kMaxTile), so that a
+// kernel's rows are a compile-time count (unrolled loops, accumulators in registers)
+template <int T = kMaxTile, typename F>
+inline void with_tile(int64_t n, F&& f) {
+  if constexpr (T == 1) {
+    f(std::integral_constant<int, 1>{});
+  } else {
+    if (n >= T) return f(std::integral_constant<int, T>{});
+    with_tile<T - 1>(n, std::forward<F>(f));
+  }
+}
 
 // Sums across 16 lanes (attention.cpp, norm.cpp) are taken over kWide registers, added in
 // AVX-512's order (_mm512_reduce_add_ps: the 256-bit halves, then 128, then pairs), so both
