@@ -252,7 +252,7 @@ void panels_span(const QuantizedActs& acts, int64_t M, int64_t K, int64_t N, int
   const bool unpack = kTile4<BITS, AFFINE> && M > kMaxTile && G == kBlock &&
                       offset == kSymmetricOffset<BITS>;
   const int64_t group_bytes = unpack ? 2 * panel_bytes : panel_bytes;
-  const int64_t per_group = M > kMaxTile ? std::max<int64_t>(1, kGroupBytes / panel_bytes) : 1;
+  const int64_t per_group = M > kMaxTile ? std::max<int64_t>(1, kGroupBytes / group_bytes) : 1;
   std::vector<uint8_t> values(unpack ? per_group * group_bytes : 0);
   for (int64_t g0 = p0; g0 < p1; g0 += per_group) {
     const int64_t g1 = std::min(p1, g0 + per_group);
