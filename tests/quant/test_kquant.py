@@ -50,7 +50,7 @@ def _activations_as_the_kernel_sees_them(x: torch.Tensor) -> torch.Tensor:
     # multiplies K-quants by), max|x| / 127, rounded to nearest even
     blocks = x.view(x.shape[0], -1, 256)
     amax = blocks.abs().amax(-1, keepdim=True)
-    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
     return (torch.round(blocks * inv).double() * (amax.double() / 127.0)).view_as(x)
 
 

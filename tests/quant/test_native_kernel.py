@@ -20,7 +20,9 @@ pytestmark = pytest.mark.skipif(native.ops() is None,
 def _activations_as_the_kernel_sees_them(x: torch.Tensor) -> torch.Tensor:
     blocks = x.view(x.shape[0], -1, 32)
     amax = blocks.abs().amax(-1, keepdim=True)
-    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))  # float32, as in C++
+    # float32 division, as in C++ (torch's `127.0 / amax` multiplies by a reciprocal:
+    # one ulp off for some amax, e.g. 2.59375)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
     q = torch.round(blocks * inv)                                        # half to even
     return (q.double() * (amax.double() / 127.0)).view_as(x)
 
@@ -41,8 +43,10 @@ def _data(m, n, k, seed):
 @pytest.mark.parametrize(("m", "n", "k", "group"),
                          [(1, 16, 32, 32), (3, 48, 96, 32), (4, 32, 256, 64), (5, 32, 256, 128),
                           (9, 64, 256, 256), (17, 16, 128, 32),
-                          # several tiles of rows over groups of panels (qmm.cpp panels_span)
-                          (6, 336, 4096, 32)])
+                          # several tiles of rows over groups of panels (qmm.cpp panels_span);
+                          # from 32 rows AVX2 takes Q4_0's form in assembly (qmm_avx2.h), the
+                          # group's first tile unpacking for the rest, the last tile not full
+                          (6, 336, 4096, 32), (37, 48, 512, 32), (34, 336, 4096, 32)])
 @pytest.mark.parametrize("form", ["affine", "symmetric", "float32 scales"])
 def test_int4_kernel_follows_its_rule(m, n, k, group, form):
     x, w = _data(m, n, k, seed=m * 7 + n)
@@ -110,17 +114,24 @@ def test_bad_shapes_are_refused():
         ops.pack4(torch.zeros(8, 16, dtype=torch.uint8))
 
 
-def test_bfloat16_in_bfloat16_out():
-    x, w = _data(5, 48, 256, seed=11)
+@pytest.mark.parametrize("m", [5, 37])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_bfloat16_in_bfloat16_out(m, symmetric):
+    x, w = _data(m, 48, 256, seed=11)
     xb = x.bfloat16()
     q = quantize_int4(w, 32)
-    p = native.pack_int4(q.q, q.scale, q.min, 32)
+    mins = q.scale * -8.0 if symmetric else q.min
+    p = native.pack_int4(q.q, q.scale, mins, 32, exact=True)
     y = p.matmul(xb)
     assert y.dtype == torch.bfloat16
-    want = _activations_as_the_kernel_sees_them(xb.float()) @ q.dequantize().double().t()
+    weights = (q.unpacked(torch.int32).float().view(48, -1, 32) * q.scale[..., None]
+               + mins[..., None]).view(48, 256)
+    want = _activations_as_the_kernel_sees_them(xb.float()) @ weights.double().t()
     # float32 sums, then one rounding to bfloat16 (8 significant bits)
     slack = 1e-5 * (x.abs().double() @ w.abs().double().t()) + 2**-8 * want.abs() + 1e-6
     assert ((y.double() - want).abs() <= slack).all()
+    # the same sums as from float32 x, rounded once
+    assert torch.equal(y, p.matmul(xb.float()).bfloat16())
 
 
 needs_bf16 = pytest.mark.skipif(native.ops() is None or not native.ops().has_bf16(),

@@ -247,18 +247,15 @@ void panels_span(const QuantizedActs& acts, int64_t M, int64_t K, int64_t N, int
                  int64_t p0, int64_t p1) {
   using mistral7b::kGroupBytes;
   const int64_t panel_bytes = K / kBlock * BITS * 64, panel_scales = K / G * kRows;
-  // AVX2, 4-bit values with a scale per block (Q4_0, int4 g32): each group's values unpacked
-  // once, and its full tiles taken by qmm_avx2.h's block step
-  const bool unpack = kTile4<BITS, AFFINE> && M > kMaxTile && G == kBlock &&
+  // AVX2, 4-bit values with a scale per block (Q4_0, int4 g32): full tiles take qmm_avx2.h's
+  // block step, the group's first tile unpacking the values for the others
+  const bool unpack = kTile4<BITS, AFFINE> && M >= kTile4MinRows && G == kBlock &&
                       offset == kSymmetricOffset<BITS>;
   const int64_t group_bytes = unpack ? 2 * panel_bytes : panel_bytes;
   const int64_t per_group = M > kMaxTile ? std::max<int64_t>(1, kGroupBytes / group_bytes) : 1;
   std::vector<uint8_t> values(unpack ? per_group * group_bytes : 0);
   for (int64_t g0 = p0; g0 < p1; g0 += per_group) {
     const int64_t g1 = std::min(p1, g0 + per_group);
-    if constexpr (kTile4<BITS, AFFINE>)
-      for (int64_t p = g0; unpack && p < g1; ++p)
-        unpack_nibble_panels(w + p * panel_bytes, K / kBlock, values.data() + (p - g0) * group_bytes);
     for (int64_t m = 0; m < M; m += kMaxTile) {
       for (int64_t p = g0; p < g1; ++p) {
         const uint8_t* wp = w + p * panel_bytes;
@@ -267,13 +264,13 @@ void panels_span(const QuantizedActs& acts, int64_t M, int64_t K, int64_t N, int
         if constexpr (kTile4<BITS, AFFINE>) {
           if (unpack && M - m >= kMaxTile) {
             const QuantizedActs::Tile at = acts.tile(m, K, G);
-            block_panel_tile4(values.data() + (p - g0) * group_bytes, sp, at.q, at.a, at.s32, K,
-                              y + m * N + p * kRows, N);
+            block_panel_tile4(m == 0 ? wp : nullptr, values.data() + (p - g0) * group_bytes, sp,
+                              at.q, at.a, at.s32, K, y + m * N + p * kRows, N);
             continue;
           }
         }
-        // the first tile brings the group's weights into L2 (or the unpacking did)
-        const bool stream = m == 0 && !unpack;
+        // the first tile brings the group's weights into L2
+        const bool stream = m == 0;
         with_tile(M - m, [&](auto rows) {
           constexpr int R = decltype(rows)::value;
           tile<BITS, S, AFFINE, R>(acts, m, K, N, G, wp, sp, mp, offset, stream, y, p);

@@ -9,35 +9,25 @@
 // two `vpmaddwd`, and unpacks the nibbles again in every tile. Here, per block and row: 8
 // `vpmaddubsw` summed in int16 (|sum| <= 8 x 2 x 15 x 127 < 2^15), one `vpmaddwd`, the
 // offset taken off as 8 x the block's sum (ActBlocks::s32), the conversion and the two float
-// operations of qmm.cpp's order; the 8 value registers are loaded, unpacked beforehand
-// (`unpack_nibble_panels`) once for all the tiles. The integers are exact either way and the
-// float operations are qmm.cpp's, so the outputs are the same bits as `block_panel`'s.
-// Single thread, 16 panels x 4096 inputs in L2, 4 rows: 158 -> 171 GOP/s (scratch harness
-// of this file against `block_panel`).
+// operations of qmm.cpp's order; the 8 value registers are loaded, unpacked by the group's
+// first tile for all the others. The integers are exact either way and the float operations
+// are qmm.cpp's, so the outputs are the same bits as `block_panel`'s. Single thread, 8
+// panels x 4096 inputs in L2, 4 rows: 158 -> 175 GOP/s (a scratch harness of this step
+// against `block_panel`); 7B Q4_0 projections at 256 rows, 2 threads: ~300 -> ~310
+// (bench/bench_kernels.py --model ... --rows 256).
 #pragma once
 
 namespace M7_NS {
 
-// whether qmm.cpp's panels of BITS (AFFINE: with mins) take this file's path
+// whether qmm.cpp's panels of BITS (AFFINE: with mins) take this file's path, and from how
+// many activation rows: the first tile's stores of the values are paid back by the others
+// from ~32 rows (7B Q4_0 projections, 2 threads, against block_panel: 8 rows -10%, 16 and 32
+// even, 64 +3%, 256 +5-8%)
 template <int BITS, bool AFFINE>
 constexpr bool kTile4 = M7_ISA == 2 && BITS == 4 && !AFFINE;
+constexpr int64_t kTile4MinRows = 32;
 
 #if M7_ISA == 2
-
-// A 4-bit panel's blocks, unpacked: for the part of 8 rows `part`, block b's 8 registers of
-// values 0..15 (unpack_nibbles; register i pairs with activation dword (i % 2) * 4 + i / 2)
-// at out + 256 (part nb + b) + 32 i, so that a pass over one part reads whole lines in turn
-// (in the panel's order, where the parts share each line, it read them twice from L2).
-M7_TARGET inline void unpack_nibble_panels(const uint8_t* w, int64_t nb, uint8_t* out) {
-  for (int64_t b = 0; b < nb; ++b) {
-    prefetch_lines(w + (b + kPrefetchBlocks) * 256, 4);
-    for (int64_t part = 0; part < kParts; ++part) {
-      VI wv[8];
-      unpack_nibbles(w + b * 256 + 32 * part, wv);
-      for (int i = 0; i < 8; ++i) i_store(out + 256 * (part * nb + b) + 32 * i, wv[i]);
-    }
-  }
-}
 
 alignas(32) inline constexpr int16_t kOnes16[16] = {1, 1, 1, 1, 1, 1, 1, 1,
                                                      1, 1, 1, 1, 1, 1, 1, 1};
@@ -65,26 +55,62 @@ alignas(32) inline constexpr int16_t kOnes16[16] = {1, 1, 1, 1, 1, 1, 1, 1,
   "vmulps %[d], %%ymm14, %%ymm14\n\t"                                                         \
   "vfmadd231ps %%ymm14, %%ymm13, %[" acc "]\n\t"
 #define M7_LOAD_VALUES(i) "vmovdqu " #i "*32(%[w]), %%ymm" #i "\n\t"
+// chunk j of the packed block (its part: %[packed]) into registers 2j (low nibbles) and
+// 2j + 1 (high), each stored where M7_LOAD_VALUES reads it
+#define M7_UNPACK_CHUNK(j, lo, hi)                                                            \
+  "vmovdqu " #j "*64(%[packed]), %%ymm" #lo "\n\t"                                            \
+  "vpsrlw $4, %%ymm" #lo ", %%ymm" #hi "\n\t"                                                 \
+  "vpand %[mask], %%ymm" #lo ", %%ymm" #lo "\n\t"                                             \
+  "vpand %[mask], %%ymm" #hi ", %%ymm" #hi "\n\t"                                             \
+  "vmovdqu %%ymm" #lo ", " #lo "*32(%[w])\n\t"                                                \
+  "vmovdqu %%ymm" #hi ", " #hi "*32(%[w])\n\t"
+#define M7_CLOBBERS \
+  "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm13", "xmm14", "xmm15"
+
+alignas(32) inline constexpr uint8_t kLow4[32] = {
+    15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15,
+    15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15};
 
 // The 16 rows of one panel (scale per block of 32: S float16 or float32) times the tile of 4
-// rows (ActBlocks: q, a, s32 at the tile's); `values` the panel's, unpack_nibble_panels.
+// rows (ActBlocks: q, a, s32 at the tile's); `values` the panel's unpacked values: for the
+// part of 8 rows `part`, block b's 8 registers of values 0..15 (unpack_nibbles' order) at
+// values + 256 (part nb + b) + 32 i, so that a pass over one part reads whole lines in turn
+// (in the panel's order, where the parts share each line, each is read twice from L2). With `packed` (the panel's bytes, for the group's first
+// tile) they are unpacked here from it and stored into `values` as they are used, so the
+// weights' trip from memory overlaps the products (a pass of its own cost ~20% at 8 rows).
 template <typename S, typename Y>
-M7_TARGET void block_panel_tile4(const uint8_t* values, const S* scale, const int8_t* q,
-                                 const float* a, const int32_t* s32, int64_t K, Y* y, int64_t N) {
+M7_TARGET void block_panel_tile4(const uint8_t* packed, uint8_t* values, const S* scale,
+                                 const int8_t* q, const float* a, const int32_t* s32, int64_t K,
+                                 Y* y, int64_t N) {
   const int64_t n_blocks = K / mistral7b::kBlockInputs;
   for (int64_t part = 0; part < kParts; ++part) {
     VF acc0 = f_zero(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
     for (int64_t b = 0; b < n_blocks; ++b) {
       const VF d = f_load(scale + b * mistral7b::kPanelRows + part * kLanes);
+      uint8_t* w = values + 256 * (part * n_blocks + b);
+      if (packed != nullptr) {
+        if (part == 0) prefetch_lines(packed + (b + kPrefetchBlocks) * 256, 4);
+        __asm__(
+            M7_UNPACK_CHUNK(0, 0, 1) M7_UNPACK_CHUNK(1, 2, 3) M7_UNPACK_CHUNK(2, 4, 5)
+            M7_UNPACK_CHUNK(3, 6, 7)
+            M7_ROW(0, "acc0") M7_ROW(1, "acc1") M7_ROW(2, "acc2") M7_ROW(3, "acc3")
+            : [acc0] "+x"(acc0), [acc1] "+x"(acc1), [acc2] "+x"(acc2), [acc3] "+x"(acc3),
+              "=m"(*reinterpret_cast<uint8_t(*)[256]>(w))   // (what it stores)
+            : [d] "x"(d), [w] "r"(w), [packed] "r"(packed + 256 * b + 32 * part),
+              [q] "r"(q + 128 * b), [a] "r"(a + 4 * b), [s] "r"(s32 + 4 * b),
+              [ones] "m"(*reinterpret_cast<const __m256i*>(kOnes16)),
+              [mask] "m"(*reinterpret_cast<const __m256i*>(kLow4))
+            : M7_CLOBBERS);
+        continue;
+      }
       __asm__(M7_LOAD_VALUES(0) M7_LOAD_VALUES(1) M7_LOAD_VALUES(2) M7_LOAD_VALUES(3)
               M7_LOAD_VALUES(4) M7_LOAD_VALUES(5) M7_LOAD_VALUES(6) M7_LOAD_VALUES(7)
               M7_ROW(0, "acc0") M7_ROW(1, "acc1") M7_ROW(2, "acc2") M7_ROW(3, "acc3")
               : [acc0] "+x"(acc0), [acc1] "+x"(acc1), [acc2] "+x"(acc2), [acc3] "+x"(acc3)
-              : [d] "x"(d), [w] "r"(values + 256 * (part * n_blocks + b)), [q] "r"(q + 128 * b),
-                [a] "r"(a + 4 * b), [s] "r"(s32 + 4 * b),
-                [ones] "m"(*reinterpret_cast<const __m256i*>(kOnes16))
-              : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm13",
-                "xmm14", "xmm15");
+              : [d] "x"(d), [w] "r"(w), [q] "r"(q + 128 * b), [a] "r"(a + 4 * b),
+                [s] "r"(s32 + 4 * b), [ones] "m"(*reinterpret_cast<const __m256i*>(kOnes16)),
+                "m"(*reinterpret_cast<const uint8_t(*)[256]>(w))   // (what it reads)
+              : M7_CLOBBERS);
     }
     const VF accs[4] = {acc0, acc1, acc2, acc3};
     for (int t = 0; t < 4; ++t) f_store(y + t * N + part * kLanes, accs[t]);
@@ -96,13 +122,14 @@ M7_TARGET void block_panel_tile4(const uint8_t* values, const S* scale, const in
 #undef M7_ADDW
 #undef M7_ROW
 #undef M7_LOAD_VALUES
+#undef M7_UNPACK_CHUNK
+#undef M7_CLOBBERS
 
 #else  // declared only: qmm.cpp calls them where kTile4 holds
 
-void unpack_nibble_panels(const uint8_t* w, int64_t nb, uint8_t* out);
 template <typename S, typename Y>
-void block_panel_tile4(const uint8_t* values, const S* scale, const int8_t* q, const float* a,
-                       const int32_t* s32, int64_t K, Y* y, int64_t N);
+void block_panel_tile4(const uint8_t* packed, uint8_t* values, const S* scale, const int8_t* q,
+                       const float* a, const int32_t* s32, int64_t K, Y* y, int64_t N);
 
 #endif  // M7_ISA == 2
 
