@@ -156,6 +156,12 @@ M7_TARGET void unpack_factors(const uint8_t* sc, const at::Half* d, const at::Ha
   }
 }
 
+// Whether pre-fill unpacks a panel's values once into memory (kspan): Q5_K / Q6_K (their top
+// bits cost more to place than loading them back does), not Q4_K (kpanel then never reads
+// `values`, and knows it at compile time: as a run-time null Q4_K's tile ran 14% slower).
+template <int BITS>
+constexpr bool kUnpackOnce = BITS != 4;
+
 // A panel's every block unpacked once for many row tiles (pre-fill): block b's 8 registers of
 // values at out + 512 b, as `unpack` gives them.
 template <int BITS>
@@ -189,7 +195,8 @@ M7_TARGET void kpanel(const uint8_t* w, const uint8_t* values, const uint8_t* sc
       VF dv[kTogether<T>] = {}, dmv[kTogether<T>] = {};
       if (factors == nullptr) super_factors<BITS, kTogether<T>>(d, dmin, s, pass, dv, dmv);
       for (int64_t b = s * kPerSuper; b < (s + 1) * kPerSuper; ++b) {
-        if (stream && values == nullptr) prefetch_lines(w + (b + kPrefetchBlocks) * kBlockBytes, BITS);
+        const bool unpacked = kUnpackOnce<BITS> && values != nullptr;
+        if (stream && !unpacked) prefetch_lines(w + (b + kPrefetchBlocks) * kBlockBytes, BITS);
         VF f0s[kTogether<T>], f1s[kTogether<T>];
         if (factors == nullptr) {
           block_factors<BITS, kTogether<T>>(sc, dv, dmv, b, pass, f0s, f1s);
@@ -202,7 +209,7 @@ M7_TARGET void kpanel(const uint8_t* w, const uint8_t* values, const uint8_t* sc
         for (int64_t h = 0; h < kTogether<T>; ++h) {
           const int64_t r0 = (pass + h) * kLanes;
           VI wv[8];
-          if (values != nullptr) {
+          if (unpacked) {
             for (int i = 0; i < 8; ++i) wv[i] = i_load(values + 512 * b + 64 * i + 4 * r0);
           } else {
             unpack<BITS>(w + b * kBlockBytes + 4 * r0, wv);
@@ -261,16 +268,15 @@ void kspan(const mistral7b::Product& p, int64_t M, int64_t K, int64_t p0, int64_
   // in registers by each tile, as qmm.cpp does (measured faster, and a group then holds
   // twice the panels)
   const bool once = M > kMaxTile;
-  constexpr bool kUnpackOnce = BITS != 4;
   const int64_t per_group = once ? std::max<int64_t>(1, mistral7b::kGroupBytes /
-                                                            ((kUnpackOnce ? 512 : BITS * 64) * nb))
+                                                            ((kUnpackOnce<BITS> ? 512 : BITS * 64) * nb))
                                  : 1;
-  std::vector<uint8_t> values(once && kUnpackOnce ? per_group * 512 * nb : 0);
+  std::vector<uint8_t> values(once && kUnpackOnce<BITS> ? per_group * 512 * nb : 0);
   std::vector<float> factors(once ? per_group * 32 * nb : 0);
   for (int64_t g0 = p0; g0 < p1; g0 += per_group) {
     const int64_t g1 = std::min(p1, g0 + per_group);
     for (int64_t pi = g0; once && pi < g1; ++pi) {
-      if (kUnpackOnce)
+      if constexpr (kUnpackOnce<BITS>)
         unpack_values<BITS>(w + pi * nb * BITS * 64, nb, values.data() + (pi - g0) * 512 * nb);
       unpack_factors<BITS>(sc + pi * scale_bytes * kRows, d + pi * supers * kRows,
                            dmin ? dmin + pi * supers * kRows : nullptr, nb,
