@@ -31,15 +31,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <atomic>
-#include <memory>
-#include <utility>
-
-#include <cmath>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
-#include <string>
 #include <vector>
 
 #include "simd.h"
@@ -162,9 +154,15 @@ M7_TARGET void panel(const uint8_t* w, const S* scale, const S* mins, const int8
 template <int BITS>
 constexpr int32_t kSymmetricOffset = BITS == 4 ? 8 : 128;
 
+// Whether a weight has `block_panel`'s form: no mins, a scale per block of 32, that offset
+template <int BITS, bool AFFINE>
+inline bool block_form(int64_t G, float offset) {
+  return !AFFINE && G == kBlock && offset == kSymmetricOffset<BITS>;
+}
+
 // `panel` for the symmetric form with a scale per block of 32 (Q4_0, Q8_0): the offset is
-// taken off in int32 (offset x the block's sum: s32 holds 8 x it, 128 x is a shift of that), so each
-// block of each row costs one conversion and two float operations, d * a and the
+// taken off in int32 (offset x the block's sum: s32 holds 8 x it, 128 x is a shift of that),
+// so each block of each row costs one conversion and two float operations, d * a and the
 // accumulation (`panel`'s order takes three): the float work beside the 8 vpdpbusd is what
 // bounds pre-fill.
 template <int BITS, typename S, int T, typename Y>
@@ -232,7 +230,7 @@ M7_TARGET void tile(const QuantizedActs& acts, int64_t m, int64_t K, int64_t N, 
                     int64_t p) {
   const QuantizedActs::Tile at = acts.tile(m, K, G);
   X* ym = y + m * N + p * kRows;
-  if (!AFFINE && G == kBlock && offset == kSymmetricOffset<BITS>)
+  if (block_form<BITS, AFFINE>(G, offset))
     block_panel<BITS, S, T>(wp, sp, at.q, at.a, at.s32, K, stream, ym, N);
   else
     panel<BITS, S, AFFINE, T>(wp, sp, mp, at.q, at.a, at.sg, K, G, offset, stream, ym, N);
@@ -249,8 +247,8 @@ void panels_span(const QuantizedActs& acts, int64_t M, int64_t K, int64_t N, int
   const int64_t panel_bytes = K / kBlock * BITS * 64, panel_scales = K / G * kRows;
   // AVX2, 4-bit values with a scale per block (Q4_0, int4 g32): full tiles take qmm_avx2.h's
   // block step, the group's first tile unpacking the values for the others
-  const bool unpack = kTile4<BITS, AFFINE> && M >= kTile4MinRows && G == kBlock &&
-                      offset == kSymmetricOffset<BITS>;
+  const bool unpack =
+      kTile4<BITS, AFFINE> && M >= kTile4MinRows && block_form<BITS, AFFINE>(G, offset);
   const int64_t group_bytes = unpack ? 2 * panel_bytes : panel_bytes;
   const int64_t per_group = M > kMaxTile ? std::max<int64_t>(1, kGroupBytes / group_bytes) : 1;
   std::vector<uint8_t> values(unpack ? per_group * group_bytes : 0);

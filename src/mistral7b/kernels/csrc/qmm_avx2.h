@@ -54,6 +54,7 @@ alignas(32) inline constexpr int16_t kOnes16[16] = {1, 1, 1, 1, 1, 1, 1, 1,
   "vbroadcastss " #t "*4(%[a]), %%ymm14\n\t"                                                  \
   "vmulps %[d], %%ymm14, %%ymm14\n\t"                                                         \
   "vfmadd231ps %%ymm14, %%ymm13, %[" acc "]\n\t"
+#define M7_ROWS M7_ROW(0, "acc0") M7_ROW(1, "acc1") M7_ROW(2, "acc2") M7_ROW(3, "acc3")
 #define M7_LOAD_VALUES(i) "vmovdqu " #i "*32(%[w]), %%ymm" #i "\n\t"
 // chunk j of the packed block (its part: %[packed]) into registers 2j (low nibbles) and
 // 2j + 1 (high), each stored where M7_LOAD_VALUES reads it
@@ -75,9 +76,10 @@ alignas(32) inline constexpr uint8_t kLow4[32] = {
 // rows (ActBlocks: q, a, s32 at the tile's); `values` the panel's unpacked values: for the
 // part of 8 rows `part`, block b's 8 registers of values 0..15 (unpack_nibbles' order) at
 // values + 256 (part nb + b) + 32 i, so that a pass over one part reads whole lines in turn
-// (in the panel's order, where the parts share each line, each is read twice from L2). With `packed` (the panel's bytes, for the group's first
-// tile) they are unpacked here from it and stored into `values` as they are used, so the
-// weights' trip from memory overlaps the products (a pass of its own cost ~20% at 8 rows).
+// (in the panel's order, where the parts share each line, each is read twice from L2). With
+// `packed` (the panel's bytes, for the group's first tile) they are unpacked here from it and
+// stored into `values` as they are used, so the weights' trip from memory overlaps the
+// products (a pass of its own cost ~20% at 8 rows).
 template <typename S, typename Y>
 M7_TARGET void block_panel_tile4(const uint8_t* packed, uint8_t* values, const S* scale,
                                  const int8_t* q, const float* a, const int32_t* s32, int64_t K,
@@ -92,8 +94,7 @@ M7_TARGET void block_panel_tile4(const uint8_t* packed, uint8_t* values, const S
         if (part == 0) prefetch_lines(packed + (b + kPrefetchBlocks) * 256, 4);
         __asm__(
             M7_UNPACK_CHUNK(0, 0, 1) M7_UNPACK_CHUNK(1, 2, 3) M7_UNPACK_CHUNK(2, 4, 5)
-            M7_UNPACK_CHUNK(3, 6, 7)
-            M7_ROW(0, "acc0") M7_ROW(1, "acc1") M7_ROW(2, "acc2") M7_ROW(3, "acc3")
+            M7_UNPACK_CHUNK(3, 6, 7) M7_ROWS
             : [acc0] "+x"(acc0), [acc1] "+x"(acc1), [acc2] "+x"(acc2), [acc3] "+x"(acc3),
               "=m"(*reinterpret_cast<uint8_t(*)[256]>(w))   // (what it stores)
             : [d] "x"(d), [w] "r"(w), [packed] "r"(packed + 256 * b + 32 * part),
@@ -104,8 +105,7 @@ M7_TARGET void block_panel_tile4(const uint8_t* packed, uint8_t* values, const S
         continue;
       }
       __asm__(M7_LOAD_VALUES(0) M7_LOAD_VALUES(1) M7_LOAD_VALUES(2) M7_LOAD_VALUES(3)
-              M7_LOAD_VALUES(4) M7_LOAD_VALUES(5) M7_LOAD_VALUES(6) M7_LOAD_VALUES(7)
-              M7_ROW(0, "acc0") M7_ROW(1, "acc1") M7_ROW(2, "acc2") M7_ROW(3, "acc3")
+              M7_LOAD_VALUES(4) M7_LOAD_VALUES(5) M7_LOAD_VALUES(6) M7_LOAD_VALUES(7) M7_ROWS
               : [acc0] "+x"(acc0), [acc1] "+x"(acc1), [acc2] "+x"(acc2), [acc3] "+x"(acc3)
               : [d] "x"(d), [w] "r"(w), [q] "r"(q + 128 * b), [a] "r"(a + 4 * b),
                 [s] "r"(s32 + 4 * b), [ones] "m"(*reinterpret_cast<const __m256i*>(kOnes16)),
@@ -121,6 +121,7 @@ M7_TARGET void block_panel_tile4(const uint8_t* packed, uint8_t* values, const S
 #undef M7_MADD
 #undef M7_ADDW
 #undef M7_ROW
+#undef M7_ROWS
 #undef M7_LOAD_VALUES
 #undef M7_UNPACK_CHUNK
 #undef M7_CLOBBERS
