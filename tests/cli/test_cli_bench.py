@@ -1,10 +1,11 @@
 """`mistral7b bench` on the default model: it runs its engine in a worker process and reports
-its figures (no speed is asserted), including which decode step ran and the machine's read
-bandwidth beside decode's, read again before every run."""
+its figures (no speed is asserted), including which decode step ran, the OpenMP wait policy
+and the machine's read bandwidth beside decode's, read again before every run."""
 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from cli_helpers import cli_env, run_cli
@@ -27,6 +28,9 @@ def test_bench_reports_its_figures_and_the_decode_step(fused):
     assert results["machine"]["read_gbs"] > 0 and ours["machine_read_gbs"] > 0
     assert len(ours["runs"]) == 2 and all(r["machine_read_gbs"] > 0 for r in ours["runs"])
     assert "machine read bandwidth" in run.stderr and "decode streams" in run.stderr
+    # the OpenMP wait policy the engines ran under (the suite sets PASSIVE: conftest.py)
+    assert results["machine"]["omp_wait_policy"] == os.environ["OMP_WAIT_POLICY"]
+    assert f"OMP_WAIT_POLICY: {os.environ['OMP_WAIT_POLICY']}" in run.stderr
     assert ours["decode_tps"] > 0 and ours["prefill_tps"] > 0 and len(ours["tokens"]) == 4
     expect = "fused" if fused == "1" and native.ops() is not None else "eager"
     assert ours["decode_step"] == expect

@@ -111,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
                 for engine in engines[::-1] if r % 2 else engines:
                     wall = machine.ask("run")["read_gbs"]
                     runs[engine].append({**workers[engine].ask("run"), "machine_read_gbs": wall})
-        results = {MACHINE: {"read_gbs": runs[engines[0]][0]["machine_read_gbs"]}}
+        results = {MACHINE: {"read_gbs": runs[engines[0]][0]["machine_read_gbs"],
+                             "omp_wait_policy": wait_policy()}}
         for engine in engines:
             results[engine] = _summary(workers[engine], runs[engine])
     if len(engines) > 1:
@@ -215,6 +216,14 @@ def _neighbours(n: int) -> Iterator[None]:
             proc.wait()
 
 
+def wait_policy() -> str:
+    """The OpenMP wait policy both engines run under (the workers inherit this environment).
+    It moves decode: with PASSIVE, idle threads sleep after every parallel region and each of
+    a decode step's regions wakes them again (our 7B decode ran 15-30% slower that way on a
+    2-core VM than with libgomp's default, a short spin)."""
+    return os.environ.get("OMP_WAIT_POLICY") or "unset (the OpenMP runtime's default)"
+
+
 def _print_table(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> None:
     ours = results["mistral7b"]
     peer = results.get("llama.cpp")
@@ -228,7 +237,8 @@ def _print_table(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -
           f"{args.prompt_tokens} gen={args.gen_tokens} repeat={args.repeat} (medians)"
           + (f" busy: {args.busy} CPU-bound neighbour(s)" if args.busy else "")
           + f" decode step: {ours.get('decode_step', '?')}"
-          + f" kernels: {ours.get('kernels', '?')}", file=sys.stderr)
+          + f" kernels: {ours.get('kernels', '?')}"
+          + f" OMP_WAIT_POLICY: {results[MACHINE]['omp_wait_policy']}", file=sys.stderr)
     print(head, file=sys.stderr)
     for label, key, fmt in rows:
         line = f"{label:24s}{fmt.format(ours[key]):>12s}"
